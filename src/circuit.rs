@@ -1,0 +1,772 @@
+//! A circuit thread (`circ L.C`): owns its stream table and the circuit's
+//! windows, and turns relay cells into events for streams (protocol.md §3,
+//! §4, §5, §7, §9, §10).
+//!
+//! It never blocks on a socket or a full queue (invariant 2): everything it
+//! sends goes into unbounded queues whose size the windows bound. Its only
+//! blocking calls are `recv` on its own inbox and, when the circuit ends,
+//! joining its streams' threads.
+
+use crate::cell::{self, destroy_reason, CELL_LEN};
+use crate::ctx::{Ctx, StreamSlot};
+use crate::flow::{CircuitDeliverWindow, PackageWindow};
+use crate::halfclose::{Action, Event};
+use crate::link::Link;
+use crate::monitor::Monitor;
+use crate::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
+use crate::socks::SocksVersion;
+use crate::stream::{self, DeliverMsg, DeliverStart, Stream};
+use crate::threads;
+use crossbeam_channel::{Receiver, Sender};
+use socket2::Socket;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Which edge this process is on a link (protocol.md §1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    Exit,
+}
+
+/// How many recently closed stream IDs a circuit remembers (§9: bounded,
+/// oldest first out).
+const RECENTLY_CLOSED: usize = 4096;
+
+/// The circuit thread's inbox.
+pub enum CircMsg {
+    /// Whole RELAY cells from the link reader.
+    Cells(Vec<u8>),
+    /// The peer sent DESTROY (the link already forgot the CircID).
+    Destroyed { reason: u8 },
+    /// The link saw a violation that belongs to this circuit.
+    Violation(String),
+    /// The link is gone.
+    LinkClosed,
+    /// Shutdown deadline: END(HIBERNATING) every stream, then DESTROY.
+    Hibernate,
+    /// A stream thread has ended and can be joined.
+    ThreadDone { stream_id: u16 },
+    /// Client: open a stream for a SOCKS CONNECT.
+    Open(OpenRequest),
+    /// Client: resolve a name for a SOCKS RESOLVE.
+    Resolve(ResolveRequest),
+    /// Exit: a resolver thread has ended.
+    ResolverDone { stream_id: u16 },
+}
+
+pub struct OpenRequest {
+    pub socket: Socket,
+    pub target: Target,
+    pub socks: SocksVersion,
+    /// Bytes the application sent after its SOCKS request (optimistic data).
+    pub initial: Vec<u8>,
+    /// Answered only on refusal, with the socket back; dropped on success.
+    pub refused: Sender<Socket>,
+}
+
+pub struct ResolveRequest {
+    pub name: String,
+    pub reply: Sender<Vec<Answer>>,
+}
+
+/// How a circuit ends.
+enum End {
+    Destroyed(u8),
+    LinkClosed,
+    Violation(String),
+    Hibernate,
+}
+
+struct Entry {
+    stream: Arc<Stream>,
+    threads: Vec<JoinHandle<()>>,
+    /// Stream threads not yet ended.
+    alive: usize,
+    /// DATA gathered for the deliverer while handling one inbox message.
+    batch: Option<(Vec<u8>, Vec<u32>)>,
+    _slot: StreamSlot,
+}
+
+/// §9: IDs of streams that closed, bounded, oldest first out.
+#[derive(Default)]
+struct RecentlyClosed {
+    order: VecDeque<u16>,
+    set: HashSet<u16>,
+}
+
+impl RecentlyClosed {
+    fn insert(&mut self, id: u16) {
+        if self.set.insert(id) {
+            self.order.push_back(id);
+            if self.order.len() > RECENTLY_CLOSED {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+
+    fn remove(&mut self, id: u16) {
+        if self.set.remove(&id) {
+            self.order.retain(|&x| x != id);
+        }
+    }
+
+    fn contains(&self, id: u16) -> bool {
+        self.set.contains(&id)
+    }
+}
+
+pub struct Circuit {
+    ctx: Arc<Ctx>,
+    link: Arc<Link>,
+    role: Role,
+    wire: u32,
+    local: u32,
+    /// "L.C" for logs; streams are "C.S".
+    name: String,
+    tx: Sender<CircMsg>,
+    rx: Receiver<CircMsg>,
+    streams: HashMap<u16, Entry>,
+    recent: RecentlyClosed,
+    deliver: CircuitDeliverWindow,
+    package: Arc<Monitor<PackageWindow>>,
+    /// Exit: resolver threads by stream ID, with their stream slots.
+    resolvers: HashMap<u16, (JoinHandle<()>, StreamSlot)>,
+    /// Client: RESOLVEs waiting for RESOLVED.
+    pending_resolves: HashMap<u16, Sender<Vec<Answer>>>,
+    next_stream: u16,
+    /// Streams with DATA gathered in their entry's batch.
+    dirty: Vec<u16>,
+    /// Control cells gathered while handling one inbox message.
+    out: Vec<u8>,
+    opened: Instant,
+}
+
+type Result<T> = std::result::Result<T, End>;
+
+fn violation(why: impl Into<String>) -> End {
+    End::Violation(why.into())
+}
+
+impl Circuit {
+    pub fn new(
+        link: Arc<Link>,
+        wire: u32,
+        local: u32,
+        tx: Sender<CircMsg>,
+        rx: Receiver<CircMsg>,
+    ) -> Circuit {
+        Circuit {
+            ctx: link.ctx.clone(),
+            role: link.role,
+            name: format!("{}.{}", link.id, local),
+            link,
+            wire,
+            local,
+            tx,
+            rx,
+            streams: HashMap::new(),
+            recent: RecentlyClosed::default(),
+            deliver: CircuitDeliverWindow::default(),
+            package: Arc::new(Monitor::new(PackageWindow::circuit())),
+            resolvers: HashMap::new(),
+            pending_resolves: HashMap::new(),
+            next_stream: 1,
+            dirty: Vec::new(),
+            out: Vec::new(),
+            opened: Instant::now(),
+        }
+    }
+
+    pub fn run(mut self) {
+        self.ctx.register_circuit(self.local, self.tx.clone());
+        tracing::info!(circuit = %self.name, "circuit opened (CircID {:#010x})", self.wire);
+        let end = loop {
+            // We hold a sender ourselves, so the inbox never disconnects.
+            let Ok(msg) = self.rx.recv() else {
+                break End::LinkClosed;
+            };
+            if let Err(end) = self.handle(msg) {
+                break end;
+            }
+        };
+        self.teardown(end);
+    }
+
+    fn handle(&mut self, msg: CircMsg) -> Result<()> {
+        match msg {
+            CircMsg::Cells(bytes) => {
+                let result = bytes
+                    .chunks_exact(CELL_LEN)
+                    .try_for_each(|c| self.on_cell(&c[5..]));
+                self.flush();
+                result
+            }
+            CircMsg::ThreadDone { stream_id } => {
+                self.on_thread_done(stream_id);
+                Ok(())
+            }
+            CircMsg::Open(req) => {
+                self.open_stream(req);
+                self.flush();
+                Ok(())
+            }
+            CircMsg::Resolve(req) => {
+                self.start_resolve(req);
+                Ok(())
+            }
+            CircMsg::ResolverDone { stream_id } => {
+                if let Some((handle, _slot)) = self.resolvers.remove(&stream_id) {
+                    threads::join(handle);
+                    self.recent.insert(stream_id);
+                }
+                Ok(())
+            }
+            CircMsg::Destroyed { reason } => Err(End::Destroyed(reason)),
+            CircMsg::Violation(why) => Err(End::Violation(why)),
+            CircMsg::LinkClosed => Err(End::LinkClosed),
+            CircMsg::Hibernate => Err(End::Hibernate),
+        }
+    }
+
+    /// Sends the control cells and deliverer batches gathered so far.
+    fn flush(&mut self) {
+        for id in self.dirty.drain(..) {
+            if let Some(entry) = self.streams.get_mut(&id) {
+                if let Some((bytes, ends)) = entry.batch.take() {
+                    let _ = entry
+                        .stream
+                        .to_deliverer
+                        .send(DeliverMsg::Data { bytes, ends });
+                }
+            }
+        }
+        if !self.out.is_empty() {
+            let _ = self.link.tx.send(std::mem::take(&mut self.out));
+        }
+    }
+
+    fn queue_relay(&mut self, command: u8, stream_id: u16, body: &[u8]) {
+        relay::encode(&mut self.out, self.wire, command, stream_id, body);
+    }
+
+    /// One relay cell (protocol.md §4).
+    fn on_cell(&mut self, payload: &[u8]) -> Result<()> {
+        let rc = relay::decode(payload).map_err(|e| violation(e.to_string()))?;
+        let id = rc.stream_id;
+        // §4: a relay command sent the wrong way, or DATA/FIN/END on stream 0.
+        let wrong_way = match self.role {
+            Role::Exit => matches!(rc.command, relay_cmd::CONNECTED | relay_cmd::RESOLVED),
+            Role::Client => matches!(rc.command, relay_cmd::BEGIN | relay_cmd::RESOLVE),
+        };
+        if wrong_way {
+            return Err(violation(format!(
+                "{} sent the wrong way",
+                relay_cmd::name(rc.command)
+            )));
+        }
+        let needs_stream = matches!(
+            rc.command,
+            relay_cmd::DATA
+                | relay_cmd::FIN
+                | relay_cmd::END
+                | relay_cmd::BEGIN
+                | relay_cmd::CONNECTED
+                | relay_cmd::RESOLVE
+                | relay_cmd::RESOLVED
+        );
+        if needs_stream && id == 0 {
+            return Err(violation(format!(
+                "{} on stream 0",
+                relay_cmd::name(rc.command)
+            )));
+        }
+        match rc.command {
+            relay_cmd::DATA => self.on_data(rc),
+            relay_cmd::FIN => self.on_fin(id),
+            relay_cmd::END => {
+                self.on_end(id, relay::parse_end(rc.body));
+                Ok(())
+            }
+            relay_cmd::SENDME if id == 0 => self
+                .package
+                .update(|w| w.on_sendme())
+                .map_err(|v| violation(v.to_string())),
+            relay_cmd::SENDME => self.on_stream_sendme(id),
+            relay_cmd::CONNECTED => self.on_connected(id, rc.body),
+            relay_cmd::BEGIN => self.on_begin(id, rc.body),
+            relay_cmd::RESOLVE => self.on_resolve(id, rc.body),
+            relay_cmd::RESOLVED => {
+                self.on_resolved(id, rc.body);
+                Ok(())
+            }
+            // §4: DROP is ignored and unknown relay commands are dropped.
+            _ => Ok(()),
+        }
+    }
+
+    /// §6 and §10: DATA counts against the circuit window whatever its
+    /// stream; it is delivered only to an open stream (§9 drops the rest).
+    fn on_data(&mut self, rc: RelayCell<'_>) -> Result<()> {
+        if self
+            .deliver
+            .on_data()
+            .map_err(|v| violation(v.to_string()))?
+        {
+            self.queue_relay(relay_cmd::SENDME, 0, &[]);
+        }
+        let Some(entry) = self.streams.get_mut(&rc.stream_id) else {
+            return Ok(());
+        };
+        if self.role == Role::Client && !entry.stream.state.lock().connected {
+            return Err(violation("DATA before CONNECTED"));
+        }
+        if entry.stream.accept_data(rc.body.len()).map_err(violation)? {
+            let (bytes, ends) = entry.batch.get_or_insert_with(|| {
+                (
+                    Vec::with_capacity(64 * relay::DATA_MAX),
+                    Vec::with_capacity(64),
+                )
+            });
+            if ends.is_empty() {
+                self.dirty.push(rc.stream_id);
+            }
+            bytes.extend_from_slice(rc.body);
+            ends.push(bytes.len() as u32);
+        }
+        Ok(())
+    }
+
+    /// §7: FIN → deliver what came before it, then shutdown(SHUT_WR).
+    fn on_fin(&mut self, id: u16) -> Result<()> {
+        let Some(entry) = self.streams.get_mut(&id) else {
+            return Ok(()); // §9
+        };
+        if self.role == Role::Client && !entry.stream.state.lock().connected {
+            return Err(violation("FIN before CONNECTED"));
+        }
+        match entry.stream.handle(Event::FinReceived) {
+            Err(v) => Err(violation(v.to_string())),
+            Ok(Action::DeliverThenShutdownWrite) => {
+                if let Some((bytes, ends)) = entry.batch.take() {
+                    let _ = entry
+                        .stream
+                        .to_deliverer
+                        .send(DeliverMsg::Data { bytes, ends });
+                }
+                let _ = entry.stream.to_deliverer.send(DeliverMsg::Fin);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// §7, §8: END aborts without sending; a client stream still waiting
+    /// for CONNECTED answers the SOCKS request with the failure (§11).
+    fn on_end(&mut self, id: u16, reason: u8) {
+        if let Some(reply) = self.pending_resolves.remove(&id) {
+            let _ = reply.send(vec![Answer::TransientError]);
+            self.recent.insert(id);
+            return;
+        }
+        if let Some(entry) = self.streams.get_mut(&id) {
+            entry.batch = None; // §8: queued data is discarded
+            tracing::debug!(stream = %entry.stream.name, "END({}) received", end_reason::name(reason));
+            let _ = entry.stream.handle(Event::EndReceived { reason });
+        }
+    }
+
+    fn on_stream_sendme(&mut self, id: u16) -> Result<()> {
+        match self.streams.get(&id) {
+            Some(entry) => entry
+                .stream
+                .on_sendme()
+                .map_err(|v| violation(v.to_string())),
+            None => Ok(()), // §9
+        }
+    }
+
+    /// Client, §5: CONNECTED answers our BEGIN.
+    fn on_connected(&mut self, id: u16, body: &[u8]) -> Result<()> {
+        let Some(entry) = self.streams.get(&id) else {
+            return Ok(()); // §9
+        };
+        let verdict = {
+            let mut st = entry.stream.state.lock();
+            if st.hc.is_closed() {
+                None // §9: late CONNECTED for a stream that already ended
+            } else if st.connected {
+                Some(false)
+            } else {
+                st.connected = true;
+                Some(true)
+            }
+        };
+        match verdict {
+            None => return Ok(()),
+            Some(false) => return Err(violation("second CONNECTED for a stream")),
+            Some(true) => {}
+        }
+        let _ = entry
+            .stream
+            .to_deliverer
+            .send(DeliverMsg::Connected(relay::parse_connected(body)));
+        Ok(())
+    }
+
+    /// Client, §5: RESOLVED answers our RESOLVE.
+    fn on_resolved(&mut self, id: u16, body: &[u8]) {
+        if let Some(reply) = self.pending_resolves.remove(&id) {
+            let _ = reply.send(relay::parse_resolved(body));
+            self.recent.insert(id);
+        }
+    }
+
+    fn id_in_use(&self, id: u16) -> bool {
+        self.streams.contains_key(&id)
+            || self.resolvers.contains_key(&id)
+            || self.pending_resolves.contains_key(&id)
+    }
+
+    /// Refuses a BEGIN with END(reason) (§5); the ID counts as closed (§9),
+    /// so the client's optimistic DATA for it is dropped silently.
+    fn refuse_begin(&mut self, id: u16, reason: u8) {
+        self.queue_relay(relay_cmd::END, id, &[reason]);
+        self.recent.insert(id);
+    }
+
+    /// Exit, §5: BEGIN opens a stream: a deliverer waiting for the socket
+    /// and a packager that connects.
+    fn on_begin(&mut self, id: u16, body: &[u8]) -> Result<()> {
+        if self.id_in_use(id) {
+            return Err(violation("BEGIN reuses an open stream ID"));
+        }
+        // §5: a BEGIN on a recently closed ID opens a new stream.
+        self.recent.remove(id);
+        let target = match relay::parse_begin(body) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::info!(circuit = %self.name, stream = id, "{e}: END(TORPROTOCOL)");
+                self.refuse_begin(id, end_reason::TORPROTOCOL);
+                return Ok(());
+            }
+        };
+        if self.ctx.shutting_down() {
+            self.refuse_begin(id, end_reason::HIBERNATING);
+            return Ok(());
+        }
+        let Some(slot) = self.take_slot() else {
+            tracing::info!(circuit = %self.name, stream = id, "stream limit reached: END(RESOURCELIMIT)");
+            self.refuse_begin(id, end_reason::RESOURCELIMIT);
+            return Ok(());
+        };
+        let (stream, dl_rx) = self.new_stream(id, target, None);
+        let (sock_tx, sock_rx) = crossbeam_channel::bounded(1);
+        let dl = {
+            let s = stream.clone();
+            threads::spawn(format!("dl {}", stream.name), move || {
+                stream::deliverer(s, dl_rx, DeliverStart::Exit(sock_rx))
+            })
+        };
+        let dl = match dl {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): END(RESOURCELIMIT)");
+                self.refuse_begin(id, end_reason::RESOURCELIMIT);
+                return Ok(());
+            }
+        };
+        let mut entry = Entry {
+            stream: stream.clone(),
+            threads: vec![dl],
+            alive: 1,
+            batch: None,
+            _slot: slot,
+        };
+        let pk = {
+            let (s, ctx) = (stream.clone(), self.ctx.clone());
+            threads::spawn(format!("pk {}", stream.name), move || {
+                stream::exit_packager(s, ctx, sock_tx)
+            })
+        };
+        match pk {
+            Ok(h) => {
+                entry.threads.push(h);
+                entry.alive += 1;
+            }
+            Err(e) => {
+                // The deliverer ends when the socket sender is dropped.
+                tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e}): END(RESOURCELIMIT)");
+                let _ = stream.handle(Event::Error {
+                    reason: end_reason::RESOURCELIMIT,
+                });
+            }
+        }
+        self.streams.insert(id, entry);
+        Ok(())
+    }
+
+    /// Exit, §5: RESOLVE is answered by RESOLVED from a resolver thread.
+    fn on_resolve(&mut self, id: u16, body: &[u8]) -> Result<()> {
+        if self.id_in_use(id) {
+            return Err(violation("RESOLVE reuses an open stream ID"));
+        }
+        self.recent.remove(id);
+        let name = match relay::parse_resolve(body) {
+            Ok(n) => n.to_owned(),
+            Err(_) => {
+                let body = relay::encode_resolved(&[Answer::NontransientError], 0);
+                self.queue_relay(relay_cmd::RESOLVED, id, &body);
+                self.recent.insert(id);
+                return Ok(());
+            }
+        };
+        let Some(slot) = self.take_slot() else {
+            let body = relay::encode_resolved(&[Answer::TransientError], 0);
+            self.queue_relay(relay_cmd::RESOLVED, id, &body);
+            self.recent.insert(id);
+            return Ok(());
+        };
+        let (link, wire, done) = (self.link.tx.clone(), self.wire, self.tx.clone());
+        let spawned = threads::spawn(format!("rslv {}.{}", self.local, id), move || {
+            let answers = crate::exit::resolve_answers(&name);
+            let mut out = Vec::with_capacity(CELL_LEN);
+            relay::encode(
+                &mut out,
+                wire,
+                relay_cmd::RESOLVED,
+                id,
+                &relay::encode_resolved(&answers, 60),
+            );
+            let _ = link.send(out);
+            let _ = done.send(CircMsg::ResolverDone { stream_id: id });
+        });
+        match spawned {
+            Ok(h) => {
+                self.resolvers.insert(id, (h, slot));
+            }
+            Err(_) => {
+                let body = relay::encode_resolved(&[Answer::TransientError], 0);
+                self.queue_relay(relay_cmd::RESOLVED, id, &body);
+                self.recent.insert(id);
+            }
+        }
+        Ok(())
+    }
+
+    /// A stream slot, within the circuit's and the process's limits (§3).
+    fn take_slot(&self) -> Option<StreamSlot> {
+        if self.streams.len() + self.resolvers.len() >= self.ctx.cfg.max_streams_per_circuit {
+            return None;
+        }
+        self.ctx.take_stream_slot()
+    }
+
+    fn new_stream(
+        &self,
+        id: u16,
+        target: Target,
+        socket: Option<Arc<Socket>>,
+    ) -> (Arc<Stream>, Receiver<DeliverMsg>) {
+        let (dl_tx, dl_rx) = crossbeam_channel::unbounded();
+        let stream = Arc::new(Stream {
+            id,
+            name: format!("{}.{}", self.local, id),
+            role: self.role,
+            target,
+            wire_circ: self.wire,
+            link: self.link.tx.clone(),
+            circuit_window: self.package.clone(),
+            circuit_tx: self.tx.clone(),
+            state: Monitor::new(stream::new_state(socket)),
+            aborted: AtomicBool::new(false),
+            to_deliverer: dl_tx,
+            opened: Instant::now(),
+        });
+        (stream, dl_rx)
+    }
+
+    /// Client: the next stream ID that is not zero, not open and not
+    /// recently closed (§5).
+    fn allocate_stream_id(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let id = self.next_stream;
+            self.next_stream = self.next_stream.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.id_in_use(id) && !self.recent.contains(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Client, §5 and §11: a SOCKS CONNECT becomes BEGIN and two threads.
+    fn open_stream(&mut self, req: OpenRequest) {
+        let slot = self.take_slot();
+        let id = self.allocate_stream_id();
+        let (Some(slot), Some(id)) = (slot, id) else {
+            tracing::info!(circuit = %self.name, "stream limit reached: refusing SOCKS request");
+            let _ = req.refused.send(req.socket);
+            return;
+        };
+        let sock = Arc::new(req.socket);
+        let (stream, dl_rx) = self.new_stream(id, req.target, Some(sock.clone()));
+        let dl = {
+            let (s, sock, socks) = (stream.clone(), sock.clone(), req.socks);
+            threads::spawn(format!("dl {}", stream.name), move || {
+                stream::deliverer(s, dl_rx, DeliverStart::Client { sock, socks })
+            })
+        };
+        let dl = match dl {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): refusing SOCKS request");
+                drop(stream);
+                if let Ok(socket) = Arc::try_unwrap(sock) {
+                    let _ = req.refused.send(socket);
+                }
+                return;
+            }
+        };
+        // BEGIN is queued before the packager exists, so it precedes any DATA.
+        let begin = relay::encode_begin(&stream.target);
+        stream.send_control(relay_cmd::BEGIN, &begin);
+        tracing::debug!(stream = %stream.name, target = %stream.target, "BEGIN sent");
+        let mut entry = Entry {
+            stream: stream.clone(),
+            threads: vec![dl],
+            alive: 1,
+            batch: None,
+            _slot: slot,
+        };
+        let pk = {
+            let (s, initial) = (stream.clone(), req.initial);
+            threads::spawn(format!("pk {}", stream.name), move || {
+                stream::client_packager(s, sock, initial)
+            })
+        };
+        match pk {
+            Ok(h) => {
+                entry.threads.push(h);
+                entry.alive += 1;
+            }
+            Err(e) => {
+                // END tells the exit; the deliverer answers SOCKS 0x01.
+                tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e})");
+                let _ = stream.handle(Event::Error {
+                    reason: end_reason::RESOURCELIMIT,
+                });
+            }
+        }
+        self.streams.insert(id, entry);
+    }
+
+    /// Client: a SOCKS RESOLVE becomes RELAY_RESOLVE (§5).
+    fn start_resolve(&mut self, req: ResolveRequest) {
+        let Some(id) = self.allocate_stream_id() else {
+            let _ = req.reply.send(vec![Answer::TransientError]);
+            return;
+        };
+        let mut body = req.name.into_bytes();
+        body.push(0);
+        self.queue_relay(relay_cmd::RESOLVE, id, &body);
+        self.pending_resolves.insert(id, req.reply);
+        self.flush();
+    }
+
+    /// A stream thread ended; when both have, the stream is CLOSED and its
+    /// ID enters the recently-closed set (§7, §9).
+    fn on_thread_done(&mut self, id: u16) {
+        let Some(entry) = self.streams.get_mut(&id) else {
+            return;
+        };
+        entry.alive -= 1;
+        if entry.alive > 0 {
+            return;
+        }
+        let Some(entry) = self.streams.remove(&id) else {
+            return;
+        };
+        let state = entry.stream.state_name();
+        if !entry.stream.state.lock().hc.is_closed() {
+            // Both threads end only after their direction finished or the
+            // stream aborted, which together mean CLOSED.
+            tracing::error!(stream = %entry.stream.name, "bug: stream threads ended in state {state}");
+            let _ = entry.stream.handle(Event::Error {
+                reason: end_reason::INTERNAL,
+            });
+        }
+        entry.threads.into_iter().for_each(threads::join);
+        let c = entry.stream.state.lock().counters;
+        tracing::debug!(
+            stream = %entry.stream.name,
+            target = %entry.stream.target,
+            up = c.bytes_packaged,
+            down = c.bytes_delivered,
+            secs = entry.stream.opened.elapsed().as_secs_f64(),
+            "stream closed"
+        );
+        self.recent.insert(id);
+    }
+
+    fn teardown(mut self, end: End) {
+        // §3: later cells on this CircID are dropped; the CircID is free.
+        self.link.circuit_ended(self.wire, self.local);
+        let event = match &end {
+            End::Violation(why) => {
+                tracing::warn!(circuit = %self.name, "protocol violation: {why}: sending DESTROY(PROTOCOL)");
+                Event::EndReceived {
+                    reason: end_reason::DESTROY,
+                }
+            }
+            End::Destroyed(reason) => {
+                tracing::info!(circuit = %self.name, "DESTROY({}) received", destroy_reason::name(*reason));
+                Event::EndReceived {
+                    reason: end_reason::DESTROY,
+                }
+            }
+            End::LinkClosed => Event::EndReceived {
+                reason: end_reason::DESTROY,
+            },
+            // Shutdown deadline (§8): END(HIBERNATING) for every stream.
+            End::Hibernate => Event::Error {
+                reason: end_reason::HIBERNATING,
+            },
+        };
+        for entry in self.streams.values() {
+            let _ = entry.stream.handle(event);
+        }
+        let destroy = match end {
+            End::Violation(_) => Some(destroy_reason::PROTOCOL),
+            End::Hibernate => Some(destroy_reason::HIBERNATING),
+            End::Destroyed(_) | End::LinkClosed => None,
+        };
+        if let Some(reason) = destroy {
+            // After the ENDs: the peer sees every stream's END first.
+            let mut out = Vec::with_capacity(CELL_LEN);
+            cell::encode_destroy(&mut out, self.wire, reason);
+            let _ = self.link.tx.send(out);
+        }
+        self.package.close();
+        // Waiting SOCKS resolves get a failure when their sender drops.
+        self.pending_resolves.clear();
+        let count = self.streams.len();
+        for (_, entry) in self.streams.drain() {
+            entry.threads.into_iter().for_each(threads::join);
+        }
+        for (_, (handle, _slot)) in self.resolvers.drain() {
+            threads::join(handle);
+        }
+        self.ctx.unregister_circuit(self.local);
+        tracing::info!(
+            circuit = %self.name,
+            streams = count,
+            secs = self.opened.elapsed().as_secs_f64(),
+            "circuit closed"
+        );
+    }
+}

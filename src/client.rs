@@ -1,0 +1,380 @@
+//! The client edge: keeps one link to the exit (reconnecting with capped
+//! exponential backoff), creates circuits with CREATE_FAST (protocol.md §3),
+//! and serves SOCKS (§11): `socks-accept` accepts, a short-lived `socks N`
+//! thread per connection runs the handshake and hands the socket to a
+//! circuit, which starts the stream's packager and deliverer.
+
+use crate::cell::{self, cmd, destroy_reason};
+use crate::circuit::{CircMsg, OpenRequest, ResolveRequest, Role};
+use crate::ctx::Ctx;
+use crate::kdf;
+use crate::link::{self, Link};
+use crate::relay::{self, Answer, Host};
+use crate::socks::{self, Command, Handshake, Reply, SocksVersion};
+use crate::threads::{self, Reaper};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
+use socket2::Socket;
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Longest wait between reconnection attempts (protocol.md §11).
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// How long a SOCKS RESOLVE waits for RESOLVED.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A circuit as the client uses it.
+#[derive(Clone)]
+struct CircHandle {
+    tx: Sender<CircMsg>,
+    wire: u32,
+    local: u32,
+}
+
+/// Which circuit a stream belongs on: one of the N general circuits, or
+/// the circuit of its SOCKS credentials (isolation, §11).
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum CircKey {
+    General(usize),
+    Isolated(Vec<u8>),
+}
+
+struct ClientLink {
+    link: Arc<Link>,
+    circuits: Mutex<HashMap<CircKey, CircHandle>>,
+    next_general: AtomicUsize,
+}
+
+pub struct Client {
+    ctx: Arc<Ctx>,
+    exit: SocketAddr,
+    general_circuits: usize,
+    current: Mutex<Option<Arc<ClientLink>>>,
+    stop_tx: Sender<()>,
+    stop_rx: Receiver<()>,
+}
+
+impl Client {
+    pub fn new(ctx: Arc<Ctx>, exit: SocketAddr, circuits: usize) -> Arc<Client> {
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        Arc::new(Client {
+            ctx,
+            exit,
+            general_circuits: circuits.max(1),
+            current: Mutex::new(None),
+            stop_tx,
+            stop_rx,
+        })
+    }
+
+    /// Wakes the supervisor from its backoff sleep at shutdown.
+    pub fn stop(&self) {
+        let _ = self.stop_tx.try_send(());
+    }
+
+    /// Starts the link supervisor (`link-dial`).
+    pub fn spawn_supervisor(self: &Arc<Self>) -> io::Result<JoinHandle<()>> {
+        let client = self.clone();
+        threads::spawn("link-dial".into(), move || client.supervise())
+    }
+
+    /// Keeps one link to the exit: connect, create the general circuits,
+    /// wait for the link to end, back off, repeat.
+    fn supervise(&self) {
+        let mut backoff = FIRST_BACKOFF;
+        while !self.ctx.shutting_down() {
+            match self.connect_link() {
+                Ok((link, reader)) => {
+                    backoff = FIRST_BACKOFF;
+                    match self.create_general_circuits(&link) {
+                        Ok(circuits) => {
+                            tracing::info!(link = link.id, exit = %self.exit, circuits = circuits.len(), "link to exit ready");
+                            *self.current.lock() = Some(Arc::new(ClientLink {
+                                link: link.clone(),
+                                circuits: Mutex::new(circuits),
+                                next_general: AtomicUsize::new(0),
+                            }));
+                        }
+                        Err(e) => {
+                            tracing::warn!(exit = %self.exit, "cannot create circuits: {e}");
+                            link.close();
+                        }
+                    }
+                    // This thread owns the link reader: wait for the link to end.
+                    threads::join(reader);
+                    *self.current.lock() = None;
+                    if self.ctx.shutting_down() {
+                        break;
+                    }
+                    tracing::warn!(exit = %self.exit, "link to exit lost; SOCKS requests fail until it is back");
+                }
+                Err(e) => {
+                    tracing::warn!(exit = %self.exit, "cannot reach the exit: {e} (retrying in {backoff:?})");
+                }
+            }
+            if self.stop_rx.recv_timeout(backoff).is_ok() {
+                break;
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    /// Connects and handshakes (§1); the link reader runs in `link-rd N`.
+    fn connect_link(&self) -> io::Result<(Arc<Link>, JoinHandle<()>)> {
+        let timeout = self.ctx.cfg.handshake_timeout;
+        let sock = TcpStream::connect_timeout(&self.exit, timeout)?;
+        let _ = sock.set_nodelay(true);
+        link::connect_handshake(&sock, timeout).map_err(|e| io::Error::other(e.to_string()))?;
+        let id = self.ctx.next_link_id();
+        let (link, writer) = Link::start(self.ctx.clone(), id, Role::Client, sock)?;
+        let l = link.clone();
+        let reader = threads::spawn(format!("link-rd {id}"), move || l.run(writer))?;
+        Ok((link, reader))
+    }
+
+    fn create_general_circuits(
+        &self,
+        link: &Arc<Link>,
+    ) -> io::Result<HashMap<CircKey, CircHandle>> {
+        (0..self.general_circuits)
+            .map(|i| Ok((CircKey::General(i), create_circuit(&self.ctx, link)?)))
+            .collect()
+    }
+
+    /// The circuit for a new stream: round-robin over the general circuits,
+    /// or the circuit of the stream's credentials (§11), created on demand.
+    fn circuit_for(&self, isolation: Option<Vec<u8>>) -> io::Result<CircHandle> {
+        let Some(cl) = self.current.lock().clone() else {
+            return Err(io::Error::other("no link to the exit"));
+        };
+        let key = match isolation {
+            Some(k) => CircKey::Isolated(k),
+            None => {
+                let i = cl.next_general.fetch_add(1, Ordering::Relaxed);
+                CircKey::General(i % self.general_circuits)
+            }
+        };
+        if let Some(h) = cl.circuits.lock().get(&key) {
+            if cl.link.circuit_alive(h.wire, h.local) {
+                return Ok(h.clone());
+            }
+        }
+        // Created without holding the lock: it waits for the exit.
+        let fresh = create_circuit(&self.ctx, &cl.link)?;
+        let mut circuits = cl.circuits.lock();
+        match circuits.get(&key) {
+            Some(h) if cl.link.circuit_alive(h.wire, h.local) => {
+                // Another request created it first; ours is not needed.
+                let _ = fresh.tx.send(CircMsg::Hibernate);
+                Ok(h.clone())
+            }
+            _ => {
+                circuits.insert(key, fresh.clone());
+                Ok(fresh)
+            }
+        }
+    }
+
+    /// Starts `socks-accept`.
+    pub fn spawn_socks_acceptor(
+        self: &Arc<Self>,
+        listener: TcpListener,
+    ) -> io::Result<JoinHandle<()>> {
+        let client = self.clone();
+        threads::spawn("socks-accept".into(), move || {
+            let mut sessions = Reaper::default();
+            for conn in listener.incoming() {
+                sessions.reap();
+                if client.ctx.shutting_down() {
+                    break;
+                }
+                let sock = match conn {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("accepting a SOCKS connection failed: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let id = client.ctx.next_socks_id();
+                let c = client.clone();
+                match threads::spawn(format!("socks {id}"), move || c.socks_session(sock)) {
+                    Ok(h) => sessions.push(h),
+                    // The socket went with the closure: the client sees a close.
+                    Err(e) => {
+                        tracing::warn!("cannot start a SOCKS thread ({e}): connection dropped")
+                    }
+                }
+            }
+            sessions.join_all();
+        })
+    }
+
+    /// One SOCKS connection up to the moment a circuit takes it over.
+    fn socks_session(&self, sock: TcpStream) {
+        let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        let _ = sock.set_read_timeout(Some(self.ctx.cfg.socks_timeout));
+        let mut hs = Handshake::new();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let request = loop {
+            let n = match (&sock).read(&mut chunk) {
+                Ok(0) => return,
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::debug!(%peer, "SOCKS client gave up or timed out: {e}");
+                    return;
+                }
+            };
+            buf.extend_from_slice(&chunk[..n]);
+            match hs.feed(&buf) {
+                Ok(step) => {
+                    buf.drain(..step.consumed);
+                    if !step.reply.is_empty() && (&sock).write_all(&step.reply).is_err() {
+                        return;
+                    }
+                    if let Some(r) = step.request {
+                        break r;
+                    }
+                }
+                Err(e) => {
+                    tracing::info!(%peer, "SOCKS request refused: {e}");
+                    let _ = (&sock).write_all(&e.reply);
+                    return;
+                }
+            }
+        };
+        let _ = sock.set_read_timeout(None);
+        let version = request.version;
+        let circuit = match self.circuit_for(request.isolation.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                // §11: no link → 0x01 at once rather than queued.
+                tracing::info!(%peer, target = %request.target, "SOCKS request failed: {e}");
+                let reply = match request.command {
+                    Command::Connect => socks::connect_reply(version, Reply::GeneralFailure, None),
+                    Command::Resolve => socks::resolve_reply(version, Err(Reply::GeneralFailure)),
+                };
+                let _ = (&sock).write_all(&reply);
+                return;
+            }
+        };
+        match request.command {
+            Command::Connect => self.connect(circuit, sock, request.target, version, buf),
+            Command::Resolve => resolve(circuit, sock, request.target, version),
+        }
+    }
+
+    fn connect(
+        &self,
+        circuit: CircHandle,
+        sock: TcpStream,
+        target: socks::Target,
+        version: SocksVersion,
+        initial: Vec<u8>,
+    ) {
+        let _ = sock.set_nodelay(true);
+        let (refused_tx, refused_rx) = crossbeam_channel::bounded(1);
+        let req = OpenRequest {
+            socket: Socket::from(sock),
+            target: relay_target(target),
+            socks: version,
+            initial,
+            refused: refused_tx,
+        };
+        let refused = match circuit.tx.send(CircMsg::Open(req)) {
+            Err(crossbeam_channel::SendError(CircMsg::Open(req))) => Some(req.socket),
+            Err(_) => None,
+            // Dropped unanswered: the circuit took the socket.
+            Ok(()) => refused_rx.recv().ok(),
+        };
+        if let Some(socket) = refused {
+            let reply = socks::connect_reply(version, Reply::GeneralFailure, None);
+            let _ = (&socket).write_all(&reply);
+        }
+    }
+}
+
+/// §11 with Tor's RESOLVE extension: answer with the first address.
+fn resolve(circuit: CircHandle, sock: TcpStream, target: socks::Target, version: SocksVersion) {
+    let answer = match target {
+        socks::Target::Addr(a) => Ok(a.ip()),
+        socks::Target::Name { host, .. } => {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            let sent = circuit.tx.send(CircMsg::Resolve(ResolveRequest {
+                name: host,
+                reply: tx,
+            }));
+            match sent
+                .ok()
+                .and_then(|_| rx.recv_timeout(RESOLVE_TIMEOUT).ok())
+            {
+                Some(answers) => answers
+                    .iter()
+                    .find_map(|a| match a {
+                        Answer::Ip(ip) => Some(*ip),
+                        _ => None,
+                    })
+                    .ok_or(Reply::HostUnreachable),
+                None => Err(Reply::GeneralFailure),
+            }
+        }
+    };
+    let _ = (&sock).write_all(&socks::resolve_reply(version, answer));
+}
+
+fn relay_target(t: socks::Target) -> relay::Target {
+    match t {
+        socks::Target::Addr(a) => relay::Target {
+            host: Host::Ip(a.ip()),
+            port: a.port(),
+        },
+        socks::Target::Name { host, port } => relay::Target {
+            host: Host::Name(host),
+            port,
+        },
+    }
+}
+
+/// §3, client side: CREATE_FAST with X, check KH in CREATED_FAST, start the
+/// circuit thread.
+fn create_circuit(ctx: &Ctx, link: &Arc<Link>) -> io::Result<CircHandle> {
+    let (wire, rx) = link
+        .begin_create()
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let x = kdf::random_nonce();
+    let mut out = Vec::with_capacity(cell::CELL_LEN);
+    cell::encode_fixed(&mut out, wire, cmd::CREATE_FAST, &x);
+    if link.tx.send(out).is_err() {
+        link.abandon_create(wire);
+        return Err(io::Error::other("link closed"));
+    }
+    let fail = |why: String| {
+        link.abandon_create(wire);
+        Err(io::Error::other(why))
+    };
+    match rx.recv_timeout(ctx.cfg.handshake_timeout) {
+        Ok(Ok(payload)) if kdf::check_created_fast(&x, &payload) => {
+            let (tx, local) = link.finish_create(wire)?;
+            Ok(CircHandle { tx, wire, local })
+        }
+        Ok(Ok(_)) => {
+            // §3: a wrong KH is answered with DESTROY(PROTOCOL).
+            let mut out = Vec::with_capacity(cell::CELL_LEN);
+            cell::encode_destroy(&mut out, wire, destroy_reason::PROTOCOL);
+            let _ = link.tx.send(out);
+            fail("CREATED_FAST with a wrong KH: sent DESTROY(PROTOCOL)".into())
+        }
+        Ok(Err(reason)) => fail(format!(
+            "the exit refused the circuit: DESTROY({})",
+            destroy_reason::name(reason)
+        )),
+        Err(_) => fail("no CREATED_FAST from the exit in time".into()),
+    }
+}

@@ -1,0 +1,117 @@
+//! Putting the edges together, and shutting them down (design.md, "What a
+//! user sees"): Ctrl-C or SIGTERM stops accepting, lets streams finish for
+//! the grace period, then ends the rest with END(HIBERNATING) and DESTROY.
+
+use crate::client::Client;
+use crate::ctx::Ctx;
+use crate::exit;
+use crate::threads;
+use socket2::SockRef;
+use std::io;
+use std::net::{Shutdown, SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// A running daemon: its listeners (to stop accepting) and its top-level
+/// threads (which own every other thread).
+pub struct Daemon {
+    pub ctx: Arc<Ctx>,
+    listeners: Vec<TcpListener>,
+    client: Option<Arc<Client>>,
+    threads: Vec<JoinHandle<()>>,
+    /// Where each listener listens, for the start-up lines.
+    pub socks_addr: Option<SocketAddr>,
+    pub link_addr: Option<SocketAddr>,
+}
+
+impl Daemon {
+    pub fn new(ctx: Arc<Ctx>) -> Daemon {
+        Daemon {
+            ctx,
+            listeners: Vec::new(),
+            client: None,
+            threads: Vec::new(),
+            socks_addr: None,
+            link_addr: None,
+        }
+    }
+
+    /// Starts the exit edge on `listen`.
+    pub fn start_exit(&mut self, listen: SocketAddr) -> io::Result<SocketAddr> {
+        let listener = bind(listen)?;
+        let addr = listener.local_addr()?;
+        self.listeners.push(listener.try_clone()?);
+        self.threads
+            .push(exit::spawn_acceptor(self.ctx.clone(), listener)?);
+        self.link_addr = Some(addr);
+        Ok(addr)
+    }
+
+    /// Starts the client edge: SOCKS on `socks`, one link to `exit`.
+    pub fn start_client(
+        &mut self,
+        socks: SocketAddr,
+        exit: SocketAddr,
+        circuits: usize,
+    ) -> io::Result<SocketAddr> {
+        let listener = bind(socks)?;
+        let addr = listener.local_addr()?;
+        let client = Client::new(self.ctx.clone(), exit, circuits);
+        self.threads.push(client.spawn_supervisor()?);
+        self.listeners.push(listener.try_clone()?);
+        self.threads.push(client.spawn_socks_acceptor(listener)?);
+        self.client = Some(client);
+        self.socks_addr = Some(addr);
+        Ok(addr)
+    }
+
+    /// Graceful shutdown. Returns once every thread has been joined.
+    pub fn shutdown(self) {
+        let ctx = &self.ctx;
+        ctx.begin_shutdown();
+        // Stop accepting: shutdown() on a listening socket wakes accept().
+        for l in &self.listeners {
+            let _ = SockRef::from(l).shutdown(Shutdown::Read);
+        }
+        if let Some(c) = &self.client {
+            c.stop();
+        }
+        let grace = ctx.cfg.grace;
+        let open = ctx.open_streams();
+        if open > 0 {
+            tracing::info!("shutting down: {open} streams may finish within {grace:?}");
+        }
+        let deadline = Instant::now() + grace;
+        while ctx.open_streams() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left = ctx.open_streams();
+        if left > 0 {
+            tracing::info!("grace period over: ending {left} streams with END(HIBERNATING)");
+        }
+        // §8: END(HIBERNATING) for what is left, then DESTROY.
+        ctx.tell_circuits(|| crate::circuit::CircMsg::Hibernate);
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while ctx.circuit_count() > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for link in ctx.links() {
+            link.close();
+        }
+        self.threads.into_iter().for_each(threads::join);
+        tracing::info!("halfpipe stopped");
+    }
+}
+
+/// Binds a listener with SO_REUSEADDR, so that a restarted daemon can take
+/// its port back while old connections linger in TIME_WAIT.
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    sock.set_reuse_address(true)?;
+    sock.bind(&addr.into())
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    sock.listen(1024)?;
+    Ok(sock.into())
+}

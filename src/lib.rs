@@ -1,0 +1,25 @@
+//! halfpipe: TCP streams over Tor-style circuits with real half-close.
+//!
+//! The protocol is in `protocol.md` (summarised in the README); the thread
+//! design in `design.md`. Sans-IO core: [`cell`], [`relay`], [`halfclose`],
+//! [`flow`], [`policy`], [`socks`], [`kdf`]. Threaded shell: [`link`],
+//! [`circuit`], [`stream`], [`exit`], [`client`], [`daemon`].
+
+pub mod cell;
+pub mod circuit;
+pub mod client;
+pub mod ctx;
+pub mod daemon;
+pub mod exit;
+pub mod flow;
+pub mod halfclose;
+pub mod kdf;
+pub mod limits;
+pub mod link;
+pub mod monitor;
+pub mod policy;
+pub mod relay;
+pub mod sockets;
+pub mod socks;
+pub mod stream;
+pub mod threads;

@@ -1,0 +1,574 @@
+//! One stream: the state its packager and deliverer share, and the two
+//! threads themselves (design.md: `pk C.S` reads the socket into DATA cells,
+//! `dl C.S` writes cells to the socket).
+//!
+//! Rules applied here: protocol.md §7 (through `halfclose`), §8 (abort),
+//! §10 (windows, through `flow`). Under the stream's lock a thread feeds an
+//! event to the state machine and queues the cells it decided on (queueing
+//! never blocks); after the lock it does the I/O (invariant 5). So the cells
+//! of a stream leave in the order they were decided: no DATA after our FIN,
+//! nothing after our END.
+
+use crate::cell::{self, CELL_LEN};
+use crate::circuit::{CircMsg, Role};
+use crate::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
+use crate::halfclose::{Action, Event, HalfClose, State, Violation};
+use crate::link::LinkTx;
+use crate::monitor::Monitor;
+use crate::relay::{self, end_reason, relay_cmd, Target};
+use crate::sockets;
+use crate::socks;
+use crossbeam_channel::{Receiver, Sender};
+use socket2::Socket;
+use std::io::{self, IoSliceMut, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Offset of a DATA cell's data: link header [5] + relay header [11].
+const DATA_OFFSET: usize = 5 + relay::HEADER_LEN;
+/// Most cells one read() may fill (about 250 KiB: reads this large were
+/// what mattered for throughput in the prototype, issue 5).
+pub const MAX_READ_CELLS: u32 = 512;
+/// Cells a packager starts reading with; it doubles while reads come back
+/// full, so an idle stream holds a small buffer and a bulk one a large one.
+const FIRST_READ_CELLS: u32 = 8;
+
+/// What the circuit thread hands a deliverer.
+pub enum DeliverMsg {
+    /// DATA cells in arrival order: their data concatenated, and where each
+    /// cell's data ends (for SENDMEs, which count cells written, §10).
+    Data { bytes: Vec<u8>, ends: Vec<u32> },
+    /// The peer's FIN: write what came before it, then shutdown(SHUT_WR) (§7).
+    Fin,
+    /// Client: the exit's CONNECTED arrived; answer the SOCKS request.
+    Connected(Option<IpAddr>),
+    /// Client: the stream ended before CONNECTED; answer the SOCKS request
+    /// with the failure for this END reason (protocol.md §11).
+    Refused(u8),
+    /// The stream was aborted: stop at once.
+    Abort,
+}
+
+/// Per-direction counters for the status table and logs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    /// Bytes read from our TCP connection and sent as DATA.
+    pub bytes_packaged: u64,
+    pub cells_packaged: u64,
+    /// Bytes received as DATA and written to our TCP connection.
+    pub bytes_delivered: u64,
+    pub cells_received: u64,
+}
+
+/// The state a stream's threads share, under one lock (design.md).
+pub struct StreamState {
+    pub hc: HalfClose,
+    pub package: PackageWindow,
+    pub deliver: StreamDeliverWindow,
+    /// The TCP connection, once there is one (the exit connects in the
+    /// packager): kept here so that an abort can reset it from any thread.
+    pub socket: Option<Arc<Socket>>,
+    /// Client: CONNECTED arrived. Exit: the target accepted.
+    pub connected: bool,
+    pub counters: Counters,
+    pub packager_tid: Option<i32>,
+    pub deliverer_tid: Option<i32>,
+}
+
+pub struct Stream {
+    pub id: u16,
+    /// "C.S": the circuit's short counter and the stream ID (thread names).
+    pub name: String,
+    pub role: Role,
+    pub target: Target,
+    pub wire_circ: u32,
+    pub link: LinkTx,
+    pub circuit_window: Arc<Monitor<PackageWindow>>,
+    pub circuit_tx: Sender<CircMsg>,
+    pub state: Monitor<StreamState>,
+    /// Set once when the stream is aborted; ends every wait of its threads.
+    pub aborted: AtomicBool,
+    pub to_deliverer: Sender<DeliverMsg>,
+    pub opened: Instant,
+}
+
+impl Stream {
+    /// Encodes one relay cell of this stream.
+    fn cell(&self, command: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(CELL_LEN);
+        relay::encode(&mut out, self.wire_circ, command, self.id, body);
+        out
+    }
+
+    /// Queues a control cell; a link that is gone takes the stream with it
+    /// (the circuit tears it down), so there is nothing to do on error.
+    pub fn send_control(&self, command: u8, body: &[u8]) {
+        let _ = self.link.send(self.cell(command, body));
+    }
+
+    /// Feeds one event to the §7 state machine and carries out its action,
+    /// except `Deliver` and `DeliverThenShutdownWrite`, which the caller
+    /// (the circuit thread) does by handing cells to the deliverer.
+    pub fn handle(&self, event: Event) -> Result<Action, Violation> {
+        let (step, socket, connected) = {
+            let mut st = self.state.lock();
+            let step = st.hc.handle(event)?;
+            // Queued under the lock: cell order is decision order.
+            match step.action {
+                Action::SendFin => self.send_control(relay_cmd::FIN, &[]),
+                Action::SendEndAndReset(reason) => self.send_control(relay_cmd::END, &[reason]),
+                _ => {}
+            }
+            (step, st.socket.clone(), st.connected)
+        };
+        if step.from != step.to {
+            tracing::debug!(stream = %self.name, "{} => {} ({event:?})", step.from, step.to);
+            self.state.kick();
+        }
+        match step.action {
+            Action::SendEndAndReset(reason) => self.abort_io(socket.as_deref(), connected, reason),
+            Action::Reset => {
+                let reason = match event {
+                    Event::EndReceived { reason } => reason,
+                    _ => end_reason::MISC,
+                };
+                self.abort_io(socket.as_deref(), connected, reason)
+            }
+            _ => {}
+        }
+        Ok(step.action)
+    }
+
+    /// §8: reset the TCP connection and stop both threads. A client stream
+    /// that never got CONNECTED answers the SOCKS request instead (§8, §11):
+    /// its deliverer writes the failure and closes normally.
+    fn abort_io(&self, socket: Option<&Socket>, connected: bool, reason: u8) {
+        self.aborted.store(true, Ordering::Release);
+        self.circuit_window.kick();
+        self.link.kick();
+        self.state.kick();
+        match (self.role, connected, socket) {
+            (Role::Client, false, Some(s)) => {
+                // Wake the packager without sending anything to the app.
+                let _ = s.shutdown(Shutdown::Read);
+                let _ = self.to_deliverer.send(DeliverMsg::Refused(reason));
+            }
+            (_, _, s) => {
+                if let Some(s) = s {
+                    sockets::reset(s);
+                }
+                let _ = self.to_deliverer.send(DeliverMsg::Abort);
+            }
+        }
+    }
+
+    /// A DATA cell for this stream arrived (circuit thread): §7 says whether
+    /// it may be delivered, §10 counts it against the deliver window.
+    pub fn accept_data(&self, len: usize) -> Result<bool, String> {
+        let mut st = self.state.lock();
+        let step = st
+            .hc
+            .handle(Event::DataReceived)
+            .map_err(|v| v.to_string())?;
+        if step.action != Action::Deliver {
+            return Ok(false); // §9: late DATA for a closed stream
+        }
+        st.deliver
+            .on_data()
+            .map_err(|v: FlowViolation| v.to_string())?;
+        st.counters.cells_received += 1;
+        let _ = len;
+        Ok(true)
+    }
+
+    /// A stream SENDME arrived (circuit thread, §10).
+    pub fn on_sendme(&self) -> Result<(), FlowViolation> {
+        self.state.update(|st| {
+            if st.hc.is_closed() {
+                return Ok(()); // §9: late SENDME
+            }
+            st.package.on_sendme()
+        })
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    /// The §7 state name, for logs and status.
+    pub fn state_name(&self) -> State {
+        self.state.lock().hc.state()
+    }
+
+    /// `cells` cells' data were accepted by the kernel: count them and send
+    /// the stream SENDMEs they earn (§10). Once the peer's FIN has arrived no
+    /// more DATA can come, so no SENDME is needed.
+    fn delivered(&self, cells: u32, bytes: usize) {
+        let mut st = self.state.lock();
+        st.counters.bytes_delivered += bytes as u64;
+        if st.hc.may_deliver() {
+            for _ in 0..st.deliver.on_written(cells) {
+                self.send_control(relay_cmd::SENDME, &[]);
+            }
+        }
+    }
+}
+
+/// Tells the circuit a stream thread has ended, also if it panicked, so the
+/// circuit can join it (invariant 6).
+struct ExitNotice<'a>(&'a Stream);
+
+impl Drop for ExitNotice<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.circuit_tx.send(CircMsg::ThreadDone {
+            stream_id: self.0.id,
+        });
+    }
+}
+
+/// Why a packager stopped sending.
+enum Stop {
+    /// The stream closed or was aborted, or the circuit or link is gone.
+    Ended,
+}
+
+// ---------------------------------------------------------------- packager
+
+/// The client's packager: the SOCKS socket is there from the start; the
+/// bytes the application sent right after its SOCKS request are optimistic
+/// data (§5) and go first.
+pub fn client_packager(stream: Arc<Stream>, sock: Arc<Socket>, initial: Vec<u8>) {
+    let _notice = ExitNotice(&stream);
+    stream.state.lock().packager_tid = Some(sockets::gettid());
+    if !initial.is_empty() {
+        let (mut buf, cells) = frame_bytes(&stream, &initial);
+        if send_cells(&stream, &mut buf, cells).is_err() {
+            return;
+        }
+    }
+    package_loop(&stream, &sock);
+}
+
+/// The exit's packager: connect to the target (protocol.md §5), answer
+/// CONNECTED or END, hand the socket to the deliverer, then package.
+pub fn exit_packager(
+    stream: Arc<Stream>,
+    ctx: Arc<crate::ctx::Ctx>,
+    give_socket: Sender<Arc<Socket>>,
+) {
+    let _notice = ExitNotice(&stream);
+    stream.state.lock().packager_tid = Some(sockets::gettid());
+    let (sock, addr) = match crate::exit::connect(&stream, &ctx.cfg) {
+        Ok(ok) => ok,
+        Err(crate::exit::ConnectError::Aborted) => return,
+        Err(crate::exit::ConnectError::Refused(reason)) => {
+            tracing::debug!(stream = %stream.name, target = %stream.target, "connect failed: END({})", end_reason::name(reason));
+            // §5: answer END with the reason; optimistic data is discarded.
+            let _ = stream.handle(Event::Error { reason });
+            return;
+        }
+    };
+    {
+        let mut st = stream.state.lock();
+        if st.hc.is_closed() {
+            return; // aborted while connecting; the abort reset the socket
+        }
+        st.connected = true;
+        // Queued under the lock, so CONNECTED precedes the first DATA.
+        stream.send_control(
+            relay_cmd::CONNECTED,
+            &relay::encode_connected(addr.ip(), 300),
+        );
+    }
+    tracing::debug!(stream = %stream.name, target = %stream.target, peer = %addr, "connected");
+    if give_socket.send(sock.clone()).is_err() {
+        return;
+    }
+    drop(give_socket);
+    package_loop(&stream, &sock);
+}
+
+/// §7 and §10: read the socket into DATA cells while the windows allow;
+/// on EOF send FIN, on error END.
+fn package_loop(stream: &Stream, sock: &Socket) {
+    let mut read_cells = FIRST_READ_CELLS;
+    loop {
+        // §10: a sender whose stream package window is 0 stops reading.
+        let window = stream.state.wait_until(&stream.aborted, |st| {
+            if !st.hc.may_package() {
+                Some(0)
+            } else {
+                (st.package.value() > 0).then(|| st.package.value())
+            }
+        });
+        let window = match window {
+            Ok(0) | Err(_) => return,
+            Ok(w) => w,
+        };
+        let want = window.min(read_cells);
+        let mut buf = vec![0u8; want as usize * CELL_LEN];
+        let n = match read_into_cells(sock, &mut buf, want) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if !stream.is_aborted() {
+                    tracing::debug!(stream = %stream.name, "read error: {e}");
+                    let _ = stream.handle(Event::Error {
+                        reason: sockets::end_reason_for(&e),
+                    });
+                }
+                return;
+            }
+        };
+        if n == 0 {
+            // §7: EOF → FIN after every DATA read before it (same queue).
+            let _ = stream.handle(Event::ReadEof);
+            return;
+        }
+        let cells = n.div_ceil(relay::DATA_MAX) as u32;
+        read_cells = if cells == want {
+            (read_cells * 2).min(MAX_READ_CELLS)
+        } else {
+            read_cells.min(cells.max(FIRST_READ_CELLS))
+        };
+        frame_cells(stream, &mut buf, n);
+        if send_cells(stream, &mut buf, cells).is_err() {
+            return;
+        }
+    }
+}
+
+/// One readv() straight into the data slots of `want` cells.
+fn read_into_cells(sock: &Socket, buf: &mut [u8], want: u32) -> io::Result<usize> {
+    let mut slots: Vec<IoSliceMut<'_>> = buf
+        .chunks_exact_mut(CELL_LEN)
+        .take(want as usize)
+        .map(|c| IoSliceMut::new(&mut c[DATA_OFFSET..DATA_OFFSET + relay::DATA_MAX]))
+        .collect();
+    let mut s = sock;
+    s.read_vectored(&mut slots)
+}
+
+/// Writes the link and relay headers of the cells holding `n` bytes of data,
+/// and trims `buf` to those cells.
+fn frame_cells(stream: &Stream, buf: &mut Vec<u8>, n: usize) {
+    let cells = n.div_ceil(relay::DATA_MAX);
+    buf.truncate(cells * CELL_LEN);
+    for (i, c) in buf.chunks_exact_mut(CELL_LEN).enumerate() {
+        let len = (n - i * relay::DATA_MAX).min(relay::DATA_MAX);
+        c[..4].copy_from_slice(&stream.wire_circ.to_be_bytes());
+        c[4] = cell::cmd::RELAY;
+        relay::write_header(&mut c[5..DATA_OFFSET], relay_cmd::DATA, stream.id, len);
+    }
+}
+
+/// DATA cells for bytes already in memory (the client's optimistic data).
+fn frame_bytes(stream: &Stream, data: &[u8]) -> (Vec<u8>, u32) {
+    let cells = data.len().div_ceil(relay::DATA_MAX);
+    let mut buf = vec![0u8; cells * CELL_LEN];
+    for (i, chunk) in data.chunks(relay::DATA_MAX).enumerate() {
+        buf[i * CELL_LEN + DATA_OFFSET..i * CELL_LEN + DATA_OFFSET + chunk.len()]
+            .copy_from_slice(chunk);
+    }
+    frame_cells(stream, &mut buf, data.len());
+    (buf, cells as u32)
+}
+
+/// Queues `cells` framed DATA cells, as the circuit package window and the
+/// link's queue allow (§10; invariant 3). The stream window was checked
+/// before reading, and only this thread takes from it.
+fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop> {
+    let mut sent = 0;
+    while sent < cells {
+        let m = stream
+            .circuit_window
+            .wait_until(&stream.aborted, |w| {
+                let took = w.take(cells - sent);
+                (took > 0).then_some(took)
+            })
+            .map_err(|_| Stop::Ended)?;
+        if stream.link.reserve(m, &stream.aborted).is_err() {
+            stream.circuit_window.update(|w| w.give_back(m));
+            return Err(Stop::Ended);
+        }
+        let piece = if sent == 0 && m == cells {
+            std::mem::take(buf)
+        } else {
+            buf[(sent * CELL_LEN as u32) as usize..((sent + m) * CELL_LEN as u32) as usize].to_vec()
+        };
+        let bytes: u64 = piece
+            .chunks_exact(CELL_LEN)
+            .map(|c| u64::from(u16::from_be_bytes([c[14], c[15]])))
+            .sum();
+        let mut st = stream.state.lock();
+        if !st.hc.may_package() {
+            drop(st);
+            stream.circuit_window.update(|w| w.give_back(m));
+            stream.link.unreserve(m);
+            return Err(Stop::Ended);
+        }
+        let took = st.package.take(m);
+        debug_assert_eq!(took, m, "only the packager takes from the stream window");
+        st.counters.cells_packaged += u64::from(m);
+        st.counters.bytes_packaged += bytes;
+        // Under the lock: an END decided by another thread cannot be
+        // overtaken by this DATA (nothing is sent after END).
+        if stream.link.send_data(piece, m).is_err() {
+            return Err(Stop::Ended);
+        }
+        drop(st);
+        sent += m;
+    }
+    Ok(())
+}
+
+// --------------------------------------------------------------- deliverer
+
+/// How a deliverer gets its socket.
+pub enum DeliverStart {
+    /// Exit: from the packager, once the target accepted.
+    Exit(Receiver<Arc<Socket>>),
+    /// Client: the SOCKS socket; the first message answers the SOCKS request.
+    Client {
+        sock: Arc<Socket>,
+        socks: socks::SocksVersion,
+    },
+}
+
+pub fn deliverer(stream: Arc<Stream>, rx: Receiver<DeliverMsg>, start: DeliverStart) {
+    let _notice = ExitNotice(&stream);
+    stream.state.lock().deliverer_tid = Some(sockets::gettid());
+    let sock = match start {
+        // The packager drops the sender if the connect fails or is aborted.
+        DeliverStart::Exit(socket_rx) => match socket_rx.recv() {
+            Ok(s) => s,
+            Err(_) => return,
+        },
+        DeliverStart::Client { sock, socks } => {
+            if !answer_socks(&stream, &rx, &sock, socks) {
+                return;
+            }
+            sock
+        }
+    };
+    for msg in rx.iter() {
+        match msg {
+            DeliverMsg::Data { bytes, ends } => {
+                if let Err(e) = write_cells(&stream, &sock, &bytes, &ends) {
+                    if !stream.is_aborted() {
+                        tracing::debug!(stream = %stream.name, "write error: {e}");
+                        let _ = stream.handle(Event::Error {
+                            reason: sockets::end_reason_for(&e),
+                        });
+                    }
+                    return;
+                }
+            }
+            DeliverMsg::Fin => {
+                // §7: every DATA before the FIN is written; now shut our
+                // write side, and only that.
+                if let Err(e) = sock.shutdown(Shutdown::Write) {
+                    if !stream.is_aborted() {
+                        let _ = stream.handle(Event::Error {
+                            reason: sockets::end_reason_for(&e),
+                        });
+                    }
+                }
+                return;
+            }
+            DeliverMsg::Abort | DeliverMsg::Refused(_) => return,
+            DeliverMsg::Connected(_) => {
+                debug_assert!(false, "CONNECTED twice reaches the deliverer");
+            }
+        }
+    }
+}
+
+/// Client: waits for CONNECTED or the end of the stream and writes the
+/// SOCKS reply (protocol.md §11: only after CONNECTED or END). Returns
+/// whether the stream goes on.
+fn answer_socks(
+    stream: &Stream,
+    rx: &Receiver<DeliverMsg>,
+    sock: &Socket,
+    version: socks::SocksVersion,
+) -> bool {
+    let (reply, go_on) = match rx.recv() {
+        Ok(DeliverMsg::Connected(ip)) => {
+            let bound = ip.map(|ip| SocketAddr::new(ip, 0));
+            (
+                socks::connect_reply(version, socks::Reply::Succeeded, bound),
+                true,
+            )
+        }
+        Ok(DeliverMsg::Refused(reason)) => (
+            socks::connect_reply(version, socks::reply_for_end_reason(reason), None),
+            false,
+        ),
+        // Aborted after a reset, or the circuit is gone: nothing to answer.
+        _ => return false,
+    };
+    let mut s = sock;
+    if let Err(e) = s.write_all(&reply) {
+        if go_on && !stream.is_aborted() {
+            let _ = stream.handle(Event::Error {
+                reason: sockets::end_reason_for(&e),
+            });
+        }
+        return false;
+    }
+    go_on
+}
+
+/// Writes one batch of DATA, counting cells as the kernel accepts their
+/// data (§10: "written to the TCP connection means accepted by the kernel").
+fn write_cells(stream: &Stream, sock: &Socket, bytes: &[u8], ends: &[u32]) -> io::Result<()> {
+    let mut off = 0usize;
+    let mut counted = 0usize;
+    loop {
+        let done = ends[counted..]
+            .iter()
+            .take_while(|&&e| e as usize <= off)
+            .count();
+        if done > 0 {
+            let start = if counted == 0 {
+                0
+            } else {
+                ends[counted - 1] as usize
+            };
+            counted += done;
+            stream.delivered(done as u32, ends[counted - 1] as usize - start);
+        }
+        if off == bytes.len() {
+            return Ok(());
+        }
+        let mut s = sock;
+        match s.write(&bytes[off..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => off += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Reads the state's socket for status output.
+pub fn socket_of(stream: &Stream) -> Option<Arc<Socket>> {
+    stream.state.lock().socket.clone()
+}
+
+/// Builds a fresh stream state (both edges).
+pub fn new_state(socket: Option<Arc<Socket>>) -> StreamState {
+    StreamState {
+        hc: HalfClose::new(),
+        package: PackageWindow::stream(),
+        deliver: StreamDeliverWindow::default(),
+        socket,
+        connected: false,
+        counters: Counters::default(),
+        packager_tid: None,
+        deliverer_tid: None,
+    }
+}
