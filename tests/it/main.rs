@@ -1,0 +1,5 @@
+//! Integration tests: the real binary over real loopback sockets. Each test
+//! names the protocol.md section it checks.
+
+mod smoke;
+mod util;

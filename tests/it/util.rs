@@ -1,0 +1,491 @@
+//! Shared helpers for the integration tests: the real binary on loopback
+//! ports, a SOCKS client, target servers, and a raw link peer that speaks
+//! protocol.md cell by cell.
+#![allow(dead_code)]
+
+use halfpipe::cell::{self, cmd};
+use halfpipe::kdf;
+use halfpipe::relay::{self, relay_cmd};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+// ------------------------------------------------------------- the daemon
+
+/// The halfpipe binary running as a child process.
+pub struct Daemon {
+    child: Child,
+    pub socks: Option<SocketAddr>,
+    pub link: Option<SocketAddr>,
+    log: Arc<Mutex<String>>,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl Daemon {
+    /// `halfpipe run` on an ephemeral SOCKS port.
+    pub fn run(extra: &[&str]) -> Daemon {
+        let mut args = vec!["run", "--socks", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, true, false)
+    }
+
+    /// `halfpipe exit` on an ephemeral link port (default policy unless
+    /// `extra` says otherwise).
+    pub fn exit(extra: &[&str]) -> Daemon {
+        let mut args = vec!["exit", "--listen", "127.0.0.1:0"];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, false, true)
+    }
+
+    /// `halfpipe client` linked to `exit`.
+    pub fn client(exit: SocketAddr, extra: &[&str]) -> Daemon {
+        let exit = exit.to_string();
+        let mut args = vec!["client", "--socks", "127.0.0.1:0", "--exit", &exit];
+        args.extend_from_slice(extra);
+        Daemon::start(&args, true, false)
+    }
+
+    pub fn start(args: &[&str], want_socks: bool, want_link: bool) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_halfpipe"))
+            .args(args)
+            .env("RUST_LOG", "info,halfpipe=debug")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start halfpipe");
+        let log = Arc::new(Mutex::new(String::new()));
+        let stdout = Arc::new(Mutex::new(String::new()));
+        pump(child.stderr.take().unwrap(), log.clone());
+        pump(child.stdout.take().unwrap(), stdout.clone());
+        let mut d = Daemon {
+            child,
+            socks: None,
+            link: None,
+            log,
+            stdout,
+        };
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let out = d.stdout.lock().unwrap().clone();
+            d.socks = find_addr(&out, "SOCKS listening on ");
+            d.link = find_addr(&out, "link listening on ");
+            if (!want_socks || d.socks.is_some()) && (!want_link || d.link.is_some()) {
+                break;
+            }
+            if let Ok(Some(status)) = d.child.try_wait() {
+                panic!("halfpipe {args:?} exited early ({status}):\n{}", d.log());
+            }
+            assert!(Instant::now() < deadline, "halfpipe did not start: {out}");
+            thread::sleep(Duration::from_millis(10));
+        }
+        if want_socks {
+            d.wait_for_log("link to exit ready");
+        }
+        d
+    }
+
+    pub fn socks(&self) -> SocketAddr {
+        self.socks.expect("this daemon serves SOCKS")
+    }
+
+    pub fn link(&self) -> SocketAddr {
+        self.link.expect("this daemon accepts links")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the daemon logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().unwrap().clone()
+    }
+
+    /// Waits until the log contains `needle`; panics with the log if not.
+    pub fn wait_for_log(&self, needle: &str) {
+        let deadline = Instant::now() + PATIENCE;
+        while !self.log().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "log never said {needle:?}:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// How many times the log says `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Thread names of the daemon, from /proc (what `top -H` shows).
+    pub fn thread_names(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/task", self.pid());
+        let mut names = Vec::new();
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if let Ok(n) = std::fs::read_to_string(e.path().join("comm")) {
+                    names.push(n.trim().to_string());
+                }
+            }
+        }
+        names
+    }
+
+    pub fn thread_count(&self) -> usize {
+        self.thread_names().len()
+    }
+
+    /// Waits until the thread count is `n` (threads end asynchronously).
+    pub fn wait_for_threads(&self, n: usize) {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let names = self.thread_names();
+            if names.len() == n {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "expected {n} threads, have {}: {names:?}",
+                names.len()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.pid() as i32, sig);
+        }
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "halfpipe did not exit:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn pump(r: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
+    thread::spawn(move || {
+        for line in BufReader::new(r).lines() {
+            let Ok(line) = line else { break };
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+fn find_addr(out: &str, prefix: &str) -> Option<SocketAddr> {
+    let rest = &out[out.find(prefix)? + prefix.len()..];
+    rest.split_whitespace().next()?.parse().ok()
+}
+
+// ------------------------------------------------------------ SOCKS client
+
+/// SOCKS5 CONNECT to `host:port` (a name or an IP literal), with optional
+/// username/password. Ok: the stream, ready. Err(code): the SOCKS5 reply.
+pub fn socks5(
+    proxy: SocketAddr,
+    host: &str,
+    port: u16,
+    auth: Option<(&str, &str)>,
+) -> Result<TcpStream, u8> {
+    let mut s = TcpStream::connect(proxy).expect("connect to SOCKS port");
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    match auth {
+        None => s.write_all(&[5, 1, 0]).unwrap(),
+        Some(_) => s.write_all(&[5, 1, 2]).unwrap(),
+    }
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    if let Some((u, p)) = auth {
+        assert_eq!(m, [5, 2]);
+        let mut a = vec![1, u.len() as u8];
+        a.extend_from_slice(u.as_bytes());
+        a.push(p.len() as u8);
+        a.extend_from_slice(p.as_bytes());
+        s.write_all(&a).unwrap();
+        let mut r = [0u8; 2];
+        s.read_exact(&mut r).unwrap();
+        assert_eq!(r, [1, 0]);
+    } else {
+        assert_eq!(m, [5, 0]);
+    }
+    s.write_all(&socks5_request(1, host, port)).unwrap();
+    let code = read_socks5_reply(&mut s);
+    s.set_read_timeout(None).unwrap();
+    if code == 0 {
+        Ok(s)
+    } else {
+        Err(code)
+    }
+}
+
+/// A SOCKS5 request: command, then the address as IPv4, IPv6 or a name.
+pub fn socks5_request(command: u8, host: &str, port: u16) -> Vec<u8> {
+    let mut r = vec![5, command, 0];
+    if let Ok(ip) = host.parse::<std::net::Ipv4Addr>() {
+        r.push(1);
+        r.extend_from_slice(&ip.octets());
+    } else if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
+        r.push(4);
+        r.extend_from_slice(&ip.octets());
+    } else {
+        r.push(3);
+        r.push(host.len() as u8);
+        r.extend_from_slice(host.as_bytes());
+    }
+    r.extend_from_slice(&port.to_be_bytes());
+    r
+}
+
+/// Reads a SOCKS5 reply and returns its REP code. A connection closed
+/// before a reply reads as 0xFF.
+pub fn read_socks5_reply(s: &mut TcpStream) -> u8 {
+    let mut head = [0u8; 4];
+    if s.read_exact(&mut head).is_err() {
+        return 0xFF;
+    }
+    let rest = match head[3] {
+        1 => 4 + 2,
+        4 => 16 + 2,
+        3 => {
+            let mut l = [0u8; 1];
+            s.read_exact(&mut l).unwrap();
+            l[0] as usize + 2
+        }
+        _ => 0,
+    };
+    let mut skip = vec![0u8; rest];
+    s.read_exact(&mut skip).unwrap();
+    head[1]
+}
+
+// ---------------------------------------------------------- target servers
+
+/// A target server on an ephemeral loopback port: each connection is handed
+/// to `handler` in its own thread.
+pub struct Server {
+    pub addr: SocketAddr,
+    _accept: JoinHandle<()>,
+}
+
+impl Server {
+    pub fn start<F>(handler: F) -> Server
+    where
+        F: Fn(TcpStream) + Send + Sync + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handler = Arc::new(handler);
+        let accept = thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                let h = handler.clone();
+                thread::spawn(move || h(conn));
+            }
+        });
+        Server {
+            addr,
+            _accept: accept,
+        }
+    }
+
+    /// Echoes everything, then half-closes when the client does.
+    pub fn echo() -> Server {
+        Server::start(|mut s| {
+            let mut r = s.try_clone().unwrap();
+            let _ = io::copy(&mut r, &mut s);
+            let _ = s.shutdown(Shutdown::Write);
+        })
+    }
+
+    /// Reads the request to EOF, then writes `reply(request)` and closes:
+    /// the half-closed request/response pattern.
+    pub fn request_reply<F>(reply: F) -> Server
+    where
+        F: Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
+    {
+        Server::start(move |mut s| {
+            let mut req = Vec::new();
+            if s.read_to_end(&mut req).is_ok() {
+                let _ = s.write_all(&reply(&req));
+            }
+        })
+    }
+}
+
+/// Deterministic test data.
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_be_bytes()[0] ^ seed)
+        .collect()
+}
+
+// ---------------------------------------------------------- raw link peer
+
+/// A hand-driven peer that speaks protocol.md on one link, cell by cell.
+pub struct RawLink {
+    pub sock: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A cell as the raw peer reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawCell {
+    pub circ: u32,
+    pub command: u8,
+    pub payload: Vec<u8>,
+}
+
+impl RawCell {
+    /// The relay view of a RELAY cell: (command, stream, body).
+    pub fn relay(&self) -> (u8, u16, Vec<u8>) {
+        assert_eq!(self.command, cmd::RELAY, "not a relay cell: {self:?}");
+        let rc = relay::decode(&self.payload).expect("valid relay cell");
+        (rc.command, rc.stream_id, rc.body.to_vec())
+    }
+}
+
+impl RawLink {
+    /// Connects and completes the VERSIONS handshake (protocol.md §1).
+    pub fn connect(addr: SocketAddr) -> RawLink {
+        let mut l = RawLink::connect_raw(addr);
+        let mut v = Vec::new();
+        cell::encode_versions(&mut v, &[4]);
+        l.sock.write_all(&v).unwrap();
+        let mut reply = [0u8; 7];
+        l.sock.read_exact(&mut reply).unwrap();
+        assert_eq!(reply, [0, 0, 7, 0, 2, 0, 4], "exit's VERSIONS");
+        l
+    }
+
+    /// Connects without a handshake.
+    pub fn connect_raw(addr: SocketAddr) -> RawLink {
+        let sock = TcpStream::connect(addr).unwrap();
+        sock.set_read_timeout(Some(PATIENCE)).unwrap();
+        RawLink {
+            sock,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send_cell(&mut self, circ: u32, command: u8, payload: &[u8]) {
+        let mut out = Vec::new();
+        cell::encode_fixed(&mut out, circ, command, payload);
+        self.sock.write_all(&out).unwrap();
+    }
+
+    pub fn send_relay(&mut self, circ: u32, command: u8, stream: u16, body: &[u8]) {
+        let mut out = Vec::new();
+        relay::encode(&mut out, circ, command, stream, body);
+        self.sock.write_all(&out).unwrap();
+    }
+
+    /// CREATE_FAST on `circ`, checking KH in CREATED_FAST (protocol.md §3).
+    pub fn create_circuit(&mut self, circ: u32) {
+        let x = kdf::random_nonce();
+        self.send_cell(circ, cmd::CREATE_FAST, &x);
+        let c = self.recv_cell().expect("CREATED_FAST");
+        assert_eq!((c.circ, c.command), (circ, cmd::CREATED_FAST), "{c:?}");
+        assert!(kdf::check_created_fast(&x, &c.payload), "KH checks");
+    }
+
+    /// The next cell, or None if the exit closed the link.
+    pub fn recv_cell(&mut self) -> Option<RawCell> {
+        loop {
+            if let Some((c, used)) = cell::decode(&self.buf) {
+                let rc = RawCell {
+                    circ: c.circ_id,
+                    command: c.command,
+                    payload: c.payload.to_vec(),
+                };
+                self.buf.drain(..used);
+                return Some(rc);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.sock.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("raw link read: {e}"),
+            }
+        }
+    }
+
+    /// The next cell that is not a SENDME or PADDING.
+    pub fn recv_non_sendme(&mut self) -> Option<RawCell> {
+        loop {
+            let c = self.recv_cell()?;
+            if c.command == cmd::PADDING {
+                continue;
+            }
+            if c.command == cmd::RELAY && c.relay().0 == relay_cmd::SENDME {
+                continue;
+            }
+            return Some(c);
+        }
+    }
+
+    /// Is the link closed by the exit within `wait`?
+    pub fn closed_within(&mut self, wait: Duration) -> bool {
+        self.sock.set_read_timeout(Some(wait)).unwrap();
+        let mut chunk = [0u8; 4096];
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.sock.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return true,
+                Err(_) => return false,
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+        }
+    }
+}
+
+/// BEGIN payload for `target` (protocol.md §5).
+pub fn begin_body(target: &str) -> Vec<u8> {
+    let mut b = target.as_bytes().to_vec();
+    b.push(0);
+    b
+}
