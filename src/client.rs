@@ -26,6 +26,9 @@ use std::time::Duration;
 /// Longest wait between reconnection attempts (protocol.md §11).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+/// SOCKS handshakes in progress at once; past this, new connections are
+/// closed at once, so a flood of idle SOCKS clients cannot exhaust threads.
+const MAX_HANDSHAKES: usize = 512;
 /// How long a SOCKS RESOLVE waits for RESOLVED.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -202,6 +205,10 @@ impl Client {
                         continue;
                     }
                 };
+                if sessions.len() >= MAX_HANDSHAKES {
+                    tracing::warn!("{MAX_HANDSHAKES} SOCKS handshakes in progress: closing a new connection");
+                    continue;
+                }
                 let id = client.ctx.next_socks_id();
                 let c = client.clone();
                 match threads::spawn(format!("socks {id}"), move || c.socks_session(sock)) {

@@ -96,6 +96,15 @@ impl Daemon {
         while ctx.circuit_count() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
+        // Links end after their queued ENDs and DESTROYs are written; a peer
+        // that does not close its side in time is cut off.
+        for link in ctx.links() {
+            link.finish();
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !ctx.links().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         for link in ctx.links() {
             link.close();
         }

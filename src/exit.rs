@@ -15,6 +15,10 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+/// Links at once; past this, new connections are closed at once, so a flood
+/// of connections cannot exhaust threads (each link holds two).
+const MAX_LINKS: usize = 256;
+
 /// Accepts links until the listener is shut down, then joins every link.
 pub fn spawn_acceptor(ctx: Arc<Ctx>, listener: TcpListener) -> io::Result<JoinHandle<()>> {
     threads::spawn("link-accept".into(), move || {
@@ -33,6 +37,10 @@ pub fn spawn_acceptor(ctx: Arc<Ctx>, listener: TcpListener) -> io::Result<JoinHa
                     continue;
                 }
             };
+            if links.len() >= MAX_LINKS {
+                tracing::warn!("{MAX_LINKS} links open: closing a new connection");
+                continue;
+            }
             let id = ctx.next_link_id();
             let ctx = ctx.clone();
             match threads::spawn(format!("link-rd {id}"), move || serve_link(ctx, id, sock)) {

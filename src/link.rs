@@ -179,6 +179,7 @@ impl Link {
     /// its circuits and joins every thread it owns.
     pub fn run(self: &Arc<Self>, writer: JoinHandle<()>) {
         let why = match self.read_loop() {
+            Ok(()) if self.closed.load(Ordering::Acquire) => "closed".to_string(),
             Ok(()) => "closed by peer".to_string(),
             Err(e) if self.closed.load(Ordering::Acquire) => format!("closed ({e})"),
             Err(e) => format!("read error: {e}"),
@@ -186,8 +187,16 @@ impl Link {
         self.teardown(writer, &why);
     }
 
-    /// Closes the link from another thread (shutdown, client giving up):
-    /// the reader wakes and tears everything down.
+    /// Ends the link after every cell queued so far has been written: the
+    /// writer flushes, then shuts the write side; the peer answers with its
+    /// own close, which ends our reader.
+    pub fn finish(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.tx.tx.send(WriterMsg::Close);
+    }
+
+    /// Closes the link at once from another thread: the reader wakes and
+    /// tears everything down.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let _ = self.socket.shutdown(Shutdown::Both);
@@ -535,6 +544,8 @@ fn writer_loop(sock: TcpStream, rx: Receiver<WriterMsg>, room: Arc<Monitor<u32>>
                 room.update(|r| *r += data_cells);
             }
             if close {
+                // Everything queued before Close is written: say so with FIN.
+                sock.shutdown(Shutdown::Write)?;
                 return Ok(());
             }
         }
