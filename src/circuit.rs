@@ -49,13 +49,16 @@ pub enum CircMsg {
     /// Shutdown deadline: END(HIBERNATING) every stream, then DESTROY.
     Hibernate,
     /// A stream thread has ended and can be joined.
-    ThreadDone { stream_id: u16 },
+    ThreadDone { stream_id: u16, serial: u64 },
     /// Client: open a stream for a SOCKS CONNECT.
     Open(OpenRequest),
     /// Client: resolve a name for a SOCKS RESOLVE.
     Resolve(ResolveRequest),
-    /// Exit: a resolver thread has ended.
-    ResolverDone { stream_id: u16 },
+    /// Exit: a resolver thread has its answers (and is ending).
+    ResolverDone {
+        stream_id: u16,
+        answers: Vec<Answer>,
+    },
 }
 
 pub struct OpenRequest {
@@ -132,6 +135,9 @@ pub struct Circuit {
     tx: Sender<CircMsg>,
     rx: Receiver<CircMsg>,
     streams: HashMap<u16, Entry>,
+    /// CLOSED streams whose ID a new stream took before their threads
+    /// ended (§5: a BEGIN on a recently-closed ID opens a new stream).
+    retired: Vec<Entry>,
     recent: RecentlyClosed,
     deliver: CircuitDeliverWindow,
     package: Arc<Monitor<PackageWindow>>,
@@ -140,6 +146,8 @@ pub struct Circuit {
     /// Client: RESOLVEs waiting for RESOLVED.
     pending_resolves: HashMap<u16, Sender<Vec<Answer>>>,
     next_stream: u16,
+    /// Serial number of the next stream (see `Stream::serial`).
+    next_serial: u64,
     /// Streams with DATA gathered in their entry's batch.
     dirty: Vec<u16>,
     /// Control cells gathered while handling one inbox message.
@@ -171,12 +179,14 @@ impl Circuit {
             tx,
             rx,
             streams: HashMap::new(),
+            retired: Vec::new(),
             recent: RecentlyClosed::default(),
             deliver: CircuitDeliverWindow::default(),
             package: Arc::new(Monitor::new(PackageWindow::circuit())),
             resolvers: HashMap::new(),
             pending_resolves: HashMap::new(),
             next_stream: 1,
+            next_serial: 0,
             dirty: Vec::new(),
             out: Vec::new(),
             opened: Instant::now(),
@@ -207,8 +217,8 @@ impl Circuit {
                 self.flush();
                 result
             }
-            CircMsg::ThreadDone { stream_id } => {
-                self.on_thread_done(stream_id);
+            CircMsg::ThreadDone { stream_id, serial } => {
+                self.on_thread_done(stream_id, serial);
                 Ok(())
             }
             CircMsg::Open(req) => {
@@ -220,10 +230,15 @@ impl Circuit {
                 self.start_resolve(req);
                 Ok(())
             }
-            CircMsg::ResolverDone { stream_id } => {
+            CircMsg::ResolverDone { stream_id, answers } => {
+                // Sent from here, not from the resolver thread, so that the
+                // ID is free the moment RESOLVED leaves (§5: no stream).
                 if let Some((handle, _slot)) = self.resolvers.remove(&stream_id) {
-                    threads::join(handle);
+                    let body = relay::encode_resolved(&answers, 60);
+                    self.queue_relay(relay_cmd::RESOLVED, stream_id, &body);
                     self.recent.insert(stream_id);
+                    self.flush();
+                    threads::join(handle);
                 }
                 Ok(())
             }
@@ -427,6 +442,18 @@ impl Circuit {
         }
     }
 
+    /// §7, §9: a CLOSED stream no longer owns its ID, even while its
+    /// threads are still ending: they finish in `retired`.
+    fn retire_if_closed(&mut self, id: u16) {
+        let closed = self
+            .streams
+            .get(&id)
+            .is_some_and(|e| e.stream.state.lock().hc.is_closed());
+        if closed {
+            self.retired.extend(self.streams.remove(&id));
+        }
+    }
+
     fn id_in_use(&self, id: u16) -> bool {
         self.streams.contains_key(&id)
             || self.resolvers.contains_key(&id)
@@ -443,6 +470,7 @@ impl Circuit {
     /// Exit, §5: BEGIN opens a stream: a deliverer waiting for the socket
     /// and a packager that connects.
     fn on_begin(&mut self, id: u16, body: &[u8]) -> Result<()> {
+        self.retire_if_closed(id);
         if self.id_in_use(id) {
             return Err(violation("BEGIN reuses an open stream ID"));
         }
@@ -513,6 +541,7 @@ impl Circuit {
 
     /// Exit, §5: RESOLVE is answered by RESOLVED from a resolver thread.
     fn on_resolve(&mut self, id: u16, body: &[u8]) -> Result<()> {
+        self.retire_if_closed(id);
         if self.id_in_use(id) {
             return Err(violation("RESOLVE reuses an open stream ID"));
         }
@@ -532,19 +561,13 @@ impl Circuit {
             self.recent.insert(id);
             return Ok(());
         };
-        let (link, wire, done) = (self.link.tx.clone(), self.wire, self.tx.clone());
+        let done = self.tx.clone();
         let spawned = threads::spawn(format!("rslv {}.{}", self.local, id), move || {
             let answers = crate::exit::resolve_answers(&name);
-            let mut out = Vec::with_capacity(CELL_LEN);
-            relay::encode(
-                &mut out,
-                wire,
-                relay_cmd::RESOLVED,
-                id,
-                &relay::encode_resolved(&answers, 60),
-            );
-            let _ = link.send(out);
-            let _ = done.send(CircMsg::ResolverDone { stream_id: id });
+            let _ = done.send(CircMsg::ResolverDone {
+                stream_id: id,
+                answers,
+            });
         });
         match spawned {
             Ok(h) => {
@@ -568,14 +591,16 @@ impl Circuit {
     }
 
     fn new_stream(
-        &self,
+        &mut self,
         id: u16,
         target: Target,
         socket: Option<Arc<Socket>>,
     ) -> (Arc<Stream>, Receiver<DeliverMsg>) {
         let (dl_tx, dl_rx) = crossbeam_channel::unbounded();
+        self.next_serial += 1;
         let stream = Arc::new(Stream {
             id,
+            serial: self.next_serial,
             name: format!("{}.{}", self.local, id),
             role: self.role,
             target,
@@ -680,8 +705,17 @@ impl Circuit {
 
     /// A stream thread ended; when both have, the stream is CLOSED and its
     /// ID enters the recently-closed set (§7, §9).
-    fn on_thread_done(&mut self, id: u16) {
-        let Some(entry) = self.streams.get_mut(&id) else {
+    fn on_thread_done(&mut self, id: u16, serial: u64) {
+        let is_it = |e: &Entry| e.stream.serial == serial;
+        if let Some(pos) = self.retired.iter().position(is_it) {
+            self.retired[pos].alive -= 1;
+            if self.retired[pos].alive == 0 {
+                let entry = self.retired.swap_remove(pos);
+                entry.threads.into_iter().for_each(threads::join);
+            }
+            return;
+        }
+        let Some(entry) = self.streams.get_mut(&id).filter(|e| is_it(e)) else {
             return;
         };
         entry.alive -= 1;
@@ -756,6 +790,9 @@ impl Circuit {
         self.pending_resolves.clear();
         let count = self.streams.len();
         for (_, entry) in self.streams.drain() {
+            entry.threads.into_iter().for_each(threads::join);
+        }
+        for entry in self.retired.drain(..) {
             entry.threads.into_iter().for_each(threads::join);
         }
         for (_, (handle, _slot)) in self.resolvers.drain() {

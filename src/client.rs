@@ -153,7 +153,8 @@ impl Client {
     /// The circuit for a new stream: round-robin over the general circuits,
     /// or the circuit of the stream's credentials (§11), created on demand.
     fn circuit_for(&self, isolation: Option<Vec<u8>>) -> io::Result<CircHandle> {
-        let Some(cl) = self.current.lock().clone() else {
+        let cl = self.current.lock().clone();
+        let Some(cl) = cl.filter(|cl| !cl.link.is_closed()) else {
             return Err(io::Error::other("no link to the exit"));
         };
         let key = match isolation {
@@ -206,7 +207,9 @@ impl Client {
                     }
                 };
                 if sessions.len() >= MAX_HANDSHAKES {
-                    tracing::warn!("{MAX_HANDSHAKES} SOCKS handshakes in progress: closing a new connection");
+                    tracing::warn!(
+                        "{MAX_HANDSHAKES} SOCKS handshakes in progress: closing a new connection"
+                    );
                     continue;
                 }
                 let id = client.ctx.next_socks_id();

@@ -79,6 +79,9 @@ pub struct StreamState {
 
 pub struct Stream {
     pub id: u16,
+    /// Unique within the circuit: tells a CLOSED stream whose threads are
+    /// still ending from a new stream on the same ID (protocol.md §5).
+    pub serial: u64,
     /// "C.S": the circuit's short counter and the stream ID (thread names).
     pub name: String,
     pub role: Role,
@@ -224,6 +227,7 @@ impl Drop for ExitNotice<'_> {
     fn drop(&mut self) {
         let _ = self.0.circuit_tx.send(CircMsg::ThreadDone {
             stream_id: self.0.id,
+            serial: self.0.serial,
         });
     }
 }

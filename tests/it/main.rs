@@ -1,5 +1,7 @@
 //! Integration tests: the real binary over real loopback sockets. Each test
 //! names the protocol.md section it checks.
 
+mod app;
 mod smoke;
 mod util;
+mod wire;

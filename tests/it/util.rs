@@ -450,6 +450,44 @@ impl RawLink {
         }
     }
 
+    /// The next cell if one arrives within `wait`, else None (for checks
+    /// that something does *not* happen). Panics if the exit closes the link.
+    pub fn recv_cell_within(&mut self, wait: Duration) -> Option<RawCell> {
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Some((c, used)) = cell::decode(&self.buf) {
+                let rc = RawCell {
+                    circ: c.circ_id,
+                    command: c.command,
+                    payload: c.payload.to_vec(),
+                };
+                self.buf.drain(..used);
+                return Some(rc);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.sock.set_read_timeout(Some(left)).unwrap();
+            let mut chunk = [0u8; 65536];
+            let read = self.sock.read(&mut chunk);
+            self.sock.set_read_timeout(Some(PATIENCE)).unwrap();
+            match read {
+                Ok(0) => panic!("the exit closed the link"),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                Err(e) => panic!("raw link read: {e}"),
+            }
+        }
+    }
+
     /// The next cell that is not a SENDME or PADDING.
     pub fn recv_non_sendme(&mut self) -> Option<RawCell> {
         loop {
