@@ -215,20 +215,30 @@ impl Link {
     }
 
     fn read_loop(self: &Arc<Self>) -> io::Result<()> {
-        let mut buf = vec![0u8; READ_BUF];
-        let mut filled = 0;
-        let mut sock = &self.socket;
+        let sock = socket2::SockRef::from(&self.socket);
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
         loop {
-            let n = match sock.read(&mut buf[filled..]) {
+            let spare = buf.spare_capacity_mut();
+            let n = match sock.recv(spare) {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
-            filled += n;
-            let used = self.dispatch(&buf[..filled]);
-            buf.copy_within(used..filled, 0);
-            filled -= used;
+            // SAFETY: recv() initialised the first `n` bytes of the spare
+            // capacity (socket2's contract for `recv` into MaybeUninit).
+            unsafe { buf.set_len(buf.len() + n) };
+            if let Some((wire, whole)) = single_circuit_run(&buf) {
+                // The common case under load: the buffer holds RELAY cells of
+                // one circuit only. Hand the buffer itself over, no copy.
+                let mut next = Vec::with_capacity(READ_BUF);
+                next.extend_from_slice(&buf[whole..]);
+                buf.truncate(whole);
+                self.to_circuit(wire, std::mem::replace(&mut buf, next));
+                continue;
+            }
+            let used = self.dispatch(&buf);
+            buf.drain(..used);
             // The largest cell (a 65,535-byte variable cell) fits in the
             // buffer, so a full buffer always holds a whole cell.
         }
@@ -507,6 +517,18 @@ impl Link {
         self.ctx.unregister_link(self.id);
         tracing::info!(link = self.id, peer = %self.peer, circuits = count, "link closed: {why}");
     }
+}
+
+/// If the whole cells at the front of `buf` are all RELAY cells of one
+/// circuit, returns that circuit and how many bytes they take.
+fn single_circuit_run(buf: &[u8]) -> Option<(u32, usize)> {
+    let whole = buf.len() / cell::CELL_LEN * cell::CELL_LEN;
+    let first = buf.get(..cell::CELL_LEN)?;
+    let wire = u32::from_be_bytes([first[0], first[1], first[2], first[3]]);
+    let all = buf[..whole]
+        .chunks_exact(cell::CELL_LEN)
+        .all(|c| matches!(c[4], cmd::RELAY | cmd::RELAY_EARLY) && c[..4] == first[..4]);
+    all.then_some((wire, whole))
 }
 
 /// The link writer: gathers queued cells into one writev() at a time.

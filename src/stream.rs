@@ -212,8 +212,14 @@ impl Stream {
         let mut st = self.state.lock();
         st.counters.bytes_delivered += bytes as u64;
         if st.hc.may_deliver() {
-            for _ in 0..st.deliver.on_written(cells) {
-                self.send_control(relay_cmd::SENDME, &[]);
+            let sendmes = st.deliver.on_written(cells);
+            if sendmes > 0 {
+                // One queue message for all of them: one wake-up of the writer.
+                let mut out = Vec::with_capacity(sendmes as usize * CELL_LEN);
+                for _ in 0..sendmes {
+                    relay::encode(&mut out, self.wire_circ, relay_cmd::SENDME, self.id, &[]);
+                }
+                let _ = self.link.send(out);
             }
         }
     }
