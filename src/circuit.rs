@@ -23,7 +23,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Which edge this process is on a link (protocol.md §1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +82,8 @@ enum End {
     LinkClosed,
     Violation(String),
     Hibernate,
+    /// An isolation circuit without streams for its idle timeout.
+    Idle,
 }
 
 struct Entry {
@@ -153,6 +155,9 @@ pub struct Circuit {
     /// Control cells gathered while handling one inbox message.
     out: Vec<u8>,
     opened: Instant,
+    /// Client circuits for isolated credentials end after this long
+    /// without streams, so that they do not pile up at the exit's limit.
+    idle_timeout: Option<Duration>,
 }
 
 type Result<T> = std::result::Result<T, End>;
@@ -168,6 +173,7 @@ impl Circuit {
         local: u32,
         tx: Sender<CircMsg>,
         rx: Receiver<CircMsg>,
+        idle_timeout: Option<Duration>,
     ) -> Circuit {
         Circuit {
             ctx: link.ctx.clone(),
@@ -190,6 +196,7 @@ impl Circuit {
             dirty: Vec::new(),
             out: Vec::new(),
             opened: Instant::now(),
+            idle_timeout,
         }
     }
 
@@ -197,9 +204,20 @@ impl Circuit {
         self.ctx.register_circuit(self.local, self.tx.clone());
         tracing::info!(circuit = %self.name, "circuit opened (CircID {:#010x})", self.wire);
         let end = loop {
-            // We hold a sender ourselves, so the inbox never disconnects.
-            let Ok(msg) = self.rx.recv() else {
-                break End::LinkClosed;
+            let idle = self.streams.is_empty()
+                && self.retired.is_empty()
+                && self.resolvers.is_empty()
+                && self.pending_resolves.is_empty();
+            let msg = match self.idle_timeout.filter(|_| idle) {
+                Some(t) => match self.rx.recv_timeout(t) {
+                    Ok(m) => m,
+                    Err(_) => break End::Idle,
+                },
+                // We hold a sender ourselves, so the inbox never disconnects.
+                None => match self.rx.recv() {
+                    Ok(m) => m,
+                    Err(_) => break End::LinkClosed,
+                },
             };
             if let Err(end) = self.handle(msg) {
                 break end;
@@ -338,7 +356,7 @@ impl Circuit {
         let Some(entry) = self.streams.get_mut(&rc.stream_id) else {
             return Ok(());
         };
-        if self.role == Role::Client && !entry.stream.state.lock().connected {
+        if self.role == Role::Client && entry.stream.awaiting_connected() {
             return Err(violation("DATA before CONNECTED"));
         }
         if entry.stream.accept_data(rc.body.len()).map_err(violation)? {
@@ -362,7 +380,7 @@ impl Circuit {
         let Some(entry) = self.streams.get_mut(&id) else {
             return Ok(()); // §9
         };
-        if self.role == Role::Client && !entry.stream.state.lock().connected {
+        if self.role == Role::Client && entry.stream.awaiting_connected() {
             return Err(violation("FIN before CONNECTED"));
         }
         match entry.stream.handle(Event::FinReceived) {
@@ -770,13 +788,27 @@ impl Circuit {
             End::Hibernate => Event::Error {
                 reason: end_reason::HIBERNATING,
             },
+            // No streams to end.
+            End::Idle => Event::Error {
+                reason: end_reason::MISC,
+            },
         };
         for entry in self.streams.values() {
-            let _ = entry.stream.handle(event);
+            // A stream that had already reached CLOSED may still have a
+            // deliverer writing its last data (after both FINs): stop it
+            // too, or joining it could wait forever (§3: every stream on
+            // the circuit is aborted).
+            if let Ok(Action::Nothing) = entry.stream.handle(event) {
+                entry.stream.force_stop();
+            }
+        }
+        for entry in &self.retired {
+            entry.stream.force_stop();
         }
         let destroy = match end {
             End::Violation(_) => Some(destroy_reason::PROTOCOL),
             End::Hibernate => Some(destroy_reason::HIBERNATING),
+            End::Idle => Some(destroy_reason::FINISHED),
             End::Destroyed(_) | End::LinkClosed => None,
         };
         if let Some(reason) = destroy {
@@ -797,6 +829,13 @@ impl Circuit {
         }
         for (_, (handle, _slot)) in self.resolvers.drain() {
             threads::join(handle);
+        }
+        // Requests that reached the inbox after the loop ended: answer
+        // them (§11: SOCKS 0x01) rather than drop their sockets.
+        while let Ok(msg) = self.rx.try_recv() {
+            if let CircMsg::Open(req) = msg {
+                let _ = req.refused.send(req.socket);
+            }
         }
         self.ctx.unregister_circuit(self.local);
         tracing::info!(

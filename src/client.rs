@@ -8,6 +8,7 @@ use crate::cell::{self, cmd, destroy_reason};
 use crate::circuit::{CircMsg, OpenRequest, ResolveRequest, Role};
 use crate::ctx::Ctx;
 use crate::kdf;
+use crate::limits::MAX_HANDSHAKES;
 use crate::link::{self, Link};
 use crate::relay::{self, Answer, Host};
 use crate::socks::{self, Command, Handshake, Reply, SocksVersion};
@@ -26,9 +27,8 @@ use std::time::Duration;
 /// Longest wait between reconnection attempts (protocol.md §11).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
-/// SOCKS handshakes in progress at once; past this, new connections are
-/// closed at once, so a flood of idle SOCKS clients cannot exhaust threads.
-const MAX_HANDSHAKES: usize = 512;
+/// How long a circuit of isolated credentials lives without streams.
+const ISOLATED_IDLE: Duration = Duration::from_secs(60);
 /// How long a SOCKS RESOLVE waits for RESOLVED.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -135,10 +135,15 @@ impl Client {
         let _ = sock.set_nodelay(true);
         link::connect_handshake(&sock, timeout).map_err(|e| io::Error::other(e.to_string()))?;
         let id = self.ctx.next_link_id();
-        let (link, writer) = Link::start(self.ctx.clone(), id, Role::Client, sock)?;
+        let link = Link::start(self.ctx.clone(), id, Role::Client, sock)?;
         let l = link.clone();
-        let reader = threads::spawn(format!("link-rd {id}"), move || l.run(writer))?;
-        Ok((link, reader))
+        match threads::spawn(format!("link-rd {id}"), move || l.run()) {
+            Ok(reader) => Ok((link, reader)),
+            Err(e) => {
+                link.abandon();
+                Err(e)
+            }
+        }
     }
 
     fn create_general_circuits(
@@ -146,7 +151,7 @@ impl Client {
         link: &Arc<Link>,
     ) -> io::Result<HashMap<CircKey, CircHandle>> {
         (0..self.general_circuits)
-            .map(|i| Ok((CircKey::General(i), create_circuit(&self.ctx, link)?)))
+            .map(|i| Ok((CircKey::General(i), create_circuit(&self.ctx, link, None)?)))
             .collect()
     }
 
@@ -170,8 +175,11 @@ impl Client {
             }
         }
         // Created without holding the lock: it waits for the exit.
-        let fresh = create_circuit(&self.ctx, &cl.link)?;
+        let idle = matches!(key, CircKey::Isolated(_)).then_some(ISOLATED_IDLE);
+        let fresh = create_circuit(&self.ctx, &cl.link, idle)?;
         let mut circuits = cl.circuits.lock();
+        // Forget keys whose circuits have ended (idle, destroyed).
+        circuits.retain(|_, h| cl.link.circuit_alive(h.wire, h.local));
         match circuits.get(&key) {
             Some(h) if cl.link.circuit_alive(h.wire, h.local) => {
                 // Another request created it first; ours is not needed.
@@ -354,7 +362,11 @@ fn relay_target(t: socks::Target) -> relay::Target {
 
 /// §3, client side: CREATE_FAST with X, check KH in CREATED_FAST, start the
 /// circuit thread.
-fn create_circuit(ctx: &Ctx, link: &Arc<Link>) -> io::Result<CircHandle> {
+fn create_circuit(
+    ctx: &Ctx,
+    link: &Arc<Link>,
+    idle_timeout: Option<Duration>,
+) -> io::Result<CircHandle> {
     let (wire, rx) = link
         .begin_create()
         .map_err(|e| io::Error::other(e.to_string()))?;
@@ -371,7 +383,7 @@ fn create_circuit(ctx: &Ctx, link: &Arc<Link>) -> io::Result<CircHandle> {
     };
     match rx.recv_timeout(ctx.cfg.handshake_timeout) {
         Ok(Ok(payload)) if kdf::check_created_fast(&x, &payload) => {
-            let (tx, local) = link.finish_create(wire)?;
+            let (tx, local) = link.finish_create(wire, idle_timeout)?;
             Ok(CircHandle { tx, wire, local })
         }
         Ok(Ok(_)) => {
@@ -385,6 +397,12 @@ fn create_circuit(ctx: &Ctx, link: &Arc<Link>) -> io::Result<CircHandle> {
             "the exit refused the circuit: DESTROY({})",
             destroy_reason::name(reason)
         )),
-        Err(_) => fail("no CREATED_FAST from the exit in time".into()),
+        Err(_) => {
+            // The exit may still create it: tell it we gave up (§3).
+            let mut out = Vec::with_capacity(cell::CELL_LEN);
+            cell::encode_destroy(&mut out, wire, destroy_reason::FINISHED);
+            let _ = link.tx.send(out);
+            fail("no CREATED_FAST from the exit in time".into())
+        }
     }
 }

@@ -121,11 +121,18 @@ impl Ctx {
     }
 
     pub fn begin_shutdown(&self) {
+        let _links = self.links.lock();
         self.shutting_down.store(true, Ordering::Release);
     }
 
     pub fn register_circuit(&self, local: u32, tx: Sender<CircMsg>) {
         self.circuits.lock().insert(local, tx);
+    }
+
+    /// May one more circuit thread start? (`limits::MAX_CIRCUITS`, counted
+    /// over the whole process so that links cannot exhaust its threads.)
+    pub fn circuit_room(&self) -> bool {
+        self.circuits.lock().len() < crate::limits::MAX_CIRCUITS
     }
 
     pub fn unregister_circuit(&self, local: u32) {
@@ -144,8 +151,16 @@ impl Ctx {
         }
     }
 
-    pub fn register_link(&self, link: Arc<Link>) {
-        self.links.lock().insert(link.id, link);
+    /// Enters a new link, unless shutdown has begun: checked under the
+    /// same lock that shutdown's sweep of the links takes, so no link can
+    /// slip in after the sweep.
+    pub fn register_link(&self, link: Arc<Link>) -> bool {
+        let mut links = self.links.lock();
+        if self.shutting_down() {
+            return false;
+        }
+        links.insert(link.id, link);
+        true
     }
 
     pub fn unregister_link(&self, id: u32) {

@@ -4,6 +4,7 @@
 
 use crate::circuit::Role;
 use crate::ctx::{Config, Ctx};
+use crate::limits::MAX_LINKS;
 use crate::link::{self, Link};
 use crate::relay::{end_reason, Answer, Host};
 use crate::stream::Stream;
@@ -14,10 +15,6 @@ use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// Links at once; past this, new connections are closed at once, so a flood
-/// of connections cannot exhaust threads (each link holds two).
-const MAX_LINKS: usize = 256;
 
 /// Accepts links until the listener is shut down, then joins every link.
 pub fn spawn_acceptor(ctx: Arc<Ctx>, listener: TcpListener) -> io::Result<JoinHandle<()>> {
@@ -62,9 +59,9 @@ fn serve_link(ctx: Arc<Ctx>, id: u32, sock: TcpStream) {
     }
     let _ = sock.set_nodelay(true);
     match Link::start(ctx, id, Role::Exit, sock) {
-        Ok((link, writer)) => {
+        Ok(link) => {
             tracing::info!(link = id, %peer, "link opened");
-            link.run(writer);
+            link.run();
         }
         Err(e) => tracing::warn!(link = id, %peer, "cannot start the link: {e}"),
     }
@@ -204,5 +201,51 @@ pub fn resolve_answers(name: &str) -> Vec<Answer> {
             LookupErrorKind::NoName | LookupErrorKind::NoData => vec![Answer::NontransientError],
             _ => vec![Answer::TransientError],
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_errors_map_to_the_end_reasons_of_section_5() {
+        // protocol.md §5 table: refused → CONNECTREFUSED, no answer before the
+        // timeout → TIMEOUT, unreachable → NOROUTE, no descriptor → RESOURCELIMIT,
+        // anything else → MISC.
+        let e = |code| io::Error::from_raw_os_error(code);
+        assert_eq!(
+            connect_error_reason(&e(libc::ECONNREFUSED)),
+            end_reason::CONNECTREFUSED
+        );
+        assert_eq!(
+            connect_error_reason(&e(libc::EINPROGRESS)),
+            end_reason::TIMEOUT
+        );
+        assert_eq!(
+            connect_error_reason(&e(libc::ETIMEDOUT)),
+            end_reason::TIMEOUT
+        );
+        assert_eq!(
+            connect_error_reason(&e(libc::ENETUNREACH)),
+            end_reason::NOROUTE
+        );
+        assert_eq!(
+            connect_error_reason(&e(libc::EHOSTUNREACH)),
+            end_reason::NOROUTE
+        );
+        assert_eq!(
+            connect_error_reason(&e(libc::EMFILE)),
+            end_reason::RESOURCELIMIT
+        );
+        assert_eq!(connect_error_reason(&e(libc::EACCES)), end_reason::MISC);
+    }
+
+    #[test]
+    fn mapped_addresses_are_ipv4() {
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(canonical(mapped), "127.0.0.1".parse::<IpAddr>().unwrap());
+        let v6: IpAddr = "::1".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
     }
 }

@@ -13,8 +13,15 @@ use std::fs;
 const MAPS_PER_THREAD: u64 = 4;
 /// Mappings kept for the process itself: binary, libraries, heap arenas.
 const MAPS_RESERVED: u64 = 2048;
-/// Threads kept for links, circuits, acceptors and SOCKS handshakes.
-const THREADS_RESERVED: u64 = 1024;
+/// Circuits in the whole process (each is a thread); past it the exit
+/// answers DESTROY(RESOURCELIMIT).
+pub const MAX_CIRCUITS: usize = 512;
+/// Links an exit holds at once (each is two threads).
+pub const MAX_LINKS: usize = 128;
+/// SOCKS handshakes in progress at once (each is a thread).
+pub const MAX_HANDSHAKES: usize = 256;
+/// Threads kept for all of the above, plus acceptors and the like.
+const THREADS_RESERVED: u64 = (MAX_CIRCUITS + 2 * MAX_LINKS + MAX_HANDSHAKES + 64) as u64;
 /// Descriptors kept for listeners, links and the process itself.
 const FDS_RESERVED: u64 = 256;
 /// Threads per stream in one process: packager and deliverer.
@@ -121,8 +128,8 @@ mod tests {
         };
         let c = k.capacity();
         assert_eq!(c.limited_by, "vm.max_map_count");
-        // (65530 - 2048) / 4 = 15870 threads, minus 1024 reserved, / 2.
-        assert_eq!(c.streams, 7423);
+        // (65530 - 2048) / 4 = 15870 threads, minus 1088 reserved, / 2.
+        assert_eq!(c.streams, 7391);
         // 2 threads each stay below the abort point near 16,000 threads.
         assert!((c.streams as u64) * 2 + THREADS_RESERVED < 16_000);
     }

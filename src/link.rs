@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,11 +41,20 @@ enum WriterMsg {
     Close,
 }
 
+/// Control bytes that may wait in a link's queue. Legitimate control
+/// traffic is bounded by the windows and the stream limits; a peer that
+/// sends requests but never reads our answers is cut off past this.
+const MAX_CONTROL_QUEUED: usize = 8 << 20;
+
 /// The sending side of a link, cloned by every circuit and stream on it.
 #[derive(Clone)]
 pub struct LinkTx {
     tx: Sender<WriterMsg>,
     room: Arc<Monitor<u32>>,
+    /// Control bytes queued and not yet written.
+    control_queued: Arc<AtomicUsize>,
+    /// To cut the link off when its peer stops reading.
+    socket: Arc<TcpStream>,
 }
 
 /// The link's writer is gone: the link is closing.
@@ -56,6 +65,14 @@ pub struct LinkGone;
 impl LinkTx {
     /// Queues control cells (whole cells, concatenated). Never blocks.
     pub fn send(&self, bytes: Vec<u8>) -> Result<(), LinkGone> {
+        let queued = self.control_queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
+        if queued > MAX_CONTROL_QUEUED {
+            tracing::warn!(
+                "peer is not reading: {queued} bytes of control cells queued; closing the link"
+            );
+            let _ = self.socket.shutdown(Shutdown::Both);
+            return Err(LinkGone);
+        }
         self.tx
             .send(WriterMsg::Cells {
                 bytes,
@@ -137,54 +154,74 @@ pub struct Link {
     pub peer: SocketAddr,
     pub tx: LinkTx,
     pub ctx: Arc<Ctx>,
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
+    writer: Mutex<Option<JoinHandle<()>>>,
     table: Mutex<CircTable>,
     closed: AtomicBool,
     opened: Instant,
 }
 
 impl Link {
-    /// Starts the writer of a link whose handshake is done. The caller's
-    /// thread becomes the link reader: it must call `run` next.
-    pub fn start(
-        ctx: Arc<Ctx>,
-        id: u32,
-        role: Role,
-        socket: TcpStream,
-    ) -> io::Result<(Arc<Link>, JoinHandle<()>)> {
+    /// Starts the writer of a link whose handshake is done. The caller
+    /// must then run `run` on the thread that is to be the link reader (or
+    /// `abandon` if it cannot start one). Refused once shutdown has begun.
+    pub fn start(ctx: Arc<Ctx>, id: u32, role: Role, socket: TcpStream) -> io::Result<Arc<Link>> {
         let peer = socket.peer_addr()?;
+        let socket = Arc::new(socket);
         let (tx, rx) = crossbeam_channel::unbounded();
         let room = Arc::new(Monitor::new(QUEUE_CELLS));
-        let writer_sock = socket.try_clone()?;
-        let writer_room = room.clone();
-        let writer = threads::spawn(format!("link-wr {id}"), move || {
-            writer_loop(writer_sock, rx, writer_room)
-        })?;
+        let control_queued = Arc::new(AtomicUsize::new(0));
+        let writer = {
+            let (sock, room, queued) = (socket.clone(), room.clone(), control_queued.clone());
+            threads::spawn(format!("link-wr {id}"), move || {
+                writer_loop(&sock, rx, &room, &queued)
+            })?
+        };
         let link = Arc::new(Link {
             id,
             role,
             peer,
-            tx: LinkTx { tx, room },
+            tx: LinkTx {
+                tx,
+                room,
+                control_queued,
+                socket: socket.clone(),
+            },
             ctx: ctx.clone(),
             socket,
+            writer: Mutex::new(Some(writer)),
             table: Mutex::new(CircTable::default()),
             closed: AtomicBool::new(false),
             opened: Instant::now(),
         });
-        ctx.register_link(link.clone());
-        Ok((link, writer))
+        if !ctx.register_link(link.clone()) {
+            link.abandon();
+            return Err(io::Error::other("shutting down"));
+        }
+        Ok(link)
     }
 
     /// The link reader: reads cells until the link ends, then tears down
     /// its circuits and joins every thread it owns.
-    pub fn run(self: &Arc<Self>, writer: JoinHandle<()>) {
+    pub fn run(self: &Arc<Self>) {
         let why = match self.read_loop() {
             Ok(()) if self.closed.load(Ordering::Acquire) => "closed".to_string(),
             Ok(()) => "closed by peer".to_string(),
             Err(e) if self.closed.load(Ordering::Acquire) => format!("closed ({e})"),
             Err(e) => format!("read error: {e}"),
         };
-        self.teardown(writer, &why);
+        self.teardown(&why);
+    }
+
+    /// Ends a link that never got a reader: closes it and joins its writer.
+    pub fn abandon(&self) {
+        self.close();
+        self.tx.room.close();
+        let _ = self.tx.tx.send(WriterMsg::Close);
+        if let Some(w) = self.writer.lock().take() {
+            threads::join(w);
+        }
+        self.ctx.unregister_link(self.id);
     }
 
     /// Ends the link after every cell queued so far has been written: the
@@ -215,7 +252,7 @@ impl Link {
     }
 
     fn read_loop(self: &Arc<Self>) -> io::Result<()> {
-        let sock = socket2::SockRef::from(&self.socket);
+        let sock = socket2::SockRef::from(&*self.socket);
         let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
         loop {
             let spare = buf.spare_capacity_mut();
@@ -228,7 +265,10 @@ impl Link {
             // SAFETY: recv() initialised the first `n` bytes of the spare
             // capacity (socket2's contract for `recv` into MaybeUninit).
             unsafe { buf.set_len(buf.len() + n) };
-            if let Some((wire, whole)) = single_circuit_run(&buf) {
+            // Only a well-filled buffer is worth handing over: a small one
+            // would pin READ_BUF bytes for a few cells in the circuit's inbox.
+            let run = single_circuit_run(&buf).filter(|&(_, whole)| whole >= READ_BUF / 2);
+            if let Some((wire, whole)) = run {
                 // The common case under load: the buffer holds RELAY cells of
                 // one circuit only. Hand the buffer itself over, no copy.
                 let mut next = Vec::with_capacity(READ_BUF);
@@ -297,7 +337,9 @@ impl Link {
             cmd::CREATED_FAST if self.role == Role::Client => {
                 let table = self.table.lock();
                 if let Some(CircSlot::Pending(tx)) = table.by_wire_id.get(&c.circ_id) {
-                    let _ = tx.send(Ok(c.payload.to_vec()));
+                    // try_send: the reader never blocks (invariant 1); a
+                    // second answer for the same CircID carries nothing new.
+                    let _ = tx.try_send(Ok(c.payload.to_vec()));
                 }
             }
             // §2: CREATE and CREATE2 are answered with DESTROY(PROTOCOL); so is
@@ -314,7 +356,21 @@ impl Link {
                     },
                     c.command
                 );
-                self.send_destroy(c.circ_id, destroy_reason::PROTOCOL);
+                // A live circuit on that CircID goes too: the peer will
+                // forget it when it sees our DESTROY.
+                let table = self.table.lock();
+                match table.by_wire_id.get(&c.circ_id) {
+                    Some(CircSlot::Live { tx, .. }) => {
+                        let _ = tx.send(CircMsg::Violation(format!(
+                            "command {} on a CircID in use",
+                            c.command
+                        )));
+                    }
+                    _ => {
+                        drop(table);
+                        self.send_destroy(c.circ_id, destroy_reason::PROTOCOL);
+                    }
+                }
             }
             cmd::DESTROY => self.on_destroy(c.circ_id, c.payload[0]),
             // §2: any other fixed-length command is dropped.
@@ -335,9 +391,10 @@ impl Link {
             Some(CircSlot::Live { tx, thread, .. }) => {
                 let _ = tx.send(CircMsg::Destroyed { reason });
                 table.finished.extend(thread);
+                table.reap();
             }
             Some(CircSlot::Pending(tx)) => {
-                let _ = tx.send(Err(reason));
+                let _ = tx.try_send(Err(reason));
             }
             // §3: DESTROY for a circuit never created or already gone.
             None => {}
@@ -370,7 +427,9 @@ impl Link {
         }
         let refuse = if self.ctx.shutting_down() {
             Some(destroy_reason::HIBERNATING)
-        } else if table.live_count() >= self.ctx.cfg.max_circuits_per_link {
+        } else if table.live_count() >= self.ctx.cfg.max_circuits_per_link
+            || !self.ctx.circuit_room()
+        {
             Some(destroy_reason::RESOURCELIMIT)
         } else {
             None
@@ -388,7 +447,7 @@ impl Link {
         }
         let mut x = [0u8; kdf::HASH_LEN];
         x.copy_from_slice(&c.payload[..kdf::HASH_LEN]);
-        match self.spawn_circuit(&mut table, wire) {
+        match self.spawn_circuit(&mut table, wire, None) {
             Ok(()) => {
                 drop(table);
                 let mut out = Vec::with_capacity(cell::CELL_LEN);
@@ -413,10 +472,16 @@ impl Link {
     }
 
     /// Starts the thread of circuit `wire` and enters it in the table.
-    fn spawn_circuit(self: &Arc<Self>, table: &mut CircTable, wire: u32) -> io::Result<()> {
+    fn spawn_circuit(
+        self: &Arc<Self>,
+        table: &mut CircTable,
+        wire: u32,
+        idle_timeout: Option<Duration>,
+    ) -> io::Result<()> {
         let local = self.ctx.next_circuit_id();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let circuit = circuit::Circuit::new(self.clone(), wire, local, tx.clone(), rx);
+        let circuit =
+            circuit::Circuit::new(self.clone(), wire, local, tx.clone(), rx, idle_timeout);
         let handle = threads::spawn(format!("circ {}.{}", self.id, local), move || circuit.run())?;
         table.by_wire_id.insert(
             wire,
@@ -451,14 +516,20 @@ impl Link {
 
     /// Client side of §3, step two: KH checked, start the circuit thread.
     /// Returns the circuit's inbox and its local id.
-    pub fn finish_create(self: &Arc<Self>, wire: u32) -> io::Result<(Sender<CircMsg>, u32)> {
+    /// A circuit with an `idle_timeout` destroys itself once it has had no
+    /// stream for that long.
+    pub fn finish_create(
+        self: &Arc<Self>,
+        wire: u32,
+        idle_timeout: Option<Duration>,
+    ) -> io::Result<(Sender<CircMsg>, u32)> {
         let mut table = self.table.lock();
         if !matches!(table.by_wire_id.remove(&wire), Some(CircSlot::Pending(_))) {
             return Err(io::Error::other(
                 "circuit was destroyed during its handshake",
             ));
         }
-        self.spawn_circuit(&mut table, wire)?;
+        self.spawn_circuit(&mut table, wire, idle_timeout)?;
         match table.by_wire_id.get(&wire) {
             Some(CircSlot::Live { tx, local, .. }) => Ok((tx.clone(), *local)),
             _ => unreachable!("just inserted"),
@@ -487,10 +558,11 @@ impl Link {
             if let Some(CircSlot::Live { thread, .. }) = table.by_wire_id.remove(&wire) {
                 table.finished.extend(thread);
             }
+            table.reap();
         }
     }
 
-    fn teardown(&self, writer: JoinHandle<()>, why: &str) {
+    fn teardown(&self, why: &str) {
         self.closed.store(true, Ordering::Release);
         let _ = self.socket.shutdown(Shutdown::Both);
         // Packagers waiting for room must not wait for a writer that is gone.
@@ -513,7 +585,9 @@ impl Link {
         }
         handles.into_iter().for_each(threads::join);
         let _ = self.tx.tx.send(WriterMsg::Close);
-        threads::join(writer);
+        if let Some(w) = self.writer.lock().take() {
+            threads::join(w);
+        }
         self.ctx.unregister_link(self.id);
         tracing::info!(link = self.id, peer = %self.peer, circuits = count, "link closed: {why}");
     }
@@ -532,11 +606,17 @@ fn single_circuit_run(buf: &[u8]) -> Option<(u32, usize)> {
 }
 
 /// The link writer: gathers queued cells into one writev() at a time.
-fn writer_loop(sock: TcpStream, rx: Receiver<WriterMsg>, room: Arc<Monitor<u32>>) {
+fn writer_loop(
+    sock: &TcpStream,
+    rx: Receiver<WriterMsg>,
+    room: &Monitor<u32>,
+    control_queued: &AtomicUsize,
+) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_GATHER);
     let result = (|| -> io::Result<()> {
         loop {
             let mut data_cells = 0;
+            let mut control_bytes = 0;
             let mut close = false;
             let mut next = match rx.recv() {
                 Ok(m) => Some(m),
@@ -549,6 +629,9 @@ fn writer_loop(sock: TcpStream, rx: Receiver<WriterMsg>, room: Arc<Monitor<u32>>
                         data_cells: n,
                     } => {
                         data_cells += n;
+                        if n == 0 {
+                            control_bytes += bytes.len();
+                        }
                         batch.push(bytes);
                     }
                     WriterMsg::Close => {
@@ -560,8 +643,9 @@ fn writer_loop(sock: TcpStream, rx: Receiver<WriterMsg>, room: Arc<Monitor<u32>>
                     next = rx.try_recv().ok();
                 }
             }
-            write_all_vectored(&sock, &batch)?;
+            write_all_vectored(sock, &batch)?;
             batch.clear();
+            control_queued.fetch_sub(control_bytes, Ordering::AcqRel);
             if data_cells > 0 {
                 room.update(|r| *r += data_cells);
             }

@@ -196,6 +196,27 @@ impl Stream {
         })
     }
 
+    /// Client: the stream is open and still waits for CONNECTED. (A closed
+    /// stream waits for nothing: late cells for it are dropped, §9.)
+    pub fn awaiting_connected(&self) -> bool {
+        let st = self.state.lock();
+        !st.connected && !st.hc.is_closed()
+    }
+
+    /// Stops both threads now, whatever the §7 state: for a stream that is
+    /// CLOSED but whose deliverer is still writing when its circuit goes.
+    pub fn force_stop(&self) {
+        let socket = self.state.lock().socket.clone();
+        self.aborted.store(true, Ordering::Release);
+        self.circuit_window.kick();
+        self.link.kick();
+        self.state.kick();
+        if let Some(s) = socket {
+            sockets::reset(&*s);
+        }
+        let _ = self.to_deliverer.send(DeliverMsg::Abort);
+    }
+
     pub fn is_aborted(&self) -> bool {
         self.aborted.load(Ordering::Acquire)
     }
@@ -255,7 +276,7 @@ pub fn client_packager(stream: Arc<Stream>, sock: Arc<Socket>, initial: Vec<u8>)
     if !initial.is_empty() {
         let (mut buf, cells) = frame_bytes(&stream, &initial);
         if send_cells(&stream, &mut buf, cells).is_err() {
-            return;
+            return stopped(&stream);
         }
     }
     package_loop(&stream, &sock);
@@ -314,7 +335,8 @@ fn package_loop(stream: &Stream, sock: &Socket) {
             }
         });
         let window = match window {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
+            Err(_) => return stopped(stream),
             Ok(w) => w,
         };
         let want = window.min(read_cells);
@@ -345,8 +367,18 @@ fn package_loop(stream: &Stream, sock: &Socket) {
         };
         frame_cells(stream, &mut buf, n);
         if send_cells(stream, &mut buf, cells).is_err() {
-            return;
+            return stopped(stream);
         }
+    }
+}
+
+/// The packager cannot go on: its stream was aborted (nothing to do), or
+/// its circuit or link is gone, which is an error on the stream (§8).
+fn stopped(stream: &Stream) {
+    if !stream.is_aborted() {
+        let _ = stream.handle(Event::Error {
+            reason: end_reason::MISC,
+        });
     }
 }
 
