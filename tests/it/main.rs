@@ -2,6 +2,7 @@
 //! names the protocol.md section it checks.
 
 mod app;
+mod regression;
 mod smoke;
 mod util;
 mod wire;

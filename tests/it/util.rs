@@ -397,6 +397,32 @@ impl RawLink {
         l
     }
 
+    /// Plays the exit: accepts one link on `listener` and answers the
+    /// client's VERSIONS (protocol.md §1).
+    pub fn accept(listener: &TcpListener) -> RawLink {
+        let (sock, _) = listener.accept().unwrap();
+        sock.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut l = RawLink {
+            sock,
+            buf: Vec::new(),
+        };
+        let mut hello = [0u8; 7];
+        l.sock.read_exact(&mut hello).unwrap();
+        assert_eq!(hello, [0, 0, 7, 0, 2, 0, 4], "client's VERSIONS");
+        l.sock.write_all(&hello).unwrap();
+        l
+    }
+
+    /// Plays the exit's side of CREATE_FAST: waits for it and answers
+    /// CREATED_FAST with a correct KH. Returns the CircID.
+    pub fn answer_create_fast(&mut self) -> u32 {
+        let c = self.recv_cell().expect("CREATE_FAST");
+        assert_eq!(c.command, cmd::CREATE_FAST, "{c:?}");
+        let x: [u8; 20] = c.payload[..20].try_into().unwrap();
+        self.send_cell(c.circ, cmd::CREATED_FAST, &kdf::created_fast_payload(&x));
+        c.circ
+    }
+
     /// Connects without a handshake.
     pub fn connect_raw(addr: SocketAddr) -> RawLink {
         let sock = TcpStream::connect(addr).unwrap();

@@ -1,0 +1,207 @@
+//! Regression tests for defects found in review, each named after what
+//! went wrong.
+
+use crate::util::*;
+use halfpipe::cell::cmd;
+use halfpipe::relay::{self, relay_cmd};
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener};
+use std::thread;
+use std::time::Duration;
+
+/// protocol.md §3 and §8: a stream that reached CLOSED (both FINs) while its
+/// deliverer is still blocked writing to a target that does not read must
+/// not hold up circuit teardown (it once waited forever to join that
+/// deliverer), nor shutdown.
+#[test]
+fn teardown_does_not_hang_on_a_closed_stream_still_writing() {
+    // The target half-closes at once and never reads.
+    let (parked_tx, parked_rx) = std::sync::mpsc::channel();
+    let target = Server::start(move |s| {
+        s.shutdown(Shutdown::Write).unwrap();
+        let _ = parked_tx.send(s); // kept open, never read
+    });
+    let mut d = Daemon::exit(&["--exit-policy", "accept *:*", "--grace", "1s"]);
+    let baseline = d.thread_count();
+    let mut link = RawLink::connect(d.link());
+    let circ = 0x8000_0001;
+    link.create_circuit(circ);
+    link.send_relay(
+        circ,
+        relay_cmd::BEGIN,
+        1,
+        &begin_body(&target.addr.to_string()),
+    );
+    let mut got_fin = false;
+    let mut window: i64 = 500; // our stream package window (§10)
+    let data = [0x5au8; relay::DATA_MAX];
+    let mut sent = 0u64;
+    // Send DATA while the window allows; the target's buffers fill up, the
+    // exit's deliverer blocks, SENDMEs stop and our window runs out.
+    loop {
+        while window > 0 {
+            link.send_relay(circ, relay_cmd::DATA, 1, &data);
+            window -= 1;
+            sent += 1;
+        }
+        match link.recv_cell_within(Duration::from_secs(1)) {
+            Some(c) if c.command == cmd::RELAY => match c.relay() {
+                (relay_cmd::SENDME, 1, _) => window += 50,
+                (relay_cmd::FIN, 1, _) => got_fin = true,
+                _ => {}
+            },
+            Some(_) => {}
+            None if got_fin => break, // window exhausted and quiet
+            None => {}
+        }
+        assert!(sent < 1_000_000, "the target absorbed 500 MB?");
+    }
+    let _parked = parked_rx.recv().unwrap();
+    // Our FIN: the exit's stream is now CLOSED (§7 row 4), its deliverer
+    // still blocked behind hundreds of cells.
+    link.send_relay(circ, relay_cmd::FIN, 1, &[]);
+    d.wait_for_log("DONE_PACKAGING => CLOSED (FinReceived)");
+    drop(link);
+    // Losing the link tears the circuit down (§3) and every thread ends.
+    d.wait_for_log("link closed");
+    d.wait_for_threads(baseline);
+    d.signal(libc::SIGINT);
+    assert!(d.wait_exit(PATIENCE).success(), "{}", d.log());
+}
+
+/// protocol.md §3 and design invariant 1: an exit that answers one
+/// CREATE_FAST with several CREATED_FAST cells must not wedge the client's
+/// link reader (it once blocked on a full channel while holding a lock).
+#[test]
+fn duplicate_created_fast_does_not_wedge_the_client() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let exit = listener.local_addr().unwrap();
+    let fake = thread::spawn(move || {
+        let mut link = RawLink::accept(&listener);
+        let c = link.recv_cell().expect("CREATE_FAST");
+        assert_eq!(c.command, cmd::CREATE_FAST);
+        let x: [u8; 20] = c.payload[..20].try_into().unwrap();
+        let answer = halfpipe::kdf::created_fast_payload(&x);
+        for _ in 0..3 {
+            link.send_cell(c.circ, cmd::CREATED_FAST, &answer);
+        }
+        // The client must still use the circuit: a BEGIN arrives.
+        let begin = link.recv_non_sendme().expect("BEGIN");
+        assert_eq!(begin.relay().0, relay_cmd::BEGIN);
+        link
+    });
+    let d = Daemon::client(exit, &[]);
+    // A SOCKS request makes the client send BEGIN; the fake exit never
+    // answers it, so only the BEGIN matters here.
+    let proxy = d.socks();
+    let req = thread::spawn(move || socks5(proxy, "example.com", 80, None));
+    let _link = fake.join().expect("the client sent BEGIN after duplicates");
+    drop(req);
+    assert!(!d.log().contains("panicked"));
+}
+
+/// protocol.md §9: after the client aborts a stream before CONNECTED, the
+/// exit's CONNECTED, DATA and FIN for it are late cells, dropped silently;
+/// they once destroyed the whole circuit as "DATA before CONNECTED".
+#[test]
+fn late_cells_after_an_abort_before_connected_are_dropped() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let exit = listener.local_addr().unwrap();
+    let fake = thread::spawn(move || {
+        let mut link = RawLink::accept(&listener);
+        let circ = link.answer_create_fast();
+        (link, circ)
+    });
+    let d = Daemon::client(exit, &[]);
+    let (mut link, circ) = fake.join().unwrap();
+
+    // Stream 1: the application resets before the exit answers.
+    let mut app = std::net::TcpStream::connect(d.socks()).unwrap();
+    app.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    app.read_exact(&mut m).unwrap();
+    app.write_all(&socks5_request(1, "one.example", 80))
+        .unwrap();
+    let begin = link.recv_non_sendme().expect("BEGIN");
+    let (command, sid, _) = begin.relay();
+    assert_eq!(command, relay_cmd::BEGIN);
+    socket2::SockRef::from(&app)
+        .set_linger(Some(Duration::ZERO))
+        .unwrap();
+    drop(app);
+    let end = link.recv_non_sendme().expect("END after the reset");
+    assert_eq!(end.relay().0, relay_cmd::END);
+    assert_eq!(end.relay().1, sid);
+
+    // The exit had already answered: CONNECTED, DATA, FIN arrive late.
+    link.send_relay(
+        circ,
+        relay_cmd::CONNECTED,
+        sid,
+        &relay::encode_connected("192.0.2.1".parse().unwrap(), 60),
+    );
+    link.send_relay(circ, relay_cmd::DATA, sid, b"banner");
+    link.send_relay(circ, relay_cmd::FIN, sid, &[]);
+
+    // Stream 2 on the same circuit still works: BEGIN, CONNECTED, data.
+    let proxy = d.socks();
+    let app2 = thread::spawn(move || {
+        let mut s = socks5(proxy, "two.example", 80, None).expect("stream 2 connects");
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got).unwrap();
+        got
+    });
+    let begin = loop {
+        let c = link.recv_non_sendme().expect("BEGIN of stream 2");
+        assert_ne!(c.command, cmd::DESTROY, "circuit destroyed by a late cell");
+        if c.relay().0 == relay_cmd::BEGIN {
+            break c;
+        }
+    };
+    let sid2 = begin.relay().1;
+    link.send_relay(
+        circ,
+        relay_cmd::CONNECTED,
+        sid2,
+        &relay::encode_connected("192.0.2.2".parse().unwrap(), 60),
+    );
+    link.send_relay(circ, relay_cmd::DATA, sid2, b"hello");
+    assert_eq!(&app2.join().unwrap(), b"hello");
+    assert!(!d.log().contains("protocol violation"), "{}", d.log());
+}
+
+/// A peer that sends requests but never reads the answers must not make
+/// the exit queue answers without bound: past the cap the link is closed,
+/// and other links carry on. (Found in review; each CREATE is answered
+/// with a 514-byte DESTROY.)
+#[test]
+fn peer_that_never_reads_is_cut_off() {
+    let d = Daemon::exit(&[]);
+    let mut hostile = RawLink::connect(d.link());
+    // Small receive buffer so the exit's writes back up quickly.
+    socket2::SockRef::from(&hostile.sock)
+        .set_recv_buffer_size(4096)
+        .unwrap();
+    hostile.sock.set_write_timeout(Some(PATIENCE)).unwrap();
+    let mut cells = Vec::new();
+    for i in 0..1000u32 {
+        halfpipe::cell::encode_fixed(&mut cells, 0x8000_0000 | i, cmd::CREATE, &[]);
+    }
+    let mut closed = false;
+    for _ in 0..200 {
+        // 200 x 1000 CREATE cells = 100 MiB of DESTROY answers at most.
+        if hostile.sock.write_all(&cells).is_err() {
+            closed = true;
+            break;
+        }
+        if d.log().contains("peer is not reading") {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "the exit kept queueing answers:\n{}", d.log());
+    d.wait_for_log("peer is not reading");
+    // Another link is served as usual.
+    let mut good = RawLink::connect(d.link());
+    good.create_circuit(0x8000_0001);
+}
