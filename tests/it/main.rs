@@ -3,6 +3,7 @@
 
 mod app;
 mod regression;
+mod resolve;
 mod smoke;
 mod util;
 mod wire;
