@@ -12,9 +12,11 @@ use crate::ctx::{Ctx, StreamSlot};
 use crate::flow::{CircuitDeliverWindow, PackageWindow};
 use crate::halfclose::{Action, Event};
 use crate::link::Link;
+use crate::metrics::{Dir, Limit, Tally, ViolationKind};
 use crate::monitor::Monitor;
 use crate::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
 use crate::socks::SocksVersion;
+use crate::status::CircuitView;
 use crate::stream::{self, DeliverMsg, DeliverStart, Stream};
 use crate::threads;
 use crossbeam_channel::{Receiver, Sender};
@@ -80,7 +82,7 @@ pub struct ResolveRequest {
 enum End {
     Destroyed(u8),
     LinkClosed,
-    Violation(String),
+    Violation(ViolationKind, String),
     Hibernate,
     /// An isolation circuit without streams for its idle timeout.
     Idle,
@@ -158,12 +160,16 @@ pub struct Circuit {
     /// Client circuits for isolated credentials end after this long
     /// without streams, so that they do not pile up at the exit's limit.
     idle_timeout: Option<Duration>,
+    /// What the status endpoint sees of this circuit.
+    view: Arc<CircuitView>,
+    /// Relay cells received during one inbox message (metrics).
+    tally: Tally,
 }
 
 type Result<T> = std::result::Result<T, End>;
 
-fn violation(why: impl Into<String>) -> End {
-    End::Violation(why.into())
+fn violation(kind: ViolationKind, why: impl Into<String>) -> End {
+    End::Violation(kind, why.into())
 }
 
 impl Circuit {
@@ -175,6 +181,16 @@ impl Circuit {
         rx: Receiver<CircMsg>,
         idle_timeout: Option<Duration>,
     ) -> Circuit {
+        let package = Arc::new(Monitor::new(PackageWindow::circuit()));
+        let deliver = CircuitDeliverWindow::default();
+        let view = CircuitView::new(
+            link.id,
+            local,
+            wire,
+            link.role,
+            package.clone(),
+            deliver.value(),
+        );
         Circuit {
             ctx: link.ctx.clone(),
             role: link.role,
@@ -187,8 +203,8 @@ impl Circuit {
             streams: HashMap::new(),
             retired: Vec::new(),
             recent: RecentlyClosed::default(),
-            deliver: CircuitDeliverWindow::default(),
-            package: Arc::new(Monitor::new(PackageWindow::circuit())),
+            deliver,
+            package,
             resolvers: HashMap::new(),
             pending_resolves: HashMap::new(),
             next_stream: 1,
@@ -197,11 +213,15 @@ impl Circuit {
             out: Vec::new(),
             opened: Instant::now(),
             idle_timeout,
+            view,
+            tally: Tally::default(),
         }
     }
 
     pub fn run(mut self) {
-        self.ctx.register_circuit(self.local, self.tx.clone());
+        self.view.set_tid();
+        self.ctx
+            .register_circuit(self.local, self.tx.clone(), self.view.clone());
         tracing::info!(circuit = %self.name, "circuit opened (CircID {:#010x})", self.wire);
         let end = loop {
             let idle = self.streams.is_empty()
@@ -261,7 +281,7 @@ impl Circuit {
                 Ok(())
             }
             CircMsg::Destroyed { reason } => Err(End::Destroyed(reason)),
-            CircMsg::Violation(why) => Err(End::Violation(why)),
+            CircMsg::Violation(why) => Err(End::Violation(ViolationKind::Create, why)),
             CircMsg::LinkClosed => Err(End::LinkClosed),
             CircMsg::Hibernate => Err(End::Hibernate),
         }
@@ -282,6 +302,8 @@ impl Circuit {
         if !self.out.is_empty() {
             let _ = self.link.tx.send(std::mem::take(&mut self.out));
         }
+        self.ctx.metrics.add(Dir::Received, &mut self.tally);
+        self.view.set_deliver_window(self.deliver.value());
     }
 
     fn queue_relay(&mut self, command: u8, stream_id: u16, body: &[u8]) {
@@ -290,7 +312,9 @@ impl Circuit {
 
     /// One relay cell (protocol.md §4).
     fn on_cell(&mut self, payload: &[u8]) -> Result<()> {
-        let rc = relay::decode(payload).map_err(|e| violation(e.to_string()))?;
+        let rc = relay::decode(payload)
+            .map_err(|e| violation(ViolationKind::RelayHeader, e.to_string()))?;
+        self.tally.relay(rc.command);
         let id = rc.stream_id;
         // §4: a relay command sent the wrong way, or DATA/FIN/END on stream 0.
         let wrong_way = match self.role {
@@ -298,10 +322,10 @@ impl Circuit {
             Role::Client => matches!(rc.command, relay_cmd::BEGIN | relay_cmd::RESOLVE),
         };
         if wrong_way {
-            return Err(violation(format!(
-                "{} sent the wrong way",
-                relay_cmd::name(rc.command)
-            )));
+            return Err(violation(
+                ViolationKind::WrongDirection,
+                format!("{} sent the wrong way", relay_cmd::name(rc.command)),
+            ));
         }
         let needs_stream = matches!(
             rc.command,
@@ -314,10 +338,10 @@ impl Circuit {
                 | relay_cmd::RESOLVED
         );
         if needs_stream && id == 0 {
-            return Err(violation(format!(
-                "{} on stream 0",
-                relay_cmd::name(rc.command)
-            )));
+            return Err(violation(
+                ViolationKind::StreamZero,
+                format!("{} on stream 0", relay_cmd::name(rc.command)),
+            ));
         }
         match rc.command {
             relay_cmd::DATA => self.on_data(rc),
@@ -329,7 +353,7 @@ impl Circuit {
             relay_cmd::SENDME if id == 0 => self
                 .package
                 .update(|w| w.on_sendme())
-                .map_err(|v| violation(v.to_string())),
+                .map_err(|v| violation(ViolationKind::FlowControl, v.to_string())),
             relay_cmd::SENDME => self.on_stream_sendme(id),
             relay_cmd::CONNECTED => self.on_connected(id, rc.body),
             relay_cmd::BEGIN => self.on_begin(id, rc.body),
@@ -349,7 +373,7 @@ impl Circuit {
         if self
             .deliver
             .on_data()
-            .map_err(|v| violation(v.to_string()))?
+            .map_err(|v| violation(ViolationKind::FlowControl, v.to_string()))?
         {
             self.queue_relay(relay_cmd::SENDME, 0, &[]);
         }
@@ -357,9 +381,13 @@ impl Circuit {
             return Ok(());
         };
         if self.role == Role::Client && entry.stream.awaiting_connected() {
-            return Err(violation("DATA before CONNECTED"));
+            return Err(violation(ViolationKind::Connected, "DATA before CONNECTED"));
         }
-        if entry.stream.accept_data(rc.body.len()).map_err(violation)? {
+        if entry
+            .stream
+            .accept_data(rc.body.len())
+            .map_err(|(kind, why)| violation(kind, why))?
+        {
             let (bytes, ends) = entry.batch.get_or_insert_with(|| {
                 (
                     Vec::with_capacity(64 * relay::DATA_MAX),
@@ -381,10 +409,10 @@ impl Circuit {
             return Ok(()); // §9
         };
         if self.role == Role::Client && entry.stream.awaiting_connected() {
-            return Err(violation("FIN before CONNECTED"));
+            return Err(violation(ViolationKind::Connected, "FIN before CONNECTED"));
         }
         match entry.stream.handle(Event::FinReceived) {
-            Err(v) => Err(violation(v.to_string())),
+            Err(v) => Err(violation(ViolationKind::HalfClose, v.to_string())),
             Ok(Action::DeliverThenShutdownWrite) => {
                 if let Some((bytes, ends)) = entry.batch.take() {
                     let _ = entry
@@ -402,6 +430,7 @@ impl Circuit {
     /// §7, §8: END aborts without sending; a client stream still waiting
     /// for CONNECTED answers the SOCKS request with the failure (§11).
     fn on_end(&mut self, id: u16, reason: u8) {
+        self.ctx.metrics.end_received(reason);
         if let Some(reply) = self.pending_resolves.remove(&id) {
             let _ = reply.send(vec![Answer::TransientError]);
             self.recent.insert(id);
@@ -419,7 +448,7 @@ impl Circuit {
             Some(entry) => entry
                 .stream
                 .on_sendme()
-                .map_err(|v| violation(v.to_string())),
+                .map_err(|v| violation(ViolationKind::FlowControl, v.to_string())),
             None => Ok(()), // §9
         }
     }
@@ -442,7 +471,12 @@ impl Circuit {
         };
         match verdict {
             None => return Ok(()),
-            Some(false) => return Err(violation("second CONNECTED for a stream")),
+            Some(false) => {
+                return Err(violation(
+                    ViolationKind::Connected,
+                    "second CONNECTED for a stream",
+                ))
+            }
             Some(true) => {}
         }
         let _ = entry
@@ -490,7 +524,10 @@ impl Circuit {
     fn on_begin(&mut self, id: u16, body: &[u8]) -> Result<()> {
         self.retire_if_closed(id);
         if self.id_in_use(id) {
-            return Err(violation("BEGIN reuses an open stream ID"));
+            return Err(violation(
+                ViolationKind::StreamIdReuse,
+                "BEGIN reuses an open stream ID",
+            ));
         }
         // §5: a BEGIN on a recently closed ID opens a new stream.
         self.recent.remove(id);
@@ -523,6 +560,7 @@ impl Circuit {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): END(RESOURCELIMIT)");
+                self.ctx.metrics.refused(Limit::Threads);
                 self.refuse_begin(id, end_reason::RESOURCELIMIT);
                 return Ok(());
             }
@@ -548,11 +586,13 @@ impl Circuit {
             Err(e) => {
                 // The deliverer ends when the socket sender is dropped.
                 tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e}): END(RESOURCELIMIT)");
+                self.ctx.metrics.refused(Limit::Threads);
                 let _ = stream.handle(Event::Error {
                     reason: end_reason::RESOURCELIMIT,
                 });
             }
         }
+        self.view.add_stream(&stream);
         self.streams.insert(id, entry);
         Ok(())
     }
@@ -561,7 +601,10 @@ impl Circuit {
     fn on_resolve(&mut self, id: u16, body: &[u8]) -> Result<()> {
         self.retire_if_closed(id);
         if self.id_in_use(id) {
-            return Err(violation("RESOLVE reuses an open stream ID"));
+            return Err(violation(
+                ViolationKind::StreamIdReuse,
+                "RESOLVE reuses an open stream ID",
+            ));
         }
         self.recent.remove(id);
         let name = match relay::parse_resolve(body) {
@@ -603,9 +646,14 @@ impl Circuit {
     /// A stream slot, within the circuit's and the process's limits (§3).
     fn take_slot(&self) -> Option<StreamSlot> {
         if self.streams.len() + self.resolvers.len() >= self.ctx.cfg.max_streams_per_circuit {
+            self.ctx.metrics.refused(Limit::Circuit);
             return None;
         }
-        self.ctx.take_stream_slot()
+        let slot = self.ctx.take_stream_slot();
+        if slot.is_none() {
+            self.ctx.metrics.refused(Limit::Process);
+        }
+        slot
     }
 
     fn new_stream(
@@ -630,6 +678,7 @@ impl Circuit {
             aborted: AtomicBool::new(false),
             to_deliverer: dl_tx,
             opened: Instant::now(),
+            metrics: self.ctx.metrics.clone(),
         });
         (stream, dl_rx)
     }
@@ -668,6 +717,7 @@ impl Circuit {
             Ok(h) => h,
             Err(e) => {
                 tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): refusing SOCKS request");
+                self.ctx.metrics.refused(Limit::Threads);
                 drop(stream);
                 if let Ok(socket) = Arc::try_unwrap(sock) {
                     let _ = req.refused.send(socket);
@@ -700,11 +750,13 @@ impl Circuit {
             Err(e) => {
                 // END tells the exit; the deliverer answers SOCKS 0x01.
                 tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e})");
+                self.ctx.metrics.refused(Limit::Threads);
                 let _ = stream.handle(Event::Error {
                     reason: end_reason::RESOURCELIMIT,
                 });
             }
         }
+        self.view.add_stream(&stream);
         self.streams.insert(id, entry);
     }
 
@@ -730,6 +782,7 @@ impl Circuit {
             if self.retired[pos].alive == 0 {
                 let entry = self.retired.swap_remove(pos);
                 entry.threads.into_iter().for_each(threads::join);
+                self.view.remove_stream(serial);
             }
             return;
         }
@@ -753,6 +806,7 @@ impl Circuit {
             });
         }
         entry.threads.into_iter().for_each(threads::join);
+        self.view.remove_stream(serial);
         let c = entry.stream.state.lock().counters;
         tracing::debug!(
             stream = %entry.stream.name,
@@ -769,7 +823,8 @@ impl Circuit {
         // §3: later cells on this CircID are dropped; the CircID is free.
         self.link.circuit_ended(self.wire, self.local);
         let event = match &end {
-            End::Violation(why) => {
+            End::Violation(kind, why) => {
+                self.ctx.metrics.violation(*kind);
                 tracing::warn!(circuit = %self.name, "protocol violation: {why}: sending DESTROY(PROTOCOL)");
                 Event::EndReceived {
                     reason: end_reason::DESTROY,
@@ -806,7 +861,7 @@ impl Circuit {
             entry.stream.force_stop();
         }
         let destroy = match end {
-            End::Violation(_) => Some(destroy_reason::PROTOCOL),
+            End::Violation(..) => Some(destroy_reason::PROTOCOL),
             End::Hibernate => Some(destroy_reason::HIBERNATING),
             End::Idle => Some(destroy_reason::FINISHED),
             End::Destroyed(_) | End::LinkClosed => None,
@@ -837,6 +892,7 @@ impl Circuit {
                 let _ = req.refused.send(req.socket);
             }
         }
+        self.view.clear_streams();
         self.ctx.unregister_circuit(self.local);
         tracing::info!(
             circuit = %self.name,

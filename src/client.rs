@@ -10,6 +10,7 @@ use crate::ctx::Ctx;
 use crate::kdf;
 use crate::limits::MAX_HANDSHAKES;
 use crate::link::{self, Link};
+use crate::metrics::{Metrics, ViolationKind};
 use crate::relay::{self, Answer, Host};
 use crate::socks::{self, Command, Handshake, Reply, SocksVersion};
 use crate::threads::{self, Reaper};
@@ -263,6 +264,7 @@ impl Client {
                 }
                 Err(e) => {
                     tracing::info!(%peer, "SOCKS request refused: {e}");
+                    self.ctx.metrics.socks_reply(&e.reply);
                     let _ = (&sock).write_all(&e.reply);
                     return;
                 }
@@ -279,13 +281,14 @@ impl Client {
                     Command::Connect => socks::connect_reply(version, Reply::GeneralFailure, None),
                     Command::Resolve => socks::resolve_reply(version, Err(Reply::GeneralFailure)),
                 };
+                self.ctx.metrics.socks_reply(&reply);
                 let _ = (&sock).write_all(&reply);
                 return;
             }
         };
         match request.command {
             Command::Connect => self.connect(circuit, sock, request.target, version, buf),
-            Command::Resolve => resolve(circuit, sock, request.target, version),
+            Command::Resolve => resolve(circuit, sock, request.target, version, &self.ctx.metrics),
         }
     }
 
@@ -314,13 +317,20 @@ impl Client {
         };
         if let Some(socket) = refused {
             let reply = socks::connect_reply(version, Reply::GeneralFailure, None);
+            self.ctx.metrics.socks_reply(&reply);
             let _ = (&socket).write_all(&reply);
         }
     }
 }
 
 /// §11 with Tor's RESOLVE extension: answer with the first address.
-fn resolve(circuit: CircHandle, sock: TcpStream, target: socks::Target, version: SocksVersion) {
+fn resolve(
+    circuit: CircHandle,
+    sock: TcpStream,
+    target: socks::Target,
+    version: SocksVersion,
+    metrics: &Metrics,
+) {
     let answer = match target {
         socks::Target::Addr(a) => Ok(a.ip()),
         socks::Target::Name { host, .. } => {
@@ -344,7 +354,9 @@ fn resolve(circuit: CircHandle, sock: TcpStream, target: socks::Target, version:
             }
         }
     };
-    let _ = (&sock).write_all(&socks::resolve_reply(version, answer));
+    let reply = socks::resolve_reply(version, answer);
+    metrics.socks_reply(&reply);
+    let _ = (&sock).write_all(&reply);
 }
 
 fn relay_target(t: socks::Target) -> relay::Target {
@@ -388,6 +400,7 @@ fn create_circuit(
         }
         Ok(Ok(_)) => {
             // §3: a wrong KH is answered with DESTROY(PROTOCOL).
+            ctx.metrics.violation(ViolationKind::Create);
             let mut out = Vec::with_capacity(cell::CELL_LEN);
             cell::encode_destroy(&mut out, wire, destroy_reason::PROTOCOL);
             let _ = link.tx.send(out);

@@ -4,7 +4,9 @@
 
 use crate::circuit::CircMsg;
 use crate::link::Link;
+use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::status::CircuitView;
 use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -54,6 +56,9 @@ impl Default for Config {
     }
 }
 
+/// A live circuit in the registry: its inbox, and its view for status.
+type CircuitEntry = (Sender<CircMsg>, Arc<CircuitView>);
+
 pub struct Ctx {
     pub cfg: Config,
     streams: AtomicUsize,
@@ -61,8 +66,11 @@ pub struct Ctx {
     next_circuit: AtomicU32,
     next_socks: AtomicU32,
     shutting_down: AtomicBool,
-    circuits: Mutex<HashMap<u32, Sender<CircMsg>>>,
+    /// Live circuits: their inbox, and the view the status endpoint reads.
+    circuits: Mutex<HashMap<u32, CircuitEntry>>,
     links: Mutex<HashMap<u32, Arc<Link>>>,
+    /// Process-wide counters for `GET /metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// One stream's share of `Config::max_streams`; released on drop.
@@ -85,6 +93,7 @@ impl Ctx {
             shutting_down: AtomicBool::new(false),
             circuits: Mutex::new(HashMap::new()),
             links: Mutex::new(HashMap::new()),
+            metrics: Arc::new(Metrics::default()),
         })
     }
 
@@ -125,8 +134,17 @@ impl Ctx {
         self.shutting_down.store(true, Ordering::Release);
     }
 
-    pub fn register_circuit(&self, local: u32, tx: Sender<CircMsg>) {
-        self.circuits.lock().insert(local, tx);
+    pub fn register_circuit(&self, local: u32, tx: Sender<CircMsg>, view: Arc<CircuitView>) {
+        self.circuits.lock().insert(local, (tx, view));
+    }
+
+    /// The views of every live circuit (for a status snapshot).
+    pub fn circuit_views(&self) -> Vec<Arc<CircuitView>> {
+        self.circuits
+            .lock()
+            .values()
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// May one more circuit thread start? (`limits::MAX_CIRCUITS`, counted
@@ -145,7 +163,7 @@ impl Ctx {
 
     /// Sends `msg()` to every live circuit.
     pub fn tell_circuits(&self, msg: impl Fn() -> CircMsg) {
-        for tx in self.circuits.lock().values() {
+        for (tx, _) in self.circuits.lock().values() {
             // A circuit that just ended has dropped its receiver: nothing to tell.
             let _ = tx.send(msg());
         }

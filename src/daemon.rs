@@ -1,11 +1,15 @@
 //! Putting the edges together, and shutting them down (design.md, "What a
 //! user sees"): Ctrl-C or SIGTERM stops accepting, lets streams finish for
 //! the grace period, then ends the rest with END(HIBERNATING) and DESTROY.
+//! The status endpoint and the SIGUSR1 table (`status`) stay up until the
+//! edges are down, so that a stream stuck at shutdown can be looked at.
 
 use crate::client::Client;
 use crate::ctx::Ctx;
 use crate::exit;
+use crate::status::{self, StatusServer};
 use crate::threads;
+use parking_lot::Mutex;
 use socket2::SockRef;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener};
@@ -23,6 +27,12 @@ pub struct Daemon {
     /// Where each listener listens, for the start-up lines.
     pub socks_addr: Option<SocketAddr>,
     pub link_addr: Option<SocketAddr>,
+    /// The edges started: "client", "exit" (shown by status and SIGUSR1).
+    roles: Arc<Mutex<Vec<&'static str>>>,
+    /// `--status`: the HTTP server on `status-http`.
+    status: Option<StatusServer>,
+    /// SIGUSR1: the `signals` thread and the handle that ends it.
+    signals: Option<(signal_hook::iterator::Handle, JoinHandle<()>)>,
 }
 
 impl Daemon {
@@ -34,7 +44,42 @@ impl Daemon {
             threads: Vec::new(),
             socks_addr: None,
             link_addr: None,
+            roles: Arc::new(Mutex::new(Vec::new())),
+            status: None,
+            signals: None,
         }
+    }
+
+    fn add_role(&self, role: &'static str) {
+        let mut roles = self.roles.lock();
+        roles.push(role);
+        roles.sort_unstable();
+    }
+
+    /// Starts the status endpoint (`--status`) on `addr`, loopback only
+    /// unless `allow_remote`. Call after the edges are started.
+    pub fn start_status(
+        &mut self,
+        addr: SocketAddr,
+        allow_remote: bool,
+    ) -> Result<SocketAddr, status::StartError> {
+        let (server, local) =
+            StatusServer::start(self.ctx.clone(), self.roles.clone(), addr, allow_remote)?;
+        self.status = Some(server);
+        Ok(local)
+    }
+
+    /// Starts `signals`, which writes the stream table to the log on
+    /// SIGUSR1. `signals` should be registered before anything starts,
+    /// and this called before the edges, so that the thread exists by the
+    /// time anyone sees the listening lines.
+    pub fn start_signals(&mut self, signals: signal_hook::iterator::Signals) -> io::Result<()> {
+        self.signals = Some(status::spawn_signal_thread(
+            signals,
+            self.ctx.clone(),
+            self.roles.clone(),
+        )?);
+        Ok(())
     }
 
     /// Starts the exit edge on `listen`.
@@ -45,6 +90,7 @@ impl Daemon {
         self.threads
             .push(exit::spawn_acceptor(self.ctx.clone(), listener)?);
         self.link_addr = Some(addr);
+        self.add_role("exit");
         Ok(addr)
     }
 
@@ -63,6 +109,7 @@ impl Daemon {
         self.threads.push(client.spawn_socks_acceptor(listener)?);
         self.client = Some(client);
         self.socks_addr = Some(addr);
+        self.add_role("client");
         Ok(addr)
     }
 
@@ -109,6 +156,13 @@ impl Daemon {
             link.close();
         }
         self.threads.into_iter().for_each(threads::join);
+        if let Some(status) = self.status {
+            status.stop();
+        }
+        if let Some((handle, thread)) = self.signals {
+            handle.close();
+            threads::join(thread);
+        }
         tracing::info!("halfpipe stopped");
     }
 }

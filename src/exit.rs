@@ -55,6 +55,10 @@ fn serve_link(ctx: Arc<Ctx>, id: u32, sock: TcpStream) {
     if let Err(e) = link::accept_handshake(&sock, ctx.cfg.handshake_timeout) {
         // §1: close without sending VERSIONS; only this link is affected.
         tracing::warn!(link = id, %peer, "link handshake failed, closing: {e}");
+        if matches!(e, link::HandshakeFailure::Protocol(_)) {
+            ctx.metrics
+                .violation(crate::metrics::ViolationKind::Handshake);
+        }
         return;
     }
     let _ = sock.set_nodelay(true);

@@ -3,8 +3,12 @@
 //! The protocol is in `protocol.md` (summarised in the README); the thread
 //! design in `design.md`. Sans-IO core: [`cell`], [`relay`], [`halfclose`],
 //! [`flow`], [`policy`], [`socks`], [`kdf`]. Threaded shell: [`link`],
-//! [`circuit`], [`stream`], [`exit`], [`client`], [`daemon`].
+//! [`circuit`], [`stream`], [`exit`], [`client`], [`daemon`]. Live state
+//! for people (`--status`, `halfpipe status`, SIGUSR1): [`status`],
+//! [`metrics`]. The benchmark and comparison tools (`halfpipe bench`):
+//! [`bench`].
 
+pub mod bench;
 pub mod cell;
 pub mod circuit;
 pub mod client;
@@ -16,10 +20,12 @@ pub mod halfclose;
 pub mod kdf;
 pub mod limits;
 pub mod link;
+pub mod metrics;
 pub mod monitor;
 pub mod policy;
 pub mod relay;
 pub mod sockets;
 pub mod socks;
+pub mod status;
 pub mod stream;
 pub mod threads;

@@ -16,6 +16,7 @@ use crate::cell::{self, cmd, destroy_reason};
 use crate::circuit::{self, CircMsg, Role};
 use crate::ctx::Ctx;
 use crate::kdf;
+use crate::metrics::{Dir, Metrics, Tally, ViolationKind};
 use crate::monitor::{Monitor, Stopped};
 use crate::threads;
 use crossbeam_channel::{Receiver, Sender};
@@ -23,7 +24,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -159,6 +160,9 @@ pub struct Link {
     table: Mutex<CircTable>,
     closed: AtomicBool,
     opened: Instant,
+    /// TIDs of `link-rd` and `link-wr` (0 until they run), for status.
+    reader_tid: AtomicI32,
+    writer_tid: Arc<AtomicI32>,
 }
 
 impl Link {
@@ -171,10 +175,13 @@ impl Link {
         let (tx, rx) = crossbeam_channel::unbounded();
         let room = Arc::new(Monitor::new(QUEUE_CELLS));
         let control_queued = Arc::new(AtomicUsize::new(0));
+        let writer_tid = Arc::new(AtomicI32::new(0));
         let writer = {
             let (sock, room, queued) = (socket.clone(), room.clone(), control_queued.clone());
+            let (tid, metrics) = (writer_tid.clone(), ctx.metrics.clone());
             threads::spawn(format!("link-wr {id}"), move || {
-                writer_loop(&sock, rx, &room, &queued)
+                tid.store(crate::sockets::gettid(), Ordering::Relaxed);
+                writer_loop(&sock, rx, &room, &queued, &metrics)
             })?
         };
         let link = Arc::new(Link {
@@ -193,6 +200,8 @@ impl Link {
             table: Mutex::new(CircTable::default()),
             closed: AtomicBool::new(false),
             opened: Instant::now(),
+            reader_tid: AtomicI32::new(0),
+            writer_tid,
         });
         if !ctx.register_link(link.clone()) {
             link.abandon();
@@ -204,6 +213,8 @@ impl Link {
     /// The link reader: reads cells until the link ends, then tears down
     /// its circuits and joins every thread it owns.
     pub fn run(self: &Arc<Self>) {
+        self.reader_tid
+            .store(crate::sockets::gettid(), Ordering::Relaxed);
         let why = match self.read_loop() {
             Ok(()) if self.closed.load(Ordering::Acquire) => "closed".to_string(),
             Ok(()) => "closed by peer".to_string(),
@@ -251,6 +262,14 @@ impl Link {
         self.opened.elapsed()
     }
 
+    /// TIDs of the link reader and writer (0 until each has started).
+    pub fn tids(&self) -> (i32, i32) {
+        (
+            self.reader_tid.load(Ordering::Relaxed),
+            self.writer_tid.load(Ordering::Relaxed),
+        )
+    }
+
     fn read_loop(self: &Arc<Self>) -> io::Result<()> {
         let sock = socket2::SockRef::from(&*self.socket);
         let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
@@ -265,6 +284,7 @@ impl Link {
             // SAFETY: recv() initialised the first `n` bytes of the spare
             // capacity (socket2's contract for `recv` into MaybeUninit).
             unsafe { buf.set_len(buf.len() + n) };
+            self.ctx.metrics.add_link_bytes(Dir::Received, n);
             // Only a well-filled buffer is worth handing over: a small one
             // would pin READ_BUF bytes for a few cells in the circuit's inbox.
             let run = single_circuit_run(&buf).filter(|&(_, whole)| whole >= READ_BUF / 2);
@@ -274,6 +294,9 @@ impl Link {
                 let mut next = Vec::with_capacity(READ_BUF);
                 next.extend_from_slice(&buf[whole..]);
                 buf.truncate(whole);
+                self.ctx
+                    .metrics
+                    .add_link_cells(Dir::Received, whole / cell::CELL_LEN);
                 self.to_circuit(wire, std::mem::replace(&mut buf, next));
                 continue;
             }
@@ -288,10 +311,12 @@ impl Link {
     /// Consecutive RELAY cells of one circuit travel as one message.
     fn dispatch(self: &Arc<Self>, bytes: &[u8]) -> usize {
         let mut pos = 0;
+        let mut cells = 0;
         let mut run: Option<(u32, Vec<u8>)> = None;
         while let Some((c, len)) = cell::decode(&bytes[pos..]) {
             let raw = &bytes[pos..pos + len];
             pos += len;
+            cells += 1;
             if matches!(c.command, cmd::RELAY | cmd::RELAY_EARLY) {
                 match &mut run {
                     Some((id, cells)) if *id == c.circ_id => cells.extend_from_slice(raw),
@@ -312,6 +337,7 @@ impl Link {
         if let Some((id, cells)) = run.take() {
             self.to_circuit(id, cells);
         }
+        self.ctx.metrics.add_link_cells(Dir::Received, cells);
         pos
     }
 
@@ -368,6 +394,7 @@ impl Link {
                     }
                     _ => {
                         drop(table);
+                        self.ctx.metrics.violation(ViolationKind::Create);
                         self.send_destroy(c.circ_id, destroy_reason::PROTOCOL);
                     }
                 }
@@ -386,6 +413,7 @@ impl Link {
 
     /// §3: DESTROY tears the circuit down at once; its CircID is free again.
     fn on_destroy(&self, wire: u32, reason: u8) {
+        self.ctx.metrics.destroy_received(reason);
         let mut table = self.table.lock();
         match table.by_wire_id.remove(&wire) {
             Some(CircSlot::Live { tx, thread, .. }) => {
@@ -413,6 +441,7 @@ impl Link {
                 circ = wire,
                 "protocol violation: CREATE_FAST with the CircID top bit clear (protocol.md §3)"
             );
+            self.ctx.metrics.violation(ViolationKind::Create);
             self.send_destroy(wire, destroy_reason::PROTOCOL);
             return;
         }
@@ -611,8 +640,10 @@ fn writer_loop(
     rx: Receiver<WriterMsg>,
     room: &Monitor<u32>,
     control_queued: &AtomicUsize,
+    metrics: &Metrics,
 ) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_GATHER);
+    let mut tally = Tally::default();
     let result = (|| -> io::Result<()> {
         loop {
             let mut data_cells = 0;
@@ -631,7 +662,12 @@ fn writer_loop(
                         data_cells += n;
                         if n == 0 {
                             control_bytes += bytes.len();
+                            tally.scan_cells(&bytes);
+                        } else {
+                            // A packager's message holds its DATA cells only.
+                            tally.data_cells(n);
                         }
+                        tally.link(bytes.len(), bytes.len() / cell::CELL_LEN);
                         batch.push(bytes);
                     }
                     WriterMsg::Close => {
@@ -645,6 +681,7 @@ fn writer_loop(
             }
             write_all_vectored(sock, &batch)?;
             batch.clear();
+            metrics.add(Dir::Sent, &mut tally);
             control_queued.fetch_sub(control_bytes, Ordering::AcqRel);
             if data_cells > 0 {
                 room.update(|r| *r += data_cells);

@@ -42,6 +42,10 @@ enum Command {
     Exit(ExitArgs),
     /// The client edge: SOCKS front end with one link to an exit.
     Client(ClientArgs),
+    /// Benchmark a SOCKS5 proxy or plain TCP on loopback; compare and plot.
+    Bench(Box<halfpipe::bench::BenchArgs>),
+    /// Print the stream table of a daemon running with --status.
+    Status(halfpipe::status::StatusArgs),
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +111,13 @@ struct Common {
     /// RUST_LOG works too.
     #[arg(long, default_value = "info")]
     log: String,
+    /// Serve GET /streams and GET /metrics on this address (conventionally
+    /// 127.0.0.1:9051; off by default; loopback only).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    status: Option<SocketAddr>,
+    /// Let --status listen on an address that is not loopback.
+    #[arg(long, requires = "status")]
+    status_allow_remote: bool,
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
@@ -156,13 +167,32 @@ fn init_logging(filter: &str) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let command = cli.command.unwrap_or(Command::Run(cli.run));
+    let command = match cli.command.unwrap_or(Command::Run(cli.run)) {
+        // The bench is a client program: no daemon logging or signals.
+        Command::Bench(args) => return halfpipe::bench::main(*args),
+        // So is `halfpipe status`.
+        Command::Status(args) => return halfpipe::status::main(args),
+        other => other,
+    };
     let common = match &command {
         Command::Run(a) => &a.common,
         Command::Exit(a) => &a.common,
         Command::Client(a) => &a.common,
+        Command::Bench(_) | Command::Status(_) => unreachable!("handled above"),
     };
     init_logging(&common.log);
+    let (status_addr, status_remote) = (common.status, common.status_allow_remote);
+    if let Some(addr) = status_addr {
+        if let Err(e) = halfpipe::status::check_addr(addr, status_remote) {
+            return fail(e);
+        }
+    }
+    // SIGUSR1 writes the stream table to the log. Registered before
+    // anything starts, so that an early one is queued, not fatal.
+    let usr1 = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1]) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot install the SIGUSR1 handler: {e}")),
+    };
 
     // First signal: graceful shutdown; a second one exits at once.
     let (sig_tx, sig_rx) = crossbeam_channel::bounded(1);
@@ -183,6 +213,10 @@ fn main() -> ExitCode {
         Command::Run(a) => {
             let ctx = Ctx::new(config(&a.common, a.exit_policy));
             let mut d = Daemon::new(ctx);
+            // Before any listening line: who reads one sees every thread.
+            if let Err(e) = d.start_signals(usr1) {
+                return fail(format!("cannot start the signals thread: {e}"));
+            }
             let started = d
                 .start_exit("127.0.0.1:0".parse().expect("literal"))
                 .and_then(|link| d.start_client(a.socks, link, a.circuits as usize));
@@ -201,6 +235,10 @@ fn main() -> ExitCode {
             let policy_text = a.exit_policy.to_string();
             let ctx = Ctx::new(config(&a.common, a.exit_policy));
             let mut d = Daemon::new(ctx);
+            // Before any listening line: who reads one sees every thread.
+            if let Err(e) = d.start_signals(usr1) {
+                return fail(format!("cannot start the signals thread: {e}"));
+            }
             match d.start_exit(a.listen) {
                 Ok(addr) => println!("link listening on {addr} (exit policy: {policy_text})"),
                 Err(e) => return fail(e),
@@ -213,6 +251,10 @@ fn main() -> ExitCode {
                 policy::RUN_POLICY.parse().expect("literal"),
             ));
             let mut d = Daemon::new(ctx);
+            // Before any listening line: who reads one sees every thread.
+            if let Err(e) = d.start_signals(usr1) {
+                return fail(format!("cannot start the signals thread: {e}"));
+            }
             match d.start_client(a.socks, a.exit, a.circuits as usize) {
                 Ok(socks) => {
                     println!("SOCKS listening on {socks} (exit {})", a.exit);
@@ -222,7 +264,15 @@ fn main() -> ExitCode {
             }
             d
         }
+        Command::Bench(_) | Command::Status(_) => unreachable!("handled above"),
     };
+    let mut daemon = daemon;
+    if let Some(addr) = status_addr {
+        match daemon.start_status(addr, status_remote) {
+            Ok(a) => println!("status listening on {a} (GET /streams, GET /metrics)"),
+            Err(e) => return fail(e),
+        }
+    }
     let _ = sig_rx.recv();
     daemon.shutdown();
     ExitCode::SUCCESS

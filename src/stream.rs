@@ -14,6 +14,7 @@ use crate::circuit::{CircMsg, Role};
 use crate::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
 use crate::halfclose::{Action, Event, HalfClose, State, Violation};
 use crate::link::LinkTx;
+use crate::metrics::{Metrics, ViolationKind};
 use crate::monitor::Monitor;
 use crate::relay::{self, end_reason, relay_cmd, Target};
 use crate::sockets;
@@ -60,6 +61,8 @@ pub struct Counters {
     /// Bytes received as DATA and written to our TCP connection.
     pub bytes_delivered: u64,
     pub cells_received: u64,
+    /// DATA cells whose data was written to our TCP connection.
+    pub cells_delivered: u64,
 }
 
 /// The state a stream's threads share, under one lock (design.md).
@@ -73,6 +76,10 @@ pub struct StreamState {
     /// Client: CONNECTED arrived. Exit: the target accepted.
     pub connected: bool,
     pub counters: Counters,
+    /// When a byte was last read from or written to our TCP connection
+    /// (status: idle time); updated with the byte counters.
+    pub last_activity: Instant,
+    /// TIDs of the packager and deliverer while they run.
     pub packager_tid: Option<i32>,
     pub deliverer_tid: Option<i32>,
 }
@@ -95,6 +102,8 @@ pub struct Stream {
     pub aborted: AtomicBool,
     pub to_deliverer: Sender<DeliverMsg>,
     pub opened: Instant,
+    /// The process's counters (`Ctx::metrics`).
+    pub metrics: Arc<Metrics>,
 }
 
 impl Stream {
@@ -169,18 +178,18 @@ impl Stream {
 
     /// A DATA cell for this stream arrived (circuit thread): §7 says whether
     /// it may be delivered, §10 counts it against the deliver window.
-    pub fn accept_data(&self, len: usize) -> Result<bool, String> {
+    pub fn accept_data(&self, len: usize) -> Result<bool, (ViolationKind, String)> {
         let mut st = self.state.lock();
         let step = st
             .hc
             .handle(Event::DataReceived)
-            .map_err(|v| v.to_string())?;
+            .map_err(|v| (ViolationKind::HalfClose, v.to_string()))?;
         if step.action != Action::Deliver {
             return Ok(false); // §9: late DATA for a closed stream
         }
         st.deliver
             .on_data()
-            .map_err(|v: FlowViolation| v.to_string())?;
+            .map_err(|v: FlowViolation| (ViolationKind::FlowControl, v.to_string()))?;
         st.counters.cells_received += 1;
         let _ = len;
         Ok(true)
@@ -230,8 +239,11 @@ impl Stream {
     /// the stream SENDMEs they earn (§10). Once the peer's FIN has arrived no
     /// more DATA can come, so no SENDME is needed.
     fn delivered(&self, cells: u32, bytes: usize) {
+        self.metrics.delivered(bytes as u64, cells);
         let mut st = self.state.lock();
         st.counters.bytes_delivered += bytes as u64;
+        st.counters.cells_delivered += u64::from(cells);
+        st.last_activity = Instant::now();
         if st.hc.may_deliver() {
             let sendmes = st.deliver.on_written(cells);
             if sendmes > 0 {
@@ -259,6 +271,38 @@ impl Drop for ExitNotice<'_> {
     }
 }
 
+/// Which of a stream's two threads.
+#[derive(Clone, Copy)]
+enum Side {
+    Packager,
+    Deliverer,
+}
+
+/// Shows the calling thread's TID in the stream's state for as long as the
+/// thread runs (status: `packager_tid`, `deliverer_tid`; none once ended).
+struct Tid<'a>(&'a Stream, Side);
+
+impl<'a> Tid<'a> {
+    fn publish(stream: &'a Stream, side: Side) -> Tid<'a> {
+        Tid::set(stream, side, Some(sockets::gettid()));
+        Tid(stream, side)
+    }
+
+    fn set(stream: &Stream, side: Side, tid: Option<i32>) {
+        let mut st = stream.state.lock();
+        match side {
+            Side::Packager => st.packager_tid = tid,
+            Side::Deliverer => st.deliverer_tid = tid,
+        }
+    }
+}
+
+impl Drop for Tid<'_> {
+    fn drop(&mut self) {
+        Tid::set(self.0, self.1, None);
+    }
+}
+
 /// Why a packager stopped sending.
 enum Stop {
     /// The stream closed or was aborted, or the circuit or link is gone.
@@ -272,7 +316,7 @@ enum Stop {
 /// data (§5) and go first.
 pub fn client_packager(stream: Arc<Stream>, sock: Arc<Socket>, initial: Vec<u8>) {
     let _notice = ExitNotice(&stream);
-    stream.state.lock().packager_tid = Some(sockets::gettid());
+    let _tid = Tid::publish(&stream, Side::Packager);
     if !initial.is_empty() {
         let (mut buf, cells) = frame_bytes(&stream, &initial);
         if send_cells(&stream, &mut buf, cells).is_err() {
@@ -290,7 +334,7 @@ pub fn exit_packager(
     give_socket: Sender<Arc<Socket>>,
 ) {
     let _notice = ExitNotice(&stream);
-    stream.state.lock().packager_tid = Some(sockets::gettid());
+    let _tid = Tid::publish(&stream, Side::Packager);
     let (sock, addr) = match crate::exit::connect(&stream, &ctx.cfg) {
         Ok(ok) => ok,
         Err(crate::exit::ConnectError::Aborted) => return,
@@ -455,12 +499,14 @@ fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop
         debug_assert_eq!(took, m, "only the packager takes from the stream window");
         st.counters.cells_packaged += u64::from(m);
         st.counters.bytes_packaged += bytes;
+        st.last_activity = Instant::now();
         // Under the lock: an END decided by another thread cannot be
         // overtaken by this DATA (nothing is sent after END).
         if stream.link.send_data(piece, m).is_err() {
             return Err(Stop::Ended);
         }
         drop(st);
+        stream.metrics.packaged(bytes, m);
         sent += m;
     }
     Ok(())
@@ -481,7 +527,7 @@ pub enum DeliverStart {
 
 pub fn deliverer(stream: Arc<Stream>, rx: Receiver<DeliverMsg>, start: DeliverStart) {
     let _notice = ExitNotice(&stream);
-    stream.state.lock().deliverer_tid = Some(sockets::gettid());
+    let _tid = Tid::publish(&stream, Side::Deliverer);
     let sock = match start {
         // The packager drops the sender if the connect fails or is aborted.
         DeliverStart::Exit(socket_rx) => match socket_rx.recv() {
@@ -552,6 +598,7 @@ fn answer_socks(
         // Aborted after a reset, or the circuit is gone: nothing to answer.
         _ => return false,
     };
+    stream.metrics.socks_reply(&reply);
     let mut s = sock;
     if let Err(e) = s.write_all(&reply) {
         if go_on && !stream.is_aborted() {
@@ -610,6 +657,7 @@ pub fn new_state(socket: Option<Arc<Socket>>) -> StreamState {
         socket,
         connected: false,
         counters: Counters::default(),
+        last_activity: Instant::now(),
         packager_tid: None,
         deliverer_tid: None,
     }

@@ -2,8 +2,10 @@
 //! names the protocol.md section it checks.
 
 mod app;
+mod bench;
 mod regression;
 mod resolve;
 mod smoke;
+mod status;
 mod util;
 mod wire;

@@ -23,6 +23,8 @@ pub struct Daemon {
     child: Child,
     pub socks: Option<SocketAddr>,
     pub link: Option<SocketAddr>,
+    /// The status endpoint, when started with `--status`.
+    pub status: Option<SocketAddr>,
     log: Arc<Mutex<String>>,
     stdout: Arc<Mutex<String>>,
 }
@@ -69,15 +71,21 @@ impl Daemon {
             child,
             socks: None,
             link: None,
+            status: None,
             log,
             stdout,
         };
+        let want_status = args.contains(&"--status");
         let deadline = Instant::now() + PATIENCE;
         loop {
             let out = d.stdout.lock().unwrap().clone();
             d.socks = find_addr(&out, "SOCKS listening on ");
             d.link = find_addr(&out, "link listening on ");
-            if (!want_socks || d.socks.is_some()) && (!want_link || d.link.is_some()) {
+            d.status = find_addr(&out, "status listening on ");
+            if (!want_socks || d.socks.is_some())
+                && (!want_link || d.link.is_some())
+                && (!want_status || d.status.is_some())
+            {
                 break;
             }
             if let Ok(Some(status)) = d.child.try_wait() {

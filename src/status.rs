@@ -1,0 +1,796 @@
+//! Live state for people (design.md, "What a user sees"): the status
+//! endpoint (`--status ADDR`: `GET /streams`, `GET /metrics`), the
+//! `halfpipe status` table, and the same table in the log on SIGUSR1.
+//!
+//! Everything here reads; the threads that own the state keep owning it.
+//! A snapshot clones `Arc`s under the registries' locks, then copies each
+//! stream's fields under that stream's lock, one at a time; serializing
+//! and writing happen after every lock is released (invariant 5).
+
+use crate::circuit::Role;
+use crate::ctx::Ctx;
+use crate::flow::PackageWindow;
+use crate::halfclose::{CloseCause, State};
+use crate::metrics::Gauges;
+use crate::monitor::Monitor;
+use crate::relay::end_reason;
+use crate::stream::Stream;
+use crate::threads;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The conventional `--status` address, and where `halfpipe status` looks
+/// by default.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:9051";
+
+// ------------------------------------------------------ the circuit's view
+
+/// What a circuit shows the status thread: fixed facts, its TID, its
+/// windows, and its streams. The circuit thread owns the circuit and
+/// updates this view; the status thread only reads it.
+pub struct CircuitView {
+    pub link: u32,
+    pub local: u32,
+    pub wire: u32,
+    pub role: Role,
+    opened: Instant,
+    tid: AtomicI32,
+    package: Arc<Monitor<PackageWindow>>,
+    /// A copy of the circuit's deliver window, stored once per inbox message.
+    deliver: AtomicU32,
+    /// Streams by serial (an ID can be taken by a new stream while the old
+    /// one's threads end), from the moment their threads start until they
+    /// are joined.
+    streams: Mutex<BTreeMap<u64, Arc<Stream>>>,
+}
+
+impl CircuitView {
+    pub fn new(
+        link: u32,
+        local: u32,
+        wire: u32,
+        role: Role,
+        package: Arc<Monitor<PackageWindow>>,
+        deliver: u32,
+    ) -> Arc<CircuitView> {
+        Arc::new(CircuitView {
+            link,
+            local,
+            wire,
+            role,
+            opened: Instant::now(),
+            tid: AtomicI32::new(0),
+            package,
+            deliver: AtomicU32::new(deliver),
+            streams: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    /// Called on the circuit thread: records its TID.
+    pub fn set_tid(&self) {
+        self.tid.store(crate::sockets::gettid(), Ordering::Relaxed);
+    }
+
+    pub fn set_deliver_window(&self, value: u32) {
+        self.deliver.store(value, Ordering::Relaxed);
+    }
+
+    pub fn add_stream(&self, stream: &Arc<Stream>) {
+        self.streams.lock().insert(stream.serial, stream.clone());
+    }
+
+    pub fn remove_stream(&self, serial: u64) {
+        self.streams.lock().remove(&serial);
+    }
+
+    pub fn clear_streams(&self) {
+        self.streams.lock().clear();
+    }
+}
+
+// ------------------------------------------------------------ the document
+
+/// `GET /streams`: the whole document. Field meanings are in the README
+/// ("Status and metrics"); ages and idle times are in seconds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub process: ProcessInfo,
+    pub links: Vec<LinkInfo>,
+    pub circuits: Vec<CircuitInfo>,
+    pub streams: Vec<StreamInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub version: String,
+    /// "client", "exit", or both (`halfpipe run`).
+    pub roles: Vec<String>,
+    pub uptime_secs: f64,
+    /// Streams this process may hold (`--max-streams`, capped by the kernel).
+    pub capacity_streams: usize,
+    /// Stream slots in use (streams and resolves).
+    pub open_streams: usize,
+    /// Threads alive (/proc/self/task).
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkInfo {
+    /// The process's counter for the link: `link-rd ID`, `link-wr ID`.
+    pub id: u32,
+    pub role: String,
+    pub peer: String,
+    pub age_secs: f64,
+    pub circuits: usize,
+    pub reader_tid: Option<i32>,
+    pub writer_tid: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CircuitInfo {
+    /// "L.C": link and circuit counters, as in the thread name `circ L.C`.
+    pub name: String,
+    pub link: u32,
+    pub local: u32,
+    /// The CircID on the wire, in hex.
+    pub circ_id: String,
+    pub role: String,
+    pub age_secs: f64,
+    pub package_window: u32,
+    pub deliver_window: u32,
+    pub streams: usize,
+    pub tid: Option<i32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StreamInfo {
+    /// "C.S": circuit counter and stream ID, as in `pk C.S` and `dl C.S`.
+    pub name: String,
+    /// "L.C" of its circuit.
+    pub circuit: String,
+    pub link: u32,
+    pub id: u16,
+    pub role: String,
+    pub target: String,
+    /// protocol.md §7: OPEN, DONE_PACKAGING, DONE_DELIVERING, CLOSED.
+    pub state: String,
+    /// Why a CLOSED stream closed: "FIN both ways", "END(REASON) sent",
+    /// "END(REASON) received".
+    pub close_cause: Option<String>,
+    /// Read from our TCP connection and sent as DATA.
+    pub bytes_packaged: u64,
+    pub cells_packaged: u64,
+    /// Received as DATA and written to our TCP connection.
+    pub bytes_delivered: u64,
+    pub cells_delivered: u64,
+    /// DATA cells received for the stream (accepted by §7 and §10).
+    pub cells_received: u64,
+    /// Received and not yet written: waiting for the deliverer.
+    pub cells_queued: u64,
+    pub package_window: u32,
+    pub deliver_window: u32,
+    pub age_secs: f64,
+    /// Seconds since a byte was last read from or written to the stream's
+    /// TCP connection (since it opened, if none was).
+    pub idle_secs: f64,
+    pub packager_tid: Option<i32>,
+    pub deliverer_tid: Option<i32>,
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::Client => "client",
+        Role::Exit => "exit",
+    }
+}
+
+fn tid(t: i32) -> Option<i32> {
+    (t > 0).then_some(t)
+}
+
+fn close_cause(state: State) -> Option<String> {
+    match state {
+        State::Closed(CloseCause::Finished) => Some("FIN both ways".into()),
+        State::Closed(CloseCause::EndSent(r)) => Some(format!("END({}) sent", end_reason::name(r))),
+        State::Closed(CloseCause::EndReceived(r)) => {
+            Some(format!("END({}) received", end_reason::name(r)))
+        }
+        State::Open | State::DonePackaging | State::DoneDelivering => None,
+    }
+}
+
+/// Threads of this process, from /proc/self/task.
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn stream_info(view: &CircuitView, s: &Stream) -> StreamInfo {
+    let (state, package, deliver, c, last, pk, dl) = {
+        let st = s.state.lock();
+        (
+            st.hc.state(),
+            st.package.value(),
+            st.deliver.value(),
+            st.counters,
+            st.last_activity,
+            st.packager_tid,
+            st.deliverer_tid,
+        )
+    };
+    StreamInfo {
+        name: s.name.clone(),
+        circuit: format!("{}.{}", view.link, view.local),
+        link: view.link,
+        id: s.id,
+        role: role_name(s.role).into(),
+        target: s.target.to_string(),
+        state: state.to_string(),
+        close_cause: close_cause(state),
+        bytes_packaged: c.bytes_packaged,
+        cells_packaged: c.cells_packaged,
+        bytes_delivered: c.bytes_delivered,
+        cells_delivered: c.cells_delivered,
+        cells_received: c.cells_received,
+        cells_queued: c.cells_received.saturating_sub(c.cells_delivered),
+        package_window: package,
+        deliver_window: deliver,
+        age_secs: s.opened.elapsed().as_secs_f64(),
+        idle_secs: last.elapsed().as_secs_f64(),
+        packager_tid: pk,
+        deliverer_tid: dl,
+    }
+}
+
+/// The edges a daemon runs ("client", "exit"), filled in as they start.
+pub type Roles = Arc<Mutex<Vec<&'static str>>>;
+
+/// Takes a snapshot of every link, circuit and stream of the process.
+pub fn snapshot(ctx: &Ctx, roles: &[&str]) -> Snapshot {
+    let mut links: Vec<LinkInfo> = ctx
+        .links()
+        .into_iter()
+        .map(|l| {
+            let (rd, wr) = l.tids();
+            LinkInfo {
+                id: l.id,
+                role: role_name(l.role).into(),
+                peer: l.peer.to_string(),
+                age_secs: l.age().as_secs_f64(),
+                circuits: l.circuit_count(),
+                reader_tid: tid(rd),
+                writer_tid: tid(wr),
+            }
+        })
+        .collect();
+    links.sort_by_key(|l| l.id);
+    let mut views = ctx.circuit_views();
+    views.sort_by_key(|v| (v.link, v.local));
+    let mut circuits = Vec::with_capacity(views.len());
+    let mut streams = Vec::new();
+    for v in &views {
+        let members: Vec<Arc<Stream>> = v.streams.lock().values().cloned().collect();
+        circuits.push(CircuitInfo {
+            name: format!("{}.{}", v.link, v.local),
+            link: v.link,
+            local: v.local,
+            circ_id: format!("{:#010x}", v.wire),
+            role: role_name(v.role).into(),
+            age_secs: v.opened.elapsed().as_secs_f64(),
+            package_window: v.package.lock().value(),
+            deliver_window: v.deliver.load(Ordering::Relaxed),
+            streams: members.len(),
+            tid: tid(v.tid.load(Ordering::Relaxed)),
+        });
+        let mut these: Vec<StreamInfo> = members.iter().map(|s| stream_info(v, s)).collect();
+        these.sort_by_key(|s| s.id);
+        streams.extend(these);
+    }
+    Snapshot {
+        process: ProcessInfo {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            roles: roles.iter().map(|r| r.to_string()).collect(),
+            uptime_secs: ctx.metrics.uptime().as_secs_f64(),
+            capacity_streams: ctx.cfg.max_streams,
+            open_streams: ctx.open_streams(),
+            threads: thread_count(),
+        },
+        links,
+        circuits,
+        streams,
+    }
+}
+
+/// The gauges of `/metrics`, counted from a snapshot.
+fn gauges(s: &Snapshot) -> Gauges {
+    fn count<K: Ord>(keys: impl Iterator<Item = K>) -> Vec<(K, usize)> {
+        let mut m = BTreeMap::new();
+        for k in keys {
+            *m.entry(k).or_insert(0) += 1;
+        }
+        m.into_iter().collect()
+    }
+    let role = |r: &str| -> &'static str {
+        if r == "client" {
+            "client"
+        } else {
+            "exit"
+        }
+    };
+    let mut streams = count(s.streams.iter().map(|x| (role(&x.role), x.state.clone())));
+    // Every state appears, so that a scrape sees zeros rather than gaps.
+    for r in ["client", "exit"] {
+        if s.process.roles.iter().any(|x| x == r) {
+            for st in ["OPEN", "DONE_PACKAGING", "DONE_DELIVERING", "CLOSED"] {
+                let key = (r, st.to_string());
+                if !streams.iter().any(|(k, _)| *k == key) {
+                    streams.push((key, 0));
+                }
+            }
+        }
+    }
+    streams.sort();
+    Gauges {
+        capacity: s.process.capacity_streams,
+        threads: s.process.threads,
+        links: count(s.links.iter().map(|l| role(&l.role))),
+        circuits: count(s.circuits.iter().map(|c| role(&c.role))),
+        streams,
+    }
+}
+
+// ---------------------------------------------------------------- the table
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["K", "M", "G", "T"];
+    if n < 1024 {
+        return n.to_string();
+    }
+    let mut v = n as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1}{}", UNITS[unit])
+}
+
+fn human_secs(secs: f64) -> String {
+    let s = secs.max(0.0);
+    if s < 60.0 {
+        return format!("{s:.1}s");
+    }
+    let s = s as u64;
+    match s {
+        0..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn opt_tid(t: Option<i32>) -> String {
+    t.map(|t| t.to_string()).unwrap_or_else(|| "-".into())
+}
+
+/// The stream table for people: a summary line, then one line per stream
+/// like `ss`, sorted by link, circuit and stream, columns aligned.
+pub fn table(s: &Snapshot) -> String {
+    let p = &s.process;
+    let mut out = format!(
+        "halfpipe {} pid {} ({}) up {}: {} links, {} circuits, {} streams (capacity {}), {} threads\n",
+        p.version,
+        p.pid,
+        p.roles.join("+"),
+        human_secs(p.uptime_secs),
+        s.links.len(),
+        s.circuits.len(),
+        s.streams.len(),
+        p.capacity_streams,
+        p.threads,
+    );
+    let header = [
+        "STREAM", "CIRC", "ROLE", "STATE", "TARGET", "UP", "DOWN", "PKW", "DLW", "QUEUED", "AGE",
+        "IDLE", "PK_TID", "DL_TID",
+    ];
+    // Numbers are right-aligned, text left-aligned.
+    let right = [
+        false, false, false, false, false, true, true, true, true, true, true, true, true, true,
+    ];
+    let mut sorted: Vec<&StreamInfo> = s.streams.iter().collect();
+    let circ_local = |name: &str| -> u32 {
+        name.split('.')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0)
+    };
+    sorted.sort_by_key(|x| (x.link, circ_local(&x.circuit), x.id));
+    let rows: Vec<[String; 14]> = sorted
+        .iter()
+        .map(|x| {
+            [
+                x.name.clone(),
+                x.circuit.clone(),
+                x.role.clone(),
+                x.state.clone(),
+                x.target.clone(),
+                human_bytes(x.bytes_packaged),
+                human_bytes(x.bytes_delivered),
+                x.package_window.to_string(),
+                x.deliver_window.to_string(),
+                x.cells_queued.to_string(),
+                human_secs(x.age_secs),
+                human_secs(x.idle_secs),
+                opt_tid(x.packager_tid),
+                opt_tid(x.deliverer_tid),
+            ]
+        })
+        .collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, cell) in widths.iter_mut().zip(r) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, c) in cells.enumerate() {
+            if i > 0 {
+                l.push_str("  ");
+            }
+            if right[i] {
+                l.push_str(&format!("{c:>w$}", w = widths[i]));
+            } else {
+                l.push_str(&format!("{c:<w$}", w = widths[i]));
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for r in &rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+    out
+}
+
+// --------------------------------------------------------- the HTTP server
+
+/// `--status ADDR`: the HTTP server on `status-http`, joined at shutdown.
+pub struct StatusServer {
+    http: Arc<tiny_http::Server>,
+    stopping: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+/// Why the status server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("--status {0}: not a loopback address; the status endpoint shows every stream's target, so it listens on loopback only unless --status-allow-remote is given")]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen for status on {0}: {1}")]
+    Bind(SocketAddr, io::Error),
+    #[error("cannot start the status thread: {0}")]
+    Thread(io::Error),
+}
+
+/// Checked before anything starts: a remote status address needs the
+/// explicit flag.
+pub fn check_addr(addr: SocketAddr, allow_remote: bool) -> Result<(), StartError> {
+    if addr.ip().is_loopback() || allow_remote {
+        Ok(())
+    } else {
+        Err(StartError::NotLoopback(addr))
+    }
+}
+
+impl StatusServer {
+    /// Listens on `addr` and starts `status-http`. Returns the server and
+    /// the address it listens on.
+    pub fn start(
+        ctx: Arc<Ctx>,
+        roles: Roles,
+        addr: SocketAddr,
+        allow_remote: bool,
+    ) -> Result<(StatusServer, SocketAddr), StartError> {
+        check_addr(addr, allow_remote)?;
+        let listener = TcpListener::bind(addr).map_err(|e| StartError::Bind(addr, e))?;
+        let local = listener
+            .local_addr()
+            .map_err(|e| StartError::Bind(addr, e))?;
+        let stopping = Arc::new(AtomicBool::new(false));
+        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
+        let stop = stopping.clone();
+        // tiny_http starts its own acceptor and worker threads: created from
+        // this thread, they inherit its name, so `top -H` shows them as
+        // `status-http` too. They are tiny_http's: they end within seconds
+        // of the server being dropped, which is when this thread ends.
+        let thread = threads::spawn("status-http".into(), move || {
+            let http = match tiny_http::Server::from_listener(listener, None) {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    let _ = ready_tx.send(Err(io::Error::other(e.to_string())));
+                    return;
+                }
+            };
+            if ready_tx.send(Ok(http.clone())).is_err() {
+                return;
+            }
+            serve(&ctx, &roles, &http, &stop);
+        })
+        .map_err(StartError::Thread)?;
+        match ready_rx.recv() {
+            Ok(Ok(http)) => Ok((
+                StatusServer {
+                    http,
+                    stopping,
+                    thread,
+                },
+                local,
+            )),
+            Ok(Err(e)) => {
+                threads::join(thread);
+                Err(StartError::Bind(addr, e))
+            }
+            Err(_) => {
+                threads::join(thread);
+                Err(StartError::Thread(io::Error::other("status thread ended")))
+            }
+        }
+    }
+
+    /// Stops serving and joins `status-http` (tiny_http's `unblock`).
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::Release);
+        self.http.unblock();
+        threads::join(self.thread);
+    }
+}
+
+fn serve(ctx: &Ctx, roles: &Roles, http: &tiny_http::Server, stopping: &AtomicBool) {
+    loop {
+        let rq = match http.recv() {
+            Ok(rq) => rq,
+            Err(_) if stopping.load(Ordering::Acquire) => return,
+            Err(e) => {
+                // accept() failed (EMFILE and the like): back off, go on.
+                tracing::warn!("status endpoint: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let path = rq.url().split('?').next().unwrap_or("").to_owned();
+        let get = *rq.method() == tiny_http::Method::Get;
+        // The snapshot is taken under the registries' locks; the body is
+        // built and written after they are released.
+        let roles = roles.lock().clone();
+        let (status, body, content_type) = match (get, path.as_str()) {
+            (true, "/streams") => {
+                let snap = snapshot(ctx, &roles);
+                let mut body = serde_json::to_string(&snap).unwrap_or_else(|e| {
+                    tracing::error!("bug: status document does not serialize: {e}");
+                    "{}".into()
+                });
+                body.push('\n');
+                (200, body, "application/json")
+            }
+            (true, "/metrics") => {
+                let snap = snapshot(ctx, &roles);
+                let body = ctx.metrics.render(&gauges(&snap));
+                (200, body, "text/plain; version=0.0.4; charset=utf-8")
+            }
+            _ => (
+                404,
+                "not found: try GET /streams or GET /metrics\n".to_owned(),
+                "text/plain; charset=utf-8",
+            ),
+        };
+        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes())
+            .expect("a valid header");
+        let response = tiny_http::Response::from_string(body)
+            .with_status_code(status)
+            .with_header(header);
+        if let Err(e) = rq.respond(response) {
+            tracing::debug!("status client went away: {e}");
+        }
+    }
+}
+
+// ----------------------------------------------------------------- SIGUSR1
+
+/// `signals`: writes the stream table to the log on SIGUSR1. `signals`
+/// was registered at start-up (so an early SIGUSR1 is not fatal); closing
+/// the returned handle ends the thread.
+pub fn spawn_signal_thread(
+    mut signals: signal_hook::iterator::Signals,
+    ctx: Arc<Ctx>,
+    roles: Roles,
+) -> io::Result<(signal_hook::iterator::Handle, JoinHandle<()>)> {
+    let handle = signals.handle();
+    let thread = threads::spawn("signals".into(), move || {
+        for sig in signals.forever() {
+            if sig == signal_hook::consts::SIGUSR1 {
+                let roles = roles.lock().clone();
+                let t = table(&snapshot(&ctx, &roles));
+                tracing::info!("stream table (SIGUSR1):\n{}", t.trim_end());
+            }
+        }
+    })?;
+    Ok((handle, thread))
+}
+
+// ---------------------------------------------------------- halfpipe status
+
+/// `halfpipe status`: the stream table of a running daemon.
+#[derive(clap::Args, Debug)]
+pub struct StatusArgs {
+    /// The daemon's status address (its --status).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADDR)]
+    pub status: String,
+    /// Print the raw JSON document of GET /streams instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A blocking HTTP/1.0 GET of `path`: the body of a 200 answer.
+pub fn fetch(addr: &str, path: &str) -> io::Result<String> {
+    let sa = addr
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::other(format!("{addr} resolves to nothing")))?;
+    let mut s = TcpStream::connect_timeout(&sa, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw).map_err(|_| io::Error::other("answer is not UTF-8"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| io::Error::other("not an HTTP answer"))?;
+    let status = head.lines().next().unwrap_or("");
+    if status.split_whitespace().nth(1) != Some("200") {
+        return Err(io::Error::other(format!("{path}: {status}")));
+    }
+    Ok(body.to_owned())
+}
+
+/// Runs `halfpipe status`; exit status 1 if the daemon cannot be asked.
+pub fn main(args: StatusArgs) -> ExitCode {
+    let body = match fetch(&args.status, "/streams") {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!(
+                "halfpipe: cannot read the status of a daemon at {}: {e} (is it running with --status {}?)",
+                args.status, args.status
+            );
+            return ExitCode::from(1);
+        }
+    };
+    if args.json {
+        print!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    match serde_json::from_str::<Snapshot>(&body) {
+        Ok(snap) => {
+            print!("{}", table(&snap));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "halfpipe: {} answered a document this version cannot read: {e}",
+                args.status
+            );
+            ExitCode::from(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human_bytes(1000), "1000");
+        assert_eq!(human_bytes(1536), "1.5K");
+        assert_eq!(human_bytes(5 << 20), "5.0M");
+        assert_eq!(human_secs(1.25), "1.2s");
+        assert_eq!(human_secs(125.0), "2m05s");
+        assert_eq!(human_secs(7500.0), "2h05m");
+    }
+
+    fn stream(name: &str, link: u32, circuit: &str, state: &str, tid: Option<i32>) -> StreamInfo {
+        StreamInfo {
+            name: name.into(),
+            circuit: circuit.into(),
+            link,
+            id: name.split('.').nth(1).unwrap().parse().unwrap(),
+            role: "client".into(),
+            target: "example.com:80".into(),
+            state: state.into(),
+            close_cause: None,
+            bytes_packaged: 2048,
+            cells_packaged: 5,
+            bytes_delivered: 10,
+            cells_delivered: 1,
+            cells_received: 1,
+            cells_queued: 0,
+            package_window: 495,
+            deliver_window: 499,
+            age_secs: 75.0,
+            idle_secs: 0.5,
+            packager_tid: tid,
+            deliverer_tid: Some(4321),
+        }
+    }
+
+    #[test]
+    fn table_is_sorted_by_link_circuit_stream_and_aligned() {
+        let snap = Snapshot {
+            process: ProcessInfo {
+                pid: 42,
+                version: "0".into(),
+                roles: vec!["client".into()],
+                uptime_secs: 3.0,
+                capacity_streams: 10,
+                open_streams: 3,
+                threads: 9,
+            },
+            links: vec![],
+            circuits: vec![],
+            streams: vec![
+                stream("10.2", 2, "2.10", "OPEN", Some(7)),
+                stream("3.12", 1, "1.3", "DONE_PACKAGING", None),
+                stream("3.9", 1, "1.3", "DONE_DELIVERING", Some(123456)),
+            ],
+        };
+        let t = table(&snap);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("pid 42"), "{t}");
+        let names: Vec<&str> = lines[2..]
+            .iter()
+            .map(|l| l.split_whitespace().next().unwrap())
+            .collect();
+        assert_eq!(names, ["3.9", "3.12", "10.2"], "{t}");
+        // Every column starts where its header starts (left-aligned text)
+        // or ends where it ends (right-aligned numbers).
+        let state = lines[1].find("STATE").unwrap();
+        let dl_end = lines[1].len();
+        for row in &lines[2..] {
+            assert!(
+                row[state..].starts_with("DONE_") || row[state..].starts_with("OPEN"),
+                "{t}"
+            );
+            assert_eq!(row.len(), dl_end, "{t}");
+        }
+        assert!(lines[3].contains(" - "), "an ended thread is '-': {t}");
+        assert!(
+            lines[2].contains("2.0K") && lines[2].contains("1m15s"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn remote_status_needs_the_flag() {
+        let lo: SocketAddr = "127.0.0.1:9051".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:9051".parse().unwrap();
+        assert!(check_addr(lo, false).is_ok());
+        assert!(check_addr("[::1]:9051".parse().unwrap(), false).is_ok());
+        assert!(check_addr(any, false).is_err());
+        assert!(check_addr(any, true).is_ok());
+    }
+}
