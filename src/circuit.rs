@@ -565,7 +565,7 @@ impl Circuit {
                 return Ok(());
             }
         };
-        let mut entry = Entry {
+        let entry = Entry {
             stream: stream.clone(),
             threads: vec![dl],
             alive: 1,
@@ -578,13 +578,23 @@ impl Circuit {
                 stream::exit_packager(s, ctx, sock_tx)
             })
         };
+        self.enter_stream(entry, pk);
+        Ok(())
+    }
+
+    /// Enters a stream whose deliverer runs; `pk` is how starting its
+    /// packager went. A packager that could not start is an error on the
+    /// stream (§8: END(RESOURCELIMIT)); its deliverer then ends by itself:
+    /// the exit's when the socket sender drops, the client's after it
+    /// answers the SOCKS request with 0x01.
+    fn enter_stream(&mut self, mut entry: Entry, pk: std::io::Result<JoinHandle<()>>) {
+        let stream = entry.stream.clone();
         match pk {
             Ok(h) => {
                 entry.threads.push(h);
                 entry.alive += 1;
             }
             Err(e) => {
-                // The deliverer ends when the socket sender is dropped.
                 tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e}): END(RESOURCELIMIT)");
                 self.ctx.metrics.refused(Limit::Threads);
                 let _ = stream.handle(Event::Error {
@@ -593,8 +603,7 @@ impl Circuit {
             }
         }
         self.view.add_stream(&stream);
-        self.streams.insert(id, entry);
-        Ok(())
+        self.streams.insert(stream.id, entry);
     }
 
     /// Exit, §5: RESOLVE is answered by RESOLVED from a resolver thread.
@@ -729,7 +738,7 @@ impl Circuit {
         let begin = relay::encode_begin(&stream.target);
         stream.send_control(relay_cmd::BEGIN, &begin);
         tracing::debug!(stream = %stream.name, target = %stream.target, "BEGIN sent");
-        let mut entry = Entry {
+        let entry = Entry {
             stream: stream.clone(),
             threads: vec![dl],
             alive: 1,
@@ -742,22 +751,7 @@ impl Circuit {
                 stream::client_packager(s, sock, initial)
             })
         };
-        match pk {
-            Ok(h) => {
-                entry.threads.push(h);
-                entry.alive += 1;
-            }
-            Err(e) => {
-                // END tells the exit; the deliverer answers SOCKS 0x01.
-                tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e})");
-                self.ctx.metrics.refused(Limit::Threads);
-                let _ = stream.handle(Event::Error {
-                    reason: end_reason::RESOURCELIMIT,
-                });
-            }
-        }
-        self.view.add_stream(&stream);
-        self.streams.insert(id, entry);
+        self.enter_stream(entry, pk);
     }
 
     /// Client: a SOCKS RESOLVE becomes RELAY_RESOLVE (§5).
