@@ -133,12 +133,22 @@ fn parse_policy(s: &str) -> Result<Policy, String> {
     s.parse().map_err(|e: policy::PolicyError| e.to_string())
 }
 
-fn config(common: &Common, policy: Policy) -> Config {
+/// The process's settings. `edges` is 2 for `run`, where each stream takes
+/// a slot at both edges of the same process.
+fn config(common: &Common, policy: Policy, edges: usize) -> Config {
     let kernel = KernelLimits::read();
     let cap = kernel.capacity();
     let max_streams = common.max_streams.unwrap_or(cap.streams).min(cap.streams);
+    let per_edge = if edges > 1 {
+        format!(
+            " (each stream holds one at both edges: {} streams)",
+            cap.streams / edges
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "capacity: {} streams in this process (limited by {} = {}; raise it for more)",
+        "capacity: {} stream slots in this process{per_edge} (limited by {} = {}; raise it for more)",
         cap.streams, cap.limited_by, cap.limit_value
     );
     Config {
@@ -211,7 +221,7 @@ fn main() -> ExitCode {
 
     let daemon = match command {
         Command::Run(a) => {
-            let ctx = Ctx::new(config(&a.common, a.exit_policy));
+            let ctx = Ctx::new(config(&a.common, a.exit_policy, 2));
             let mut d = Daemon::new(ctx);
             // Before any listening line: who reads one sees every thread.
             if let Err(e) = d.start_signals(usr1) {
@@ -233,7 +243,7 @@ fn main() -> ExitCode {
         }
         Command::Exit(a) => {
             let policy_text = a.exit_policy.to_string();
-            let ctx = Ctx::new(config(&a.common, a.exit_policy));
+            let ctx = Ctx::new(config(&a.common, a.exit_policy, 1));
             let mut d = Daemon::new(ctx);
             // Before any listening line: who reads one sees every thread.
             if let Err(e) = d.start_signals(usr1) {
@@ -249,6 +259,7 @@ fn main() -> ExitCode {
             let ctx = Ctx::new(config(
                 &a.common,
                 policy::RUN_POLICY.parse().expect("literal"),
+                1,
             ));
             let mut d = Daemon::new(ctx);
             // Before any listening line: who reads one sees every thread.
