@@ -223,27 +223,81 @@ impl Circuit {
         self.ctx
             .register_circuit(self.local, self.tx.clone(), self.view.clone());
         tracing::info!(circuit = %self.name, "circuit opened (CircID {:#010x})", self.wire);
+        // `--idle-timeout`: streams are checked on a tick, so the loop
+        // never blocks longer than that (and never blocks on a stream).
+        let stream_idle = self.ctx.cfg.idle_timeout;
+        let tick =
+            stream_idle.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+        let mut next_check = tick.map(|t| Instant::now() + t);
+        // When the last inbox message was handled: the isolation idle
+        // timeout counts from there (a tick does not restart it).
+        let mut quiet_since = Instant::now();
         let end = loop {
             let idle = self.streams.is_empty()
                 && self.retired.is_empty()
                 && self.resolvers.is_empty()
                 && self.pending_resolves.is_empty();
-            let msg = match self.idle_timeout.filter(|_| idle) {
-                Some(t) => match self.rx.recv_timeout(t) {
-                    Ok(m) => m,
-                    Err(_) => break End::Idle,
+            // The isolation idle timeout restarts with every message.
+            let circuit_deadline = self.idle_timeout.filter(|_| idle).map(|t| quiet_since + t);
+            let deadline = match (circuit_deadline, next_check) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let msg = match deadline {
+                Some(d) => match self.rx.recv_deadline(d) {
+                    Ok(m) => Some(m),
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                        if circuit_deadline.is_some_and(|c| Instant::now() >= c) {
+                            break End::Idle;
+                        }
+                        None
+                    }
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                        break End::LinkClosed
+                    }
                 },
                 // We hold a sender ourselves, so the inbox never disconnects.
                 None => match self.rx.recv() {
-                    Ok(m) => m,
+                    Ok(m) => Some(m),
                     Err(_) => break End::LinkClosed,
                 },
             };
-            if let Err(end) = self.handle(msg) {
-                break end;
+            if let Some(msg) = msg {
+                if let Err(end) = self.handle(msg) {
+                    break end;
+                }
+                if self.idle_timeout.is_some() {
+                    quiet_since = Instant::now();
+                }
+            }
+            if let (Some(t), Some(check), Some(limit)) = (tick, next_check, stream_idle) {
+                let now = Instant::now();
+                if now >= check {
+                    self.end_idle_streams(limit);
+                    next_check = Some(now + t);
+                }
             }
         };
         self.teardown(end);
+    }
+
+    /// `--idle-timeout` (protocol.md §8): a stream with no byte read from
+    /// or written to its TCP connection for `limit` is an error on the
+    /// stream: END(TIMEOUT) and a reset. Streams still connecting are left
+    /// to the connect timeout.
+    fn end_idle_streams(&mut self, limit: Duration) {
+        for entry in self.streams.values() {
+            let idle = {
+                let st = entry.stream.state.lock();
+                st.connected && !st.hc.is_closed() && st.last_activity.elapsed() >= limit
+            };
+            if idle {
+                tracing::info!(stream = %entry.stream.name, "idle for {}: END(TIMEOUT)", humantime::format_duration(limit));
+                let _ = entry.stream.handle(Event::Error {
+                    reason: end_reason::TIMEOUT,
+                });
+            }
+        }
     }
 
     fn handle(&mut self, msg: CircMsg) -> Result<()> {
@@ -816,10 +870,21 @@ impl Circuit {
     fn teardown(mut self, end: End) {
         // §3: later cells on this CircID are dropped; the CircID is free.
         self.link.circuit_ended(self.wire, self.local);
+        let cause = match &end {
+            End::Violation(..) => "protocol violation, DESTROY(PROTOCOL) sent".to_string(),
+            End::Destroyed(reason) => {
+                format!("DESTROY({}) received", destroy_reason::name(*reason))
+            }
+            End::LinkClosed => "link closed".to_string(),
+            End::Hibernate => "shutdown, DESTROY(HIBERNATING) sent".to_string(),
+            End::Idle => "no streams for the idle timeout, DESTROY(FINISHED) sent".to_string(),
+        };
         let event = match &end {
             End::Violation(kind, why) => {
                 self.ctx.metrics.violation(*kind);
-                tracing::warn!(circuit = %self.name, "protocol violation: {why}: sending DESTROY(PROTOCOL)");
+                if crate::ratelimit::violation_warning() {
+                    tracing::warn!(circuit = %self.name, "protocol violation: {why}: sending DESTROY(PROTOCOL)");
+                }
                 Event::EndReceived {
                     reason: end_reason::DESTROY,
                 }
@@ -892,7 +957,7 @@ impl Circuit {
             circuit = %self.name,
             streams = count,
             secs = self.opened.elapsed().as_secs_f64(),
-            "circuit closed"
+            "circuit closed: {cause}"
         );
     }
 }

@@ -33,6 +33,12 @@ pub struct Config {
     pub socks_timeout: Duration,
     /// How long streams may finish after Ctrl-C before END(HIBERNATING).
     pub grace: Duration,
+    /// A stream with no byte read or written for this long is ended with
+    /// END(TIMEOUT) and reset (`--idle-timeout`; off when `None`).
+    pub idle_timeout: Option<Duration>,
+    /// A link writer sends PADDING after this long without writing, and
+    /// link sockets get TCP keepalive (`--keepalive`; off when `None`).
+    pub keepalive: Option<Duration>,
     /// Exit policy applied to the address actually connected to.
     pub exit_policy: Arc<Policy>,
 }
@@ -47,6 +53,8 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             socks_timeout: Duration::from_secs(10),
             grace: Duration::from_secs(10),
+            idle_timeout: None,
+            keepalive: Some(Duration::from_secs(300)),
             exit_policy: Arc::new(
                 crate::policy::DEFAULT_EXIT_POLICY
                     .parse()

@@ -54,7 +54,9 @@ fn serve_link(ctx: Arc<Ctx>, id: u32, sock: TcpStream) {
     let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     if let Err(e) = link::accept_handshake(&sock, ctx.cfg.handshake_timeout) {
         // §1: close without sending VERSIONS; only this link is affected.
-        tracing::warn!(link = id, %peer, "link handshake failed, closing: {e}");
+        if crate::ratelimit::violation_warning() {
+            tracing::warn!(link = id, %peer, "link handshake failed, closing: {e}");
+        }
         if matches!(e, link::HandshakeFailure::Protocol(_)) {
             ctx.metrics
                 .violation(crate::metrics::ViolationKind::Handshake);

@@ -176,12 +176,16 @@ impl Link {
         let room = Arc::new(Monitor::new(QUEUE_CELLS));
         let control_queued = Arc::new(AtomicUsize::new(0));
         let writer_tid = Arc::new(AtomicI32::new(0));
+        let keepalive = ctx.cfg.keepalive;
+        if let Some(k) = keepalive {
+            set_tcp_keepalive(&socket, k);
+        }
         let writer = {
             let (sock, room, queued) = (socket.clone(), room.clone(), control_queued.clone());
             let (tid, metrics) = (writer_tid.clone(), ctx.metrics.clone());
             threads::spawn(format!("link-wr {id}"), move || {
                 tid.store(crate::sockets::gettid(), Ordering::Relaxed);
-                writer_loop(&sock, rx, &room, &queued, &metrics)
+                writer_loop(&sock, rx, &room, &queued, &metrics, keepalive)
             })?
         };
         let link = Arc::new(Link {
@@ -371,17 +375,19 @@ impl Link {
             // §2: CREATE and CREATE2 are answered with DESTROY(PROTOCOL); so is
             // a CREATE_FAST sent to a client.
             cmd::CREATE | cmd::CREATE2 | cmd::CREATE_FAST => {
-                tracing::warn!(
-                    link = self.id,
-                    circ = c.circ_id,
-                    "peer sent {} (command {}): answering DESTROY(PROTOCOL)",
-                    if c.command == cmd::CREATE_FAST {
-                        "CREATE_FAST to a client"
-                    } else {
-                        "CREATE/CREATE2"
-                    },
-                    c.command
-                );
+                if crate::ratelimit::violation_warning() {
+                    tracing::warn!(
+                        link = self.id,
+                        circ = c.circ_id,
+                        "peer sent {} (command {}): answering DESTROY(PROTOCOL)",
+                        if c.command == cmd::CREATE_FAST {
+                            "CREATE_FAST to a client"
+                        } else {
+                            "CREATE/CREATE2"
+                        },
+                        c.command
+                    );
+                }
                 // A live circuit on that CircID goes too: the peer will
                 // forget it when it sees our DESTROY.
                 let table = self.table.lock();
@@ -436,11 +442,13 @@ impl Link {
         table.reap();
         if wire & 0x8000_0000 == 0 {
             drop(table);
-            tracing::warn!(
-                link = self.id,
-                circ = wire,
-                "protocol violation: CREATE_FAST with the CircID top bit clear (protocol.md §3)"
-            );
+            if crate::ratelimit::violation_warning() {
+                tracing::warn!(
+                    link = self.id,
+                    circ = wire,
+                    "protocol violation: CREATE_FAST with the CircID top bit clear (protocol.md §3)"
+                );
+            }
             self.ctx.metrics.violation(ViolationKind::Create);
             self.send_destroy(wire, destroy_reason::PROTOCOL);
             return;
@@ -634,13 +642,30 @@ fn single_circuit_run(buf: &[u8]) -> Option<(u32, usize)> {
     all.then_some((wire, whole))
 }
 
-/// The link writer: gathers queued cells into one writev() at a time.
+/// TCP keepalive on a link socket (`--keepalive`): probes after `period`
+/// idle, then every `period` (at most a minute), 3 unanswered probes end
+/// the connection. Failing to set it costs only the probes.
+fn set_tcp_keepalive(sock: &TcpStream, period: Duration) {
+    let period = period.max(Duration::from_secs(1));
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(period)
+        .with_interval(period.min(Duration::from_secs(60)))
+        .with_retries(3);
+    if let Err(e) = socket2::SockRef::from(sock).set_tcp_keepalive(&ka) {
+        tracing::debug!("cannot set TCP keepalive on a link: {e}");
+    }
+}
+
+/// The link writer: gathers queued cells into one writev() at a time. With
+/// a `keepalive` period, a PADDING cell (protocol.md §2) goes out when
+/// nothing was written for that long.
 fn writer_loop(
     sock: &TcpStream,
     rx: Receiver<WriterMsg>,
     room: &Monitor<u32>,
     control_queued: &AtomicUsize,
     metrics: &Metrics,
+    keepalive: Option<Duration>,
 ) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_GATHER);
     let mut tally = Tally::default();
@@ -649,9 +674,23 @@ fn writer_loop(
             let mut data_cells = 0;
             let mut control_bytes = 0;
             let mut close = false;
-            let mut next = match rx.recv() {
+            let received = match keepalive {
+                Some(period) => rx.recv_timeout(period),
+                None => rx
+                    .recv()
+                    .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),
+            };
+            let mut next = match received {
                 Ok(m) => Some(m),
-                Err(_) => return Ok(()),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                    let mut padding = Vec::with_capacity(cell::CELL_LEN);
+                    cell::encode_fixed(&mut padding, 0, cmd::PADDING, &[]);
+                    tally.link(padding.len(), 1);
+                    write_all_vectored(sock, &[padding])?;
+                    metrics.add(Dir::Sent, &mut tally);
+                    continue;
+                }
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
             };
             while let Some(msg) = next.take() {
                 match msg {

@@ -1,11 +1,14 @@
 //! The halfpipe command line (see README, "Command line").
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
+use halfpipe::config_file::{self, Entry};
 use halfpipe::ctx::{Config, Ctx};
 use halfpipe::daemon::Daemon;
 use halfpipe::limits::KernelLimits;
 use halfpipe::policy::{self, Policy};
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -92,12 +95,31 @@ struct ClientArgs {
 
 #[derive(Args, Debug)]
 struct Common {
+    /// Read settings from this TOML file (keys named like the long flags);
+    /// flags given on the command line win.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Time open streams get to finish after Ctrl-C or SIGTERM.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
     /// How long the exit waits for a target to accept.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
+    /// How long a link peer has to complete the VERSIONS handshake (and the
+    /// exit to answer CREATE_FAST).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
+    /// How long a SOCKS client has to send its request.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    socks_timeout: Duration,
+    /// End a stream with END(TIMEOUT) and a reset after this long without a
+    /// byte read or written (off by default).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    idle_timeout: Option<Duration>,
+    /// Send a PADDING cell on a link after this long without writing
+    /// (and TCP keepalive on link sockets); 0 turns both off.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    keepalive: Duration,
     /// Streams in the whole process (capped at what the kernel allows).
     #[arg(long)]
     max_streams: Option<usize>,
@@ -133,6 +155,145 @@ fn parse_policy(s: &str) -> Result<Policy, String> {
     s.parse().map_err(|e: policy::PolicyError| e.to_string())
 }
 
+/// Applies the config file's entries to the flags of `command` that were
+/// not given on the command line (`m`: that command's matches). Keys that
+/// do not apply to the command (`listen` for `client`) are ignored.
+fn apply_config(
+    command: &mut Command,
+    m: &ArgMatches,
+    entries: &[Entry],
+    file: &str,
+) -> Result<(), String> {
+    let (mut socks, mut listen, mut exit, mut policy, mut circuits, common) = match command {
+        Command::Run(a) => (
+            Some(&mut a.socks),
+            None,
+            None,
+            Some(&mut a.exit_policy),
+            Some(&mut a.circuits),
+            &mut a.common,
+        ),
+        Command::Exit(a) => (
+            None,
+            Some(&mut a.listen),
+            None,
+            Some(&mut a.exit_policy),
+            None,
+            &mut a.common,
+        ),
+        Command::Client(a) => (
+            Some(&mut a.socks),
+            None,
+            Some(&mut a.exit),
+            None,
+            Some(&mut a.circuits),
+            &mut a.common,
+        ),
+        Command::Bench(_) | Command::Status(_) => return Ok(()),
+    };
+    for e in entries {
+        let id = e.key.replace('-', "_");
+        let on_command_line = m.ids().any(|i| i.as_str() == id)
+            && m.value_source(&id) == Some(ValueSource::CommandLine);
+        if on_command_line {
+            continue;
+        }
+        let v = e.value.as_str();
+        let dur = |v: &str| {
+            humantime::parse_duration(v).map_err(|err| {
+                format!("not a duration such as \"500ms\", \"10s\" or \"5m\" ({err})")
+            })
+        };
+        let count = |v: &str| v.parse::<usize>().map_err(|err| err.to_string());
+        let applied: Result<(), String> = {
+            match e.key {
+                "socks" => socks
+                    .as_deref_mut()
+                    .map(|f| parse_addr(v).map(|x| *f = x))
+                    .transpose()
+                    .map(drop),
+                "listen" => listen
+                    .as_deref_mut()
+                    .map(|f| parse_addr(v).map(|x| *f = x))
+                    .transpose()
+                    .map(drop),
+                "exit" => exit
+                    .as_deref_mut()
+                    .map(|f| parse_addr(v).map(|x| *f = x))
+                    .transpose()
+                    .map(drop),
+                "exit-policy" => policy
+                    .as_deref_mut()
+                    .map(|f| parse_policy(v).map(|x| *f = x))
+                    .transpose()
+                    .map(drop),
+                "circuits" => circuits
+                    .as_deref_mut()
+                    .map(|f| match v.parse::<u16>() {
+                        Ok(n @ 1..=32) => {
+                            *f = n;
+                            Ok(())
+                        }
+                        _ => Err("must be 1 to 32".to_owned()),
+                    })
+                    .transpose()
+                    .map(drop),
+                "grace" => dur(v).map(|x| common.grace = x),
+                "connect-timeout" => dur(v).map(|x| common.connect_timeout = x),
+                "handshake-timeout" => dur(v).map(|x| common.handshake_timeout = x),
+                "socks-timeout" => dur(v).map(|x| common.socks_timeout = x),
+                "idle-timeout" => dur(v).map(|x| common.idle_timeout = Some(x)),
+                "keepalive" => dur(v).map(|x| common.keepalive = x),
+                "max-streams" => count(v).map(|x| common.max_streams = Some(x)),
+                "max-streams-per-circuit" => count(v).map(|x| common.max_streams_per_circuit = x),
+                "max-circuits-per-link" => count(v).map(|x| common.max_circuits_per_link = x),
+                "log" => {
+                    common.log = v.to_owned();
+                    Ok(())
+                }
+                "status" => parse_addr(v).map(|x| common.status = Some(x)),
+                other => Err(format!("bug: key {other} not handled")),
+            }
+        };
+        applied.map_err(|err| format!("{file} line {}: {} = {}: {err}", e.line, e.key, e.shown))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+enum CliError {
+    /// A bad flag, or --help/--version: clap prints it and exits.
+    Clap(clap::Error),
+    /// A bad config file: one line, exit status 2.
+    Config(String),
+}
+
+/// Parses the command line and applies `--config FILE` under it.
+fn parse_command_line<I, T>(args: I) -> Result<Command, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = Cli::command()
+        .try_get_matches_from(args)
+        .map_err(CliError::Clap)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(CliError::Clap)?;
+    let sub = matches.subcommand().map(|(_, m)| m).unwrap_or(&matches);
+    let mut command = cli.command.unwrap_or(Command::Run(cli.run));
+    let path = match &command {
+        Command::Run(a) => a.common.config.clone(),
+        Command::Exit(a) => a.common.config.clone(),
+        Command::Client(a) => a.common.config.clone(),
+        Command::Bench(_) | Command::Status(_) => None,
+    };
+    if let Some(path) = path {
+        let entries = config_file::load(&path).map_err(CliError::Config)?;
+        apply_config(&mut command, sub, &entries, &path.display().to_string())
+            .map_err(CliError::Config)?;
+    }
+    Ok(command)
+}
+
 /// The process's settings. `edges` is 2 for `run`, where each stream takes
 /// a slot at both edges of the same process.
 fn config(common: &Common, policy: Policy, edges: usize) -> Config {
@@ -156,9 +317,12 @@ fn config(common: &Common, policy: Policy, edges: usize) -> Config {
         max_streams_per_circuit: common.max_streams_per_circuit,
         max_streams,
         connect_timeout: common.connect_timeout,
+        handshake_timeout: common.handshake_timeout,
+        socks_timeout: common.socks_timeout,
+        idle_timeout: common.idle_timeout.filter(|t| !t.is_zero()),
+        keepalive: Some(common.keepalive).filter(|t| !t.is_zero()),
         grace: common.grace,
         exit_policy: Arc::new(policy),
-        ..Config::default()
     }
 }
 
@@ -176,8 +340,13 @@ fn init_logging(filter: &str) {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let command = match cli.command.unwrap_or(Command::Run(cli.run)) {
+    let command = match parse_command_line(std::env::args_os()) {
+        Ok(c) => c,
+        // --help and --version print and exit 0.
+        Err(CliError::Clap(e)) => e.exit(),
+        Err(CliError::Config(msg)) => return fail(msg),
+    };
+    let command = match command {
         // The bench is a client program: no daemon logging or signals.
         Command::Bench(args) => return halfpipe::bench::main(*args),
         // So is `halfpipe status`.
@@ -287,4 +456,78 @@ fn main() -> ExitCode {
     let _ = sig_rx.recv();
     daemon.shutdown();
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(text: &str) -> std::path::PathBuf {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "halfpipe-unit-{}-{}.toml",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn parse(args: &[&str]) -> Result<Command, CliError> {
+        parse_command_line(std::iter::once("halfpipe").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn file_fills_what_the_command_line_leaves_and_flags_win() {
+        let path = file(
+            "listen = \"127.0.0.1:9101\"\ngrace = \"3s\"\nidle-timeout = \"1m\"\n\
+             max-streams = 7\ncircuits = 4\nkeepalive = \"0s\"\n",
+        );
+        let p = path.to_str().unwrap();
+        let Ok(Command::Exit(a)) = parse(&["exit", "--config", p, "--grace", "5s"]) else {
+            panic!("exit")
+        };
+        assert_eq!(a.listen, "127.0.0.1:9101".parse().unwrap());
+        assert_eq!(a.common.grace, Duration::from_secs(5), "the flag wins");
+        assert_eq!(a.common.idle_timeout, Some(Duration::from_secs(60)));
+        assert_eq!(a.common.max_streams, Some(7));
+        assert_eq!(a.common.keepalive, Duration::ZERO);
+        // Defaults the file does not mention stay.
+        assert_eq!(a.common.connect_timeout, Duration::from_secs(10));
+        // `circuits` does not apply to exit, `listen` not to run.
+        let Ok(Command::Run(r)) = parse(&["--config", p]) else {
+            panic!("run")
+        };
+        assert_eq!(r.circuits, 4);
+        assert_eq!(r.common.grace, Duration::from_secs(3));
+        let Ok(Command::Client(c)) = parse(&["client", "--config", p, "--circuits", "2"]) else {
+            panic!("client")
+        };
+        assert_eq!(c.circuits, 2);
+        std::fs::remove_file(path).unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_line() {
+        let path = file("# x\n\nexit-policy = \"allow everything\"\n");
+        let Err(CliError::Config(msg)) = parse(&["exit", "--config", path.to_str().unwrap()])
+        else {
+            panic!("a bad policy is an error")
+        };
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            msg.contains("line 3: exit-policy = \"allow everything\""),
+            "{msg}"
+        );
+        // A bad value for a key given on the command line is not checked:
+        // the flag replaces it.
+        let path = file("grace = \"later\"\n");
+        let p = path.to_str().unwrap();
+        assert!(parse(&["exit", "--config", p, "--grace", "1s"]).is_ok());
+        let Err(CliError::Config(msg)) = parse(&["exit", "--config", p]) else {
+            panic!("a bad duration is an error")
+        };
+        std::fs::remove_file(&path).unwrap();
+        assert!(msg.contains("line 1: grace = \"later\""), "{msg}");
+    }
 }

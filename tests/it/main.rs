@@ -3,6 +3,7 @@
 
 mod app;
 mod bench;
+mod limits;
 mod regression;
 mod resolve;
 mod smoke;

@@ -1,0 +1,380 @@
+//! Limits and timeouts from the command line (issue 3): `--handshake-timeout`,
+//! `--socks-timeout`, `--idle-timeout` (protocol.md §8: END(TIMEOUT) and a
+//! reset) and `--max-streams` for the whole process (§5: END(RESOURCELIMIT)).
+//! Waits are liveness waits (`PATIENCE`); no assertion depends on timing.
+
+use crate::util::*;
+use halfpipe::cell::cmd;
+use halfpipe::relay::{end_reason, relay_cmd};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+// ------------------------------------------------- helpers (as in wire.rs)
+
+/// A CircID with the top bit set that no other test in this module uses.
+fn fresh_circ() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(0x8000_3000);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// The next cell that is not a SENDME or PADDING.
+fn next(l: &mut RawLink) -> RawCell {
+    l.recv_non_sendme().expect("the exit closed the link")
+}
+
+/// The next non-SENDME cell must be this relay command; returns its body.
+fn expect_relay(l: &mut RawLink, circ: u32, command: u8, stream: u16) -> Vec<u8> {
+    let c = next(l);
+    assert_eq!(c.command, cmd::RELAY, "expected a relay cell, got {c:?}");
+    let (rc, sid, body) = c.relay();
+    assert!(
+        c.circ == circ && rc == command && sid == stream,
+        "expected RELAY {} on circ {circ:#x} stream {stream}, got {} on {:#x} stream {sid}",
+        relay_cmd::name(command),
+        relay_cmd::name(rc),
+        c.circ
+    );
+    body
+}
+
+/// Target servers whose connections the test drives by hand.
+struct Targets {
+    addr: SocketAddr,
+    conns: mpsc::Receiver<TcpStream>,
+}
+
+impl Targets {
+    fn new() -> Targets {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, conns) = mpsc::channel();
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { break };
+                if tx.send(conn).is_err() {
+                    break;
+                }
+            }
+        });
+        Targets { addr, conns }
+    }
+
+    /// The next connection the daemon made to us.
+    fn accept(&self) -> TcpStream {
+        let s = self
+            .conns
+            .recv_timeout(PATIENCE)
+            .expect("the daemon never connected to the target");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s
+    }
+}
+
+/// BEGIN to `t`, CONNECTED back; returns the target's end.
+fn open_stream(l: &mut RawLink, circ: u32, stream: u16, t: &Targets) -> TcpStream {
+    l.send_relay(
+        circ,
+        relay_cmd::BEGIN,
+        stream,
+        &begin_body(&t.addr.to_string()),
+    );
+    expect_relay(l, circ, relay_cmd::CONNECTED, stream);
+    t.accept()
+}
+
+/// Reads until the peer closes (EOF or reset); returns what came.
+fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut v = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return v,
+            Ok(n) => v.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return v,
+            Err(e) => panic!("expected the daemon to close, got {e}"),
+        }
+    }
+}
+
+/// §8: the socket sees a reset, not an EOF. A socket that has not read
+/// EOF gets ECONNRESET from read; one that has shows the reset as
+/// POLLHUP/POLLERR and its socket error.
+fn expect_reset(s: &mut TcpStream) {
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return,
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => panic!("expected a reset, got {e}"),
+        }
+    }
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    // SAFETY: poll(2) on one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, PATIENCE.as_millis() as i32) };
+    assert_eq!(n, 1, "saw EOF and no reset");
+    let err = s.take_error().unwrap();
+    assert!(
+        matches!(
+            err.as_ref().and_then(io::Error::raw_os_error),
+            Some(libc::EPIPE | libc::ECONNRESET)
+        ),
+        "saw EOF, then {err:?}, not a reset"
+    );
+}
+
+// ------------------------------------------------------------------ tests
+
+#[test]
+fn handshake_timeout_flag_closes_a_silent_link() {
+    // protocol.md §1 with `--handshake-timeout 1s` instead of 10 s.
+    let d = Daemon::exit(&["--handshake-timeout", "1s"]);
+    let mut silent = TcpStream::connect(d.link()).unwrap();
+    assert!(
+        read_until_closed(&mut silent).is_empty(),
+        "no VERSIONS sent"
+    );
+    d.wait_for_log("no complete VERSIONS within 1s");
+    // Other links are unaffected.
+    RawLink::connect(d.link()).create_circuit(fresh_circ());
+}
+
+#[test]
+fn socks_timeout_flag_closes_a_silent_socks_client() {
+    let d = Daemon::run(&["--socks-timeout", "1s"]);
+    let mut silent = TcpStream::connect(d.socks()).unwrap();
+    assert!(read_until_closed(&mut silent).is_empty(), "no SOCKS reply");
+    // A SOCKS client that talks is served as usual.
+    let echo = Server::echo();
+    let mut s = socks5(d.socks(), "127.0.0.1", echo.addr.port(), None).expect("CONNECT");
+    s.write_all(b"x").unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"x");
+}
+
+#[test]
+fn idle_timeout_resets_idle_streams_and_spares_active_ones() {
+    // protocol.md §8: an idle stream is an error on the stream: END(TIMEOUT)
+    // and a reset at both ends. `halfpipe run` has both edges; whichever
+    // notices first sends END, the other resets on receipt.
+    let d = Daemon::run(&["--exit-policy", "accept *:*", "--idle-timeout", "1s"]);
+    let t = Targets::new();
+    let mut idle = socks5(d.socks(), "127.0.0.1", t.addr.port(), None).expect("CONNECT");
+    let mut idle_target = t.accept();
+    let mut active = socks5(d.socks(), "127.0.0.1", t.addr.port(), None).expect("CONNECT");
+    let mut active_target = t.accept();
+    // Keep one stream busy while the other idles until it is reset.
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let pinger = thread::spawn(move || {
+        let mut b = [0u8; 1];
+        let mut n = 0u64;
+        while done_rx.try_recv().is_err() {
+            active.write_all(b"p").unwrap();
+            active_target.read_exact(&mut b).unwrap();
+            active_target.write_all(b"q").unwrap();
+            active.read_exact(&mut b).unwrap();
+            n += 1;
+            thread::sleep(Duration::from_millis(100));
+        }
+        (active, active_target, n)
+    });
+    idle.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut buf = [0u8; 16];
+    match idle.read(&mut buf) {
+        Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+        other => panic!("the idle stream's application expected ECONNRESET, got {other:?}"),
+    }
+    expect_reset(&mut idle_target);
+    done_tx.send(()).unwrap();
+    let (mut active, mut active_target, pings) = pinger.join().unwrap();
+    assert!(pings > 0);
+    // The active stream is still open both ways.
+    active.write_all(b"still").unwrap();
+    let mut five = [0u8; 5];
+    active_target.read_exact(&mut five).unwrap();
+    assert_eq!(&five, b"still");
+    active_target.write_all(b"here").unwrap();
+    let mut four = [0u8; 4];
+    active.read_exact(&mut four).unwrap();
+    assert_eq!(&four, b"here");
+    d.wait_for_log("END(TIMEOUT)");
+}
+
+#[test]
+fn max_streams_is_process_wide_end_resourcelimit() {
+    // protocol.md §5: "stream limit reached | RESOURCELIMIT (11)", here
+    // `--max-streams 2` over the whole process: two circuits, one stream
+    // each, and a third BEGIN on either circuit is refused.
+    let d = Daemon::exit(&["--exit-policy", "accept *:*", "--max-streams", "2"]);
+    let t = Targets::new();
+    let (a, b) = (fresh_circ(), fresh_circ());
+    let mut l = RawLink::connect(d.link());
+    l.create_circuit(a);
+    l.create_circuit(b);
+    let _t1 = open_stream(&mut l, a, 1, &t);
+    let _t2 = open_stream(&mut l, b, 1, &t);
+    l.send_relay(a, relay_cmd::BEGIN, 2, &begin_body(&t.addr.to_string()));
+    let body = expect_relay(&mut l, a, relay_cmd::END, 2);
+    assert_eq!(body.first().copied(), Some(end_reason::RESOURCELIMIT));
+    // Ending a stream makes room again, once the exit has released it.
+    l.send_relay(b, relay_cmd::END, 1, &[end_reason::DONE]);
+    let deadline = Instant::now() + PATIENCE;
+    let mut sid = 10;
+    loop {
+        l.send_relay(a, relay_cmd::BEGIN, sid, &begin_body(&t.addr.to_string()));
+        let c = next(&mut l);
+        let (rc, s, body) = c.relay();
+        assert_eq!(s, sid);
+        if rc == relay_cmd::CONNECTED {
+            break;
+        }
+        assert_eq!(
+            (rc, body.first().copied()),
+            (relay_cmd::END, Some(end_reason::RESOURCELIMIT))
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the ended stream never left the limit"
+        );
+        thread::sleep(Duration::from_millis(10));
+        sid += 1;
+    }
+}
+
+// ------------------------------------------------------- keepalive (§2)
+
+#[test]
+fn keepalive_sends_padding_on_an_idle_link() {
+    // protocol.md §2: PADDING (0) is a keepalive, ignored on receipt.
+    let d = Daemon::exit(&["--keepalive", "200ms"]);
+    let mut l = RawLink::connect(d.link());
+    for _ in 0..2 {
+        let c = l.recv_cell().expect("the exit closed the link");
+        assert_eq!((c.circ, c.command), (0, cmd::PADDING), "{c:?}");
+    }
+    // PADDING back is ignored, and the link still works.
+    l.send_cell(0, cmd::PADDING, &[]);
+    l.create_circuit(fresh_circ());
+}
+
+// ------------------------------------------------------- --config FILE
+
+/// Writes `text` to a file of its own in the temp directory.
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("halfpipe-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn config_file_values_take_effect_and_flags_win() {
+    let path = config_file(
+        "exit",
+        "# test\nlisten = \"127.0.0.1:0\"\nexit-policy = \"accept 127.0.0.1:7,reject *:*\"\n\
+         handshake-timeout = \"1s\"\nsocks = \"127.0.0.1:1\"  # not for exit: ignored\n",
+    );
+    let p = path.to_str().unwrap();
+    // No --listen: the file's ephemeral port is used, not 9001.
+    let d = Daemon::start(&["exit", "--config", p], false, true);
+    assert_ne!(d.link().port(), 9001);
+    assert!(
+        d.stdout()
+            .contains("exit policy: accept 127.0.0.1:7, reject *:*"),
+        "{}",
+        d.stdout()
+    );
+    let mut silent = TcpStream::connect(d.link()).unwrap();
+    assert!(read_until_closed(&mut silent).is_empty());
+    d.wait_for_log("no complete VERSIONS within 1s");
+    drop(d);
+    // A flag on the command line wins over the file.
+    let d = Daemon::start(
+        &["exit", "--config", p, "--exit-policy", "reject *:*"],
+        false,
+        true,
+    );
+    assert!(
+        d.stdout().contains("exit policy: reject *:*"),
+        "{}",
+        d.stdout()
+    );
+    drop(d);
+    let _ = std::fs::remove_file(path);
+}
+
+#[test]
+fn config_file_unknown_key_is_exit_2_with_key_and_line() {
+    let path = config_file("bad", "grace = \"1s\"\n\nbogus-key = 1\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_halfpipe"))
+        .args([
+            "exit",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("line 3") && err.contains("bogus-key"), "{err}");
+    // A bad value names its key and line too.
+    let path = config_file("badvalue", "\nconnect-timeout = \"soon\"\n");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_halfpipe"))
+        .args([
+            "exit",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            path.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(
+        err.contains("line 2") && err.contains("connect-timeout"),
+        "{err}"
+    );
+}
+
+// ------------------------------------------------------ log rate limit
+
+#[test]
+fn protocol_violation_warnings_are_rate_limited() {
+    // A peer that fails the §1 handshake over and over: the warnings are
+    // limited, and one line says how many were left out.
+    let d = Daemon::exit(&[]);
+    let deadline = Instant::now() + PATIENCE;
+    let mut sent = 0;
+    while !d.log().contains("more protocol violations suppressed") {
+        assert!(Instant::now() < deadline, "never suppressed:\n{}", d.log());
+        let mut socks: Vec<TcpStream> = (0..40)
+            .map(|_| TcpStream::connect(d.link()).unwrap())
+            .collect();
+        for s in &mut socks {
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        }
+        for s in &mut socks {
+            read_until_closed(s);
+        }
+        sent += socks.len();
+    }
+    assert!(d.log_count("link handshake failed") < sent, "{}", d.log());
+}
