@@ -7,132 +7,15 @@ use crate::util::*;
 use halfpipe::cell::cmd;
 use halfpipe::relay::{end_reason, relay_cmd};
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-// ------------------------------------------------- helpers (as in wire.rs)
-
-/// A CircID with the top bit set that no other test in this module uses.
-fn fresh_circ() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(0x8000_3000);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// The next cell that is not a SENDME or PADDING.
-fn next(l: &mut RawLink) -> RawCell {
-    l.recv_non_sendme().expect("the exit closed the link")
-}
-
-/// The next non-SENDME cell must be this relay command; returns its body.
-fn expect_relay(l: &mut RawLink, circ: u32, command: u8, stream: u16) -> Vec<u8> {
-    let c = next(l);
-    assert_eq!(c.command, cmd::RELAY, "expected a relay cell, got {c:?}");
-    let (rc, sid, body) = c.relay();
-    assert!(
-        c.circ == circ && rc == command && sid == stream,
-        "expected RELAY {} on circ {circ:#x} stream {stream}, got {} on {:#x} stream {sid}",
-        relay_cmd::name(command),
-        relay_cmd::name(rc),
-        c.circ
-    );
-    body
-}
-
-/// Target servers whose connections the test drives by hand.
-struct Targets {
-    addr: SocketAddr,
-    conns: mpsc::Receiver<TcpStream>,
-}
-
-impl Targets {
-    fn new() -> Targets {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, conns) = mpsc::channel();
-        thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { break };
-                if tx.send(conn).is_err() {
-                    break;
-                }
-            }
-        });
-        Targets { addr, conns }
-    }
-
-    /// The next connection the daemon made to us.
-    fn accept(&self) -> TcpStream {
-        let s = self
-            .conns
-            .recv_timeout(PATIENCE)
-            .expect("the daemon never connected to the target");
-        s.set_read_timeout(Some(PATIENCE)).unwrap();
-        s
-    }
-}
-
-/// BEGIN to `t`, CONNECTED back; returns the target's end.
-fn open_stream(l: &mut RawLink, circ: u32, stream: u16, t: &Targets) -> TcpStream {
-    l.send_relay(
-        circ,
-        relay_cmd::BEGIN,
-        stream,
-        &begin_body(&t.addr.to_string()),
-    );
-    expect_relay(l, circ, relay_cmd::CONNECTED, stream);
-    t.accept()
-}
-
-/// Reads until the peer closes (EOF or reset); returns what came.
-fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut v = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return v,
-            Ok(n) => v.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return v,
-            Err(e) => panic!("expected the daemon to close, got {e}"),
-        }
-    }
-}
-
-/// §8: the socket sees a reset, not an EOF. A socket that has not read
-/// EOF gets ECONNRESET from read; one that has shows the reset as
-/// POLLHUP/POLLERR and its socket error.
-fn expect_reset(s: &mut TcpStream) {
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return,
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) => panic!("expected a reset, got {e}"),
-        }
-    }
-    let mut pfd = libc::pollfd {
-        fd: s.as_raw_fd(),
-        events: 0,
-        revents: 0,
-    };
-    // SAFETY: poll(2) on one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, PATIENCE.as_millis() as i32) };
-    assert_eq!(n, 1, "saw EOF and no reset");
-    let err = s.take_error().unwrap();
-    assert!(
-        matches!(
-            err.as_ref().and_then(io::Error::raw_os_error),
-            Some(libc::EPIPE | libc::ECONNRESET)
-        ),
-        "saw EOF, then {err:?}, not a reset"
-    );
-}
+// Raw-link helpers are shared with wire.rs.
+use crate::wire::{
+    expect_relay, expect_reset, fresh_circ, next, open_stream, read_until_closed, Targets,
+};
 
 // ------------------------------------------------------------------ tests
 

@@ -36,7 +36,7 @@ fn open_exit(extra: &[&str]) -> Daemon {
 }
 
 /// A CircID with the top bit set that no other test uses.
-fn fresh_circ() -> u32 {
+pub(crate) fn fresh_circ() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0x8000_1000);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
@@ -54,7 +54,7 @@ fn linked(d: &Daemon, circ: u32) -> RawLink {
     l
 }
 
-fn relay_of(c: &RawCell) -> Option<(u8, u16, Vec<u8>)> {
+pub(crate) fn relay_of(c: &RawCell) -> Option<(u8, u16, Vec<u8>)> {
     if c.command != cmd::RELAY {
         return None;
     }
@@ -92,7 +92,7 @@ fn is_relay(c: &RawCell, circ: u32, command: u8, stream: u16) -> bool {
 }
 
 /// The next cell that is not a SENDME or PADDING.
-fn next(l: &mut RawLink) -> RawCell {
+pub(crate) fn next(l: &mut RawLink) -> RawCell {
     l.recv_non_sendme().expect("the exit closed the link")
 }
 
@@ -107,7 +107,7 @@ fn expect_destroy(l: &mut RawLink, circ: u32, reason: u8) {
 }
 
 /// The next non-SENDME cell must be this relay command; returns its body.
-fn expect_relay(l: &mut RawLink, circ: u32, command: u8, stream: u16) -> Vec<u8> {
+pub(crate) fn expect_relay(l: &mut RawLink, circ: u32, command: u8, stream: u16) -> Vec<u8> {
     let c = next(l);
     match relay_of(&c) {
         Some((rc, sid, body)) if c.circ == circ && rc == command && sid == stream => body,
@@ -188,13 +188,13 @@ fn recv_data(l: &mut RawLink, circ: u32, stream: u16, len: usize) -> Vec<u8> {
 }
 
 /// Target servers whose connections the test drives by hand.
-struct Targets {
-    addr: SocketAddr,
+pub(crate) struct Targets {
+    pub(crate) addr: SocketAddr,
     conns: mpsc::Receiver<TcpStream>,
 }
 
 impl Targets {
-    fn new() -> Targets {
+    pub(crate) fn new() -> Targets {
         Targets::on("127.0.0.1:0")
     }
 
@@ -219,7 +219,7 @@ impl Targets {
     }
 
     /// The next connection the exit made to us.
-    fn accept(&self) -> TcpStream {
+    pub(crate) fn accept(&self) -> TcpStream {
         let s = self
             .conns
             .recv_timeout(PATIENCE)
@@ -230,7 +230,7 @@ impl Targets {
 }
 
 /// BEGIN to `targets`, CONNECTED back; returns the target's end.
-fn open_stream(l: &mut RawLink, circ: u32, stream: u16, targets: &Targets) -> TcpStream {
+pub(crate) fn open_stream(l: &mut RawLink, circ: u32, stream: u16, targets: &Targets) -> TcpStream {
     l.send_relay(
         circ,
         relay_cmd::BEGIN,
@@ -281,7 +281,7 @@ fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
 /// CLOSE_WAIT). There the reset shows as POLLHUP/POLLERR and as the socket
 /// error (EPIPE); a normal close by the exit shows neither, since the
 /// target's side stays in CLOSE_WAIT.
-fn expect_reset(s: &mut TcpStream) {
+pub(crate) fn expect_reset(s: &mut TcpStream) {
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut buf = [0u8; 4096];
     loop {
@@ -376,7 +376,7 @@ fn unanswering() -> Unanswering {
 }
 
 /// Reads until the peer closes the connection; returns what it sent.
-fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
+pub(crate) fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 1024];
