@@ -439,7 +439,7 @@ impl Circuit {
         }
         if entry
             .stream
-            .accept_data(rc.body.len())
+            .accept_data()
             .map_err(|(kind, why)| violation(kind, why))?
         {
             let (bytes, ends) = entry.batch.get_or_insert_with(|| {

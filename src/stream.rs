@@ -178,7 +178,7 @@ impl Stream {
 
     /// A DATA cell for this stream arrived (circuit thread): §7 says whether
     /// it may be delivered, §10 counts it against the deliver window.
-    pub fn accept_data(&self, len: usize) -> Result<bool, (ViolationKind, String)> {
+    pub fn accept_data(&self) -> Result<bool, (ViolationKind, String)> {
         let mut st = self.state.lock();
         let step = st
             .hc
@@ -191,7 +191,6 @@ impl Stream {
             .on_data()
             .map_err(|v: FlowViolation| (ViolationKind::FlowControl, v.to_string()))?;
         st.counters.cells_received += 1;
-        let _ = len;
         Ok(true)
     }
 
@@ -641,11 +640,6 @@ fn write_cells(stream: &Stream, sock: &Socket, bytes: &[u8], ends: &[u32]) -> io
             Err(e) => return Err(e),
         }
     }
-}
-
-/// Reads the state's socket for status output.
-pub fn socket_of(stream: &Stream) -> Option<Arc<Socket>> {
-    stream.state.lock().socket.clone()
 }
 
 /// Builds a fresh stream state (both edges).

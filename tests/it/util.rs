@@ -462,16 +462,22 @@ impl RawLink {
         assert!(kdf::check_created_fast(&x, &c.payload), "KH checks");
     }
 
+    /// A whole cell already in the buffer, if there is one.
+    fn take_cell(&mut self) -> Option<RawCell> {
+        let (c, used) = cell::decode(&self.buf)?;
+        let rc = RawCell {
+            circ: c.circ_id,
+            command: c.command,
+            payload: c.payload.to_vec(),
+        };
+        self.buf.drain(..used);
+        Some(rc)
+    }
+
     /// The next cell, or None if the exit closed the link.
     pub fn recv_cell(&mut self) -> Option<RawCell> {
         loop {
-            if let Some((c, used)) = cell::decode(&self.buf) {
-                let rc = RawCell {
-                    circ: c.circ_id,
-                    command: c.command,
-                    payload: c.payload.to_vec(),
-                };
-                self.buf.drain(..used);
+            if let Some(rc) = self.take_cell() {
                 return Some(rc);
             }
             let mut chunk = [0u8; 65536];
@@ -489,13 +495,7 @@ impl RawLink {
     pub fn recv_cell_within(&mut self, wait: Duration) -> Option<RawCell> {
         let deadline = Instant::now() + wait;
         loop {
-            if let Some((c, used)) = cell::decode(&self.buf) {
-                let rc = RawCell {
-                    circ: c.circ_id,
-                    command: c.command,
-                    payload: c.payload.to_vec(),
-                };
-                self.buf.drain(..used);
+            if let Some(rc) = self.take_cell() {
                 return Some(rc);
             }
             let left = deadline.saturating_duration_since(Instant::now());
