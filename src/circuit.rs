@@ -7,11 +7,11 @@
 //! blocking calls are `recv` on its own inbox and, when the circuit ends,
 //! joining its streams' threads.
 
-use crate::cell::{self, destroy_reason, CELL_LEN};
+use crate::cell::{destroy_reason, CELL_LEN};
 use crate::ctx::{Ctx, StreamSlot};
 use crate::flow::{CircuitDeliverWindow, PackageWindow};
 use crate::halfclose::{Action, Event};
-use crate::link::Link;
+use crate::link::{Link, LinkTx};
 use crate::metrics::{Dir, Limit, Tally, ViolationKind};
 use crate::monitor::Monitor;
 use crate::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
@@ -131,6 +131,9 @@ impl RecentlyClosed {
 pub struct Circuit {
     ctx: Arc<Ctx>,
     link: Arc<Link>,
+    /// This circuit's sender on the link: its cells (and its streams')
+    /// are dropped once its CircID is freed (`link::Gate`).
+    link_tx: LinkTx,
     role: Role,
     wire: u32,
     local: u32,
@@ -175,6 +178,7 @@ fn violation(kind: ViolationKind, why: impl Into<String>) -> End {
 impl Circuit {
     pub fn new(
         link: Arc<Link>,
+        link_tx: LinkTx,
         wire: u32,
         local: u32,
         tx: Sender<CircMsg>,
@@ -196,6 +200,7 @@ impl Circuit {
             role: link.role,
             name: format!("{}.{}", link.id, local),
             link,
+            link_tx,
             wire,
             local,
             tx,
@@ -218,10 +223,16 @@ impl Circuit {
         }
     }
 
+    /// Enters the circuit in the process's table (status, shutdown, the
+    /// circuit limit); false if the process is at its circuit limit. Done
+    /// by the creator before the thread starts; `run` removes the entry.
+    pub fn register(&self) -> bool {
+        self.ctx
+            .register_circuit(self.local, self.tx.clone(), self.view.clone())
+    }
+
     pub fn run(mut self) {
         self.view.set_tid();
-        self.ctx
-            .register_circuit(self.local, self.tx.clone(), self.view.clone());
         tracing::info!(circuit = %self.name, "circuit opened (CircID {:#010x})", self.wire);
         // `--idle-timeout`: streams are checked on a tick, so the loop
         // never blocks longer than that (and never blocks on a stream).
@@ -354,7 +365,7 @@ impl Circuit {
             }
         }
         if !self.out.is_empty() {
-            let _ = self.link.tx.send(std::mem::take(&mut self.out));
+            let _ = self.link_tx.send(std::mem::take(&mut self.out));
         }
         self.ctx.metrics.add(Dir::Received, &mut self.tally);
         self.view.set_deliver_window(self.deliver.value());
@@ -734,7 +745,7 @@ impl Circuit {
             role: self.role,
             target,
             wire_circ: self.wire,
-            link: self.link.tx.clone(),
+            link: self.link_tx.clone(),
             circuit_window: self.package.clone(),
             circuit_tx: self.tx.clone(),
             state: Monitor::new(stream::new_state(socket)),
@@ -868,8 +879,6 @@ impl Circuit {
     }
 
     fn teardown(mut self, end: End) {
-        // §3: later cells on this CircID are dropped; the CircID is free.
-        self.link.circuit_ended(self.wire, self.local);
         let cause = match &end {
             End::Violation(..) => "protocol violation, DESTROY(PROTOCOL) sent".to_string(),
             End::Destroyed(reason) => {
@@ -925,12 +934,9 @@ impl Circuit {
             End::Idle => Some(destroy_reason::FINISHED),
             End::Destroyed(_) | End::LinkClosed => None,
         };
-        if let Some(reason) = destroy {
-            // After the ENDs: the peer sees every stream's END first.
-            let mut out = Vec::with_capacity(CELL_LEN);
-            cell::encode_destroy(&mut out, self.wire, reason);
-            let _ = self.link.tx.send(out);
-        }
+        // §3: after the ENDs (the peer sees every stream's END first), the
+        // DESTROY; then the CircID is free and later cells on it dropped.
+        self.link.circuit_ended(self.wire, self.local, destroy);
         self.package.close();
         // Waiting SOCKS resolves get a failure when their sender drops.
         self.pending_resolves.clear();

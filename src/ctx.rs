@@ -142,8 +142,21 @@ impl Ctx {
         self.shutting_down.store(true, Ordering::Release);
     }
 
-    pub fn register_circuit(&self, local: u32, tx: Sender<CircMsg>, view: Arc<CircuitView>) {
-        self.circuits.lock().insert(local, (tx, view));
+    /// Enters a circuit before its thread starts, if there is room under
+    /// `limits::MAX_CIRCUITS`. Check and entry are one step, so links that
+    /// create circuits at the same moment cannot overshoot the limit.
+    pub fn register_circuit(
+        &self,
+        local: u32,
+        tx: Sender<CircMsg>,
+        view: Arc<CircuitView>,
+    ) -> bool {
+        let mut circuits = self.circuits.lock();
+        if circuits.len() >= crate::limits::MAX_CIRCUITS {
+            return false;
+        }
+        circuits.insert(local, (tx, view));
+        true
     }
 
     /// The views of every live circuit (for a status snapshot).

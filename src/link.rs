@@ -20,7 +20,7 @@ use crate::metrics::{Dir, Metrics, Tally, ViolationKind};
 use crate::monitor::{Monitor, Stopped};
 use crate::threads;
 use crossbeam_channel::{Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -56,6 +56,33 @@ pub struct LinkTx {
     control_queued: Arc<AtomicUsize>,
     /// To cut the link off when its peer stops reading.
     socket: Arc<TcpStream>,
+    /// On a circuit's copy: that circuit's gate (see `Gate`).
+    gate: Option<Arc<Gate>>,
+}
+
+/// Whether a circuit may still put cells on the link (protocol.md §3).
+///
+/// A circuit's cells are queued by several threads (its own, and each
+/// stream's packager and deliverer) while the CircID can be freed by the
+/// link reader (the peer's DESTROY) or by the circuit itself. Once the
+/// CircID is free the peer may create a new circuit on it at once; a cell
+/// of the old circuit queued after that would be read as the new one's.
+/// So every send holds the gate open for its (non-blocking) enqueue, and
+/// the CircID is freed only after the gate is closed, under the link's
+/// circuit table lock.
+#[derive(Default)]
+pub struct Gate(RwLock<bool>);
+
+impl Gate {
+    fn open() -> Arc<Gate> {
+        Arc::new(Gate(RwLock::new(true)))
+    }
+
+    /// Waits out sends in progress (each a non-blocking enqueue); after
+    /// this no cell of the circuit is queued.
+    fn close(&self) {
+        *self.0.write() = false;
+    }
 }
 
 /// The link's writer is gone: the link is closing.
@@ -64,8 +91,21 @@ pub struct LinkTx {
 pub struct LinkGone;
 
 impl LinkTx {
+    /// The sender for one circuit: its cells are dropped once `gate` is
+    /// closed.
+    fn for_circuit(&self, gate: Arc<Gate>) -> LinkTx {
+        LinkTx {
+            gate: Some(gate),
+            ..self.clone()
+        }
+    }
+
     /// Queues control cells (whole cells, concatenated). Never blocks.
     pub fn send(&self, bytes: Vec<u8>) -> Result<(), LinkGone> {
+        let open = self.gate.as_ref().map(|g| g.0.read());
+        if open.as_deref() == Some(&false) {
+            return Err(LinkGone); // the circuit is gone (§3)
+        }
         let queued = self.control_queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
         if queued > MAX_CONTROL_QUEUED {
             tracing::warn!(
@@ -100,6 +140,12 @@ impl LinkTx {
 
     /// Queues `data_cells` DATA cells for which room was reserved.
     pub fn send_data(&self, bytes: Vec<u8>, data_cells: u32) -> Result<(), LinkGone> {
+        let open = self.gate.as_ref().map(|g| g.0.read());
+        if open.as_deref() == Some(&false) {
+            // The circuit is gone but the link lives on: its room is not.
+            self.room.update(|room| *room += data_cells);
+            return Err(LinkGone);
+        }
         self.tx
             .send(WriterMsg::Cells { bytes, data_cells })
             .map_err(|_| LinkGone)
@@ -123,6 +169,7 @@ enum CircSlot {
     Live {
         tx: Sender<CircMsg>,
         local: u32,
+        gate: Arc<Gate>,
         /// None for the moment between spawn and the handle being stored.
         thread: Option<JoinHandle<()>>,
     },
@@ -197,6 +244,7 @@ impl Link {
                 room,
                 control_queued,
                 socket: socket.clone(),
+                gate: None,
             },
             ctx: ctx.clone(),
             socket,
@@ -422,7 +470,12 @@ impl Link {
         self.ctx.metrics.destroy_received(reason);
         let mut table = self.table.lock();
         match table.by_wire_id.remove(&wire) {
-            Some(CircSlot::Live { tx, thread, .. }) => {
+            Some(CircSlot::Live {
+                tx, thread, gate, ..
+            }) => {
+                // Before the CircID is free again: nothing of the old
+                // circuit may follow a new circuit's CREATED_FAST.
+                gate.close();
                 let _ = tx.send(CircMsg::Destroyed { reason });
                 table.finished.extend(thread);
                 table.reap();
@@ -517,14 +570,31 @@ impl Link {
     ) -> io::Result<()> {
         let local = self.ctx.next_circuit_id();
         let (tx, rx) = crossbeam_channel::unbounded();
-        let circuit =
-            circuit::Circuit::new(self.clone(), wire, local, tx.clone(), rx, idle_timeout);
-        let handle = threads::spawn(format!("circ {}.{}", self.id, local), move || circuit.run())?;
+        let gate = Gate::open();
+        let link_tx = self.tx.for_circuit(gate.clone());
+        let circuit = circuit::Circuit::new(
+            self.clone(),
+            link_tx,
+            wire,
+            local,
+            tx.clone(),
+            rx,
+            idle_timeout,
+        );
+        if !circuit.register() {
+            return Err(io::Error::other(format!(
+                "the process holds {} circuits already",
+                crate::limits::MAX_CIRCUITS
+            )));
+        }
+        let handle = threads::spawn(format!("circ {}.{}", self.id, local), move || circuit.run())
+            .inspect_err(|_| self.ctx.unregister_circuit(local))?;
         table.by_wire_id.insert(
             wire,
             CircSlot::Live {
                 tx,
                 local,
+                gate,
                 thread: Some(handle),
             },
         );
@@ -586,13 +656,20 @@ impl Link {
         }
     }
 
-    /// Called by a circuit thread that ends on its own (violation, shutdown):
-    /// its CircID is free again and its later cells are dropped (§3).
-    pub fn circuit_ended(&self, wire: u32, local: u32) {
+    /// Called by a circuit thread as it ends, once its streams are aborted:
+    /// closes its gate, queues its DESTROY if it sends one (after every END
+    /// its streams sent), and frees its CircID (§3), all under the table
+    /// lock, so that a new circuit on the CircID cannot come in between.
+    /// If the peer destroyed it, the link reader has done all this already.
+    pub fn circuit_ended(&self, wire: u32, local: u32, destroy: Option<u8>) {
         let mut table = self.table.lock();
         let ours = matches!(table.by_wire_id.get(&wire), Some(CircSlot::Live { local: l, .. }) if *l == local);
         if ours {
-            if let Some(CircSlot::Live { thread, .. }) = table.by_wire_id.remove(&wire) {
+            if let Some(CircSlot::Live { thread, gate, .. }) = table.by_wire_id.remove(&wire) {
+                gate.close();
+                if let Some(reason) = destroy {
+                    self.send_destroy(wire, reason);
+                }
                 table.finished.extend(thread);
             }
             table.reap();

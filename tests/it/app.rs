@@ -20,7 +20,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
-const MIB: usize = 1 << 20;
+pub(crate) const MIB: usize = 1 << 20;
 
 // §7 event table, as the edges log the rows.
 /// Row 1: read() returns EOF in OPEN: send FIN.
@@ -34,12 +34,12 @@ const ROW4: &str = "DONE_PACKAGING => CLOSED (FinReceived)";
 
 // ---------------------------------------------------------------- helpers
 
-fn sha(data: &[u8]) -> [u8; 32] {
+pub(crate) fn sha(data: &[u8]) -> [u8; 32] {
     Sha256::digest(data).into()
 }
 
 /// Compares big buffers without printing megabytes on failure.
-fn assert_same(got: &[u8], want: &[u8], what: &str) {
+pub(crate) fn assert_same(got: &[u8], want: &[u8], what: &str) {
     if got != want {
         let at = got.iter().zip(want).position(|(a, b)| a != b);
         panic!(
@@ -51,13 +51,13 @@ fn assert_same(got: &[u8], want: &[u8], what: &str) {
 }
 
 /// §8 from the outside: SO_LINGER 0, then close, so the peer gets a RST.
-fn reset(s: TcpStream) {
+pub(crate) fn reset(s: TcpStream) {
     SockRef::from(&s).set_linger(Some(Duration::ZERO)).unwrap();
     drop(s);
 }
 
 /// Reads until EOF or an error: what was read, and how reading ended.
-fn read_until_end(s: &mut impl Read) -> (Vec<u8>, io::Result<()>) {
+pub(crate) fn read_until_end(s: &mut impl Read) -> (Vec<u8>, io::Result<()>) {
     let mut out = Vec::new();
     let mut buf = vec![0u8; 256 * 1024];
     loop {
@@ -84,7 +84,7 @@ fn read_to_eof(s: &mut impl Read, what: &str) -> Vec<u8> {
 
 /// A SOCKS5 stream to 127.0.0.1:`port` through `d`, with reads bounded by
 /// PATIENCE so that a lost byte fails the test instead of hanging it.
-fn open(d: &Daemon, port: u16) -> TcpStream {
+pub(crate) fn open(d: &Daemon, port: u16) -> TcpStream {
     let s = socks5(d.socks(), "127.0.0.1", port, None)
         .unwrap_or_else(|code| panic!("SOCKS5 CONNECT failed with {code:#04x}:\n{}", d.log()));
     s.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -102,7 +102,7 @@ fn recv<T>(rx: &mpsc::Receiver<T>, what: &str) -> T {
 }
 
 /// Polls `f` until it returns Some, for at most PATIENCE.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub(crate) fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + PATIENCE;
     loop {
         if let Some(v) = f() {
@@ -162,7 +162,7 @@ fn wait_closed(d: &Daemon, stream: &str) -> &'static str {
 /// chunks so that hundreds of streams need no big buffers: every chunk is
 /// a shared pattern with the stream ID and the chunk number written over
 /// its first 8 bytes.
-fn payload_chunks(id: u32, len: usize) -> impl Iterator<Item = Vec<u8>> {
+pub(crate) fn payload_chunks(id: u32, len: usize) -> impl Iterator<Item = Vec<u8>> {
     static BASE: OnceLock<Vec<u8>> = OnceLock::new();
     let base = BASE.get_or_init(|| pattern(64 * 1024, 0x5a));
     (0..len.div_ceil(base.len())).map(move |k| {
@@ -176,7 +176,7 @@ fn payload_chunks(id: u32, len: usize) -> impl Iterator<Item = Vec<u8>> {
     })
 }
 
-fn payload_sha(id: u32, len: usize) -> [u8; 32] {
+pub(crate) fn payload_sha(id: u32, len: usize) -> [u8; 32] {
     let mut h = Sha256::new();
     payload_chunks(id, len).for_each(|c| h.update(&c));
     h.finalize().into()
@@ -187,7 +187,7 @@ fn write_payload(s: &mut TcpStream, id: u32, len: usize) -> io::Result<()> {
 }
 
 /// Reads to EOF hashing as it goes: (bytes, SHA-256).
-fn read_hashed(s: &mut TcpStream, what: &str) -> (usize, [u8; 32]) {
+pub(crate) fn read_hashed(s: &mut TcpStream, what: &str) -> (usize, [u8; 32]) {
     let mut h = Sha256::new();
     let mut n = 0;
     let mut buf = vec![0u8; 256 * 1024];
@@ -207,7 +207,7 @@ fn read_hashed(s: &mut TcpStream, what: &str) -> (usize, [u8; 32]) {
 /// A target that answers a 12-byte request (stream ID, length) with that
 /// payload, half-closes, and then waits for the application's EOF.
 /// `progress` counts the bytes it has written.
-fn payload_server(progress: Arc<AtomicUsize>) -> Server {
+pub(crate) fn payload_server(progress: Arc<AtomicUsize>) -> Server {
     Server::start(move |mut s| {
         let mut req = [0u8; 12];
         if s.read_exact(&mut req).is_err() {
@@ -227,7 +227,7 @@ fn payload_server(progress: Arc<AtomicUsize>) -> Server {
     })
 }
 
-fn payload_request(id: u32, len: usize) -> Vec<u8> {
+pub(crate) fn payload_request(id: u32, len: usize) -> Vec<u8> {
     let mut r = id.to_be_bytes().to_vec();
     r.extend_from_slice(&(len as u64).to_be_bytes());
     r
@@ -244,7 +244,7 @@ fn closed_port() -> u16 {
 
 /// A free port below the kernel's ephemeral range, so that a client dialing
 /// it while nothing listens can never connect to itself.
-fn free_port_below_ephemeral() -> u16 {
+pub(crate) fn free_port_below_ephemeral() -> u16 {
     let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
@@ -257,7 +257,7 @@ fn free_port_below_ephemeral() -> u16 {
 }
 
 /// `halfpipe exit` on an explicit address, accepting everything.
-fn exit_on(addr: &str) -> Daemon {
+pub(crate) fn exit_on(addr: &str) -> Daemon {
     Daemon::start(
         &["exit", "--listen", addr, "--exit-policy", "accept *:*"],
         false,
@@ -267,7 +267,7 @@ fn exit_on(addr: &str) -> Daemon {
 
 /// `halfpipe client` started without waiting for its link (the exit may be
 /// unreachable on purpose): ready once it says where SOCKS listens.
-fn client_unlinked(exit: &str) -> Daemon {
+pub(crate) fn client_unlinked(exit: &str) -> Daemon {
     let mut d = Daemon::start(
         &["client", "--socks", "127.0.0.1:0", "--exit", exit],
         false,
@@ -1242,7 +1242,7 @@ fn netcat_half_closed_request_gets_the_whole_reply() {
 
 /// Is the SOCKS port refusing service (connection refused, or closed
 /// before the method reply)?
-fn socks_refused(proxy: SocketAddr) -> bool {
+pub(crate) fn socks_refused(proxy: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect(proxy) else {
         return true;
     };

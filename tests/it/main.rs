@@ -3,6 +3,8 @@
 
 mod app;
 mod bench;
+mod faults;
+mod hostile;
 mod limits;
 mod regression;
 mod resolve;

@@ -204,3 +204,82 @@ fn peer_that_never_reads_is_cut_off() {
     let mut good = RawLink::connect(d.link());
     good.create_circuit(0x8000_0001);
 }
+
+/// protocol.md §3: "A CircID is free again once its circuit has been
+/// destroyed". A peer that destroys a circuit and creates a new one on the
+/// same CircID at once must see nothing of the old circuit after the new
+/// CREATED_FAST: the old stream's packager, busy sending DATA, once queued
+/// cells after the CircID was freed, so the new circuit got the old one's
+/// DATA. (Found by `hostile::random_well_framed_cells_*`; so was the
+/// circuit-initiated variant, a DESTROY(PROTOCOL) queued after the new
+/// circuit's CREATED_FAST.)
+#[test]
+fn nothing_of_a_destroyed_circuit_follows_a_new_one_on_its_circid() {
+    // A target that sends as fast as the exit reads.
+    let target = Server::start(|mut s| {
+        let chunk = vec![0x5A; 64 * 1024];
+        while s.write_all(&chunk).is_ok() {}
+    });
+    let d = Daemon::exit(&["--exit-policy", "accept *:*"]);
+    let mut l = RawLink::connect(d.link());
+    let circ = 0x8000_0abc;
+    for round in 0..30 {
+        l.create_circuit(circ);
+        l.send_relay(
+            circ,
+            relay_cmd::BEGIN,
+            1,
+            &begin_body(&target.addr.to_string()),
+        );
+        // Keep the packager busy: give its windows back as DATA comes
+        // (§10), then, with fresh window in hand, destroy and re-create in
+        // the same write as the last SENDMEs.
+        let mut out = Vec::new();
+        let mut data = 0;
+        while data < 400 {
+            let c = l.recv_cell().expect("link open");
+            if c.circ == circ && c.command == cmd::RELAY && c.relay().0 == relay_cmd::DATA {
+                data += 1;
+                if data % 50 == 0 {
+                    relay::encode(&mut out, circ, relay_cmd::SENDME, 1, &[]);
+                }
+                if data % 100 == 0 {
+                    relay::encode(&mut out, circ, relay_cmd::SENDME, 0, &[]);
+                }
+                if data < 400 && !out.is_empty() {
+                    l.sock.write_all(&out).unwrap();
+                    out.clear();
+                }
+            }
+        }
+        halfpipe::cell::encode_fixed(&mut out, circ, cmd::DESTROY, &[0]);
+        halfpipe::cell::encode_fixed(&mut out, circ, cmd::CREATE_FAST, &[1; 20]);
+        l.sock.write_all(&out).unwrap();
+        // Old DATA may come until the new CREATED_FAST; nothing after it.
+        loop {
+            let c = l.recv_cell().expect("link open");
+            if c.circ == circ && c.command == cmd::CREATED_FAST {
+                break;
+            }
+        }
+        l.send_relay(circ, relay_cmd::BEGIN, 9, b"ping");
+        loop {
+            let c = l.recv_cell().expect("link open");
+            assert!(
+                c.circ != circ || c.command == cmd::RELAY,
+                "round {round}: cell {} on the new circuit",
+                c.command
+            );
+            let (command, stream, _) = c.relay();
+            assert!(
+                stream != 1,
+                "round {round}: the new circuit got the old stream's {}",
+                relay::relay_cmd::name(command)
+            );
+            if stream == 9 {
+                break; // END(TORPROTOCOL) for the ping: all sent before it seen
+            }
+        }
+        l.send_cell(circ, cmd::DESTROY, &[0]);
+    }
+}

@@ -29,7 +29,7 @@ const QUIET: Duration = Duration::from_millis(300);
 // ------------------------------------------------------------------ helpers
 
 /// `halfpipe exit` with a policy that lets streams reach loopback targets.
-fn open_exit(extra: &[&str]) -> Daemon {
+pub(crate) fn open_exit(extra: &[&str]) -> Daemon {
     let mut args = vec!["--exit-policy", "accept *:*"];
     args.extend_from_slice(extra);
     Daemon::exit(&args)
@@ -42,13 +42,13 @@ pub(crate) fn fresh_circ() -> u32 {
 }
 
 /// A stream ID for pings, away from the small IDs tests use for streams.
-fn fresh_stream() -> u16 {
+pub(crate) fn fresh_stream() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(40_000);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// A good link with one circuit on it.
-fn linked(d: &Daemon, circ: u32) -> RawLink {
+pub(crate) fn linked(d: &Daemon, circ: u32) -> RawLink {
     let mut l = RawLink::connect(d.link());
     l.create_circuit(circ);
     l
@@ -64,7 +64,7 @@ pub(crate) fn relay_of(c: &RawCell) -> Option<(u8, u16, Vec<u8>)> {
 }
 
 /// One line about a cell, for assertion messages.
-fn describe(c: &RawCell) -> String {
+pub(crate) fn describe(c: &RawCell) -> String {
     match c.command {
         cmd::RELAY => match relay::decode(&c.payload) {
             Ok(rc) => format!(
@@ -87,7 +87,7 @@ fn describe(c: &RawCell) -> String {
     }
 }
 
-fn is_relay(c: &RawCell, circ: u32, command: u8, stream: u16) -> bool {
+pub(crate) fn is_relay(c: &RawCell, circ: u32, command: u8, stream: u16) -> bool {
     c.circ == circ && matches!(relay_of(c), Some((rc, sid, _)) if rc == command && sid == stream)
 }
 
@@ -96,7 +96,7 @@ pub(crate) fn next(l: &mut RawLink) -> RawCell {
     l.recv_non_sendme().expect("the exit closed the link")
 }
 
-fn expect_destroy(l: &mut RawLink, circ: u32, reason: u8) {
+pub(crate) fn expect_destroy(l: &mut RawLink, circ: u32, reason: u8) {
     let c = next(l);
     assert!(
         c.command == cmd::DESTROY && c.circ == circ && c.payload[0] == reason,
@@ -119,7 +119,7 @@ pub(crate) fn expect_relay(l: &mut RawLink, circ: u32, command: u8, stream: u16)
     }
 }
 
-fn expect_end(l: &mut RawLink, circ: u32, stream: u16, reason: u8) {
+pub(crate) fn expect_end(l: &mut RawLink, circ: u32, stream: u16, reason: u8) {
     let body = expect_relay(l, circ, relay_cmd::END, stream);
     assert_eq!(
         body.first().copied(),
@@ -131,7 +131,7 @@ fn expect_end(l: &mut RawLink, circ: u32, stream: u16, reason: u8) {
 
 /// Proves that circuit `circ` is alive and sent nothing but SENDMEs since
 /// the last cell read: a malformed BEGIN gets END(TORPROTOCOL) at once (§5).
-fn ping(l: &mut RawLink, circ: u32) {
+pub(crate) fn ping(l: &mut RawLink, circ: u32) {
     let sid = fresh_stream();
     l.send_relay(circ, relay_cmd::BEGIN, sid, b"ping");
     expect_end(l, circ, sid, end_reason::TORPROTOCOL);
@@ -161,14 +161,14 @@ fn count_sendmes(cells: &[RawCell], circ: u32, stream: u16) -> usize {
 
 /// Proves the link is alive and sent nothing first: a new circuit is
 /// created (CREATED_FAST must be the next cell), then destroyed by us.
-fn link_alive(l: &mut RawLink) {
+pub(crate) fn link_alive(l: &mut RawLink) {
     let circ = fresh_circ();
     l.create_circuit(circ);
     l.send_cell(circ, cmd::DESTROY, &[destroy_reason::REQUESTED]);
 }
 
 /// DATA cells for `data`, in one write.
-fn send_data(l: &mut RawLink, circ: u32, stream: u16, data: &[u8]) {
+pub(crate) fn send_data(l: &mut RawLink, circ: u32, stream: u16, data: &[u8]) {
     let mut out = Vec::new();
     for chunk in data.chunks(relay::DATA_MAX) {
         relay::encode(&mut out, circ, relay_cmd::DATA, stream, chunk);
@@ -178,7 +178,7 @@ fn send_data(l: &mut RawLink, circ: u32, stream: u16, data: &[u8]) {
 
 /// Reads DATA for `stream` until `len` bytes came (SENDMEs skipped; any
 /// other cell fails the test).
-fn recv_data(l: &mut RawLink, circ: u32, stream: u16, len: usize) -> Vec<u8> {
+pub(crate) fn recv_data(l: &mut RawLink, circ: u32, stream: u16, len: usize) -> Vec<u8> {
     let mut got = Vec::new();
     while got.len() < len {
         got.extend(expect_relay(l, circ, relay_cmd::DATA, stream));
@@ -214,7 +214,7 @@ impl Targets {
     }
 
     /// ADDRESS:PORT as BEGIN spells it (IPv6 in brackets).
-    fn target(&self) -> String {
+    pub(crate) fn target(&self) -> String {
         self.addr.to_string()
     }
 
@@ -260,14 +260,14 @@ fn echo_works(l: &mut RawLink, circ: u32) {
     expect_relay(l, circ, relay_cmd::FIN, sid);
 }
 
-fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
+pub(crate) fn read_n(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut v = vec![0u8; n];
     s.read_exact(&mut v).expect("target read");
     v
 }
 
 /// The target reads on to EOF (a normal close, not a reset).
-fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
+pub(crate) fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
     let mut v = Vec::new();
     s.read_to_end(&mut v)
         .expect("target expected EOF, got an error");
@@ -321,7 +321,7 @@ fn reset(s: TcpStream) {
 }
 
 /// A port nothing listens on.
-fn closed_port() -> u16 {
+pub(crate) fn closed_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
@@ -329,7 +329,7 @@ fn closed_port() -> u16 {
 /// Fails if anything connected to `listener`. A connect completes in the
 /// kernel before connect() returns, so a connection the exit made before
 /// answering is already queued here.
-fn assert_no_connection(listener: &TcpListener) {
+pub(crate) fn assert_no_connection(listener: &TcpListener) {
     listener.set_nonblocking(true).unwrap();
     match listener.accept() {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
