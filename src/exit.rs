@@ -168,8 +168,20 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// RFC 6761 §6.4: names under `invalid.` never exist, and resolvers
+/// "SHOULD always return immediately with a negative response", without
+/// asking a name server.
+fn special_use_invalid(name: &str) -> bool {
+    let name = name.trim_end_matches('.');
+    let tld = name.rsplit('.').next().unwrap_or(name);
+    tld.eq_ignore_ascii_case("invalid")
+}
+
 /// Resolves a hostname; the error is the END reason (§5: RESOLVEFAILED).
 pub fn resolve(name: &str) -> Result<Vec<IpAddr>, u8> {
+    if special_use_invalid(name) {
+        return Err(end_reason::RESOLVEFAILED);
+    }
     match dns_lookup::lookup_host(name) {
         Ok(addrs) => {
             let mut v: Vec<IpAddr> = addrs.collect();
@@ -188,6 +200,9 @@ pub fn resolve(name: &str) -> Result<Vec<IpAddr>, u8> {
 /// does not exist, 0xF0 when the lookup failed otherwise.
 pub fn resolve_answers(name: &str) -> Vec<Answer> {
     use dns_lookup::LookupErrorKind;
+    if special_use_invalid(name) {
+        return vec![Answer::NontransientError];
+    }
     match dns_lookup::lookup_host(name) {
         Ok(addrs) => {
             let mut v: Vec<Answer> = Vec::new();
@@ -213,6 +228,19 @@ pub fn resolve_answers(name: &str) -> Vec<Answer> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn invalid_names_fail_without_a_lookup() {
+        // RFC 6761 §6.4; no name server is asked (tests stay on loopback).
+        for name in ["nonexistent.invalid", "a.b.INVALID.", "invalid"] {
+            assert!(special_use_invalid(name), "{name}");
+            assert_eq!(resolve(name), Err(end_reason::RESOLVEFAILED));
+            assert_eq!(resolve_answers(name), vec![Answer::NontransientError]);
+        }
+        for name in ["invalid.example", "localhost", "notinvalid"] {
+            assert!(!special_use_invalid(name), "{name}");
+        }
+    }
 
     #[test]
     fn connect_errors_map_to_the_end_reasons_of_section_5() {
