@@ -202,8 +202,24 @@ impl Client {
         let client = self.clone();
         threads::spawn("socks-accept".into(), move || {
             let mut sessions = Reaper::default();
-            for conn in listener.incoming() {
+            loop {
+                // All handshake slots busy: new connections wait in the
+                // kernel's listen backlog (not closed) until one frees;
+                // each handshake ends within --socks-timeout.
                 sessions.reap();
+                if sessions.len() >= MAX_HANDSHAKES {
+                    tracing::warn!(
+                        "{MAX_HANDSHAKES} SOCKS handshakes in progress: new connections wait until one ends"
+                    );
+                    while sessions.len() >= MAX_HANDSHAKES && !client.ctx.shutting_down() {
+                        std::thread::sleep(Duration::from_millis(5));
+                        sessions.reap();
+                    }
+                }
+                if client.ctx.shutting_down() {
+                    break;
+                }
+                let conn = listener.accept().map(|(s, _)| s);
                 if client.ctx.shutting_down() {
                     break;
                 }
@@ -215,12 +231,6 @@ impl Client {
                         continue;
                     }
                 };
-                if sessions.len() >= MAX_HANDSHAKES {
-                    tracing::warn!(
-                        "{MAX_HANDSHAKES} SOCKS handshakes in progress: closing a new connection"
-                    );
-                    continue;
-                }
                 let id = client.ctx.next_socks_id();
                 let c = client.clone();
                 match threads::spawn(format!("socks {id}"), move || c.socks_session(sock)) {

@@ -765,9 +765,10 @@ fn echo_check(s: &mut TcpStream, round: u8) {
 fn hostile_socks_clients_are_contained() {
     // protocol.md §11: garbage gets the connection closed (a SOCKS5 failure
     // reply at most); a client that stalls mid-handshake is closed at the
-    // SOCKS timeout; BIND and UDP ASSOCIATE get 0x07; more stalled
-    // handshakes than the 256 slots get the newest closed at once. The
-    // SOCKS bystander's stream carries on throughout.
+    // SOCKS timeout; BIND and UDP ASSOCIATE get 0x07; past 256 stalled
+    // handshakes new connections wait in the listen backlog until a slot
+    // frees (they are not closed). The SOCKS bystander's stream carries on
+    // throughout.
     let echo = Server::echo();
     let mut d = Daemon::run(&["--exit-policy", "accept *:*", "--socks-timeout", "2s"]);
     let mut by = socks_echo(&d, echo.addr);
@@ -835,15 +836,23 @@ fn hostile_socks_clients_are_contained() {
             s
         })
         .collect();
-    d.wait_for_log("SOCKS handshakes in progress: closing a new connection");
+    d.wait_for_log("SOCKS handshakes in progress: new connections wait");
     echo_check(&mut by, 3);
+    // A good client arriving now waits in the listen backlog, not closed,
+    // and is served once stalled handshakes time out.
+    let latecomer = {
+        let (socks, port) = (d.socks(), echo.addr.port());
+        thread::spawn(move || {
+            let mut s =
+                socks5(socks, "127.0.0.1", port, None).expect("the latecomer's SOCKS connect");
+            s.set_read_timeout(Some(PATIENCE)).unwrap();
+            echo_check(&mut s, 4);
+        })
+    };
     for mut s in stalled {
         read_until_closed(&mut s);
     }
-    // Slots are free again.
-    let mut fresh = socks_echo(&d, echo.addr);
-    echo_check(&mut fresh, 4);
-    drop(fresh);
+    latecomer.join().expect("the latecomer was served");
     echo_check(&mut by, 5);
     before.assert_recovered(&mut d, "hostile SOCKS clients");
 }
