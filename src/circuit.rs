@@ -20,6 +20,7 @@ use crate::status::CircuitView;
 use crate::stream::{self, DeliverMsg, DeliverStart, Stream};
 use crate::threads;
 use crossbeam_channel::{Receiver, Sender};
+use rustc_hash::FxHashMap;
 use socket2::Socket;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::AtomicBool;
@@ -95,6 +96,9 @@ struct Entry {
     alive: usize,
     /// DATA gathered for the deliverer while handling one inbox message.
     batch: Option<(Vec<u8>, Vec<u32>)>,
+    /// Client: CONNECTED has arrived (it never goes back), so DATA need
+    /// not ask the stream under its lock.
+    connected: bool,
     _slot: StreamSlot,
 }
 
@@ -141,7 +145,9 @@ pub struct Circuit {
     name: String,
     tx: Sender<CircMsg>,
     rx: Receiver<CircMsg>,
-    streams: HashMap<u16, Entry>,
+    /// Looked up for every cell: a fast hash (stream IDs are bounded per
+    /// circuit, so flooding one bucket costs the peer its own circuit).
+    streams: FxHashMap<u16, Entry>,
     /// CLOSED streams whose ID a new stream took before their threads
     /// ended (§5: a BEGIN on a recently-closed ID opens a new stream).
     retired: Vec<Entry>,
@@ -205,7 +211,7 @@ impl Circuit {
             local,
             tx,
             rx,
-            streams: HashMap::new(),
+            streams: FxHashMap::default(),
             retired: Vec::new(),
             recent: RecentlyClosed::default(),
             deliver,
@@ -445,7 +451,7 @@ impl Circuit {
         let Some(entry) = self.streams.get_mut(&rc.stream_id) else {
             return Ok(());
         };
-        if self.role == Role::Client && entry.stream.awaiting_connected() {
+        if self.role == Role::Client && !entry.connected && entry.stream.awaiting_connected() {
             return Err(violation(ViolationKind::Connected, "DATA before CONNECTED"));
         }
         if entry
@@ -520,7 +526,7 @@ impl Circuit {
 
     /// Client, §5: CONNECTED answers our BEGIN.
     fn on_connected(&mut self, id: u16, body: &[u8]) -> Result<()> {
-        let Some(entry) = self.streams.get(&id) else {
+        let Some(entry) = self.streams.get_mut(&id) else {
             return Ok(()); // §9
         };
         let verdict = {
@@ -542,7 +548,7 @@ impl Circuit {
                     "second CONNECTED for a stream",
                 ))
             }
-            Some(true) => {}
+            Some(true) => entry.connected = true,
         }
         let _ = entry
             .stream
@@ -635,6 +641,7 @@ impl Circuit {
             threads: vec![dl],
             alive: 1,
             batch: None,
+            connected: false,
             _slot: slot,
         };
         let pk = {
@@ -808,6 +815,7 @@ impl Circuit {
             threads: vec![dl],
             alive: 1,
             batch: None,
+            connected: false,
             _slot: slot,
         };
         let pk = {

@@ -21,6 +21,8 @@ pub mod halfclose;
 pub mod kdf;
 pub mod limits;
 pub mod link;
+#[cfg(all(test, loom))]
+mod loom_check;
 pub mod metrics;
 pub mod monitor;
 pub mod policy;
@@ -30,4 +32,5 @@ pub mod sockets;
 pub mod socks;
 pub mod status;
 pub mod stream;
+pub mod sync;
 pub mod threads;

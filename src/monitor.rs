@@ -5,9 +5,11 @@
 //! outbound queue (design.md, invariant 3). Waits end when the condition
 //! holds, when the monitor is closed (its circuit or link is gone), or when
 //! the waiter's own cancel flag is set (its stream was aborted).
+//!
+//! Its lock and condition variable come from `crate::sync`: parking_lot's,
+//! or loom's in the concurrency model check (`src/loom_check.rs`).
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
-use std::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{CancelFlag, Condvar, Mutex, MutexGuard};
 
 /// Why a wait ended without its condition holding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -43,7 +45,7 @@ impl<T> Monitor<T> {
     /// value changes; it must not block.
     pub fn wait_until<R>(
         &self,
-        cancel: &AtomicBool,
+        cancel: &impl CancelFlag,
         mut f: impl FnMut(&mut T) -> Option<R>,
     ) -> Result<R, Stopped> {
         let mut inner = self.inner.lock();
@@ -51,7 +53,7 @@ impl<T> Monitor<T> {
             if inner.closed {
                 return Err(Stopped::Closed);
             }
-            if cancel.load(Ordering::Acquire) {
+            if cancel.is_set() {
                 return Err(Stopped::Cancelled);
             }
             if let Some(r) = f(&mut inner.value) {
@@ -103,9 +105,11 @@ impl<T> std::ops::DerefMut for MonitorGuard<'_, T> {
     }
 }
 
-#[cfg(test)]
+// Real threads: not under loom, whose primitives work only inside a model.
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -130,7 +134,7 @@ mod tests {
             m2.kick();
         });
         assert_eq!(
-            m.wait_until(&cancel, |v| (*v > 10).then_some(())),
+            m.wait_until(&*cancel, |v| (*v > 10).then_some(())),
             Err(Stopped::Cancelled)
         );
         t.join().unwrap();

@@ -7,13 +7,16 @@
 //! event to the state machine and queues the cells it decided on (queueing
 //! never blocks); after the lock it does the I/O (invariant 5). So the cells
 //! of a stream leave in the order they were decided: no DATA after our FIN,
-//! nothing after our END.
+//! nothing after our END. Those lock-held steps are the methods of
+//! [`StreamState`] that take an [`Outbound`]: holding `&mut StreamState`
+//! means holding the lock, so they queue under it by construction. The
+//! concurrency model check (`src/loom_check.rs`) runs them as they are.
 
 use crate::cell::{self, CELL_LEN};
 use crate::circuit::{CircMsg, Role};
 use crate::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
-use crate::halfclose::{Action, Event, HalfClose, State, Violation};
-use crate::link::LinkTx;
+use crate::halfclose::{Action, Event, HalfClose, State, Step, Violation};
+use crate::link::{LinkGone, LinkTx};
 use crate::metrics::{Metrics, ViolationKind};
 use crate::monitor::Monitor;
 use crate::relay::{self, end_reason, relay_cmd, Target};
@@ -84,6 +87,112 @@ pub struct StreamState {
     pub deliverer_tid: Option<i32>,
 }
 
+/// Where a stream's cells go: the link's outbound queue (for a [`Stream`]),
+/// or the model check's record of what was sent. Queueing never blocks, so
+/// it may be done with the stream's lock held (design.md, invariant 4).
+pub trait Outbound {
+    /// Queues one control cell of the stream (FIN, END).
+    fn control(&self, command: u8, body: &[u8]);
+    /// Queues `n` stream SENDMEs.
+    fn sendmes(&self, n: u32);
+    /// Queues `count` framed DATA cells for which room was reserved.
+    fn data(&self, cells: Vec<u8>, count: u32) -> Result<(), LinkGone>;
+}
+
+/// The steps a thread takes under the stream's lock: decide with the §7
+/// state machine and the §10 windows, and queue the cells decided on.
+impl StreamState {
+    /// Feeds one event to the §7 state machine and queues the cell its
+    /// action sends (FIN, or END for an error). The rest of the action is
+    /// the caller's, after the lock.
+    pub fn step(&mut self, event: Event, out: &impl Outbound) -> Result<Step, Violation> {
+        let step = self.hc.handle(event)?;
+        match step.action {
+            Action::SendFin => out.control(relay_cmd::FIN, &[]),
+            Action::SendEndAndReset(reason) => out.control(relay_cmd::END, &[reason]),
+            _ => {}
+        }
+        Ok(step)
+    }
+
+    /// The packager's wait (§10): `Some(window)` once the stream package
+    /// window is open, `Some(0)` once we may no longer package (§7), `None`
+    /// while the window is 0.
+    pub fn read_window(&mut self) -> Option<u32> {
+        if !self.hc.may_package() {
+            Some(0)
+        } else {
+            (self.package.value() > 0).then(|| self.package.value())
+        }
+    }
+
+    /// Queues `count` DATA cells holding `bytes` bytes, taking them from the
+    /// stream package window, if we may still package (§7). `Ok(false)`:
+    /// we may not, nothing was queued, and the caller returns the circuit
+    /// window and link room it reserved.
+    pub fn queue_data(
+        &mut self,
+        cells: Vec<u8>,
+        count: u32,
+        bytes: u64,
+        out: &impl Outbound,
+    ) -> Result<bool, LinkGone> {
+        if !self.hc.may_package() {
+            return Ok(false);
+        }
+        let took = self.package.take(count);
+        debug_assert_eq!(
+            took, count,
+            "only the packager takes from the stream window"
+        );
+        self.counters.cells_packaged += u64::from(count);
+        self.counters.bytes_packaged += bytes;
+        self.last_activity = Instant::now();
+        out.data(cells, count)?;
+        Ok(true)
+    }
+
+    /// A DATA cell for this stream arrived (circuit thread): §7 says whether
+    /// it may be delivered, §10 counts it against the deliver window.
+    pub fn accept_data(&mut self) -> Result<bool, (ViolationKind, String)> {
+        let step = self
+            .hc
+            .handle(Event::DataReceived)
+            .map_err(|v| (ViolationKind::HalfClose, v.to_string()))?;
+        if step.action != Action::Deliver {
+            return Ok(false); // §9: late DATA for a closed stream
+        }
+        self.deliver
+            .on_data()
+            .map_err(|v: FlowViolation| (ViolationKind::FlowControl, v.to_string()))?;
+        self.counters.cells_received += 1;
+        Ok(true)
+    }
+
+    /// A stream SENDME arrived (circuit thread, §10).
+    pub fn on_sendme(&mut self) -> Result<(), FlowViolation> {
+        if self.hc.is_closed() {
+            return Ok(()); // §9: late SENDME
+        }
+        self.package.on_sendme()
+    }
+
+    /// `cells` cells' data (`bytes` bytes) were accepted by the kernel: count
+    /// them and queue the stream SENDMEs they earn (§10). Once the peer's
+    /// FIN has arrived no more DATA can come, so no SENDME is needed.
+    pub fn delivered(&mut self, cells: u32, bytes: usize, out: &impl Outbound) {
+        self.counters.bytes_delivered += bytes as u64;
+        self.counters.cells_delivered += u64::from(cells);
+        self.last_activity = Instant::now();
+        if self.hc.may_deliver() {
+            let sendmes = self.deliver.on_written(cells);
+            if sendmes > 0 {
+                out.sendmes(sendmes);
+            }
+        }
+    }
+}
+
 pub struct Stream {
     pub id: u16,
     /// Unique within the circuit: tells a CLOSED stream whose threads are
@@ -126,13 +235,8 @@ impl Stream {
     pub fn handle(&self, event: Event) -> Result<Action, Violation> {
         let (step, socket, connected) = {
             let mut st = self.state.lock();
-            let step = st.hc.handle(event)?;
             // Queued under the lock: cell order is decision order.
-            match step.action {
-                Action::SendFin => self.send_control(relay_cmd::FIN, &[]),
-                Action::SendEndAndReset(reason) => self.send_control(relay_cmd::END, &[reason]),
-                _ => {}
-            }
+            let step = st.step(event, self)?;
             (step, st.socket.clone(), st.connected)
         };
         if step.from != step.to {
@@ -176,32 +280,15 @@ impl Stream {
         }
     }
 
-    /// A DATA cell for this stream arrived (circuit thread): §7 says whether
-    /// it may be delivered, §10 counts it against the deliver window.
+    /// A DATA cell for this stream arrived (circuit thread, §7, §10).
     pub fn accept_data(&self) -> Result<bool, (ViolationKind, String)> {
-        let mut st = self.state.lock();
-        let step = st
-            .hc
-            .handle(Event::DataReceived)
-            .map_err(|v| (ViolationKind::HalfClose, v.to_string()))?;
-        if step.action != Action::Deliver {
-            return Ok(false); // §9: late DATA for a closed stream
-        }
-        st.deliver
-            .on_data()
-            .map_err(|v: FlowViolation| (ViolationKind::FlowControl, v.to_string()))?;
-        st.counters.cells_received += 1;
-        Ok(true)
+        self.state.lock().accept_data()
     }
 
-    /// A stream SENDME arrived (circuit thread, §10).
+    /// A stream SENDME arrived (circuit thread, §10): it may open the
+    /// window the packager waits for.
     pub fn on_sendme(&self) -> Result<(), FlowViolation> {
-        self.state.update(|st| {
-            if st.hc.is_closed() {
-                return Ok(()); // §9: late SENDME
-            }
-            st.package.on_sendme()
-        })
+        self.state.update(StreamState::on_sendme)
     }
 
     /// Client: the stream is open and still waits for CONNECTED. (A closed
@@ -234,26 +321,30 @@ impl Stream {
         self.state.lock().hc.state()
     }
 
-    /// `cells` cells' data were accepted by the kernel: count them and send
-    /// the stream SENDMEs they earn (§10). Once the peer's FIN has arrived no
-    /// more DATA can come, so no SENDME is needed.
+    /// `cells` cells' data were accepted by the kernel (§10).
     fn delivered(&self, cells: u32, bytes: usize) {
         self.metrics.delivered(bytes as u64, cells);
-        let mut st = self.state.lock();
-        st.counters.bytes_delivered += bytes as u64;
-        st.counters.cells_delivered += u64::from(cells);
-        st.last_activity = Instant::now();
-        if st.hc.may_deliver() {
-            let sendmes = st.deliver.on_written(cells);
-            if sendmes > 0 {
-                // One queue message for all of them: one wake-up of the writer.
-                let mut out = Vec::with_capacity(sendmes as usize * CELL_LEN);
-                for _ in 0..sendmes {
-                    relay::encode(&mut out, self.wire_circ, relay_cmd::SENDME, self.id, &[]);
-                }
-                let _ = self.link.send(out);
-            }
+        self.state.lock().delivered(cells, bytes, self);
+    }
+}
+
+/// A stream's cells go to its link.
+impl Outbound for Stream {
+    fn control(&self, command: u8, body: &[u8]) {
+        self.send_control(command, body);
+    }
+
+    fn sendmes(&self, n: u32) {
+        // One queue message for all of them: one wake-up of the writer.
+        let mut out = Vec::with_capacity(n as usize * CELL_LEN);
+        for _ in 0..n {
+            relay::encode(&mut out, self.wire_circ, relay_cmd::SENDME, self.id, &[]);
         }
+        let _ = self.link.send(out);
+    }
+
+    fn data(&self, cells: Vec<u8>, count: u32) -> Result<(), LinkGone> {
+        self.link.send_data(cells, count)
     }
 }
 
@@ -370,13 +461,9 @@ fn package_loop(stream: &Stream, sock: &Socket) {
     let mut read_cells = FIRST_READ_CELLS;
     loop {
         // §10: a sender whose stream package window is 0 stops reading.
-        let window = stream.state.wait_until(&stream.aborted, |st| {
-            if !st.hc.may_package() {
-                Some(0)
-            } else {
-                (st.package.value() > 0).then(|| st.package.value())
-            }
-        });
+        let window = stream
+            .state
+            .wait_until(&stream.aborted, StreamState::read_window);
         let window = match window {
             Ok(0) => return,
             Err(_) => return stopped(stream),
@@ -469,10 +556,7 @@ fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop
     while sent < cells {
         let m = stream
             .circuit_window
-            .wait_until(&stream.aborted, |w| {
-                let took = w.take(cells - sent);
-                (took > 0).then_some(took)
-            })
+            .wait_until(&stream.aborted, |w| take_some(w, cells - sent))
             .map_err(|_| Stop::Ended)?;
         if stream.link.reserve(m, &stream.aborted).is_err() {
             stream.circuit_window.update(|w| w.give_back(m));
@@ -487,28 +571,31 @@ fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop
             .chunks_exact(CELL_LEN)
             .map(|c| u64::from(u16::from_be_bytes([c[14], c[15]])))
             .sum();
-        let mut st = stream.state.lock();
-        if !st.hc.may_package() {
-            drop(st);
-            stream.circuit_window.update(|w| w.give_back(m));
-            stream.link.unreserve(m);
-            return Err(Stop::Ended);
-        }
-        let took = st.package.take(m);
-        debug_assert_eq!(took, m, "only the packager takes from the stream window");
-        st.counters.cells_packaged += u64::from(m);
-        st.counters.bytes_packaged += bytes;
-        st.last_activity = Instant::now();
         // Under the lock: an END decided by another thread cannot be
         // overtaken by this DATA (nothing is sent after END).
-        if stream.link.send_data(piece, m).is_err() {
-            return Err(Stop::Ended);
+        let mut st = stream.state.lock();
+        match st.queue_data(piece, m, bytes, stream) {
+            Ok(true) => {}
+            Ok(false) => {
+                drop(st);
+                stream.circuit_window.update(|w| w.give_back(m));
+                stream.link.unreserve(m);
+                return Err(Stop::Ended);
+            }
+            Err(LinkGone) => return Err(Stop::Ended),
         }
         drop(st);
         stream.metrics.packaged(bytes, m);
         sent += m;
     }
     Ok(())
+}
+
+/// Takes up to `wanted` cells of a package window that is open: the
+/// packager's wait on the circuit window (§10).
+pub fn take_some(window: &mut PackageWindow, wanted: u32) -> Option<u32> {
+    let took = window.take(wanted);
+    (took > 0).then_some(took)
 }
 
 // --------------------------------------------------------------- deliverer
