@@ -85,10 +85,13 @@ impl PackageWindow {
         n
     }
 
-    /// Returns cells taken but not sent.
+    /// Returns cells taken but not sent. Never lifts the window above its
+    /// start value (§10): a SENDME that arrived while the cells were taken
+    /// was judged with them counted as sent, so a peer that acknowledged
+    /// cells it never got would otherwise gain credit past the start; that
+    /// excess is dropped.
     pub fn give_back(&mut self, n: u32) {
-        self.value += n;
-        debug_assert!(self.value <= self.start());
+        self.value = (self.value + n).min(self.start());
     }
 
     /// A SENDME arrived (§10: "SENDME adds"); lifting the window above its
@@ -100,6 +103,79 @@ impl PackageWindow {
         }
         self.value = next;
         Ok(())
+    }
+}
+
+/// The circuit package window as the packagers of a circuit's streams share
+/// it (§10): cells go to the waiting packagers in turn, in arrival order.
+///
+/// Found by the soak (issue 4): with hundreds of streams on one circuit,
+/// every waiting packager woke for each SENDME's 100 cells, and the ones
+/// already running won the race again and again, so that some streams got
+/// no cell for a minute. Now a packager takes a ticket and waits until it is
+/// first in line; after its turn it joins the back of the line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedPackageWindow {
+    window: PackageWindow,
+    /// Tickets of the packagers waiting for cells, first in line first.
+    line: std::collections::VecDeque<u64>,
+    next_ticket: u64,
+}
+
+impl SharedPackageWindow {
+    pub fn circuit() -> Self {
+        SharedPackageWindow {
+            window: PackageWindow::circuit(),
+            line: std::collections::VecDeque::new(),
+            next_ticket: 0,
+        }
+    }
+
+    pub fn value(&self) -> u32 {
+        self.window.value()
+    }
+
+    /// Packagers waiting for their turn.
+    pub fn waiting(&self) -> usize {
+        self.line.len()
+    }
+
+    pub fn on_sendme(&mut self) -> Result<(), FlowViolation> {
+        self.window.on_sendme()
+    }
+
+    pub fn give_back(&mut self, n: u32) {
+        self.window.give_back(n)
+    }
+
+    /// Joins the back of the line; returns the ticket to wait with.
+    pub fn join(&mut self) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.line.push_back(ticket);
+        ticket
+    }
+
+    /// If `ticket` is first in line and the window is open: takes up to
+    /// `wanted` cells and leaves the line. Returns the cells taken, and
+    /// whether the next in line can take some at once (and must be woken).
+    pub fn take_turn(&mut self, ticket: u64, wanted: u32) -> Option<(u32, bool)> {
+        if self.line.front() != Some(&ticket) {
+            return None;
+        }
+        let took = self.window.take(wanted);
+        if took == 0 {
+            return None;
+        }
+        self.line.pop_front();
+        Some((took, !self.line.is_empty() && self.window.value() > 0))
+    }
+
+    /// Leaves the line without a turn (the wait ended otherwise). Returns
+    /// whether the next in line can now take cells (and must be woken).
+    pub fn leave(&mut self, ticket: u64) -> bool {
+        self.line.retain(|&t| t != ticket);
+        !self.line.is_empty() && self.window.value() > 0
     }
 }
 
@@ -288,6 +364,62 @@ mod tests {
             s.on_sendme(),
             Err(FlowViolation::PackageWindowOverflow(Level::Stream))
         );
+    }
+
+    #[test]
+    fn give_back_never_lifts_the_window_above_its_start() {
+        // Found by fuzzing (tests/fuzz, target stream_state): 56 cells sent,
+        // a packager takes 64 more, a circuit SENDME arrives early (window
+        // 880 + 100 <= 1000, accepted), the stream ends and the 64 cells go
+        // back: the window was 1044, above its start (§10), and debug builds
+        // panicked on the assertion that was here.
+        let mut c = PackageWindow::circuit();
+        assert_eq!(c.take(56), 56);
+        assert_eq!(c.take(64), 64);
+        assert_eq!(c.on_sendme(), Ok(()));
+        c.give_back(64);
+        assert_eq!(c.value(), CIRCUIT_WINDOW_START);
+        assert_eq!(
+            c.on_sendme(),
+            Err(FlowViolation::PackageWindowOverflow(Level::Circuit))
+        );
+        // Without an early SENDME, giving back restores the window exactly.
+        let mut s = PackageWindow::stream();
+        assert_eq!(s.take(30), 30);
+        s.give_back(30);
+        assert_eq!(s.value(), STREAM_WINDOW_START);
+    }
+
+    #[test]
+    fn shared_window_is_handed_out_in_turn() {
+        let mut w = SharedPackageWindow::circuit();
+        let (a, b, c) = (w.join(), w.join(), w.join());
+        // Only the first in line may take, whatever the others want.
+        assert_eq!(w.take_turn(b, 10), None);
+        assert_eq!(w.take_turn(c, 10), None);
+        assert_eq!(w.take_turn(a, 600), Some((600, true)));
+        // a goes to the back; b is first now.
+        let a2 = w.join();
+        assert_eq!(w.take_turn(a2, 10), None);
+        assert_eq!(w.take_turn(b, 500), Some((400, false)));
+        // The window is shut: c waits even though it is first.
+        assert_eq!(w.take_turn(c, 1), None);
+        w.on_sendme().unwrap();
+        assert_eq!(w.take_turn(c, 30), Some((30, true)));
+        assert_eq!(w.take_turn(a2, 100), Some((70, false)));
+        assert_eq!(w.waiting(), 0);
+        assert_eq!(w.value(), 0);
+    }
+
+    #[test]
+    fn leaving_the_line_lets_the_next_one_go() {
+        let mut w = SharedPackageWindow::circuit();
+        let (a, b) = (w.join(), w.join());
+        assert!(w.leave(a), "b can take at once and must be woken");
+        assert_eq!(w.take_turn(b, 5), Some((5, false)));
+        let c = w.join();
+        assert!(!w.leave(c), "nobody left to wake");
+        assert_eq!(w.waiting(), 0);
     }
 
     proptest! {

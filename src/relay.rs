@@ -307,12 +307,17 @@ pub fn encode_resolved(answers: &[Answer], ttl: u32) -> Vec<u8> {
             Answer::TransientError => (0xF0, Vec::new()),
             Answer::NontransientError => (0xF1, Vec::new()),
         };
+        // tor-spec 6.4: Length is one byte, so a longer value (a hostname
+        // over 255 bytes) cannot be sent; leave that answer out.
+        let Ok(len) = u8::try_from(value.len()) else {
+            continue;
+        };
         // Stop before the cell overflows; a few answers are plenty.
         if body.len() + 2 + value.len() + 4 > DATA_MAX {
             break;
         }
         body.push(kind);
-        body.push(value.len() as u8);
+        body.push(len);
         body.extend_from_slice(&value);
         body.extend_from_slice(&ttl.to_be_bytes());
     }
@@ -503,6 +508,28 @@ mod tests {
         );
         assert_eq!(parse_resolve(b"example.org\0"), Ok("example.org"));
         assert!(parse_resolve(b"example.org").is_err());
+    }
+
+    #[test]
+    fn resolved_hostname_over_255_bytes_is_left_out() {
+        // Found by fuzzing (tests/fuzz, target relay_messages): tor-spec 6.4
+        // gives an answer's Length one byte, and a 258-byte hostname was
+        // written with Length 2, so the body no longer parsed to what was
+        // meant. Here the hostname comes from a RESOLVED body whose 86
+        // non-UTF-8 bytes are read lossily (3 bytes each).
+        let mut body = vec![0, 86];
+        body.extend_from_slice(&[0xff; 86]);
+        body.extend_from_slice(&60u32.to_be_bytes());
+        let answers = parse_resolved(&body);
+        assert!(matches!(&answers[..], [Answer::Hostname(h)] if h.len() == 258));
+        let ip = Answer::Ip("192.0.2.1".parse().unwrap());
+        let both = [answers[0].clone(), ip.clone()];
+        assert_eq!(parse_resolved(&encode_resolved(&both, 60)), vec![ip]);
+        let max = Answer::Hostname("a".repeat(255));
+        assert_eq!(
+            parse_resolved(&encode_resolved(std::slice::from_ref(&max), 0)),
+            vec![max]
+        );
     }
 
     proptest! {

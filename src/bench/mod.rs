@@ -14,6 +14,7 @@
 //! | `socks` | a minimal SOCKS5 CONNECT client |
 //! | `scenarios` | bulk, parallel, setup, hold, slow |
 //! | `rtt` | the rtt scenario: halfpipe client + exit with a delay relay on their link |
+//! | `soak` | `halfpipe bench soak`: many half-closed streams for a long time, every byte and the daemons' counts checked (issue 4) |
 //! | `relay` | the delay relay |
 //! | `procfs` | RSS and threads of the daemons; the machine |
 //! | `stats` | throughput, percentiles, Jain's index |
@@ -26,11 +27,12 @@ mod relay;
 pub mod report;
 mod rtt;
 mod scenarios;
+mod soak;
 mod socks;
 mod stats;
 mod targets;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use report::{Compare, Report, COMPARE_SCHEMA, SCHEMA};
 use std::io::{self, IsTerminal, Read, Write};
@@ -49,9 +51,13 @@ use targets::{Header, Kind, Registry, Targets};
         setup, hold, slow, rtt (README, \"Benchmarks\"). Every byte is counted and \
         hashed at both ends.\n\n\
         Report tools: --combine A.json B.json... (one comparison document on stdout), \
-        --markdown IN.json (side-by-side tables), --plot IN.json OUT.svg (chart)."
+        --markdown IN.json (side-by-side tables), --plot IN.json OUT.svg (chart).",
+    args_conflicts_with_subcommands = true
 )]
 pub struct BenchArgs {
+    /// `halfpipe bench soak ...`: a run of its own (see its --help).
+    #[command(subcommand)]
+    pub command: Option<BenchCommand>,
     /// Go through this SOCKS5 proxy (halfpipe, ssh -D, ...).
     #[arg(long, value_name = "ADDR", conflicts_with = "direct")]
     pub socks: Option<SocketAddr>,
@@ -122,6 +128,24 @@ pub struct BenchArgs {
     /// Internal: the hold scenario's echo server (a child process).
     #[arg(long, hide = true)]
     pub serve_hold_target: bool,
+}
+
+/// Bench runs that take their own options.
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Keep many half-closed request/response streams in flight for a long
+    /// time, check every byte, and check that the daemons' threads and
+    /// descriptors return to their baseline (issue 4).
+    ///
+    /// Each stream goes through the SOCKS5 proxy (--socks) to a target this
+    /// process runs on loopback, with random sizes (log-uniform, 1 byte to
+    /// --max-size) and a random half-close order: request first, reply
+    /// first, or both at once. Every byte is checked with SHA-256 and
+    /// compared with what was sent. The daemons given with --pids are
+    /// sampled from /proc before and after. Exit status 0 when every stream
+    /// completed intact and the counts came back, 1 if not, 2 when the soak
+    /// could not run.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -359,6 +383,9 @@ fn now_rfc3339() -> String {
 
 /// The bench's entry point (from `halfpipe bench`).
 pub fn main(args: BenchArgs) -> ExitCode {
+    if let Some(BenchCommand::Soak(soak_args)) = &args.command {
+        return soak::main(soak_args);
+    }
     if args.serve_hold_target {
         return targets::serve_hold_target();
     }
