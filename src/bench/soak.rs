@@ -1786,265 +1786,32 @@ pub fn main(args: &SoakArgs) -> ExitCode {
 
 // ----------------------------------------------------------------- SHA-256
 
-/// SHA-256 (FIPS 180-4), here because the `sha2` crate is only a
-/// dev-dependency of halfpipe. Uses the x86 SHA extensions when the CPU has
-/// them (the soak hashes every byte twice, so speed matters), else plain
-/// Rust. Checked against `sha2` in the tests below.
+/// SHA-256 through the `sha2` crate (which uses the x86 SHA extensions when
+/// the CPU has them: the soak hashes every byte twice).
 mod sha256 {
-    const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4,
-        0xab1c5ed5, 0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe,
-        0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f,
-        0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7,
-        0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc,
-        0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b,
-        0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116,
-        0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
-        0xc67178f2,
-    ];
-    const H0: [u32; 8] = [
-        0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab,
-        0x5be0cd19,
-    ];
+    use sha2::Digest;
 
     #[derive(Clone)]
-    pub struct Sha256 {
-        state: [u32; 8],
-        buf: [u8; 64],
-        buffered: usize,
-        len: u64,
-    }
+    pub struct Sha256(sha2::Sha256);
 
     impl Sha256 {
         pub fn new() -> Sha256 {
-            Sha256 {
-                state: H0,
-                buf: [0; 64],
-                buffered: 0,
-                len: 0,
-            }
+            Sha256(sha2::Sha256::new())
         }
 
-        pub fn update(&mut self, mut data: &[u8]) {
-            self.len = self.len.wrapping_add(data.len() as u64);
-            if self.buffered > 0 {
-                let n = (64 - self.buffered).min(data.len());
-                self.buf[self.buffered..self.buffered + n].copy_from_slice(&data[..n]);
-                self.buffered += n;
-                data = &data[n..];
-                if self.buffered < 64 {
-                    return;
-                }
-                let block = self.buf;
-                compress(&mut self.state, &block);
-                self.buffered = 0;
-            }
-            let whole = data.len() / 64 * 64;
-            if whole > 0 {
-                compress(&mut self.state, &data[..whole]);
-            }
-            let rest = &data[whole..];
-            self.buf[..rest.len()].copy_from_slice(rest);
-            self.buffered = rest.len();
+        pub fn update(&mut self, data: &[u8]) {
+            self.0.update(data);
         }
 
-        pub fn finish(mut self) -> [u8; 32] {
-            let bits = self.len.wrapping_mul(8);
-            let pad = if self.buffered < 56 {
-                56 - self.buffered
-            } else {
-                120 - self.buffered
-            };
-            let mut tail = [0u8; 72];
-            tail[0] = 0x80;
-            tail[pad..pad + 8].copy_from_slice(&bits.to_be_bytes());
-            self.update(&tail[..pad + 8]);
-            debug_assert_eq!(self.buffered, 0);
-            let mut out = [0u8; 32];
-            for (o, s) in out.chunks_exact_mut(4).zip(self.state) {
-                o.copy_from_slice(&s.to_be_bytes());
-            }
-            out
+        pub fn finish(self) -> [u8; 32] {
+            self.0.finalize().into()
         }
-    }
-
-    /// Compresses whole 64-byte blocks.
-    fn compress(state: &mut [u32; 8], blocks: &[u8]) {
-        debug_assert_eq!(blocks.len() % 64, 0);
-        #[cfg(target_arch = "x86_64")]
-        if x86::available() {
-            // SAFETY: the CPU has the features x86::compress is compiled
-            // for (checked just above).
-            unsafe { x86::compress(state, blocks) };
-            return;
-        }
-        soft(state, blocks);
-    }
-
-    fn soft(state: &mut [u32; 8], blocks: &[u8]) {
-        for block in blocks.chunks_exact(64) {
-            let mut w = [0u32; 64];
-            for (i, c) in block.chunks_exact(4).enumerate() {
-                w[i] = u32::from_be_bytes([c[0], c[1], c[2], c[3]]);
-            }
-            for i in 16..64 {
-                let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
-                let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
-                w[i] = w[i - 16]
-                    .wrapping_add(s0)
-                    .wrapping_add(w[i - 7])
-                    .wrapping_add(s1);
-            }
-            let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut h] = *state;
-            for i in 0..64 {
-                let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
-                let ch = (e & f) ^ (!e & g);
-                let t1 = h
-                    .wrapping_add(s1)
-                    .wrapping_add(ch)
-                    .wrapping_add(K[i])
-                    .wrapping_add(w[i]);
-                let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
-                let maj = (a & b) ^ (a & c) ^ (b & c);
-                let t2 = s0.wrapping_add(maj);
-                h = g;
-                g = f;
-                f = e;
-                e = d.wrapping_add(t1);
-                d = c;
-                c = b;
-                b = a;
-                a = t1.wrapping_add(t2);
-            }
-            for (s, v) in state.iter_mut().zip([a, b, c, d, e, f, g, h]) {
-                *s = s.wrapping_add(v);
-            }
-        }
-    }
-
-    /// The SHA-NI path: the usual arrangement of the state as ABEF/CDGH and
-    /// four rounds per `sha256rnds2` pair, as in Intel's reference code and
-    /// the `sha2` crate's x86 backend.
-    #[cfg(target_arch = "x86_64")]
-    mod x86 {
-        use std::arch::x86_64::*;
-
-        pub fn available() -> bool {
-            is_x86_feature_detected!("sha")
-                && is_x86_feature_detected!("sse2")
-                && is_x86_feature_detected!("ssse3")
-                && is_x86_feature_detected!("sse4.1")
-        }
-
-        #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-        unsafe fn schedule(v0: __m128i, v1: __m128i, v2: __m128i, v3: __m128i) -> __m128i {
-            let t1 = _mm_sha256msg1_epu32(v0, v1);
-            let t2 = _mm_alignr_epi8(v3, v2, 4);
-            let t3 = _mm_add_epi32(t1, t2);
-            _mm_sha256msg2_epu32(t3, v3)
-        }
-
-        /// # Safety
-        /// The CPU must have SHA, SSE2, SSSE3 and SSE4.1 ([`available`]).
-        #[target_feature(enable = "sha,sse2,ssse3,sse4.1")]
-        pub unsafe fn compress(state: &mut [u32; 8], blocks: &[u8]) {
-            let k = super::K.as_ptr() as *const __m128i;
-            let mask = _mm_set_epi64x(0x0C0D_0E0F_0809_0A0B, 0x0405_0607_0001_0203);
-            let p = state.as_ptr() as *const __m128i;
-            let dcba = _mm_loadu_si128(p);
-            let efgh = _mm_loadu_si128(p.add(1));
-            let cdab = _mm_shuffle_epi32(dcba, 0xB1);
-            let efgh = _mm_shuffle_epi32(efgh, 0x1B);
-            let mut abef = _mm_alignr_epi8(cdab, efgh, 8);
-            let mut cdgh = _mm_blend_epi16(efgh, cdab, 0xF0);
-            for block in blocks.chunks_exact(64) {
-                let (abef_save, cdgh_save) = (abef, cdgh);
-                let d = block.as_ptr() as *const __m128i;
-                let mut w = [
-                    _mm_shuffle_epi8(_mm_loadu_si128(d), mask),
-                    _mm_shuffle_epi8(_mm_loadu_si128(d.add(1)), mask),
-                    _mm_shuffle_epi8(_mm_loadu_si128(d.add(2)), mask),
-                    _mm_shuffle_epi8(_mm_loadu_si128(d.add(3)), mask),
-                ];
-                for i in 0..16 {
-                    if i >= 4 {
-                        w[i % 4] =
-                            schedule(w[i % 4], w[(i + 1) % 4], w[(i + 2) % 4], w[(i + 3) % 4]);
-                    }
-                    let t1 = _mm_add_epi32(w[i % 4], _mm_loadu_si128(k.add(i)));
-                    cdgh = _mm_sha256rnds2_epu32(cdgh, abef, t1);
-                    let t2 = _mm_shuffle_epi32(t1, 0x0E);
-                    abef = _mm_sha256rnds2_epu32(abef, cdgh, t2);
-                }
-                abef = _mm_add_epi32(abef, abef_save);
-                cdgh = _mm_add_epi32(cdgh, cdgh_save);
-            }
-            let feba = _mm_shuffle_epi32(abef, 0x1B);
-            let dchg = _mm_shuffle_epi32(cdgh, 0xB1);
-            let dcba = _mm_blend_epi16(feba, dchg, 0xF0);
-            let hgef = _mm_alignr_epi8(dchg, feba, 8);
-            let p = state.as_mut_ptr() as *mut __m128i;
-            _mm_storeu_si128(p, dcba);
-            _mm_storeu_si128(p.add(1), hgef);
-        }
-    }
-
-    #[cfg(test)]
-    pub fn soft_digest(data: &[u8]) -> [u8; 32] {
-        // The portable path alone, whatever the CPU.
-        let mut state = H0;
-        let mut msg = data.to_vec();
-        let bits = (data.len() as u64).wrapping_mul(8);
-        msg.push(0x80);
-        while msg.len() % 64 != 56 {
-            msg.push(0);
-        }
-        msg.extend_from_slice(&bits.to_be_bytes());
-        soft(&mut state, &msg);
-        let mut out = [0u8; 32];
-        for (o, s) in out.chunks_exact_mut(4).zip(state) {
-            o.copy_from_slice(&s.to_be_bytes());
-        }
-        out
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::Digest;
-
-    fn reference(data: &[u8]) -> [u8; 32] {
-        sha2::Sha256::digest(data).into()
-    }
-
-    #[test]
-    fn sha256_matches_the_reference() {
-        // FIPS 180-2's "abc".
-        let mut h = sha256::Sha256::new();
-        h.update(b"abc");
-        assert_eq!(
-            h.finish()[..4],
-            [0xba, 0x78, 0x16, 0xbf],
-            "SHA-256(\"abc\") starts ba7816bf"
-        );
-        // Every length around the block and padding edges, fed in uneven
-        // pieces, on both paths.
-        let mut data = vec![0u8; 1000];
-        Content(7).fill(0, &mut data);
-        for len in (0..200).chain([447, 448, 449, 511, 512, 513, 999]) {
-            let want = reference(&data[..len]);
-            for piece in [1, 7, 63, 64, 65, 1000] {
-                let mut h = sha256::Sha256::new();
-                for c in data[..len].chunks(piece) {
-                    h.update(c);
-                }
-                assert_eq!(h.finish(), want, "len {len}, pieces of {piece}");
-            }
-            assert_eq!(sha256::soft_digest(&data[..len]), want, "soft, len {len}");
-        }
-    }
 
     #[test]
     fn content_is_the_same_at_any_offset() {
