@@ -9,7 +9,7 @@
 
 use crate::cell::{destroy_reason, CELL_LEN};
 use crate::ctx::{Ctx, StreamSlot};
-use crate::flow::{CircuitDeliverWindow, SharedPackageWindow};
+use crate::flow::{CircuitDeliverWindow, PackageWindow};
 use crate::halfclose::{Action, Event};
 use crate::link::{Link, LinkTx};
 use crate::metrics::{Dir, Limit, Tally, ViolationKind};
@@ -153,7 +153,7 @@ pub struct Circuit {
     retired: Vec<Entry>,
     recent: RecentlyClosed,
     deliver: CircuitDeliverWindow,
-    package: Arc<Monitor<SharedPackageWindow>>,
+    package: Arc<Monitor<PackageWindow>>,
     /// Exit: resolver threads by stream ID, with their stream slots.
     resolvers: HashMap<u16, (JoinHandle<()>, StreamSlot)>,
     /// Client: RESOLVEs waiting for RESOLVED.
@@ -191,7 +191,7 @@ impl Circuit {
         rx: Receiver<CircMsg>,
         idle_timeout: Option<Duration>,
     ) -> Circuit {
-        let package = Arc::new(Monitor::new(SharedPackageWindow::circuit()));
+        let package = Arc::new(Monitor::new(PackageWindow::circuit()));
         let deliver = CircuitDeliverWindow::default();
         let view = CircuitView::new(
             link.id,

@@ -106,79 +106,6 @@ impl PackageWindow {
     }
 }
 
-/// The circuit package window as the packagers of a circuit's streams share
-/// it (§10): cells go to the waiting packagers in turn, in arrival order.
-///
-/// Found by the soak (issue 4): with hundreds of streams on one circuit,
-/// every waiting packager woke for each SENDME's 100 cells, and the ones
-/// already running won the race again and again, so that some streams got
-/// no cell for a minute. Now a packager takes a ticket and waits until it is
-/// first in line; after its turn it joins the back of the line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SharedPackageWindow {
-    window: PackageWindow,
-    /// Tickets of the packagers waiting for cells, first in line first.
-    line: std::collections::VecDeque<u64>,
-    next_ticket: u64,
-}
-
-impl SharedPackageWindow {
-    pub fn circuit() -> Self {
-        SharedPackageWindow {
-            window: PackageWindow::circuit(),
-            line: std::collections::VecDeque::new(),
-            next_ticket: 0,
-        }
-    }
-
-    pub fn value(&self) -> u32 {
-        self.window.value()
-    }
-
-    /// Packagers waiting for their turn.
-    pub fn waiting(&self) -> usize {
-        self.line.len()
-    }
-
-    pub fn on_sendme(&mut self) -> Result<(), FlowViolation> {
-        self.window.on_sendme()
-    }
-
-    pub fn give_back(&mut self, n: u32) {
-        self.window.give_back(n)
-    }
-
-    /// Joins the back of the line; returns the ticket to wait with.
-    pub fn join(&mut self) -> u64 {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        self.line.push_back(ticket);
-        ticket
-    }
-
-    /// If `ticket` is first in line and the window is open: takes up to
-    /// `wanted` cells and leaves the line. Returns the cells taken, and
-    /// whether the next in line can take some at once (and must be woken).
-    pub fn take_turn(&mut self, ticket: u64, wanted: u32) -> Option<(u32, bool)> {
-        if self.line.front() != Some(&ticket) {
-            return None;
-        }
-        let took = self.window.take(wanted);
-        if took == 0 {
-            return None;
-        }
-        self.line.pop_front();
-        Some((took, !self.line.is_empty() && self.window.value() > 0))
-    }
-
-    /// Leaves the line without a turn (the wait ended otherwise). Returns
-    /// whether the next in line can now take cells (and must be woken).
-    pub fn leave(&mut self, ticket: u64) -> bool {
-        self.line.retain(|&t| t != ticket);
-        !self.line.is_empty() && self.window.value() > 0
-    }
-}
-
 /// The circuit deliver window (§10): drops by one for every DATA cell that
 /// arrives on the circuit, for any stream, known or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -388,38 +315,6 @@ mod tests {
         assert_eq!(s.take(30), 30);
         s.give_back(30);
         assert_eq!(s.value(), STREAM_WINDOW_START);
-    }
-
-    #[test]
-    fn shared_window_is_handed_out_in_turn() {
-        let mut w = SharedPackageWindow::circuit();
-        let (a, b, c) = (w.join(), w.join(), w.join());
-        // Only the first in line may take, whatever the others want.
-        assert_eq!(w.take_turn(b, 10), None);
-        assert_eq!(w.take_turn(c, 10), None);
-        assert_eq!(w.take_turn(a, 600), Some((600, true)));
-        // a goes to the back; b is first now.
-        let a2 = w.join();
-        assert_eq!(w.take_turn(a2, 10), None);
-        assert_eq!(w.take_turn(b, 500), Some((400, false)));
-        // The window is shut: c waits even though it is first.
-        assert_eq!(w.take_turn(c, 1), None);
-        w.on_sendme().unwrap();
-        assert_eq!(w.take_turn(c, 30), Some((30, true)));
-        assert_eq!(w.take_turn(a2, 100), Some((70, false)));
-        assert_eq!(w.waiting(), 0);
-        assert_eq!(w.value(), 0);
-    }
-
-    #[test]
-    fn leaving_the_line_lets_the_next_one_go() {
-        let mut w = SharedPackageWindow::circuit();
-        let (a, b) = (w.join(), w.join());
-        assert!(w.leave(a), "b can take at once and must be woken");
-        assert_eq!(w.take_turn(b, 5), Some((5, false)));
-        let c = w.join();
-        assert!(!w.leave(c), "nobody left to wake");
-        assert_eq!(w.waiting(), 0);
     }
 
     proptest! {

@@ -9,7 +9,7 @@
 
 use crate::circuit::Role;
 use crate::ctx::Ctx;
-use crate::flow::SharedPackageWindow;
+use crate::flow::PackageWindow;
 use crate::halfclose::{CloseCause, State};
 use crate::metrics::Gauges;
 use crate::monitor::Monitor;
@@ -43,7 +43,7 @@ pub struct CircuitView {
     pub role: Role,
     opened: Instant,
     tid: AtomicI32,
-    package: Arc<Monitor<SharedPackageWindow>>,
+    package: Arc<Monitor<PackageWindow>>,
     /// A copy of the circuit's deliver window, stored once per inbox message.
     deliver: AtomicU32,
     /// Streams by serial (an ID can be taken by a new stream while the old
@@ -58,7 +58,7 @@ impl CircuitView {
         local: u32,
         wire: u32,
         role: Role,
-        package: Arc<Monitor<SharedPackageWindow>>,
+        package: Arc<Monitor<PackageWindow>>,
         deliver: u32,
     ) -> Arc<CircuitView> {
         Arc::new(CircuitView {

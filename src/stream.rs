@@ -14,7 +14,7 @@
 
 use crate::cell::{self, CELL_LEN};
 use crate::circuit::{CircMsg, Role};
-use crate::flow::{FlowViolation, PackageWindow, SharedPackageWindow, StreamDeliverWindow};
+use crate::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
 use crate::halfclose::{Action, Event, HalfClose, State, Step, Violation};
 use crate::link::{LinkGone, LinkTx};
 use crate::metrics::{Metrics, ViolationKind};
@@ -204,7 +204,7 @@ pub struct Stream {
     pub target: Target,
     pub wire_circ: u32,
     pub link: LinkTx,
-    pub circuit_window: Arc<Monitor<SharedPackageWindow>>,
+    pub circuit_window: Arc<Monitor<PackageWindow>>,
     pub circuit_tx: Sender<CircMsg>,
     pub state: Monitor<StreamState>,
     /// Set once when the stream is aborted; ends every wait of its threads.
@@ -554,7 +554,10 @@ fn frame_bytes(stream: &Stream, data: &[u8]) -> (Vec<u8>, u32) {
 fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop> {
     let mut sent = 0;
     while sent < cells {
-        let m = take_circuit_turn(stream, cells - sent)?;
+        let m = stream
+            .circuit_window
+            .wait_until(&stream.aborted, |w| take_some(w, cells - sent))
+            .map_err(|_| Stop::Ended)?;
         if stream.link.reserve(m, &stream.aborted).is_err() {
             stream.circuit_window.update(|w| w.give_back(m));
             return Err(Stop::Ended);
@@ -588,32 +591,8 @@ fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop
     Ok(())
 }
 
-/// §10: waits for this packager's turn at the circuit window (cells are
-/// handed out in arrival order: `SharedPackageWindow`) and takes up to
-/// `wanted` cells.
-fn take_circuit_turn(stream: &Stream, wanted: u32) -> Result<u32, Stop> {
-    let ticket = stream.circuit_window.lock().join();
-    let turn = stream
-        .circuit_window
-        .wait_until(&stream.aborted, |w| w.take_turn(ticket, wanted));
-    match turn {
-        Ok((took, wake_next)) => {
-            if wake_next {
-                stream.circuit_window.kick();
-            }
-            Ok(took)
-        }
-        Err(_) => {
-            if stream.circuit_window.lock().leave(ticket) {
-                stream.circuit_window.kick();
-            }
-            Err(Stop::Ended)
-        }
-    }
-}
-
-/// Takes up to `wanted` cells of a package window that is open (the loom
-/// model's packager takes the circuit window this way).
+/// Takes up to `wanted` cells of a package window that is open: the
+/// packager's wait on the circuit window (§10).
 pub fn take_some(window: &mut PackageWindow, wanted: u32) -> Option<u32> {
     let took = window.take(wanted);
     (took > 0).then_some(took)
