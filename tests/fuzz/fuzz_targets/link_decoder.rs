@@ -166,11 +166,13 @@ fn check_relay(raw: &[u8]) {
     }
 }
 
+/// What `decode_versions` answers: not yet, the versions and bytes used,
+/// or why the handshake fails.
+type Versions = Result<Option<(Vec<u16>, usize)>, HandshakeError>;
+
 /// `link::read_versions`: ask for exactly what the VERSIONS cell still
 /// needs. Returns the result and the bytes read.
-fn handshake(
-    sock: &mut Socket<'_>,
-) -> (Result<Option<(Vec<u16>, usize)>, HandshakeError>, Vec<u8>) {
+fn handshake(sock: &mut Socket<'_>) -> (Versions, Vec<u8>) {
     let mut buf = Vec::new();
     loop {
         match cell::decode_versions(&buf) {
@@ -198,11 +200,7 @@ fn handshake(
     }
 }
 
-fn check_handshake(
-    stream: &[u8],
-    result: &Result<Option<(Vec<u16>, usize)>, HandshakeError>,
-    read: &[u8],
-) {
+fn check_handshake(stream: &[u8], result: &Versions, read: &[u8]) {
     // Reading piecemeal must not change the answer.
     let whole = cell::decode_versions(stream);
     match (result, &whole) {

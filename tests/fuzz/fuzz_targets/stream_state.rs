@@ -1,13 +1,16 @@
 //! One stream's state machine (protocol.md §7 half-close, §8 abort, §9 late
 //! cells, §10 windows), driven by random sequences of the things that
-//! happen to a stream, fed exactly as `stream.rs` and `circuit.rs` feed
-//! them: `HalfClose`, the stream's `PackageWindow` and
-//! `StreamDeliverWindow` (the stream's lock), the circuit's
-//! `PackageWindow` (shared gate) and `CircuitDeliverWindow` (circuit
-//! thread). The threads are replaced by explicit steps, so any
-//! interleaving of packager, deliverer and circuit thread can be chosen,
-//! e.g. an END arriving between the packager taking circuit window and
-//! queueing its DATA.
+//! happen to a stream, fed as `stream.rs` and `circuit.rs` feed them. The
+//! lock-held steps are the real ones: `StreamState::step`, `read_window`,
+//! `queue_data`, `accept_data`, `on_sendme` and `delivered` (on the
+//! `HalfClose`, `PackageWindow` and `StreamDeliverWindow` inside it), with
+//! an `Outbound` that records what they queue; the circuit's windows are
+//! the real `PackageWindow` (take, give_back) and `CircuitDeliverWindow`. What the threads do around those calls (waits,
+//! reads, writes, abort I/O, the circuit thread's checks) is mirrored here.
+//! The threads are replaced by explicit steps, so any interleaving of
+//! packager, deliverer and circuit thread can be chosen, e.g. an END
+//! arriving between the packager taking circuit window and queueing its
+//! DATA.
 //!
 //! Input (`arbitrary`): the role (client or exit), whether the peer obeys
 //! the rules (then steps that the model says are violations are skipped,
@@ -31,12 +34,15 @@
 
 use arbitrary::Arbitrary;
 use halfpipe::flow::{
-    CircuitDeliverWindow, PackageWindow, StreamDeliverWindow, CIRCUIT_SENDME_INCREMENT,
-    CIRCUIT_WINDOW_START, STREAM_SENDME_INCREMENT, STREAM_WINDOW_START,
+    CircuitDeliverWindow, PackageWindow, CIRCUIT_SENDME_INCREMENT, CIRCUIT_WINDOW_START,
+    STREAM_SENDME_INCREMENT, STREAM_WINDOW_START,
 };
-use halfpipe::halfclose::{Action, Event, HalfClose, State, Violation};
-use halfpipe::relay::end_reason;
+use halfpipe::halfclose::{Action, Event, State, Violation};
+use halfpipe::link::LinkGone;
+use halfpipe::relay::{end_reason, relay_cmd};
+use halfpipe::stream::{self, Outbound, StreamState};
 use libfuzzer_sys::fuzz_target;
+use std::cell::RefCell;
 use std::collections::VecDeque;
 
 /// `stream::MAX_READ_CELLS` and the packager's first read size.
@@ -122,9 +128,43 @@ enum Sent {
 enum Pk {
     Connecting,
     Idle,
-    Holding(u32),
-    Taken { rest: u32, m: u32 },
+    /// Read `rest` cells not yet queued.
+    Holding {
+        rest: u32,
+    },
+    Taken {
+        rest: u32,
+        m: u32,
+    },
     Ended,
+}
+
+/// `Outbound` for the model: records what `StreamState` queues.
+#[derive(Default)]
+struct Recorder(RefCell<Vec<Sent>>);
+
+impl Outbound for Recorder {
+    fn control(&self, command: u8, body: &[u8]) {
+        let cell = match command {
+            relay_cmd::FIN => Sent::Fin,
+            relay_cmd::END => Sent::End(body[0]),
+            other => panic!("unexpected control cell {other}"),
+        };
+        self.0.borrow_mut().push(cell);
+    }
+
+    fn sendmes(&self, n: u32) {
+        for _ in 0..n {
+            self.0.borrow_mut().push(Sent::Sendme);
+        }
+    }
+
+    fn data(&self, _cells: Vec<u8>, count: u32) -> Result<(), LinkGone> {
+        for _ in 0..count {
+            self.0.borrow_mut().push(Sent::Data);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,13 +185,12 @@ enum DlMsg {
 
 struct Sim {
     exit: bool,
-    // The real sans-IO pieces, as `StreamState` and `Circuit` hold them.
-    hc: HalfClose,
-    package: PackageWindow,
-    deliver: StreamDeliverWindow,
+    // The real pieces: the stream's locked state (its lock-held steps are
+    // `StreamState` methods), the circuit's windows.
+    st: StreamState,
+    out: Recorder,
     circ_package: PackageWindow,
     circ_deliver: CircuitDeliverWindow,
-    connected: bool,
     aborted: bool,
     in_table: bool,
     pk: Pk,
@@ -183,19 +222,17 @@ impl Sim {
         let initial = u32::from(initial % 11);
         Sim {
             exit,
-            hc: HalfClose::new(),
-            package: PackageWindow::stream(),
-            deliver: StreamDeliverWindow::default(),
+            st: stream::new_state(None),
+            out: Recorder::default(),
             circ_package: PackageWindow::circuit(),
             circ_deliver: CircuitDeliverWindow::default(),
-            connected: false,
             aborted: false,
             in_table: true,
             pk: match (exit, initial) {
                 (true, _) => Pk::Connecting,
                 (false, 0) => Pk::Idle,
                 // client_packager: optimistic data goes to send_cells first.
-                (false, n) => Pk::Holding(n),
+                (false, n) => Pk::Holding { rest: n },
             },
             read_cells: FIRST_READ_CELLS,
             dl: if exit { Dl::WaitSocket } else { Dl::WaitAnswer },
@@ -220,7 +257,17 @@ impl Sim {
     }
 
     fn closed(&self) -> bool {
-        self.hc.is_closed()
+        self.st.hc.is_closed()
+    }
+
+    /// Runs one lock-held `StreamState` step and checks what it queued.
+    fn locked<R>(&mut self, f: impl FnOnce(&mut StreamState, &Recorder) -> R) -> R {
+        let r = f(&mut self.st, &self.out);
+        let queued = std::mem::take(&mut *self.out.0.borrow_mut());
+        for c in queued {
+            self.send(c);
+        }
+        r
     }
 
     /// Queues a cell on the link, checking the sending rules.
@@ -236,7 +283,10 @@ impl Sim {
         match c {
             Sent::Data => {
                 assert!(!self.fin_sent, "DATA after our FIN (§7)");
-                assert!(!self.exit || self.connected, "exit DATA before CONNECTED");
+                assert!(
+                    !self.exit || self.st.connected,
+                    "exit DATA before CONNECTED"
+                );
                 self.data_sent += 1;
             }
             Sent::Fin => {
@@ -252,14 +302,13 @@ impl Sim {
         self.wire.push(c);
     }
 
-    /// `Stream::handle`: the event under the lock, cells queued there, then
-    /// the abort I/O (`abort_io`).
+    /// `Stream::handle`: `StreamState::step` under the lock (it queues FIN
+    /// or END), then the abort I/O (`abort_io`).
     fn handle(&mut self, event: Event) -> Result<Action, Violation> {
-        let step = self.hc.handle(event)?;
-        match step.action {
-            Action::SendFin => self.send(Sent::Fin),
-            Action::SendEndAndReset(reason) => self.send(Sent::End(reason)),
-            _ => {}
+        let step = self.locked(|st, out| st.step(event, out))?;
+        if let (Action::SendEndAndReset(r), Some(Sent::End(sent))) = (step.action, self.wire.last())
+        {
+            assert_eq!(r, *sent, "END with another reason than decided");
         }
         match step.action {
             Action::SendEndAndReset(_) | Action::Reset => {
@@ -361,12 +410,12 @@ impl Sim {
 
     /// Client: DATA or FIN while the stream waits for CONNECTED.
     fn before_connected(&self) -> bool {
-        !self.exit && !self.connected && !self.closed()
+        !self.exit && !self.st.connected && !self.closed()
     }
 
     /// Would this peer cell be a protocol violation? (The model's view.)
     fn is_violation(&self, op: Op) -> bool {
-        let state = self.hc.state();
+        let state = self.st.hc.state();
         match op {
             Op::PeerData => {
                 self.model_circ_deliver() == 0
@@ -390,7 +439,7 @@ impl Sim {
             }
             Op::PeerConnected => {
                 // CONNECTED to an exit is sent the wrong way (§4).
-                self.exit || (self.in_table && !self.closed() && self.connected)
+                self.exit || (self.in_table && !self.closed() && self.st.connected)
             }
             _ => false,
         }
@@ -469,7 +518,7 @@ impl Sim {
                 if !self.in_table || self.closed() {
                     false
                 } else {
-                    match self.package.on_sendme() {
+                    match self.st.on_sendme() {
                         Ok(()) => {
                             self.sendmes_got += 1;
                             false
@@ -487,7 +536,7 @@ impl Sim {
             },
             Op::PeerConnected => self.peer_connected(),
             Op::IdleTimeout => {
-                if self.in_table && self.connected && !self.closed() {
+                if self.in_table && self.st.connected && !self.closed() {
                     let _ = self.handle(Event::Error {
                         reason: end_reason::TIMEOUT,
                     });
@@ -522,59 +571,72 @@ impl Sim {
         self.check();
     }
 
-    /// `send_cells`: take circuit package window for what is held.
+    /// `send_cells`: wait on the circuit window, then take up to what is
+    /// held.
     fn pk_take_circuit(&mut self) {
-        if let Pk::Holding(rest) = self.pk {
+        if let Pk::Holding { rest } = self.pk {
             if self.aborted {
-                self.pk = Pk::Ended; // wait_until sees the cancel flag
+                // wait_until sees the cancel flag.
+                self.pk = Pk::Ended;
             } else {
                 let m = self.circ_package.take(rest);
                 if m > 0 {
+                    assert!(m <= rest);
                     self.reserved += m;
                     self.pk = Pk::Taken { rest, m };
                 }
+                // Circuit window 0: wait.
             }
         }
     }
 
-    /// `send_cells`: link room reserved; under the stream lock, check the
-    /// state, take stream window and queue the DATA.
+    /// `send_cells`: link room reserved (or not, if aborted); under the
+    /// stream lock `StreamState::queue_data` checks the state, takes stream
+    /// window and queues the DATA.
     fn pk_commit(&mut self) {
         if let Pk::Taken { rest, m } = self.pk {
-            if self.aborted || !self.hc.may_package() {
-                // link.reserve sees the cancel flag, or the lock shows the
-                // stream can no longer package.
+            if self.aborted {
+                // link.reserve sees the cancel flag.
                 self.give_back(m);
                 self.pk_stopped();
-            } else {
-                let took = self.package.take(m);
-                assert_eq!(took, m, "only the packager takes from the stream window");
+                return;
+            }
+            let queued = self
+                .locked(|st, out| st.queue_data(Vec::new(), m, u64::from(m) * 498, out))
+                .expect("the recorder never loses the link");
+            if queued {
                 self.reserved -= m;
-                for _ in 0..m {
-                    self.send(Sent::Data);
-                }
                 self.pk = if rest == m {
                     Pk::Idle
                 } else {
-                    Pk::Holding(rest - m)
+                    Pk::Holding { rest: rest - m }
                 };
+            } else {
+                // We may no longer package: return the circuit window.
+                self.give_back(m);
+                self.pk_stopped();
             }
         }
     }
 
-    /// `package_loop`: wait for window, read, or see EOF.
+    /// `package_loop`: wait for window (`StreamState::read_window`), read,
+    /// or see EOF.
     fn pk_read(&mut self, cells: u32) {
         if self.pk != Pk::Idle {
             return;
         }
-        if self.aborted || !self.hc.may_package() {
-            self.pk = Pk::Ended;
+        if self.aborted {
+            self.pk = Pk::Ended; // the wait sees the cancel flag
             return;
         }
-        let window = self.package.value();
-        if window == 0 {
-            return; // §10: blocked until a SENDME
-        }
+        let window = match self.st.read_window() {
+            None => return, // §10: blocked until a SENDME
+            Some(0) => {
+                self.pk = Pk::Ended;
+                return;
+            }
+            Some(w) => w,
+        };
         let want = window.min(self.read_cells);
         if cells == 0 {
             // §7: EOF → FIN after every DATA read before it.
@@ -588,7 +650,7 @@ impl Sim {
         } else {
             self.read_cells.min(n.max(FIRST_READ_CELLS))
         };
-        self.pk = Pk::Holding(n);
+        self.pk = Pk::Holding { rest: n };
     }
 
     /// `exit_packager` after `exit::connect`.
@@ -610,7 +672,7 @@ impl Sim {
             self.dl = Dl::Ended;
             return;
         }
-        self.connected = true;
+        self.st.connected = true;
         self.send(Sent::Connected);
         self.dl = Dl::Running;
         self.pk = Pk::Idle;
@@ -628,12 +690,8 @@ impl Sim {
         }
         if k > 0 {
             self.delivered += k;
-            if self.hc.may_deliver() {
-                let sendmes = self.deliver.on_written(k);
-                for _ in 0..sendmes {
-                    self.send(Sent::Sendme);
-                }
-            }
+            let bytes = k as usize * 498;
+            self.locked(|st, out| st.delivered(k, bytes, out));
         }
         if self.dl_queue.front() == Some(&DlMsg::Fin) {
             // §7: everything before the FIN is written; shutdown(SHUT_WR).
@@ -658,15 +716,10 @@ impl Sim {
         if self.before_connected() {
             return true;
         }
-        let step = match self.hc.handle(Event::DataReceived) {
+        match self.st.accept_data() {
             Err(_) => return true,
-            Ok(step) => step,
-        };
-        if step.action != Action::Deliver {
-            return false; // §9: late DATA for a closed stream
-        }
-        if self.deliver.on_data().is_err() {
-            return true;
+            Ok(false) => return false, // §9: late DATA for a closed stream
+            Ok(true) => {}
         }
         self.data_got += 1;
         assert!(
@@ -705,10 +758,10 @@ impl Sim {
         if !self.in_table || self.closed() {
             return false; // §9
         }
-        if self.connected {
+        if self.st.connected {
             return true;
         }
-        self.connected = true;
+        self.st.connected = true;
         if self.dl == Dl::WaitAnswer {
             self.dl = Dl::Running;
         }
@@ -717,17 +770,17 @@ impl Sim {
 
     fn check(&mut self) {
         // §10: windows within bounds, and as the model counts them.
-        assert!(self.package.value() <= STREAM_WINDOW_START);
+        assert!(self.st.package.value() <= STREAM_WINDOW_START);
         assert!(
             self.circ_package.value() <= CIRCUIT_WINDOW_START,
             "circuit package window {} above its start",
             self.circ_package.value()
         );
-        assert!(self.deliver.value() <= STREAM_WINDOW_START);
+        assert!(self.st.deliver.value() <= STREAM_WINDOW_START);
         assert!((901..=CIRCUIT_WINDOW_START).contains(&self.circ_deliver.value()));
-        assert_eq!(i64::from(self.package.value()), self.model_package());
+        assert_eq!(i64::from(self.st.package.value()), self.model_package());
         assert_eq!(i64::from(self.circ_package.value()), self.circ_window());
-        assert_eq!(i64::from(self.deliver.value()), self.model_deliver());
+        assert_eq!(i64::from(self.st.deliver.value()), self.model_deliver());
         assert_eq!(
             i64::from(self.circ_deliver.value()),
             self.model_circ_deliver()
@@ -735,8 +788,8 @@ impl Sim {
         assert!(self.delivered <= self.data_got);
         // §7, first table: the state is what the two FINs and aborts say.
         let closed = self.closed();
-        assert_eq!(self.hc.may_package(), !closed && !self.fin_sent);
-        assert_eq!(self.hc.may_deliver(), !closed && !self.peer_fin);
+        assert_eq!(self.st.hc.may_package(), !closed && !self.fin_sent);
+        assert_eq!(self.st.hc.may_deliver(), !closed && !self.peer_fin);
         assert_eq!(closed, self.aborted || (self.fin_sent && self.peer_fin));
         // `Circuit::on_thread_done`: both threads gone means CLOSED (else
         // it logs "bug: stream threads ended in state ...").
@@ -744,7 +797,7 @@ impl Sim {
             assert!(
                 closed,
                 "both stream threads ended in state {}",
-                self.hc.state()
+                self.st.hc.state()
             );
             self.in_table = false;
         }
