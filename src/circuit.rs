@@ -9,6 +9,7 @@
 
 use crate::cell::{destroy_reason, CELL_LEN};
 use crate::ctx::{Ctx, StreamSlot};
+use crate::fairwindow::FairWindow;
 use crate::flow::{CircuitDeliverWindow, PackageWindow};
 use crate::halfclose::{Action, Event};
 use crate::link::{Link, LinkTx};
@@ -153,7 +154,7 @@ pub struct Circuit {
     retired: Vec<Entry>,
     recent: RecentlyClosed,
     deliver: CircuitDeliverWindow,
-    package: Arc<Monitor<PackageWindow>>,
+    package: Arc<FairWindow>,
     /// Exit: resolver threads by stream ID, with their stream slots.
     resolvers: HashMap<u16, (JoinHandle<()>, StreamSlot)>,
     /// Client: RESOLVEs waiting for RESOLVED.
@@ -191,7 +192,7 @@ impl Circuit {
         rx: Receiver<CircMsg>,
         idle_timeout: Option<Duration>,
     ) -> Circuit {
-        let package = Arc::new(Monitor::new(PackageWindow::circuit()));
+        let package = Arc::new(FairWindow::new(PackageWindow::circuit()));
         let deliver = CircuitDeliverWindow::default();
         let view = CircuitView::new(
             link.id,

@@ -16,6 +16,7 @@ pub mod config_file;
 pub mod ctx;
 pub mod daemon;
 pub mod exit;
+pub mod fairwindow;
 pub mod flow;
 pub mod halfclose;
 pub mod kdf;

@@ -9,10 +9,9 @@
 
 use crate::circuit::Role;
 use crate::ctx::Ctx;
-use crate::flow::PackageWindow;
+use crate::fairwindow::FairWindow;
 use crate::halfclose::{CloseCause, State};
 use crate::metrics::Gauges;
-use crate::monitor::Monitor;
 use crate::relay::end_reason;
 use crate::stream::Stream;
 use crate::threads;
@@ -43,7 +42,7 @@ pub struct CircuitView {
     pub role: Role,
     opened: Instant,
     tid: AtomicI32,
-    package: Arc<Monitor<PackageWindow>>,
+    package: Arc<FairWindow>,
     /// A copy of the circuit's deliver window, stored once per inbox message.
     deliver: AtomicU32,
     /// Streams by serial (an ID can be taken by a new stream while the old
@@ -58,7 +57,7 @@ impl CircuitView {
         local: u32,
         wire: u32,
         role: Role,
-        package: Arc<Monitor<PackageWindow>>,
+        package: Arc<FairWindow>,
         deliver: u32,
     ) -> Arc<CircuitView> {
         Arc::new(CircuitView {
@@ -287,7 +286,7 @@ pub fn snapshot(ctx: &Ctx, roles: &[&str]) -> Snapshot {
             circ_id: format!("{:#010x}", v.wire),
             role: role_name(v.role).into(),
             age_secs: v.opened.elapsed().as_secs_f64(),
-            package_window: v.package.lock().value(),
+            package_window: v.package.value(),
             deliver_window: v.deliver.load(Ordering::Relaxed),
             streams: members.len(),
             tid: tid(v.tid.load(Ordering::Relaxed)),

@@ -14,6 +14,7 @@
 
 use crate::cell::{self, CELL_LEN};
 use crate::circuit::{CircMsg, Role};
+use crate::fairwindow::FairWindow;
 use crate::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
 use crate::halfclose::{Action, Event, HalfClose, State, Step, Violation};
 use crate::link::{LinkGone, LinkTx};
@@ -204,7 +205,7 @@ pub struct Stream {
     pub target: Target,
     pub wire_circ: u32,
     pub link: LinkTx,
-    pub circuit_window: Arc<Monitor<PackageWindow>>,
+    pub circuit_window: Arc<FairWindow>,
     pub circuit_tx: Sender<CircMsg>,
     pub state: Monitor<StreamState>,
     /// Set once when the stream is aborted; ends every wait of its threads.
@@ -554,9 +555,10 @@ fn frame_bytes(stream: &Stream, data: &[u8]) -> (Vec<u8>, u32) {
 fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop> {
     let mut sent = 0;
     while sent < cells {
+        // §10: this packager's turn at the circuit window (`FairWindow`).
         let m = stream
             .circuit_window
-            .wait_until(&stream.aborted, |w| take_some(w, cells - sent))
+            .take(cells - sent, &stream.aborted)
             .map_err(|_| Stop::Ended)?;
         if stream.link.reserve(m, &stream.aborted).is_err() {
             stream.circuit_window.update(|w| w.give_back(m));
@@ -591,8 +593,9 @@ fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop
     Ok(())
 }
 
-/// Takes up to `wanted` cells of a package window that is open: the
-/// packager's wait on the circuit window (§10).
+/// Takes up to `wanted` cells of a package window that is open (the loom
+/// model's packager takes its circuit window this way; the daemon's wait
+/// for the circuit window is `FairWindow::take`).
 pub fn take_some(window: &mut PackageWindow, wanted: u32) -> Option<u32> {
     let took = window.take(wanted);
     (took > 0).then_some(took)
