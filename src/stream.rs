@@ -593,10 +593,11 @@ fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop
     Ok(())
 }
 
-/// Takes up to `wanted` cells of a package window that is open (the loom
-/// model's packager takes its circuit window this way; the daemon's wait
-/// for the circuit window is `FairWindow::take`).
-pub fn take_some(window: &mut PackageWindow, wanted: u32) -> Option<u32> {
+/// Takes up to `wanted` cells of a package window that is open: how the
+/// loom model's packager takes its circuit window (the daemon's packagers
+/// wait in `FairWindow::take`).
+#[cfg(all(test, loom))]
+pub(crate) fn take_some(window: &mut PackageWindow, wanted: u32) -> Option<u32> {
     let took = window.take(wanted);
     (took > 0).then_some(took)
 }

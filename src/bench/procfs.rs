@@ -9,7 +9,8 @@ use super::report::{Machine, Usage};
 use std::collections::HashMap;
 use std::fs;
 
-fn status_kib(status: &str, key: &str) -> u64 {
+/// The number after `key` in a /proc status-style text (0 if absent).
+pub(super) fn status_kib(status: &str, key: &str) -> u64 {
     status
         .lines()
         .find_map(|l| l.strip_prefix(key))

@@ -671,34 +671,17 @@ fn both_ways(
             .name(format!("{side}-rd"))
             .stack_size(STACK)
             .spawn_scoped(scope, move || {
-                let r = rx.read_to_eof(&mut rd);
-                if r.is_err() && !aborted.swap(true, Ordering::SeqCst) {
-                    let _ = rd.shutdown(Shutdown::Both);
-                    return r.map_err(|e| Some(Failure::io(side, read_phase, &e, stall)));
-                }
-                r.map_err(|_| None)
+                rx.read_to_eof(&mut rd)
+                    .map_err(|e| first_failure(aborted, &rd, side, read_phase, &e, stall))
             })
             .map_err(|e| Failure::io(side, "start a thread", &e, stall))?;
         let sent = tx
             .send_upto(s, total)
             .and_then(|()| s.shutdown(Shutdown::Write));
-        let send_failure = match sent {
-            Ok(()) => None,
-            Err(e) if !aborted.swap(true, Ordering::SeqCst) => {
-                let _ = s.shutdown(Shutdown::Both);
-                Some(Failure::io(side, send_phase, &e, stall))
-            }
-            Err(_) => None,
-        };
-        let read_failure = match reader.join() {
-            Ok(Ok(())) => None,
-            Ok(Err(f)) => f,
-            Err(_) => Some(Failure {
-                side,
-                phase: read_phase,
-                error: "the reading thread panicked".into(),
-            }),
-        };
+        let send_failure = sent
+            .err()
+            .and_then(|e| first_failure(aborted, s, side, send_phase, &e, stall));
+        let read_failure = reader_failure(reader.join(), side, read_phase);
         match (send_failure, read_failure) {
             (Some(f), _) | (None, Some(f)) => Err(f),
             (None, None) if aborted.load(Ordering::SeqCst) => Err(Failure {
@@ -709,6 +692,42 @@ fn both_ways(
             (None, None) => Ok(()),
         }
     })
+}
+
+/// A half (sending or reading) of a stream failed with `e`. Only the half
+/// that fails first reports: it shuts the socket down so that the other
+/// half does not wait out the stall timeout, and that half's resulting
+/// error is a consequence (None).
+fn first_failure(
+    aborted: &AtomicBool,
+    s: &TcpStream,
+    side: &'static str,
+    phase: &'static str,
+    e: &io::Error,
+    stall: Duration,
+) -> Option<Failure> {
+    if aborted.swap(true, Ordering::SeqCst) {
+        return None;
+    }
+    let _ = s.shutdown(Shutdown::Both);
+    Some(Failure::io(side, phase, e, stall))
+}
+
+/// What the reading thread came to once joined.
+fn reader_failure(
+    joined: thread::Result<Result<(), Option<Failure>>>,
+    side: &'static str,
+    phase: &'static str,
+) -> Option<Failure> {
+    match joined {
+        Ok(Ok(())) => None,
+        Ok(Err(f)) => f,
+        Err(_) => Some(Failure {
+            side,
+            phase,
+            error: "the reading thread panicked".into(),
+        }),
+    }
 }
 
 // ----------------------------------------------------- the application end
@@ -834,18 +853,11 @@ fn reply_first(
             .name("application-rd".into())
             .stack_size(STACK)
             .spawn_scoped(scope, move || {
-                let r = rx.read_to_eof(&mut rd);
-                match r {
-                    Ok(()) => {
+                rx.read_to_eof(&mut rd)
+                    .map(|()| {
                         let _ = eof_tx.send(());
-                        Ok(())
-                    }
-                    Err(e) if !aborted.swap(true, Ordering::SeqCst) => {
-                        let _ = rd.shutdown(Shutdown::Both);
-                        Err(Some(Failure::io(side, "read reply", &e, stall)))
-                    }
-                    Err(_) => Err(None),
-                }
+                    })
+                    .map_err(|e| first_failure(aborted, &rd, side, "read reply", &e, stall))
             })
             .map_err(|e| Failure::io(side, "start a thread", &e, stall))?;
         let mut write = || -> Result<(), (&'static str, io::Error)> {
@@ -863,23 +875,10 @@ fn reply_first(
             s.shutdown(Shutdown::Write)
                 .map_err(|e| ("shutdown(SHUT_WR)", e))
         };
-        let send_failure = match write() {
-            Ok(()) => None,
-            Err((phase, e)) if !aborted.swap(true, Ordering::SeqCst) => {
-                let _ = s.shutdown(Shutdown::Both);
-                Some(Failure::io(side, phase, &e, stall))
-            }
-            Err(_) => None,
-        };
-        let read_failure = match reader.join() {
-            Ok(Ok(())) => None,
-            Ok(Err(f)) => f,
-            Err(_) => Some(Failure {
-                side,
-                phase: "read reply",
-                error: "the reading thread panicked".into(),
-            }),
-        };
+        let send_failure = write()
+            .err()
+            .and_then(|(phase, e)| first_failure(aborted, s, side, phase, &e, stall));
+        let read_failure = reader_failure(reader.join(), side, "read reply");
         match (send_failure, read_failure) {
             (Some(f), _) | (None, Some(f)) => Err(f),
             (None, None) => Ok(()),
@@ -1094,14 +1093,7 @@ impl Counts {
 /// None once the process is gone.
 fn counts(pid: u32) -> Option<Counts> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let field = |key: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(key))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
+    let field = |key: &str| procfs::status_kib(&status, key);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
     Some(Counts {
         threads: field("Threads:"),
