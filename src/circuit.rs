@@ -12,6 +12,7 @@ use crate::ctx::{Ctx, StreamSlot};
 use crate::fairwindow::FairWindow;
 use crate::flow::{CircuitDeliverWindow, PackageWindow};
 use crate::halfclose::{Action, Event};
+use crate::inbox::{self, Inbox, InboxTx};
 use crate::link::{Link, LinkTx};
 use crate::metrics::{Dir, Limit, Tally, ViolationKind};
 use crate::monitor::Monitor;
@@ -20,7 +21,7 @@ use crate::socks::SocksVersion;
 use crate::status::CircuitView;
 use crate::stream::{self, DeliverMsg, DeliverStart, Stream};
 use crate::threads;
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use rustc_hash::FxHashMap;
 use socket2::Socket;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -144,8 +145,8 @@ pub struct Circuit {
     local: u32,
     /// "L.C" for logs; streams are "C.S".
     name: String,
-    tx: Sender<CircMsg>,
-    rx: Receiver<CircMsg>,
+    tx: InboxTx<CircMsg>,
+    rx: Inbox<CircMsg>,
     /// Looked up for every cell: a fast hash (stream IDs are bounded per
     /// circuit, so flooding one bucket costs the peer its own circuit).
     streams: FxHashMap<u16, Entry>,
@@ -188,8 +189,8 @@ impl Circuit {
         link_tx: LinkTx,
         wire: u32,
         local: u32,
-        tx: Sender<CircMsg>,
-        rx: Receiver<CircMsg>,
+        tx: InboxTx<CircMsg>,
+        rx: Inbox<CircMsg>,
         idle_timeout: Option<Duration>,
     ) -> Circuit {
         let package = Arc::new(FairWindow::new(PackageWindow::circuit()));
@@ -622,16 +623,18 @@ impl Circuit {
         };
         let (stream, dl_rx) = self.new_stream(id, target, None);
         let (sock_tx, sock_rx) = crossbeam_channel::bounded(1);
-        let dl = {
-            let s = stream.clone();
-            threads::spawn(format!("dl {}", stream.name), move || {
-                stream::deliverer(s, dl_rx, DeliverStart::Exit(sock_rx))
+        // The packager first: it connects to the target, the slow part of
+        // opening a stream, while this thread starts the deliverer.
+        let pk = {
+            let (s, ctx) = (stream.clone(), self.ctx.clone());
+            threads::spawn(format!("pk {}", stream.name), move || {
+                stream::exit_packager(s, ctx, sock_tx)
             })
         };
-        let dl = match dl {
+        let pk = match pk {
             Ok(h) => h,
             Err(e) => {
-                tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): END(RESOURCELIMIT)");
+                tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e}): END(RESOURCELIMIT)");
                 self.ctx.metrics.refused(Limit::Threads);
                 self.refuse_begin(id, end_reason::RESOURCELIMIT);
                 return Ok(());
@@ -639,36 +642,36 @@ impl Circuit {
         };
         let entry = Entry {
             stream: stream.clone(),
-            threads: vec![dl],
+            threads: vec![pk],
             alive: 1,
             batch: None,
             connected: false,
             _slot: slot,
         };
-        let pk = {
-            let (s, ctx) = (stream.clone(), self.ctx.clone());
-            threads::spawn(format!("pk {}", stream.name), move || {
-                stream::exit_packager(s, ctx, sock_tx)
+        let dl = {
+            let s = stream.clone();
+            threads::spawn(format!("dl {}", stream.name), move || {
+                stream::deliverer(s, dl_rx, DeliverStart::Exit(sock_rx))
             })
         };
-        self.enter_stream(entry, pk);
+        self.enter_stream(entry, dl);
         Ok(())
     }
 
-    /// Enters a stream whose deliverer runs; `pk` is how starting its
-    /// packager went. A packager that could not start is an error on the
-    /// stream (§8: END(RESOURCELIMIT)); its deliverer then ends by itself:
-    /// the exit's when the socket sender drops, the client's after it
-    /// answers the SOCKS request with 0x01.
-    fn enter_stream(&mut self, mut entry: Entry, pk: std::io::Result<JoinHandle<()>>) {
+    /// Enters a stream whose first thread runs; `second` is how starting
+    /// its other thread went. A thread that could not start is an error on
+    /// the stream (§8: END(RESOURCELIMIT)), and the thread that runs ends
+    /// by itself: an exit packager sees the abort (and its socket has no
+    /// taker), a client deliverer answers the SOCKS request with 0x01.
+    fn enter_stream(&mut self, mut entry: Entry, second: std::io::Result<JoinHandle<()>>) {
         let stream = entry.stream.clone();
-        match pk {
+        match second {
             Ok(h) => {
                 entry.threads.push(h);
                 entry.alive += 1;
             }
             Err(e) => {
-                tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e}): END(RESOURCELIMIT)");
+                tracing::warn!(stream = %stream.name, "cannot start a stream thread ({e}): END(RESOURCELIMIT)");
                 self.ctx.metrics.refused(Limit::Threads);
                 let _ = stream.handle(Event::Error {
                     reason: end_reason::RESOURCELIMIT,
@@ -743,8 +746,8 @@ impl Circuit {
         id: u16,
         target: Target,
         socket: Option<Arc<Socket>>,
-    ) -> (Arc<Stream>, Receiver<DeliverMsg>) {
-        let (dl_tx, dl_rx) = crossbeam_channel::unbounded();
+    ) -> (Arc<Stream>, Inbox<DeliverMsg>) {
+        let (dl_tx, dl_rx) = inbox::inbox();
         self.next_serial += 1;
         let stream = Arc::new(Stream {
             id,
@@ -789,6 +792,12 @@ impl Circuit {
         };
         let sock = Arc::new(req.socket);
         let (stream, dl_rx) = self.new_stream(id, req.target, Some(sock.clone()));
+        // BEGIN first, so that the exit opens its side while this thread
+        // starts ours (a thread takes tens of µs to start); it precedes any
+        // DATA, since the packager does not exist yet.
+        let begin = relay::encode_begin(&stream.target);
+        stream.send_control(relay_cmd::BEGIN, &begin);
+        tracing::debug!(stream = %stream.name, target = %stream.target, "BEGIN sent");
         let dl = {
             let (s, sock, socks) = (stream.clone(), sock.clone(), req.socks);
             threads::spawn(format!("dl {}", stream.name), move || {
@@ -798,8 +807,11 @@ impl Circuit {
         let dl = match dl {
             Ok(h) => h,
             Err(e) => {
-                tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): refusing SOCKS request");
+                tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): END(RESOURCELIMIT), refusing SOCKS request");
                 self.ctx.metrics.refused(Limit::Threads);
+                // §8: the BEGIN is answered by our END; the ID is closed (§9).
+                stream.send_control(relay_cmd::END, &[end_reason::RESOURCELIMIT]);
+                self.recent.insert(id);
                 drop(stream);
                 if let Ok(socket) = Arc::try_unwrap(sock) {
                     let _ = req.refused.send(socket);
@@ -807,10 +819,6 @@ impl Circuit {
                 return;
             }
         };
-        // BEGIN is queued before the packager exists, so it precedes any DATA.
-        let begin = relay::encode_begin(&stream.target);
-        stream.send_control(relay_cmd::BEGIN, &begin);
-        tracing::debug!(stream = %stream.name, target = %stream.target, "BEGIN sent");
         let entry = Entry {
             stream: stream.clone(),
             threads: vec![dl],

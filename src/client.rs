@@ -7,6 +7,7 @@
 use crate::cell::{self, cmd, destroy_reason};
 use crate::circuit::{CircMsg, OpenRequest, ResolveRequest, Role};
 use crate::ctx::Ctx;
+use crate::inbox::InboxTx;
 use crate::kdf;
 use crate::limits::MAX_HANDSHAKES;
 use crate::link::{self, Link};
@@ -36,7 +37,7 @@ const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// A circuit as the client uses it.
 #[derive(Clone)]
 struct CircHandle {
-    tx: Sender<CircMsg>,
+    tx: InboxTx<CircMsg>,
     wire: u32,
     local: u32,
 }

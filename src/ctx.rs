@@ -3,11 +3,11 @@
 //! and the registry of live links and circuits that shutdown walks.
 
 use crate::circuit::CircMsg;
+use crate::inbox::InboxTx;
 use crate::link::Link;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::status::CircuitView;
-use crossbeam_channel::Sender;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -65,7 +65,7 @@ impl Default for Config {
 }
 
 /// A live circuit in the registry: its inbox, and its view for status.
-type CircuitEntry = (Sender<CircMsg>, Arc<CircuitView>);
+type CircuitEntry = (InboxTx<CircMsg>, Arc<CircuitView>);
 
 pub struct Ctx {
     pub cfg: Config,
@@ -148,7 +148,7 @@ impl Ctx {
     pub fn register_circuit(
         &self,
         local: u32,
-        tx: Sender<CircMsg>,
+        tx: InboxTx<CircMsg>,
         view: Arc<CircuitView>,
     ) -> bool {
         let mut circuits = self.circuits.lock();

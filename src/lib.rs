@@ -19,6 +19,7 @@ pub mod exit;
 pub mod fairwindow;
 pub mod flow;
 pub mod halfclose;
+pub mod inbox;
 pub mod kdf;
 pub mod limits;
 pub mod link;

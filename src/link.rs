@@ -15,6 +15,7 @@
 use crate::cell::{self, cmd, destroy_reason};
 use crate::circuit::{self, CircMsg, Role};
 use crate::ctx::Ctx;
+use crate::inbox::{self, Inbox, InboxTx};
 use crate::kdf;
 use crate::metrics::{Dir, Metrics, Tally, ViolationKind};
 use crate::monitor::{Monitor, Stopped};
@@ -50,7 +51,7 @@ const MAX_CONTROL_QUEUED: usize = 8 << 20;
 /// The sending side of a link, cloned by every circuit and stream on it.
 #[derive(Clone)]
 pub struct LinkTx {
-    tx: Sender<WriterMsg>,
+    tx: InboxTx<WriterMsg>,
     room: Arc<Monitor<u32>>,
     /// Control bytes queued and not yet written.
     control_queued: Arc<AtomicUsize>,
@@ -167,7 +168,7 @@ enum CircSlot {
     /// Client: CREATE_FAST sent, CREATED_FAST (or DESTROY) not yet back.
     Pending(Sender<CreatedFast>),
     Live {
-        tx: Sender<CircMsg>,
+        tx: InboxTx<CircMsg>,
         local: u32,
         gate: Arc<Gate>,
         /// None for the moment between spawn and the handle being stored.
@@ -219,7 +220,7 @@ impl Link {
     pub fn start(ctx: Arc<Ctx>, id: u32, role: Role, socket: TcpStream) -> io::Result<Arc<Link>> {
         let peer = socket.peer_addr()?;
         let socket = Arc::new(socket);
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = inbox::inbox();
         let room = Arc::new(Monitor::new(QUEUE_CELLS));
         let control_queued = Arc::new(AtomicUsize::new(0));
         let writer_tid = Arc::new(AtomicI32::new(0));
@@ -569,7 +570,7 @@ impl Link {
         idle_timeout: Option<Duration>,
     ) -> io::Result<()> {
         let local = self.ctx.next_circuit_id();
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = inbox::inbox();
         let gate = Gate::open();
         let link_tx = self.tx.for_circuit(gate.clone());
         let circuit = circuit::Circuit::new(
@@ -629,7 +630,7 @@ impl Link {
         self: &Arc<Self>,
         wire: u32,
         idle_timeout: Option<Duration>,
-    ) -> io::Result<(Sender<CircMsg>, u32)> {
+    ) -> io::Result<(InboxTx<CircMsg>, u32)> {
         let mut table = self.table.lock();
         if !matches!(table.by_wire_id.remove(&wire), Some(CircSlot::Pending(_))) {
             return Err(io::Error::other(
@@ -738,7 +739,7 @@ fn set_tcp_keepalive(sock: &TcpStream, period: Duration) {
 /// nothing was written for that long.
 fn writer_loop(
     sock: &TcpStream,
-    rx: Receiver<WriterMsg>,
+    rx: Inbox<WriterMsg>,
     room: &Monitor<u32>,
     control_queued: &AtomicUsize,
     metrics: &Metrics,
@@ -752,7 +753,7 @@ fn writer_loop(
             let mut control_bytes = 0;
             let mut close = false;
             let received = match keepalive {
-                Some(period) => rx.recv_timeout(period),
+                Some(period) => rx.recv_deadline(Instant::now() + period),
                 None => rx
                     .recv()
                     .map_err(|_| crossbeam_channel::RecvTimeoutError::Disconnected),

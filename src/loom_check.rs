@@ -280,7 +280,9 @@ fn packager(m: &Model, reads: &[Read]) {
     let mut reads = reads.iter().copied();
     let mut unread = 0;
     loop {
-        let window = m.state.wait_until(&m.aborted, StreamState::read_window);
+        // Low water 1, not `READ_LOW_WATER`: a scenario's window starts
+        // low with cells in flight that no SENDME will ever acknowledge.
+        let window = m.state.wait_until(&m.aborted, |st| st.read_window(1));
         let window = match window {
             Ok(0) => return,
             Err(_) => return m.stopped(),
@@ -821,6 +823,64 @@ fn loom_monitor_wait_ends() {
             };
             assert_eq!(got, want);
             waker.join().expect("waker panicked");
+        });
+    }
+}
+
+/// `inbox::Bell`, the wake-up handshake of the threads' inboxes: a
+/// receiver that goes to sleep while senders queue never misses a message
+/// or the last sender's goodbye (loom reports a receiver parked for good as
+/// a deadlock). The queue is an atomic counter with release on send and
+/// acquire on receive, no stronger than crossbeam's channel. Mutation
+/// check: a receiver that sleeps without the compare-exchange (a plain
+/// store of SLEEPING) is caught as a deadlock.
+#[test]
+fn loom_bell_never_loses_a_wake_up() {
+    use crate::inbox::Bell;
+    use loom::sync::atomic::AtomicUsize as LoomUsize;
+    for senders in [1usize, 2] {
+        explore(&format!("bell_{senders}_senders"), move || {
+            let bell = Arc::new(Bell::new());
+            let queued = Arc::new(LoomUsize::new(0));
+            let connected = Arc::new(LoomUsize::new(senders));
+            let handles: Vec<_> = (0..senders)
+                .map(|_| {
+                    let (bell, queued, connected) =
+                        (bell.clone(), queued.clone(), connected.clone());
+                    thread::spawn(move || {
+                        // `InboxTx::send`, then `InboxTx::drop`.
+                        queued.fetch_add(1, Ordering::Release);
+                        bell.ring();
+                        connected.fetch_sub(1, Ordering::Release);
+                        bell.ring();
+                    })
+                })
+                .collect();
+            // `Inbox::iter`: receive until disconnected and empty.
+            let mut taken = 0;
+            loop {
+                let got = bell.wait(None, || {
+                    if queued.load(Ordering::Acquire) > taken {
+                        Some(true)
+                    } else if connected.load(Ordering::Acquire) == 0 {
+                        // Disconnected: look once more, as crossbeam does.
+                        (queued.load(Ordering::Acquire) > taken)
+                            .then_some(true)
+                            .or(Some(false))
+                    } else {
+                        None
+                    }
+                });
+                match got {
+                    Some(true) => taken += 1,
+                    Some(false) => break,
+                    None => unreachable!("no deadline"),
+                }
+            }
+            assert_eq!(taken, senders);
+            handles
+                .into_iter()
+                .for_each(|h| h.join().expect("sender panicked"));
         });
     }
 }

@@ -2,13 +2,29 @@
 //! parking_lot-like API: parking_lot's in the daemon, loom's in the
 //! concurrency model check (`src/loom_check.rs`, built with
 //! `RUSTFLAGS="--cfg loom"`), so that loom explores every interleaving of
-//! the real `Monitor` code.
+//! the real `Monitor` code. The same goes for the atomics and the thread
+//! parking of `inbox::Bell`.
 
 #[cfg(not(all(test, loom)))]
 pub use parking_lot::{Condvar, Mutex, MutexGuard};
+#[cfg(not(all(test, loom)))]
+pub use std::sync::atomic::{AtomicBool, AtomicUsize};
+#[cfg(not(all(test, loom)))]
+pub use std::thread::{current as current_thread, park, park_timeout, Thread};
 
 #[cfg(all(test, loom))]
 pub use self::model::{Condvar, Mutex, MutexGuard};
+#[cfg(all(test, loom))]
+pub use loom::sync::atomic::{AtomicBool, AtomicUsize};
+#[cfg(all(test, loom))]
+pub use loom::thread::{current as current_thread, park, Thread};
+
+/// loom has no timed park; a timed park may return early anyway, so here
+/// it returns at once. (The model checks use untimed waits only.)
+#[cfg(all(test, loom))]
+pub fn park_timeout(_: std::time::Duration) {
+    loom::thread::yield_now();
+}
 
 /// A flag that ends a wait once set (a stream's `aborted`): std's
 /// `AtomicBool` in the daemon, loom's as well in the model check.

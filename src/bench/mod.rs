@@ -482,6 +482,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         hold: Vec::new(),
         slow: None,
         rtt: None,
+        thread_life: None,
         errors: Vec::new(),
     };
     let m = &rep.machine;
@@ -534,8 +535,17 @@ pub fn main(args: BenchArgs) -> ExitCode {
                 }
             }
             Scenario::Setup => {
+                rep.thread_life = Some(scenarios::thread_life());
                 for &c in &args.concurrency {
-                    let s = scenarios::setup(&env, c, args.count, args.duration);
+                    let (proxy_before, self_before) =
+                        (procfs::cpu_us(&args.pids), procfs::self_cpu_us());
+                    let mut s = scenarios::setup(&env, c, args.count, args.duration);
+                    let streams = (s.completed + s.errors + scenarios::warmup(c)).max(1) as f64;
+                    s.bench_cpu_us_per_stream =
+                        Some((procfs::self_cpu_us() - self_before) / streams);
+                    if let (Some(a), Some(b)) = (proxy_before, procfs::cpu_us(&args.pids)) {
+                        s.proxy_cpu_us_per_stream = Some((b - a) / streams);
+                    }
                     if s.errors > 0 {
                         rep.errors.push(format!(
                             "setup at concurrency {c}: {} of {} streams failed (first: {})",
@@ -547,6 +557,12 @@ pub fn main(args: BenchArgs) -> ExitCode {
                     rep.setup.push(s);
                 }
                 ui.say(&report::setup_text(&rep.setup));
+                if let Some(l) = &rep.thread_life {
+                    ui.say(&format!(
+                        "{}\n\n",
+                        report::thread_floor(l, rep.machine.cores)
+                    ));
+                }
             }
             Scenario::Hold => {
                 // Spawned here, on the main thread: see HoldTarget::start.

@@ -96,6 +96,47 @@ pub fn sample(pids: &[u32]) -> Vec<Usage> {
         .collect()
 }
 
+/// CPU time (user + system, in µs) of each PID's process tree, summed,
+/// with the children it has reaped; None without PIDs or once one is gone.
+pub fn cpu_us(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let parents = parents();
+    let mut ticks = 0u64;
+    for &root in pids {
+        fs::metadata(format!("/proc/{root}")).ok()?;
+        for pid in tree(root, &parents) {
+            let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue; // ended meanwhile: its parent counts it once reaped
+            };
+            // Fields after "(comm)": state is the 1st, utime the 12th,
+            // stime, cutime and cstime the next three (proc(5)).
+            let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+                continue;
+            };
+            ticks += after
+                .split_whitespace()
+                .skip(11)
+                .take(4)
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+    }
+    Some(ticks as f64 * 1e6 / hz)
+}
+
+/// CPU time (user + system, in µs) this process has used so far.
+pub fn self_cpu_us() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let us = |t: libc::timeval| t.tv_sec as f64 * 1e6 + t.tv_usec as f64;
+    us(u.ru_utime) + us(u.ru_stime)
+}
+
 /// A process's name (its comm).
 pub fn name(pid: u32) -> String {
     fs::read_to_string(format!("/proc/{pid}/comm"))

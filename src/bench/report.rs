@@ -43,6 +43,9 @@ pub struct Report {
     pub slow: Option<Slow>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt: Option<Rtt>,
+    /// Measured with the setup scenario.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thread_life: Option<ThreadLife>,
     /// Scenarios that failed or did not verify, one line each.
     #[serde(default)]
     pub errors: Vec<String>,
@@ -137,6 +140,26 @@ pub struct Setup {
     pub streams_per_s: f64,
     /// Connect (including the SOCKS handshake) to the reply's EOF.
     pub latency_us: Latency,
+    /// CPU time (user + system) the `--pid` processes and their children
+    /// spent per stream during the level, warm-up streams included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_cpu_us_per_stream: Option<f64>,
+    /// CPU time the bench itself (clients and target servers) spent per
+    /// stream during the level, on the same cores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bench_cpu_us_per_stream: Option<f64>,
+}
+
+/// What starting, running and joining one empty named thread costs on this
+/// machine (measured by the bench itself, one thread after the other):
+/// the floor under a design that starts threads for every stream.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct ThreadLife {
+    pub threads: usize,
+    /// CPU time (user + system) of the bench process per thread.
+    pub cpu_us: f64,
+    /// Wall time per thread.
+    pub wall_us: f64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
@@ -385,6 +408,8 @@ pub fn setup_text(s: &[Setup]) -> String {
         "p90 us",
         "p99 us",
         "max us",
+        "proxy CPU us/stream",
+        "bench CPU us/stream",
     ]);
     for x in s {
         t.row(vec![
@@ -396,6 +421,10 @@ pub fn setup_text(s: &[Setup]) -> String {
             f1(x.latency_us.p90),
             f1(x.latency_us.p99),
             f1(x.latency_us.max),
+            x.proxy_cpu_us_per_stream
+                .map_or("-".into(), |v| format!("{v:.0}")),
+            x.bench_cpu_us_per_stream
+                .map_or("-".into(), |v| format!("{v:.0}")),
         ]);
     }
     let mut out = t.text();
@@ -527,6 +556,31 @@ fn socat_run(c: &Compare) -> Option<&Report> {
     c.runs
         .iter()
         .find(|r| r.label.to_lowercase().contains("socat"))
+}
+
+/// Threads halfpipe starts per stream: the client's SOCKS handshake
+/// thread, packager and deliverer, and the exit's packager and deliverer.
+pub const HALFPIPE_THREADS_PER_STREAM: usize = 5;
+
+/// What the cost of a thread's life means for halfpipe's setup rate.
+pub fn thread_floor(l: &ThreadLife, cores: usize) -> String {
+    let per_stream = l.cpu_us * HALFPIPE_THREADS_PER_STREAM as f64;
+    let mut s = format!(
+        "A thread's life (start, run nothing, join; {} threads one after the other) costs {:.1} us of CPU here ({:.1} us wall). \
+         halfpipe starts {HALFPIPE_THREADS_PER_STREAM} threads per stream (client: SOCKS handshake, packager, deliverer; exit: packager, deliverer): \
+         {per_stream:.0} us of CPU per stream before any other work",
+        l.threads, l.cpu_us, l.wall_us
+    );
+    if cores > 0 && per_stream > 0.0 {
+        let _ = write!(
+            s,
+            ", so on {cores} cores it cannot open more than {:.0} streams/s however little else it does.",
+            cores as f64 * 1e6 / per_stream
+        );
+    } else {
+        s.push('.');
+    }
+    s
 }
 
 fn ratio(v: f64, base: Option<f64>) -> String {
@@ -666,6 +720,8 @@ pub fn markdown(c: &Compare) -> String {
         "p90 us",
         "p99 us",
         "max us",
+        "proxy CPU us/stream",
+        "bench CPU us/stream",
         "errors",
     ]);
     let find = |r: Option<&Report>, conc: usize| {
@@ -687,6 +743,10 @@ pub fn markdown(c: &Compare) -> String {
                 f1(s.latency_us.p90),
                 f1(s.latency_us.p99),
                 f1(s.latency_us.max),
+                s.proxy_cpu_us_per_stream
+                    .map_or("-".into(), |v| format!("{v:.0}")),
+                s.bench_cpu_us_per_stream
+                    .map_or("-".into(), |v| format!("{v:.0}")),
                 s.errors.to_string(),
             ]);
         }
@@ -697,6 +757,13 @@ pub fn markdown(c: &Compare) -> String {
             "## setup: half-closed request/response streams (connect, request, shutdown(SHUT_WR), reply to EOF)\n\n{}",
             t.markdown()
         );
+        if let Some(l) = c.runs.iter().find_map(|r| r.thread_life) {
+            let _ = writeln!(
+                out,
+                "{}\n",
+                thread_floor(&l, c.runs.first().map_or(0, |r| r.machine.cores))
+            );
+        }
     }
 
     // hold
@@ -900,6 +967,8 @@ pub(crate) mod tests {
                     max: 4.5,
                     mean: 2.0,
                 },
+                proxy_cpu_us_per_stream: Some(250.0),
+                bench_cpu_us_per_stream: Some(100.0),
             }],
             hold: vec![Hold {
                 streams: 10,
@@ -944,6 +1013,11 @@ pub(crate) mod tests {
                 upload_vs_limit: 0.875,
                 download_vs_limit: 0.875,
                 relay_only: t,
+            }),
+            thread_life: Some(ThreadLife {
+                threads: 100,
+                cpu_us: 40.0,
+                wall_us: 50.0,
             }),
             errors: vec![],
         }

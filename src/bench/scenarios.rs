@@ -9,7 +9,7 @@
 //! ends and compared.
 
 use super::report::{
-    Bulk, Flows, Hold, Latency, Parallel, ProcessHold, Setup, Slow, Transfer, Usage,
+    Bulk, Flows, Hold, Latency, Parallel, ProcessHold, Setup, Slow, ThreadLife, Transfer, Usage,
 };
 use super::stats::{jain, mib_s, summarize};
 use super::targets::{
@@ -306,7 +306,7 @@ fn request_reply(env: &Env) -> Result<(), String> {
 /// all (or for `duration`). Latency runs from connect to the reply's EOF.
 pub fn setup(env: &Env, c: usize, count: usize, duration: Option<Duration>) -> Setup {
     // Warm up (not counted): first connections pay for lazy setup.
-    for _ in 0..c.min(20) {
+    for _ in 0..warmup(c) {
         let _ = request_reply(env);
     }
     let remaining = AtomicUsize::new(count);
@@ -390,6 +390,35 @@ pub fn setup(env: &Env, c: usize, count: usize, duration: Option<Duration>) -> S
             max: s.max,
             mean: s.mean,
         },
+        proxy_cpu_us_per_stream: None,
+        bench_cpu_us_per_stream: None,
+    }
+}
+
+/// Streams the setup scenario opens before it measures, at concurrency `c`.
+pub fn warmup(c: usize) -> usize {
+    c.min(20)
+}
+
+/// Starts and joins empty named threads (with halfpipe's stack size) one
+/// after the other, and measures what each costs this process.
+pub fn thread_life() -> ThreadLife {
+    const THREADS: usize = 2000;
+    let cpu = procfs::self_cpu_us;
+    let (cpu0, t0) = (cpu(), Instant::now());
+    for i in 0..THREADS {
+        let h = thread::Builder::new()
+            .name(format!("life {i}"))
+            .stack_size(crate::threads::SMALL_STACK)
+            .spawn(move || i);
+        if let Ok(h) = h {
+            let _ = h.join();
+        }
+    }
+    ThreadLife {
+        threads: THREADS,
+        cpu_us: (cpu() - cpu0) / THREADS as f64,
+        wall_us: t0.elapsed().as_secs_f64() * 1e6 / THREADS as f64,
     }
 }
 

@@ -1591,36 +1591,51 @@ fn exit_stops_at_its_stream_package_window_until_our_sendme() {
     let target = open_stream(&mut l, circ, 1, &t);
     let len = 2_000_000;
     let _writer = target_writes(target, len, 7);
+    let stream_sendmes = |l: &mut RawLink, n: usize| {
+        for _ in 0..n {
+            l.send_relay(circ, relay_cmd::SENDME, 1, &[]);
+        }
+    };
     let mut counts = Default::default();
     recv_data_cells(&mut l, circ, 500, &mut counts);
     assert_no_data(&mut l, "the stream package window is 0");
-    l.send_relay(circ, relay_cmd::SENDME, 1, &[]);
-    recv_data_cells(&mut l, circ, 50, &mut counts);
+    // Stopped at 0, the packager resumes at half the window
+    // (stream::READ_LOW_WATER, 250): one SENDME (50) is not enough...
+    stream_sendmes(&mut l, 1);
+    assert_no_data(&mut l, "stopped at 0, the stream window is only 50");
+    // ... five are, and it sends exactly what they open.
+    stream_sendmes(&mut l, 4);
+    recv_data_cells(&mut l, circ, 250, &mut counts);
     assert_no_data(&mut l, "the stream package window is 0 again");
-    // Ten SENDMEs at window 0 lift it exactly to its start (500): fine.
-    for _ in 0..10 {
-        l.send_relay(circ, relay_cmd::SENDME, 1, &[]);
-    }
-    recv_data_cells(&mut l, circ, 450, &mut counts);
     let (cells, data) = &counts[&1];
-    assert_eq!(*cells, 1000);
+    assert_eq!(*cells, 750);
     assert_eq!(
         data[..],
         pattern(len, 7)[..data.len()],
         "stream bytes in order"
     );
-    // 1000 cells sent: the circuit window (1000) is exhausted, the stream
-    // window is at 50. A circuit SENDME releases 50 (the stream's limit)...
+    // Ten SENDMEs at window 0 lift it exactly to its start (500): fine.
+    // The circuit window (1000, 750 used) lets 250 of them go.
+    stream_sendmes(&mut l, 10);
+    recv_data_cells(&mut l, circ, 250, &mut counts);
     assert_no_data(&mut l, "the circuit package window is 0");
+    // The stream window is at 250. Two circuit SENDMEs release 200...
+    l.send_relay(circ, relay_cmd::SENDME, 0, &[]);
+    l.send_relay(circ, relay_cmd::SENDME, 0, &[]);
+    recv_data_cells(&mut l, circ, 200, &mut counts);
+    assert_no_data(&mut l, "the circuit package window is 0 (stream has 50)");
+    // ... one more the stream's last 50.
     l.send_relay(circ, relay_cmd::SENDME, 0, &[]);
     recv_data_cells(&mut l, circ, 50, &mut counts);
     assert_no_data(&mut l, "the stream package window is 0 (circuit has 50)");
-    // ... and a stream SENDME the circuit's remaining 50.
-    l.send_relay(circ, relay_cmd::SENDME, 1, &[]);
+    stream_sendmes(&mut l, 1);
+    assert_no_data(&mut l, "stopped at 0, the stream window is only 50 again");
+    // At 250 the stream sends the circuit's remaining 50.
+    stream_sendmes(&mut l, 4);
     recv_data_cells(&mut l, circ, 50, &mut counts);
-    assert_no_data(&mut l, "the circuit package window is 0 (stream has 50)");
+    assert_no_data(&mut l, "the circuit package window is 0 (stream has 200)");
     let (cells, data) = &counts[&1];
-    assert_eq!(*cells, 1100);
+    assert_eq!(*cells, 1300);
     assert_eq!(data[..], pattern(len, 7)[..data.len()]);
 }
 
@@ -1633,11 +1648,15 @@ fn exit_stops_at_its_circuit_package_window_across_streams() {
     let t = Targets::new();
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
-    let mut writers = Vec::new();
-    for sid in 1..=3u16 {
-        let target = open_stream(&mut l, circ, sid, &t);
-        writers.push(target_writes(target, 1_000_000, sid as u8));
-    }
+    // All three open before any target writes: a CONNECTED is then never
+    // queued behind another stream's DATA.
+    let targets: Vec<_> = (1..=3u16)
+        .map(|sid| (sid, open_stream(&mut l, circ, sid, &t)))
+        .collect();
+    let _writers: Vec<_> = targets
+        .into_iter()
+        .map(|(sid, target)| target_writes(target, 1_000_000, sid as u8))
+        .collect();
     let mut counts = Default::default();
     recv_data_cells(&mut l, circ, 1000, &mut counts);
     assert_no_data(&mut l, "the circuit package window is 0");

@@ -629,7 +629,7 @@ impl Sim {
             self.pk = Pk::Ended; // the wait sees the cancel flag
             return;
         }
-        let window = match self.st.read_window() {
+        let window = match self.st.read_window(stream::READ_LOW_WATER) {
             None => return, // §10: blocked until a SENDME
             Some(0) => {
                 self.pk = Pk::Ended;
