@@ -160,6 +160,11 @@ pub struct ThreadLife {
     pub cpu_us: f64,
     /// Wall time per thread.
     pub wall_us: f64,
+    /// One hand-off between two threads through halfpipe's inbox
+    /// (`inbox::Inbox`): a message to a sleeping thread, until it runs.
+    /// Half a ping-pong round trip, median of rounds.
+    #[serde(default)]
+    pub handoff_us: f64,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Default)]
@@ -562,7 +567,19 @@ fn socat_run(c: &Compare) -> Option<&Report> {
 /// thread, packager and deliverer, and the exit's packager and deliverer.
 pub const HALFPIPE_THREADS_PER_STREAM: usize = 5;
 
-/// What the cost of a thread's life means for halfpipe's setup rate.
+/// Thread hand-offs a half-closed request/response stream through halfpipe
+/// client + exit waits for, beyond what direct TCP waits for: SOCKS greeting
+/// (2), CONNECT to the SOCKS reply (socks thread, circuit, link writer,
+/// exit link reader, exit circuit, exit packager, exit link writer, link
+/// reader, circuit, deliverer, application: 11), request to reply (client
+/// packager, link writer, exit link reader, exit circuit, exit deliverer;
+/// then exit packager, exit link writer, link reader, circuit, deliverer:
+/// 10), less the 1 direct TCP also has. Two of them are thread starts (the
+/// SOCKS thread, the exit's packager).
+pub const HALFPIPE_EXTRA_HANDOFFS: usize = 22;
+
+/// What the cost of a thread's life and of a hand-off mean for halfpipe's
+/// setup rate and latency.
 pub fn thread_floor(l: &ThreadLife, cores: usize) -> String {
     let per_stream = l.cpu_us * HALFPIPE_THREADS_PER_STREAM as f64;
     let mut s = format!(
@@ -579,6 +596,15 @@ pub fn thread_floor(l: &ThreadLife, cores: usize) -> String {
         );
     } else {
         s.push('.');
+    }
+    if l.handoff_us > 0.0 {
+        let floor = (HALFPIPE_EXTRA_HANDOFFS - 2) as f64 * l.handoff_us + 2.0 * l.wall_us;
+        let _ = write!(
+            s,
+            " A hand-off to a sleeping thread takes {:.1} us (median); a request/response stream waits for about {HALFPIPE_EXTRA_HANDOFFS} more hand-offs \
+             than direct TCP, two of them thread starts: about {floor:.0} us added at concurrency 1 when nothing else runs.",
+            l.handoff_us
+        );
     }
     s
 }
@@ -1018,6 +1044,7 @@ pub(crate) mod tests {
                 threads: 100,
                 cpu_us: 40.0,
                 wall_us: 50.0,
+                handoff_us: 10.0,
             }),
             errors: vec![],
         }
