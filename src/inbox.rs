@@ -18,8 +18,9 @@
 //! receiver. The concurrency model check (`src/loom_check.rs`) runs `Bell`
 //! under loom.
 
-use crate::sync::{self, AtomicBool, AtomicUsize, Mutex, Thread};
+use crate::sync::{self, AtomicUsize, Mutex, Thread};
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendError, Sender, TryRecvError};
+use std::marker::PhantomData;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -34,7 +35,11 @@ pub fn inbox<T>() -> (InboxTx<T>, Inbox<T>) {
             tx: Some(tx),
             bell: bell.clone(),
         },
-        Inbox { rx, bell },
+        Inbox {
+            rx,
+            bell,
+            _one_thread: PhantomData,
+        },
     )
 }
 
@@ -48,6 +53,7 @@ pub struct InboxTx<T> {
 
 impl<T> Clone for InboxTx<T> {
     fn clone(&self) -> Self {
+        self.bell.senders.fetch_add(1, Ordering::Relaxed);
         InboxTx {
             tx: self.tx.clone(),
             bell: self.bell.clone(),
@@ -68,15 +74,21 @@ impl<T> InboxTx<T> {
 impl<T> Drop for InboxTx<T> {
     fn drop(&mut self) {
         drop(self.tx.take());
-        // If that was the last sender, a sleeping receiver must see it.
-        self.bell.ring();
+        // The last sender gone disconnects the channel: a sleeping receiver
+        // must see that. Other senders come and go (a stream's copy of its
+        // link's sender) without waking it.
+        if self.bell.senders.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.bell.ring();
+        }
     }
 }
 
-/// The receiving half: used by one thread only (the one that sleeps on it).
+/// The receiving half. Not `Sync`: one thread at a time waits on it (it
+/// may be created on one thread and moved to another).
 pub struct Inbox<T> {
     rx: Receiver<T>,
     bell: Arc<Bell>,
+    _one_thread: PhantomData<std::cell::Cell<()>>,
 }
 
 impl<T> Inbox<T> {
@@ -126,12 +138,11 @@ impl<T> Inbox<T> {
 /// the receiver last looked).
 pub struct Bell {
     state: AtomicUsize,
-    /// The receiving thread, recorded before it first sleeps. Senders look
-    /// at it only after they saw `SLEEPING`, so the receiver never waits
-    /// for this lock.
+    /// The receiving thread, recorded each time before it may sleep.
+    /// Senders take this lock only after they saw `SLEEPING`.
     receiver: Mutex<Option<Thread>>,
-    /// `receiver` is set (read and written by the receiver only).
-    registered: AtomicBool,
+    /// `InboxTx`es alive: only the last one's drop rings.
+    senders: std::sync::atomic::AtomicUsize,
 }
 
 const AWAKE: usize = 0;
@@ -149,7 +160,7 @@ impl Bell {
         Bell {
             state: AtomicUsize::new(AWAKE),
             receiver: Mutex::new(None),
-            registered: AtomicBool::new(false),
+            senders: std::sync::atomic::AtomicUsize::new(1),
         }
     }
 
@@ -172,9 +183,14 @@ impl Bell {
         deadline: Option<Instant>,
         mut poll: impl FnMut() -> Option<R>,
     ) -> Option<R> {
-        if !self.registered.load(Ordering::Relaxed) {
-            *self.receiver.lock() = Some(sync::current_thread());
-            self.registered.store(true, Ordering::Relaxed);
+        // The thread to unpark is whichever waits now: an inbox may be
+        // created on one thread and waited on by another, or moved.
+        {
+            let me = sync::current_thread();
+            let mut receiver = self.receiver.lock();
+            if receiver.as_ref().map(|t| t.id()) != Some(me.id()) {
+                *receiver = Some(me);
+            }
         }
         loop {
             // Take the rings so far (and see what they queued), then look.
@@ -263,6 +279,23 @@ mod tests {
         let receiver = std::thread::spawn(move || rx.recv());
         std::thread::sleep(Duration::from_millis(50));
         drop(tx);
+        assert!(receiver.join().unwrap().is_err());
+    }
+
+    #[test]
+    fn only_the_last_sender_disconnects() {
+        let (tx, rx) = inbox::<u8>();
+        let other = tx.clone();
+        drop(tx);
+        assert_eq!(
+            rx.recv_deadline(Instant::now() + Duration::from_millis(20)),
+            Err(RecvTimeoutError::Timeout)
+        );
+        other.send(3).unwrap();
+        assert_eq!(rx.recv(), Ok(3));
+        let receiver = std::thread::spawn(move || rx.recv());
+        std::thread::sleep(Duration::from_millis(50));
+        drop(other);
         assert!(receiver.join().unwrap().is_err());
     }
 
