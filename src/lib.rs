@@ -3,7 +3,8 @@
 //! The protocol is in `protocol.md` (summarised in the README); the thread
 //! design in `design.md`. Sans-IO core: [`cell`], [`relay`], [`halfclose`],
 //! [`flow`], [`policy`], [`socks`], [`kdf`]. Threaded shell: [`link`],
-//! [`circuit`], [`stream`], [`exit`], [`client`], [`daemon`]. Live state
+//! [`circuit`], [`stream`], [`exit`], [`client`], [`daemon`], and what
+//! their threads wait on: [`inbox`], [`monitor`], [`fairwindow`]. Live state
 //! for people (`--status`, `halfpipe status`, SIGUSR1): [`status`],
 //! [`metrics`]. The benchmark and comparison tools (`halfpipe bench`):
 //! [`bench`].
