@@ -119,6 +119,8 @@ impl FairWindow {
     }
 }
 
+// protocol.md §10: the circuit package window is shared by the circuit's
+// streams; a SENDME's cells go to the waiting packagers in turn.
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,9 +132,11 @@ mod tests {
         thread::spawn(move || w.take(wanted, &AtomicBool::new(false)))
     }
 
-    /// Waits until `n` packagers are in line.
+    /// Waits (up to 10 s) until `n` packagers are in line.
     fn line_of(w: &FairWindow, n: usize) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while w.inner.lock().line.len() != n {
+            assert!(std::time::Instant::now() < deadline, "never {n} in line");
             thread::sleep(Duration::from_millis(1));
         }
     }

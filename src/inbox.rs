@@ -273,13 +273,41 @@ mod tests {
         assert_eq!(got.len(), 80_000, "a message arrived twice");
     }
 
+    /// Waits (up to 10 s) until the receiver of `tx` is asleep.
+    fn until_asleep<T>(tx: &InboxTx<T>) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tx.bell.state.load(Ordering::Acquire) != SLEEPING {
+            assert!(Instant::now() < deadline, "the receiver never slept");
+            std::thread::yield_now();
+        }
+    }
+
+    /// A receive that fails the test instead of hanging it.
+    fn recv_10s<T: Send + 'static>(
+        rx: Inbox<T>,
+    ) -> std::thread::JoinHandle<Result<T, RecvTimeoutError>> {
+        std::thread::spawn(move || rx.recv_deadline(Instant::now() + Duration::from_secs(10)))
+    }
+
     #[test]
     fn a_sleeping_receiver_sees_the_last_sender_go() {
         let (tx, rx) = inbox::<u8>();
-        let receiver = std::thread::spawn(move || rx.recv());
-        std::thread::sleep(Duration::from_millis(50));
+        let receiver = recv_10s(rx);
+        until_asleep(&tx);
         drop(tx);
-        assert!(receiver.join().unwrap().is_err());
+        assert_eq!(
+            receiver.join().unwrap(),
+            Err(RecvTimeoutError::Disconnected)
+        );
+    }
+
+    #[test]
+    fn a_sleeping_receiver_is_woken_by_a_send() {
+        let (tx, rx) = inbox::<u8>();
+        let receiver = recv_10s(rx);
+        until_asleep(&tx);
+        tx.send(9).unwrap();
+        assert_eq!(receiver.join().unwrap(), Ok(9));
     }
 
     #[test]
@@ -293,10 +321,14 @@ mod tests {
         );
         other.send(3).unwrap();
         assert_eq!(rx.recv(), Ok(3));
-        let receiver = std::thread::spawn(move || rx.recv());
-        std::thread::sleep(Duration::from_millis(50));
+        // Moved to another thread after its first wait: still woken.
+        let receiver = recv_10s(rx);
+        until_asleep(&other);
         drop(other);
-        assert!(receiver.join().unwrap().is_err());
+        assert_eq!(
+            receiver.join().unwrap(),
+            Err(RecvTimeoutError::Disconnected)
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! Real code under test: `Monitor` (src/monitor.rs, on loom's Mutex and
 //! Condvar through src/sync.rs), the §7 state machine, the §10 windows, and
 //! the lock-held steps of src/stream.rs (`StreamState::step`,
-//! `read_window`, `queue_data`, `accept_data`, `on_sendme`, `delivered`,
-//! `stream::take_some`). The threads around them mirror, step by step,
+//! `read_window`, `queue_data`, `accept_data`, `on_sendme`, `delivered`),
+//! and `inbox::Bell`. The threads around them mirror, step by step,
 //! the functions of src/stream.rs, src/circuit.rs and src/link.rs that each
 //! comment names; sockets and the link become records: `Model::sent` is the
 //! link's outbound queue, `Model::sock` what was done to the TCP connection.
@@ -316,7 +316,7 @@ fn send_cells(m: &Model, cells: u32) -> Result<(), ()> {
     while sent < cells {
         let k = m
             .circuit_window
-            .wait_until(&m.aborted, |w| stream::take_some(w, cells - sent))
+            .wait_until(&m.aborted, |w| take_some(w, cells - sent))
             .map_err(drop)?;
         let reserved = m
             .room
@@ -424,6 +424,14 @@ fn circuit(m: &Model, peer: &[Peer]) {
                 .expect("never stopped"),
         }
     }
+}
+
+/// Takes up to `wanted` cells of a package window that is open: how the
+/// model's packager takes its circuit window from a `Monitor` (the
+/// daemon's packagers wait in `FairWindow::take`, which has unit tests).
+fn take_some(window: &mut PackageWindow, wanted: u32) -> Option<u32> {
+    let took = window.take(wanted);
+    (took > 0).then_some(took)
 }
 
 /// Runs one scenario under loom and checks every execution's outcome.

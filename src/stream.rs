@@ -170,6 +170,12 @@ impl StreamState {
             took, count,
             "only the packager takes from the stream window"
         );
+        // Stopped the moment the window reaches 0, not when the packager
+        // next looks: SENDMEs that come first must not resume it below the
+        // mark (READ_LOW_WATER).
+        if self.package.value() == 0 {
+            self.package_stopped = true;
+        }
         self.counters.cells_packaged += u64::from(count);
         self.counters.bytes_packaged += bytes;
         self.last_activity = Instant::now();
@@ -657,15 +663,6 @@ fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop
     Ok(())
 }
 
-/// Takes up to `wanted` cells of a package window that is open: how the
-/// loom model's packager takes its circuit window (the daemon's packagers
-/// wait in `FairWindow::take`).
-#[cfg(all(test, loom))]
-pub(crate) fn take_some(window: &mut PackageWindow, wanted: u32) -> Option<u32> {
-    let took = window.take(wanted);
-    (took > 0).then_some(took)
-}
-
 // --------------------------------------------------------------- deliverer
 
 /// How a deliverer gets its socket.
@@ -853,6 +850,7 @@ mod tests {
         assert_eq!(st.read_window(READ_LOW_WATER), None, "stopped again");
     }
 
+    // §10 as written: with no mark, a SENDME at 0 resumes the packager.
     #[test]
     fn with_a_mark_of_one_a_packager_resumes_at_each_sendme() {
         let mut st = new_state(None);
@@ -878,16 +876,46 @@ mod tests {
     fn the_window_comes_back_above_the_mark_once_everything_is_written() {
         for in_flight in 0..=STREAM_WINDOW_START {
             let mut st = new_state(None);
-            st.package.take(in_flight);
-            let _ = st.read_window(READ_LOW_WATER);
+            st.queue_data(Vec::new(), in_flight, 0, &Discard).unwrap();
+            let before =
+                (in_flight < STREAM_WINDOW_START).then_some(STREAM_WINDOW_START - in_flight);
+            assert_eq!(
+                st.read_window(READ_LOW_WATER),
+                before,
+                "{in_flight} cells in flight"
+            );
             // The peer acknowledges every full 50 cells it wrote (§10).
             for _ in 0..in_flight / STREAM_SENDME_INCREMENT {
                 st.on_sendme().unwrap();
             }
-            assert!(
-                st.read_window(READ_LOW_WATER).is_some(),
-                "{in_flight} cells in flight"
+            assert_eq!(
+                st.read_window(READ_LOW_WATER),
+                Some(STREAM_WINDOW_START - in_flight % STREAM_SENDME_INCREMENT),
+                "{in_flight} cells in flight, all written"
             );
+        }
+    }
+
+    // §10 and READ_LOW_WATER: the packager is stopped the moment it queues
+    // the window's last cell, so a SENDME that comes before it looks again
+    // does not resume it at 50 cells.
+    #[test]
+    fn a_sendme_before_the_packager_looks_again_does_not_resume_it() {
+        let mut st = new_state(None);
+        st.queue_data(Vec::new(), STREAM_WINDOW_START, 0, &Discard)
+            .unwrap();
+        st.on_sendme().unwrap();
+        assert_eq!(st.read_window(READ_LOW_WATER), None);
+    }
+
+    /// An `Outbound` that drops what it is given.
+    struct Discard;
+
+    impl Outbound for Discard {
+        fn control(&self, _: u8, _: &[u8]) {}
+        fn sendmes(&self, _: u32) {}
+        fn data(&self, _: Vec<u8>, _: u32) -> Result<(), LinkGone> {
+            Ok(())
         }
     }
 }

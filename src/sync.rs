@@ -8,14 +8,14 @@
 #[cfg(not(all(test, loom)))]
 pub use parking_lot::{Condvar, Mutex, MutexGuard};
 #[cfg(not(all(test, loom)))]
-pub use std::sync::atomic::{AtomicBool, AtomicUsize};
+pub use std::sync::atomic::AtomicUsize;
 #[cfg(not(all(test, loom)))]
 pub use std::thread::{current as current_thread, park, park_timeout, Thread};
 
 #[cfg(all(test, loom))]
 pub use self::model::{Condvar, Mutex, MutexGuard};
 #[cfg(all(test, loom))]
-pub use loom::sync::atomic::{AtomicBool, AtomicUsize};
+pub use loom::sync::atomic::AtomicUsize;
 #[cfg(all(test, loom))]
 pub use loom::thread::{current as current_thread, park, Thread};
 

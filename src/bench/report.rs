@@ -1059,13 +1059,52 @@ pub(crate) mod tests {
         // Field names are the documented ones.
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         for key in [
-            "schema", "label", "mode", "date", "machine", "params", "bulk", "parallel", "setup",
-            "hold", "slow", "rtt", "errors",
+            "schema",
+            "label",
+            "mode",
+            "date",
+            "machine",
+            "params",
+            "bulk",
+            "parallel",
+            "setup",
+            "hold",
+            "slow",
+            "rtt",
+            "thread_life",
+            "errors",
         ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
         assert_eq!(v["bulk"]["upload"]["verified"], true);
         assert_eq!(v["setup"][0]["latency_us"]["p99"], 3.5);
+    }
+
+    #[test]
+    fn the_thread_floor_follows_from_the_measurements() {
+        let l = ThreadLife {
+            threads: 100,
+            cpu_us: 40.0,
+            wall_us: 50.0,
+            handoff_us: 10.0,
+        };
+        let text = thread_floor(&l, 4);
+        // 5 threads x 40 us; 4 cores / 200 us; 20 hand-offs x 10 + 2 starts x 50.
+        for want in [
+            "200 us of CPU per stream",
+            "more than 20000 streams/s",
+            "about 300 us added",
+        ] {
+            assert!(text.contains(want), "{want:?} not in {text:?}");
+        }
+        let unmeasured = thread_floor(
+            &ThreadLife {
+                handoff_us: 0.0,
+                ..l
+            },
+            0,
+        );
+        assert!(!unmeasured.contains("hand-off") && !unmeasured.contains("streams/s"));
     }
 
     #[test]

@@ -515,7 +515,9 @@ impl TargetServer {
     fn stop(mut self) -> Vec<String> {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the acceptor blocked in accept(2).
-        let _ = TcpStream::connect(self.addr);
+        if let Err(e) = TcpStream::connect(self.addr) {
+            eprintln!("soak: cannot wake the target's accept thread ({e}); waiting for it");
+        }
         match self.accept.take().map(JoinHandle::join) {
             Some(Ok(problems)) => problems,
             Some(Err(_)) => vec!["the target's accept thread panicked".into()],
@@ -581,8 +583,14 @@ fn accept_loop(
 /// One target connection: read the header, claim the plan, play the
 /// target's part of its order, report.
 fn serve(mut s: TcpStream, registry: &Registry, stall: Duration) {
-    let _ = s.set_read_timeout(Some(stall));
-    let _ = s.set_write_timeout(Some(stall));
+    // Every read and write below relies on the stall timeout.
+    if let Err(e) = s
+        .set_read_timeout(Some(stall))
+        .and_then(|()| s.set_write_timeout(Some(stall)))
+    {
+        registry.orphan(format!("target set timeouts: {e}"));
+        return;
+    }
     let mut h = [0u8; HEADER_LEN];
     if let Err(e) = s.read_exact(&mut h) {
         // The bench's own wake-up connection at the end says nothing.
