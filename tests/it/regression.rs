@@ -283,3 +283,59 @@ fn nothing_of_a_destroyed_circuit_follows_a_new_one_on_its_circid() {
         l.send_cell(circ, cmd::DESTROY, &[0]);
     }
 }
+
+/// protocol.md §5: the exit answers a BEGIN with CONNECTED (or END) before
+/// anything else of the stream, so DATA first is a protocol violation that
+/// destroys the circuit; after CONNECTED the same DATA is delivered. (The
+/// circuit thread remembers CONNECTED per stream to skip the stream's lock
+/// for each DATA cell: this checks both sides of that shortcut.)
+#[test]
+fn data_before_connected_destroys_the_circuit_and_after_it_is_delivered() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let exit = listener.local_addr().unwrap();
+    let fake = thread::spawn(move || {
+        let mut link = RawLink::accept(&listener);
+        let circ = link.answer_create_fast();
+        (link, circ)
+    });
+    let d = Daemon::client(exit, &[]);
+    let (mut link, circ) = fake.join().unwrap();
+    let open = |link: &mut RawLink| {
+        let proxy = d.socks();
+        let app = thread::spawn(move || {
+            let mut s = socks5(proxy, "one.example", 80, None).ok()?;
+            let mut got = [0u8; 5];
+            s.read_exact(&mut got).ok().map(|_| got)
+        });
+        // The previous stream's FIN or END may come first.
+        let begin = loop {
+            let c = link.recv_non_sendme().expect("BEGIN");
+            assert_ne!(c.command, cmd::DESTROY, "circuit destroyed early");
+            if c.relay().0 == relay_cmd::BEGIN {
+                break c;
+            }
+        };
+        (app, begin.relay().1)
+    };
+
+    // After CONNECTED: delivered.
+    let (app, sid) = open(&mut link);
+    let connected = relay::encode_connected("192.0.2.1".parse().unwrap(), 60);
+    link.send_relay(circ, relay_cmd::CONNECTED, sid, &connected);
+    link.send_relay(circ, relay_cmd::DATA, sid, b"hello");
+    assert_eq!(app.join().unwrap(), Some(*b"hello"));
+
+    // Before CONNECTED: DESTROY(PROTOCOL), and the application gets no data.
+    let (app, sid) = open(&mut link);
+    link.send_relay(circ, relay_cmd::DATA, sid, b"early");
+    let destroy = loop {
+        let c = link.recv_non_sendme().expect("DESTROY");
+        if c.command == cmd::DESTROY {
+            break c;
+        }
+    };
+    assert_eq!(destroy.circ, circ);
+    assert_eq!(destroy.payload[0], halfpipe::cell::destroy_reason::PROTOCOL);
+    assert_eq!(app.join().unwrap(), None);
+    assert!(d.log().contains("DATA before CONNECTED"), "{}", d.log());
+}
