@@ -749,8 +749,22 @@ fn begin_with_hostile_addresses_is_end_torprotocol() {
 // -------------------------------------------------------------- SOCKS side
 
 /// A SOCKS bystander: one stream through `halfpipe run` to an echo server.
+/// Opened before any attack, so a refusal here is the machine's, not the
+/// test's: when the suite's thread-exhaustion test has just ended, thread
+/// starts can fail for a moment (END(RESOURCELIMIT), SOCKS 0x01). Retried
+/// for up to `PATIENCE`; the last failure fails the test.
 fn socks_echo(d: &Daemon, echo: SocketAddr) -> TcpStream {
-    let s = socks5(d.socks(), "127.0.0.1", echo.port(), None).expect("SOCKS connect");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let s = loop {
+        match socks5(d.socks(), "127.0.0.1", echo.port(), None) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() < deadline => {
+                eprintln!("bystander SOCKS connect failed ({e}), retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("SOCKS connect: {e}\n{}", d.log()),
+        }
+    };
     s.set_read_timeout(Some(PATIENCE)).unwrap();
     s
 }
