@@ -7,6 +7,7 @@
 //! blocking calls are `recv` on its own inbox and, when the circuit ends,
 //! joining its streams' threads.
 
+use crate::batch::DataBatch;
 use crate::cell::{destroy_reason, CELL_LEN};
 use crate::ctx::{Ctx, StreamSlot};
 use crate::fairwindow::FairWindow;
@@ -96,8 +97,9 @@ struct Entry {
     threads: Vec<JoinHandle<()>>,
     /// Stream threads not yet ended.
     alive: usize,
-    /// DATA gathered for the deliverer while handling one inbox message.
-    batch: Option<(Vec<u8>, Vec<u32>)>,
+    /// DATA gathered for the deliverer while handling one inbox message:
+    /// where each cell's data lies in the arrival buffer (`DataBatch`).
+    batch: Vec<(u32, u32)>,
     /// Client: CONNECTED has arrived (it never goes back), so DATA need
     /// not ask the stream under its lock.
     connected: bool,
@@ -165,6 +167,12 @@ pub struct Circuit {
     next_serial: u64,
     /// Streams with DATA gathered in their entry's batch.
     dirty: Vec<u16>,
+    /// The cells being handled, as the link reader read them: batches
+    /// point into it (`batch`).
+    arrival: Option<Arc<Vec<u8>>>,
+    /// One run of DATA cells of one stream (`on_cells`), kept for its
+    /// allocation.
+    run: Vec<(u32, u32)>,
     /// Control cells gathered while handling one inbox message.
     out: Vec<u8>,
     opened: Instant,
@@ -178,6 +186,28 @@ pub struct Circuit {
 }
 
 type Result<T> = std::result::Result<T, End>;
+
+/// Where the data of the DATA cell at `cell` in the arrival buffer lies:
+/// after the link header (5 bytes) and the relay header.
+fn data_at(cell: usize, len: usize) -> (u32, u32) {
+    ((cell + 5 + relay::HEADER_LEN) as u32, len as u32)
+}
+
+/// Whether `next` is DATA for the stream of the DATA cell `first`.
+fn same_stream_data(next: &RelayCell<'_>, first: &RelayCell<'_>) -> bool {
+    next.command == relay_cmd::DATA && next.stream_id == first.stream_id
+}
+
+/// Hands the DATA gathered for a stream to its deliverer (§6).
+fn send_batch(entry: &mut Entry, arrival: Option<&Arc<Vec<u8>>>) {
+    if entry.batch.is_empty() {
+        return;
+    }
+    let cells = std::mem::take(&mut entry.batch);
+    let arrival = arrival.expect("DATA is gathered only while cells are handled");
+    let batch = DataBatch::from_arrival(arrival, cells);
+    let _ = entry.stream.to_deliverer.send(DeliverMsg::Data(batch));
+}
 
 fn violation(kind: ViolationKind, why: impl Into<String>) -> End {
     End::Violation(kind, why.into())
@@ -223,6 +253,8 @@ impl Circuit {
             next_stream: 1,
             next_serial: 0,
             dirty: Vec::new(),
+            arrival: None,
+            run: Vec::new(),
             out: Vec::new(),
             opened: Instant::now(),
             idle_timeout,
@@ -322,10 +354,11 @@ impl Circuit {
     fn handle(&mut self, msg: CircMsg) -> Result<()> {
         match msg {
             CircMsg::Cells(bytes) => {
-                let result = bytes
-                    .chunks_exact(CELL_LEN)
-                    .try_for_each(|c| self.on_cell(&c[5..]));
+                let arrival = Arc::new(bytes);
+                self.arrival = Some(arrival.clone());
+                let result = self.on_cells(&arrival);
                 self.flush();
+                self.arrival = None;
                 result
             }
             CircMsg::ThreadDone { stream_id, serial } => {
@@ -364,12 +397,7 @@ impl Circuit {
     fn flush(&mut self) {
         for id in self.dirty.drain(..) {
             if let Some(entry) = self.streams.get_mut(&id) {
-                if let Some((bytes, ends)) = entry.batch.take() {
-                    let _ = entry
-                        .stream
-                        .to_deliverer
-                        .send(DeliverMsg::Data { bytes, ends });
-                }
+                send_batch(entry, self.arrival.as_ref());
             }
         }
         if !self.out.is_empty() {
@@ -383,12 +411,48 @@ impl Circuit {
         relay::encode(&mut self.out, self.wire, command, stream_id, body);
     }
 
-    /// One relay cell (protocol.md §4).
-    fn on_cell(&mut self, payload: &[u8]) -> Result<()> {
+    /// The relay cells of one inbox message, in order. A run of DATA cells
+    /// of one stream is taken at once: one stream lookup and one lock for
+    /// it, and its data stays where it arrived (`DataBatch`).
+    fn on_cells(&mut self, cells: &[u8]) -> Result<()> {
+        let mut run = std::mem::take(&mut self.run);
+        let result = (|| {
+            let mut pos = 0;
+            // The link hands on whole cells only.
+            while pos + CELL_LEN <= cells.len() {
+                let rc = self.relay_cell(&cells[pos + 5..pos + CELL_LEN])?;
+                pos += CELL_LEN;
+                if rc.command != relay_cmd::DATA {
+                    self.on_cell(rc)?;
+                    continue;
+                }
+                // DATA cells that follow for the same stream join the run; a
+                // cell that does not decode ends it and fails next round.
+                run.clear();
+                run.push(data_at(pos - CELL_LEN, rc.body.len()));
+                while let Some(Ok(next)) = cells
+                    .get(pos + 5..pos + CELL_LEN)
+                    .map(relay::decode)
+                    .filter(|r| r.as_ref().is_ok_and(|n| same_stream_data(n, &rc)))
+                {
+                    self.tally.relay(next.command);
+                    run.push(data_at(pos, next.body.len()));
+                    pos += CELL_LEN;
+                }
+                self.on_data(rc.stream_id, &run)?;
+            }
+            Ok(())
+        })();
+        self.run = run;
+        result
+    }
+
+    /// Decodes a relay cell and applies the checks every relay cell gets
+    /// (protocol.md §4).
+    fn relay_cell<'a>(&mut self, payload: &'a [u8]) -> Result<RelayCell<'a>> {
         let rc = relay::decode(payload)
             .map_err(|e| violation(ViolationKind::RelayHeader, e.to_string()))?;
         self.tally.relay(rc.command);
-        let id = rc.stream_id;
         // §4: a relay command sent the wrong way, or DATA/FIN/END on stream 0.
         let wrong_way = match self.role {
             Role::Exit => matches!(rc.command, relay_cmd::CONNECTED | relay_cmd::RESOLVED),
@@ -410,14 +474,19 @@ impl Circuit {
                 | relay_cmd::RESOLVE
                 | relay_cmd::RESOLVED
         );
-        if needs_stream && id == 0 {
+        if needs_stream && rc.stream_id == 0 {
             return Err(violation(
                 ViolationKind::StreamZero,
                 format!("{} on stream 0", relay_cmd::name(rc.command)),
             ));
         }
+        Ok(rc)
+    }
+
+    /// One relay cell other than DATA (protocol.md §4).
+    fn on_cell(&mut self, rc: RelayCell<'_>) -> Result<()> {
+        let id = rc.stream_id;
         match rc.command {
-            relay_cmd::DATA => self.on_data(rc),
             relay_cmd::FIN => self.on_fin(id),
             relay_cmd::END => {
                 self.on_end(id, relay::parse_end(rc.body));
@@ -442,15 +511,19 @@ impl Circuit {
 
     /// §6 and §10: DATA counts against the circuit window whatever its
     /// stream; it is delivered only to an open stream (§9 drops the rest).
-    fn on_data(&mut self, rc: RelayCell<'_>) -> Result<()> {
-        if self
-            .deliver
-            .on_data()
-            .map_err(|v| violation(ViolationKind::FlowControl, v.to_string()))?
-        {
-            self.queue_relay(relay_cmd::SENDME, 0, &[]);
+    /// `run` is where the data of consecutive DATA cells of stream `id` lies
+    /// in the arrival buffer.
+    fn on_data(&mut self, id: u16, run: &[(u32, u32)]) -> Result<()> {
+        for _ in run {
+            if self
+                .deliver
+                .on_data()
+                .map_err(|v| violation(ViolationKind::FlowControl, v.to_string()))?
+            {
+                self.queue_relay(relay_cmd::SENDME, 0, &[]);
+            }
         }
-        let Some(entry) = self.streams.get_mut(&rc.stream_id) else {
+        let Some(entry) = self.streams.get_mut(&id) else {
             return Ok(());
         };
         if self.role == Role::Client && !entry.connected && entry.stream.awaiting_connected() {
@@ -458,20 +531,13 @@ impl Circuit {
         }
         if entry
             .stream
-            .accept_data()
+            .accept_data(run.len() as u32)
             .map_err(|(kind, why)| violation(kind, why))?
         {
-            let (bytes, ends) = entry.batch.get_or_insert_with(|| {
-                (
-                    Vec::with_capacity(64 * relay::DATA_MAX),
-                    Vec::with_capacity(64),
-                )
-            });
-            if ends.is_empty() {
-                self.dirty.push(rc.stream_id);
+            if entry.batch.is_empty() {
+                self.dirty.push(id);
             }
-            bytes.extend_from_slice(rc.body);
-            ends.push(bytes.len() as u32);
+            entry.batch.extend_from_slice(run);
         }
         Ok(())
     }
@@ -487,12 +553,7 @@ impl Circuit {
         match entry.stream.handle(Event::FinReceived) {
             Err(v) => Err(violation(ViolationKind::HalfClose, v.to_string())),
             Ok(Action::DeliverThenShutdownWrite) => {
-                if let Some((bytes, ends)) = entry.batch.take() {
-                    let _ = entry
-                        .stream
-                        .to_deliverer
-                        .send(DeliverMsg::Data { bytes, ends });
-                }
+                send_batch(entry, self.arrival.as_ref());
                 let _ = entry.stream.to_deliverer.send(DeliverMsg::Fin);
                 Ok(())
             }
@@ -510,7 +571,7 @@ impl Circuit {
             return;
         }
         if let Some(entry) = self.streams.get_mut(&id) {
-            entry.batch = None; // §8: queued data is discarded
+            entry.batch.clear(); // §8: queued data is discarded
             tracing::debug!(stream = %entry.stream.name, "END({}) received", end_reason::name(reason));
             let _ = entry.stream.handle(Event::EndReceived { reason });
         }
@@ -644,7 +705,7 @@ impl Circuit {
             stream: stream.clone(),
             threads: vec![pk],
             alive: 1,
-            batch: None,
+            batch: Vec::new(),
             connected: false,
             _slot: slot,
         };
@@ -823,7 +884,7 @@ impl Circuit {
             stream: stream.clone(),
             threads: vec![dl],
             alive: 1,
-            batch: None,
+            batch: Vec::new(),
             connected: false,
             _slot: slot,
         };

@@ -9,6 +9,7 @@
 //! [`metrics`]. The benchmark and comparison tools (`halfpipe bench`):
 //! [`bench`].
 
+pub mod batch;
 pub mod bench;
 pub mod cell;
 pub mod circuit;

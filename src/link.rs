@@ -365,30 +365,31 @@ impl Link {
     fn dispatch(self: &Arc<Self>, bytes: &[u8]) -> usize {
         let mut pos = 0;
         let mut cells = 0;
-        let mut run: Option<(u32, Vec<u8>)> = None;
+        // The run of RELAY cells not yet handed on: its circuit and start.
+        let mut run: Option<(u32, usize)> = None;
         while let Some((c, len)) = cell::decode(&bytes[pos..]) {
-            let raw = &bytes[pos..pos + len];
-            pos += len;
             cells += 1;
             if matches!(c.command, cmd::RELAY | cmd::RELAY_EARLY) {
-                match &mut run {
-                    Some((id, cells)) if *id == c.circ_id => cells.extend_from_slice(raw),
+                match run {
+                    Some((id, _)) if id == c.circ_id => {}
                     _ => {
-                        if let Some((id, cells)) = run.take() {
-                            self.to_circuit(id, cells);
+                        if let Some((id, start)) = run {
+                            self.to_circuit(id, bytes[start..pos].to_vec());
                         }
-                        run = Some((c.circ_id, raw.to_vec()));
+                        run = Some((c.circ_id, pos));
                     }
                 }
+                pos += len;
                 continue;
             }
-            if let Some((id, cells)) = run.take() {
-                self.to_circuit(id, cells);
+            if let Some((id, start)) = run.take() {
+                self.to_circuit(id, bytes[start..pos].to_vec());
             }
+            pos += len;
             self.handle_link_cell(c);
         }
-        if let Some((id, cells)) = run.take() {
-            self.to_circuit(id, cells);
+        if let Some((id, start)) = run {
+            self.to_circuit(id, bytes[start..pos].to_vec());
         }
         self.ctx.metrics.add_link_cells(Dir::Received, cells);
         pos

@@ -23,6 +23,7 @@
 //!     cargo test --lib loom -- --nocapture
 //! ```
 
+use crate::batch::DataBatch;
 use crate::flow::{
     PackageWindow, CIRCUIT_SENDME_INCREMENT, CIRCUIT_WINDOW_START, STREAM_SENDME_INCREMENT,
     STREAM_WINDOW_START,
@@ -342,13 +343,13 @@ fn send_cells(m: &Model, cells: u32) -> Result<(), ()> {
     Ok(())
 }
 
-/// `stream::deliverer` after it has its socket, with `write_cells` writing
-/// each batch whole.
+/// `stream::deliverer` after it has its socket, with `DataBatch::write_to`
+/// writing each batch whole.
 fn deliverer(m: &Model, rx: &mpsc::Receiver<DeliverMsg>) {
     while let Ok(msg) = rx.recv() {
         match msg {
-            DeliverMsg::Data { bytes, ends } => {
-                let cells = ends.len() as u32;
+            DeliverMsg::Data(batch) => {
+                let cells = batch.cells() as u32;
                 if m.on_socket(Sock::Write(cells)).is_err() {
                     if !m.is_aborted() {
                         let _ = m.handle(Event::Error {
@@ -357,7 +358,7 @@ fn deliverer(m: &Model, rx: &mpsc::Receiver<DeliverMsg>) {
                     }
                     return;
                 }
-                m.state.lock().delivered(cells, bytes.len(), m);
+                m.state.lock().delivered(cells, batch.bytes(), m);
             }
             DeliverMsg::Fin => {
                 if m.on_socket(Sock::ShutdownWrite).is_err() && !m.is_aborted() {
@@ -379,17 +380,12 @@ fn circuit(m: &Model, peer: &[Peer]) {
     for p in peer {
         match *p {
             Peer::Data(n) => {
-                let mut batch = 0u32;
-                for _ in 0..n {
-                    if m.state.lock().accept_data().expect("no violation") {
-                        batch += 1;
-                    }
-                }
-                if batch > 0 {
-                    let _ = m.to_deliverer.send(DeliverMsg::Data {
-                        bytes: vec![0; batch as usize],
-                        ends: (1..=batch).collect(),
-                    });
+                // One run of `n` cells, as `Circuit::on_data` takes it.
+                if n > 0 && m.state.lock().accept_data(n).expect("no violation") {
+                    let arrival = std::sync::Arc::new(vec![0u8; n as usize]);
+                    let cells = (0..n).map(|i| (i, 1)).collect();
+                    let batch = DataBatch::from_arrival(&arrival, cells);
+                    let _ = m.to_deliverer.send(DeliverMsg::Data(batch));
                 }
             }
             Peer::Fin => {
@@ -404,7 +400,14 @@ fn circuit(m: &Model, peer: &[Peer]) {
                     reason: end_reason::DONE,
                 });
             }
-            Peer::Sendme => m.state.update(StreamState::on_sendme).expect("in window"),
+            Peer::Sendme => m
+                .state
+                .update_waking_if(|st| match st.on_sendme(1) {
+                    // As `Stream::on_sendme`, with the model's mark of 1.
+                    Ok(may_read) => (Ok(()), may_read),
+                    Err(v) => (Err(v), true),
+                })
+                .expect("in window"),
             Peer::CircuitSendme => m
                 .circuit_window
                 .update(|w| w.on_sendme())
@@ -469,9 +472,7 @@ fn run(sc: Scenario) {
     if sc.sendme_due {
         // 49 cells received and written: the next one written earns a
         // SENDME (§10: 50 written, deliver window at most 450).
-        for _ in 0..49 {
-            assert!(st.accept_data().unwrap());
-        }
+        assert!(st.accept_data(49).unwrap());
         st.delivered(49, 49, &Discard);
     }
     let before = st.counters;

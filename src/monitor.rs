@@ -70,6 +70,18 @@ impl<T> Monitor<T> {
         r
     }
 
+    /// Changes the value with `f`, which also says whether the change can
+    /// end a wait; waiters are woken only then. For frequent changes that
+    /// waiters mostly do not act on: waking a thread only to let it sleep
+    /// again costs two context switches (issue 5).
+    pub fn update_waking_if<R>(&self, f: impl FnOnce(&mut T) -> (R, bool)) -> R {
+        let (r, wake) = f(&mut self.inner.lock().value);
+        if wake {
+            self.cond.notify_all();
+        }
+        r
+    }
+
     /// Reads or changes the value without waking anyone: for changes that
     /// no waiter waits for (counters, windows that only shrink).
     pub fn lock(&self) -> MonitorGuard<'_, T> {
