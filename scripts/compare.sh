@@ -80,30 +80,7 @@ stop_all() {
     PIDS=()
 }
 
-# A loopback port nobody listens on, below the ephemeral range (so that no
-# outgoing connection takes it meanwhile) and not handed out before.
-USED_PORTS=" "
-free_port() {
-    local p
-    for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 12000))
-        case "$USED_PORTS" in *" $p "*) continue ;; esac
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            USED_PORTS="$USED_PORTS$p "
-            echo "$p"
-            return
-        fi
-    done
-    say "no free loopback port found"; exit 1
-}
-
-wait_listen() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    return 1
-}
+source scripts/ports.sh
 
 # ------------------------------------------------------------ set-up
 
@@ -194,7 +171,7 @@ run "direct" "$TMP/direct.json" --direct --scenario bulk,parallel,setup,slow
 #    hold runs only up to 1000 streams; RSS sums over all those processes
 #    (shared pages count in each; PSS is beside it).
 if command -v socat >/dev/null 2>&1; then
-    T=$(free_port); B=$(free_port); A=$(free_port)
+    free_port T; free_port B; free_port A
     SOCAT=(socat -b 262144 -t 30)
     "${SOCAT[@]}" "TCP-LISTEN:$B,bind=127.0.0.1,reuseaddr,fork,backlog=4096" "TCP:127.0.0.1:$T" &
     PIDS+=($!); S2=$!
@@ -231,7 +208,7 @@ if [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null 2>&1; then
     ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/host_key"
     ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/user_key"
     cp "$SSHDIR/user_key.pub" "$SSHDIR/authorized_keys"
-    P=$(free_port); SOCKS_SSH=$(free_port)
+    free_port P; free_port SOCKS_SSH
     cat >"$SSHDIR/sshd_config" <<EOF
 Port $P
 ListenAddress 127.0.0.1
@@ -282,7 +259,7 @@ fi
 # 4. halfpipe client + exit as separate processes. The rtt scenario runs
 #    here: it starts its own client and exit with a delay relay between.
 HP=(--log warn --grace 2s --max-streams-per-circuit 20000)
-L=$(free_port); S=$(free_port)
+free_port L; free_port S
 "$BIN" exit --listen "127.0.0.1:$L" --exit-policy "accept *:*" "${HP[@]}" >"$TMP/exit.log" 2>&1 &
 PIDS+=($!); EXIT_PID=$!
 wait_listen "$L"
@@ -294,7 +271,7 @@ run "halfpipe client+exit" "$TMP/halfpipe-pair.json" --socks "127.0.0.1:$S" \
 stop_all
 
 # 5. halfpipe run: both edges in one process.
-S=$(free_port)
+free_port S
 "$BIN" run --socks "127.0.0.1:$S" "${HP[@]}" >"$TMP/run.log" 2>&1 &
 PIDS+=($!); RUN_PID=$!
 wait_listen "$S"

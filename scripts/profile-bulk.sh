@@ -71,28 +71,7 @@ trap 'exit 130' INT TERM
 # /usr/bin/time (which ignores SIGINT while it waits, then reports).
 set -m
 
-USED_PORTS=" "
-free_port() {
-    local p
-    for _ in $(seq 200); do
-        p=$((20000 + RANDOM % 12000))
-        case "$USED_PORTS" in *" $p "*) continue ;; esac
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
-            USED_PORTS="$USED_PORTS$p "
-            echo "$p"
-            return
-        fi
-    done
-    say "no free loopback port found"; exit 1
-}
-
-wait_listen() {
-    for _ in $(seq 100); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    say "nothing listens on port $1"; exit 1
-}
+source scripts/ports.sh
 
 # timed FILE CMD...: starts CMD under /usr/bin/time, reporting to FILE.
 timed() {
@@ -133,10 +112,10 @@ measure() {
 
 run_socat() {
     local t m a
-    t=$(free_port); m=$(free_port); a=$(free_port)
+    free_port t; free_port m; free_port a
     timed "$TMP/s2.time" socat -b 262144 -t 30 "TCP-LISTEN:$m,bind=127.0.0.1,reuseaddr,fork" "TCP:127.0.0.1:$t"
     timed "$TMP/s1.time" socat -b 262144 -t 30 "TCP-LISTEN:$a,bind=127.0.0.1,reuseaddr,fork" "TCP:127.0.0.1:$m"
-    wait_listen "$m"; wait_listen "$a"
+    wait_listen "$m" && wait_listen "$a" || { say "socat did not start listening"; exit 1; }
     BENCH=("$BIN" bench --direct --via "127.0.0.1:$a" --target-listen "127.0.0.1:$t")
     measure "socat-x2"
 }
@@ -144,11 +123,11 @@ run_socat() {
 # run_halfpipe LABEL BINARY: client + exit of BINARY.
 run_halfpipe() {
     local label=$1 bin=$2 link socks
-    link=$(free_port); socks=$(free_port)
+    free_port link; free_port socks
     timed "$TMP/exit.time" "$bin" exit --listen "127.0.0.1:$link" --exit-policy "accept *:*" --log warn
-    wait_listen "$link"
+    wait_listen "$link" || { say "$label: the exit did not start listening"; exit 1; }
     timed "$TMP/client.time" "$bin" client --socks "127.0.0.1:$socks" --exit "127.0.0.1:$link" --log warn
-    wait_listen "$socks"
+    wait_listen "$socks" || { say "$label: the client did not start listening"; exit 1; }
     BENCH=("$BIN" bench --socks "127.0.0.1:$socks")
     measure "$label"
 }
