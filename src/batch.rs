@@ -14,19 +14,31 @@
 //! data is at least half of the buffer's capacity; otherwise its data is
 //! copied, as before. A buffer is thus shared by at most two streams, and
 //! what a stalled stream pins is at most twice the data its window lets it
-//! hold (§10).
+//! hold (§10), plus the one buffer its deliverer is writing from (whose
+//! written cells have already earned their SENDMEs).
 
 use std::io::{self, Write};
 use std::sync::Arc;
 
 /// The data of DATA cells of one stream, in arrival order.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct DataBatch {
     /// The buffer the cells arrived in, or a copy of their data.
     buf: Arc<Vec<u8>>,
     /// Where each cell's data lies in `buf`: (start, length). A DATA cell
     /// may carry no data; it still counts for the windows (§10).
     cells: Vec<(u32, u32)>,
+}
+
+/// Sizes only: the data is the application's.
+impl std::fmt::Debug for DataBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataBatch")
+            .field("cells", &self.cells())
+            .field("bytes", &self.bytes())
+            .field("buffer_capacity", &self.buf.capacity())
+            .finish()
+    }
 }
 
 impl DataBatch {
@@ -196,6 +208,41 @@ mod tests {
         let mut credits = Vec::new();
         batch.write_to(&mut w, |c, b| credits.push((c, b))).unwrap();
         (w, credits)
+    }
+
+    // The link reader hands on buffers of 256 KiB capacity that may be only
+    // half full: what a stream's data is measured against is the capacity,
+    // which is what a shared buffer keeps allocated.
+    #[test]
+    fn sharing_is_measured_against_the_buffer_capacity_from_half_of_it() {
+        let (filled, cells) = arrival(10, |_| 498);
+        let mut roomy = Vec::with_capacity(20 * 514);
+        roomy.extend_from_slice(&filled);
+        let roomy = Arc::new(roomy);
+        assert!(roomy.capacity() >= 20 * 514);
+        // All 10 cells' data (4,980 bytes) is under half of the capacity.
+        assert!(!DataBatch::from_arrival(&roomy, cells.clone()).shares(&roomy));
+        // Exactly half of the capacity shares; one byte less copies.
+        let half = roomy.capacity() / 2;
+        let at = cells[0].0;
+        let exact = Arc::new(vec![0u8; roomy.capacity()]);
+        assert_eq!(exact.capacity(), roomy.capacity());
+        let whole = |len: usize| vec![(at, len as u32)];
+        assert!(DataBatch::from_arrival(&exact, whole(half)).shares(&exact));
+        assert!(!DataBatch::from_arrival(&exact, whole(half - 1)).shares(&exact));
+    }
+
+    #[test]
+    fn a_writer_that_takes_nothing_is_an_error() {
+        let (buf, cells) = arrival(2, |_| 498);
+        let batch = DataBatch::from_arrival(&buf, cells);
+        let mut w = Trickle {
+            step: 0,
+            got: Vec::new(),
+            calls: 0,
+        };
+        let err = batch.write_to(&mut w, |_, _| {}).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WriteZero);
     }
 
     #[test]

@@ -98,13 +98,18 @@ struct Entry {
     /// Stream threads not yet ended.
     alive: usize,
     /// DATA gathered for the deliverer while handling one inbox message:
-    /// where each cell's data lies in the arrival buffer (`DataBatch`).
-    batch: Vec<(u32, u32)>,
+    /// the buffer the cells arrived in, and where each cell's data lies in
+    /// it (`DataBatch`).
+    batch: Option<Gathered>,
     /// Client: CONNECTED has arrived (it never goes back), so DATA need
     /// not ask the stream under its lock.
     connected: bool,
     _slot: StreamSlot,
 }
+
+/// DATA gathered for a stream: the arrival buffer, and (start, length) of
+/// each cell's data in it.
+type Gathered = (Arc<Vec<u8>>, Vec<(u32, u32)>);
 
 /// §9: IDs of streams that closed, bounded, oldest first out.
 #[derive(Default)]
@@ -167,9 +172,6 @@ pub struct Circuit {
     next_serial: u64,
     /// Streams with DATA gathered in their entry's batch.
     dirty: Vec<u16>,
-    /// The cells being handled, as the link reader read them: batches
-    /// point into it (`batch`).
-    arrival: Option<Arc<Vec<u8>>>,
     /// One run of DATA cells of one stream (`on_cells`), kept for its
     /// allocation.
     run: Vec<(u32, u32)>,
@@ -199,14 +201,11 @@ fn same_stream_data(next: &RelayCell<'_>, first: &RelayCell<'_>) -> bool {
 }
 
 /// Hands the DATA gathered for a stream to its deliverer (§6).
-fn send_batch(entry: &mut Entry, arrival: Option<&Arc<Vec<u8>>>) {
-    if entry.batch.is_empty() {
-        return;
+fn send_batch(entry: &mut Entry) {
+    if let Some((arrival, cells)) = entry.batch.take() {
+        let batch = DataBatch::from_arrival(&arrival, cells);
+        let _ = entry.stream.to_deliverer.send(DeliverMsg::Data(batch));
     }
-    let cells = std::mem::take(&mut entry.batch);
-    let arrival = arrival.expect("DATA is gathered only while cells are handled");
-    let batch = DataBatch::from_arrival(arrival, cells);
-    let _ = entry.stream.to_deliverer.send(DeliverMsg::Data(batch));
 }
 
 fn violation(kind: ViolationKind, why: impl Into<String>) -> End {
@@ -253,7 +252,6 @@ impl Circuit {
             next_stream: 1,
             next_serial: 0,
             dirty: Vec::new(),
-            arrival: None,
             run: Vec::new(),
             out: Vec::new(),
             opened: Instant::now(),
@@ -354,11 +352,8 @@ impl Circuit {
     fn handle(&mut self, msg: CircMsg) -> Result<()> {
         match msg {
             CircMsg::Cells(bytes) => {
-                let arrival = Arc::new(bytes);
-                self.arrival = Some(arrival.clone());
-                let result = self.on_cells(&arrival);
+                let result = self.on_cells(&Arc::new(bytes));
                 self.flush();
-                self.arrival = None;
                 result
             }
             CircMsg::ThreadDone { stream_id, serial } => {
@@ -397,7 +392,7 @@ impl Circuit {
     fn flush(&mut self) {
         for id in self.dirty.drain(..) {
             if let Some(entry) = self.streams.get_mut(&id) {
-                send_batch(entry, self.arrival.as_ref());
+                send_batch(entry);
             }
         }
         if !self.out.is_empty() {
@@ -414,7 +409,8 @@ impl Circuit {
     /// The relay cells of one inbox message, in order. A run of DATA cells
     /// of one stream is taken at once: one stream lookup and one lock for
     /// it, and its data stays where it arrived (`DataBatch`).
-    fn on_cells(&mut self, cells: &[u8]) -> Result<()> {
+    fn on_cells(&mut self, arrival: &Arc<Vec<u8>>) -> Result<()> {
+        let cells = &arrival[..];
         let mut run = std::mem::take(&mut self.run);
         let result = (|| {
             let mut pos = 0;
@@ -439,7 +435,7 @@ impl Circuit {
                     run.push(data_at(pos, next.body.len()));
                     pos += CELL_LEN;
                 }
-                self.on_data(rc.stream_id, &run)?;
+                self.on_data(rc.stream_id, arrival, &run)?;
             }
             Ok(())
         })();
@@ -512,8 +508,8 @@ impl Circuit {
     /// §6 and §10: DATA counts against the circuit window whatever its
     /// stream; it is delivered only to an open stream (§9 drops the rest).
     /// `run` is where the data of consecutive DATA cells of stream `id` lies
-    /// in the arrival buffer.
-    fn on_data(&mut self, id: u16, run: &[(u32, u32)]) -> Result<()> {
+    /// in `arrival`, the buffer they arrived in.
+    fn on_data(&mut self, id: u16, arrival: &Arc<Vec<u8>>, run: &[(u32, u32)]) -> Result<()> {
         for _ in run {
             if self
                 .deliver
@@ -534,10 +530,21 @@ impl Circuit {
             .accept_data(run.len() as u32)
             .map_err(|(kind, why)| violation(kind, why))?
         {
-            if entry.batch.is_empty() {
-                self.dirty.push(id);
+            // Ranges point into one buffer: a batch gathered from another
+            // one goes first (`flush` sends every batch after each message,
+            // so none is left over, but the ranges must never mix).
+            if entry
+                .batch
+                .as_ref()
+                .is_some_and(|(gathered, _)| !Arc::ptr_eq(gathered, arrival))
+            {
+                send_batch(entry);
             }
-            entry.batch.extend_from_slice(run);
+            let (_, cells) = entry.batch.get_or_insert_with(|| {
+                self.dirty.push(id);
+                (arrival.clone(), Vec::new())
+            });
+            cells.extend_from_slice(run);
         }
         Ok(())
     }
@@ -553,7 +560,7 @@ impl Circuit {
         match entry.stream.handle(Event::FinReceived) {
             Err(v) => Err(violation(ViolationKind::HalfClose, v.to_string())),
             Ok(Action::DeliverThenShutdownWrite) => {
-                send_batch(entry, self.arrival.as_ref());
+                send_batch(entry);
                 let _ = entry.stream.to_deliverer.send(DeliverMsg::Fin);
                 Ok(())
             }
@@ -571,7 +578,7 @@ impl Circuit {
             return;
         }
         if let Some(entry) = self.streams.get_mut(&id) {
-            entry.batch.clear(); // §8: queued data is discarded
+            entry.batch = None; // §8: queued data is discarded
             tracing::debug!(stream = %entry.stream.name, "END({}) received", end_reason::name(reason));
             let _ = entry.stream.handle(Event::EndReceived { reason });
         }
@@ -705,7 +712,7 @@ impl Circuit {
             stream: stream.clone(),
             threads: vec![pk],
             alive: 1,
-            batch: Vec::new(),
+            batch: None,
             connected: false,
             _slot: slot,
         };
@@ -884,7 +891,7 @@ impl Circuit {
             stream: stream.clone(),
             threads: vec![dl],
             alive: 1,
-            batch: Vec::new(),
+            batch: None,
             connected: false,
             _slot: slot,
         };

@@ -281,9 +281,8 @@ fn packager(m: &Model, reads: &[Read]) {
     let mut reads = reads.iter().copied();
     let mut unread = 0;
     loop {
-        // Low water 1, not `READ_LOW_WATER`: a scenario's window starts
-        // low with cells in flight that no SENDME will ever acknowledge.
-        let window = m.state.wait_until(&m.aborted, |st| st.read_window(1));
+        // The state's low water is 1 (`run`).
+        let window = m.state.wait_until(&m.aborted, StreamState::read_window);
         let window = match window {
             Ok(0) => return,
             Err(_) => return m.stopped(),
@@ -402,8 +401,8 @@ fn circuit(m: &Model, peer: &[Peer]) {
             }
             Peer::Sendme => m
                 .state
-                .update_waking_if(|st| match st.on_sendme(1) {
-                    // As `Stream::on_sendme`, with the model's mark of 1.
+                .update_waking_if(|st| match st.on_sendme() {
+                    // As `Stream::on_sendme`.
                     Ok(may_read) => (Ok(()), may_read),
                     Err(v) => (Err(v), true),
                 })
@@ -468,6 +467,9 @@ fn explore(name: &str, model: impl Fn() + Sync + Send + 'static) {
 fn run(sc: Scenario) {
     let mut st = stream::new_state(None);
     st.connected = true;
+    // Low water 1, not `READ_LOW_WATER`: a scenario's window starts low
+    // with cells in flight that no SENDME will ever acknowledge.
+    st.low_water = 1;
     st.package.take(STREAM_WINDOW_START - sc.stream_window);
     if sc.sendme_due {
         // 49 cells received and written: the next one written earns a

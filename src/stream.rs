@@ -101,8 +101,12 @@ pub struct StreamState {
     pub packager_tid: Option<i32>,
     pub deliverer_tid: Option<i32>,
     /// The packager stopped at a package window of 0 and waits for
-    /// `READ_LOW_WATER` (`read_window`).
+    /// `low_water` (`read_window`).
     pub package_stopped: bool,
+    /// The window a packager stopped at 0 waits for: `READ_LOW_WATER`
+    /// (the concurrency model check uses 1). One value for the packager's
+    /// wait and for the SENDMEs that decide whether to wake it.
+    pub low_water: u32,
 }
 
 /// Where a stream's cells go: the link's outbound queue (for a [`Stream`]),
@@ -137,7 +141,7 @@ impl StreamState {
     /// window is open, `Some(0)` once we may no longer package (§7), `None`
     /// while it is closed. Closed means 0, and after it was 0, below
     /// `low_water` (see [`READ_LOW_WATER`]).
-    pub fn read_window(&mut self, low_water: u32) -> Option<u32> {
+    pub fn read_window(&mut self) -> Option<u32> {
         if !self.hc.may_package() {
             return Some(0);
         }
@@ -145,7 +149,7 @@ impl StreamState {
         if window == 0 {
             self.package_stopped = true;
         }
-        if !self.may_read(low_water) {
+        if !self.may_read() {
             return None;
         }
         self.package_stopped = false;
@@ -154,8 +158,8 @@ impl StreamState {
 
     /// Whether the window lets a packager read (`read_window`): not when it
     /// stopped at 0 and the window is still under `low_water`.
-    fn may_read(&self, low_water: u32) -> bool {
-        !(self.package_stopped && self.package.value() < low_water.max(1))
+    fn may_read(&self) -> bool {
+        !(self.package_stopped && self.package.value() < self.low_water.max(1))
     }
 
     /// Queues `count` DATA cells holding `bytes` bytes, taking them from the
@@ -212,14 +216,15 @@ impl StreamState {
         Ok(true)
     }
 
-    /// A stream SENDME arrived (circuit thread, §10). Returns whether a packager waiting in `read_window(low_water)` may
-    /// read now; if not, it need not be woken (nothing else changed).
-    pub fn on_sendme(&mut self, low_water: u32) -> Result<bool, FlowViolation> {
+    /// A stream SENDME arrived (circuit thread, §10). Returns whether a
+    /// packager waiting in `read_window` may read now; if not, it need not
+    /// be woken (nothing else changed).
+    pub fn on_sendme(&mut self) -> Result<bool, FlowViolation> {
         if self.hc.is_closed() {
             return Ok(true); // §9: late SENDME
         }
         self.package.on_sendme()?;
-        Ok(self.may_read(low_water))
+        Ok(self.may_read())
     }
 
     /// `cells` cells' data (`bytes` bytes) were accepted by the kernel: count
@@ -337,11 +342,10 @@ impl Stream {
     /// the five SENDMEs that bring it back to 250, and went back to sleep
     /// four times (`perf record -e sched:sched_wakeup`, issue 5).
     pub fn on_sendme(&self) -> Result<(), FlowViolation> {
-        self.state
-            .update_waking_if(|st| match st.on_sendme(READ_LOW_WATER) {
-                Ok(may_read) => (Ok(()), may_read),
-                Err(v) => (Err(v), true),
-            })
+        self.state.update_waking_if(|st| match st.on_sendme() {
+            Ok(may_read) => (Ok(()), may_read),
+            Err(v) => (Err(v), true),
+        })
     }
 
     /// Client: the stream is open and still waits for CONNECTED. (A closed
@@ -516,7 +520,7 @@ fn package_loop(stream: &Stream, sock: &Socket) {
         // §10: a sender whose stream package window is 0 stops reading.
         let window = stream
             .state
-            .wait_until(&stream.aborted, |st| st.read_window(READ_LOW_WATER));
+            .wait_until(&stream.aborted, StreamState::read_window);
         let window = match window {
             Ok(0) => return,
             Err(_) => return stopped(stream),
@@ -798,6 +802,7 @@ pub fn new_state(socket: Option<Arc<Socket>>) -> StreamState {
         packager_tid: None,
         deliverer_tid: None,
         package_stopped: false,
+        low_water: READ_LOW_WATER,
     }
 }
 
@@ -810,45 +815,46 @@ mod tests {
     #[test]
     fn a_packager_reads_at_once_on_an_idle_stream() {
         let mut st = new_state(None);
-        assert_eq!(st.read_window(READ_LOW_WATER), Some(STREAM_WINDOW_START));
+        assert_eq!(st.read_window(), Some(STREAM_WINDOW_START));
     }
 
     #[test]
     fn a_packager_reads_on_down_to_a_window_of_one() {
         let mut st = new_state(None);
         st.package.take(STREAM_WINDOW_START - 1);
-        assert_eq!(st.read_window(READ_LOW_WATER), Some(1));
+        assert_eq!(st.read_window(), Some(1));
     }
 
     #[test]
     fn a_packager_stopped_at_zero_waits_for_half_the_window() {
         let mut st = new_state(None);
         st.package.take(STREAM_WINDOW_START);
-        assert_eq!(st.read_window(READ_LOW_WATER), None);
+        assert_eq!(st.read_window(), None);
         let sendmes_to_mark = READ_LOW_WATER / STREAM_SENDME_INCREMENT;
         for _ in 1..sendmes_to_mark {
-            assert!(!st.on_sendme(READ_LOW_WATER).unwrap(), "no wake-up");
-            assert_eq!(st.read_window(READ_LOW_WATER), None, "below the mark");
+            assert!(!st.on_sendme().unwrap(), "no wake-up");
+            assert_eq!(st.read_window(), None, "below the mark");
         }
-        assert!(st.on_sendme(READ_LOW_WATER).unwrap(), "wake up");
-        assert_eq!(st.read_window(READ_LOW_WATER), Some(READ_LOW_WATER));
+        assert!(st.on_sendme().unwrap(), "wake up");
+        assert_eq!(st.read_window(), Some(READ_LOW_WATER));
         // Resumed: it reads on below the mark, down to 0 again.
         st.package.take(READ_LOW_WATER - 1);
-        assert_eq!(st.read_window(READ_LOW_WATER), Some(1));
+        assert_eq!(st.read_window(), Some(1));
         st.package.take(1);
-        assert_eq!(st.read_window(READ_LOW_WATER), None);
-        assert!(!st.on_sendme(READ_LOW_WATER).unwrap());
-        assert_eq!(st.read_window(READ_LOW_WATER), None, "stopped again");
+        assert_eq!(st.read_window(), None);
+        assert!(!st.on_sendme().unwrap());
+        assert_eq!(st.read_window(), None, "stopped again");
     }
 
     // §10 as written: with no mark, a SENDME at 0 resumes the packager.
     #[test]
     fn with_a_mark_of_one_a_packager_resumes_at_each_sendme() {
         let mut st = new_state(None);
+        st.low_water = 1;
         st.package.take(STREAM_WINDOW_START);
-        assert_eq!(st.read_window(1), None);
-        assert!(st.on_sendme(1).unwrap());
-        assert_eq!(st.read_window(1), Some(STREAM_SENDME_INCREMENT));
+        assert_eq!(st.read_window(), None);
+        assert!(st.on_sendme().unwrap());
+        assert_eq!(st.read_window(), Some(STREAM_SENDME_INCREMENT));
     }
 
     // §7: once we may no longer package, the wait ends with 0 whatever the
@@ -858,7 +864,7 @@ mod tests {
         let mut st = new_state(None);
         st.package.take(STREAM_WINDOW_START);
         st.hc.handle(Event::ReadEof).unwrap();
-        assert_eq!(st.read_window(READ_LOW_WATER), Some(0));
+        assert_eq!(st.read_window(), Some(0));
     }
 
     // Once the peer has written every cell in flight, the window is above
@@ -870,17 +876,13 @@ mod tests {
             st.queue_data(Vec::new(), in_flight, 0, &Discard).unwrap();
             let before =
                 (in_flight < STREAM_WINDOW_START).then_some(STREAM_WINDOW_START - in_flight);
-            assert_eq!(
-                st.read_window(READ_LOW_WATER),
-                before,
-                "{in_flight} cells in flight"
-            );
+            assert_eq!(st.read_window(), before, "{in_flight} cells in flight");
             // The peer acknowledges every full 50 cells it wrote (§10).
             for _ in 0..in_flight / STREAM_SENDME_INCREMENT {
-                st.on_sendme(READ_LOW_WATER).unwrap();
+                st.on_sendme().unwrap();
             }
             assert_eq!(
-                st.read_window(READ_LOW_WATER),
+                st.read_window(),
                 Some(STREAM_WINDOW_START - in_flight % STREAM_SENDME_INCREMENT),
                 "{in_flight} cells in flight, all written"
             );
@@ -895,8 +897,8 @@ mod tests {
         let mut st = new_state(None);
         st.queue_data(Vec::new(), STREAM_WINDOW_START, 0, &Discard)
             .unwrap();
-        assert!(!st.on_sendme(READ_LOW_WATER).unwrap());
-        assert_eq!(st.read_window(READ_LOW_WATER), None);
+        assert!(!st.on_sendme().unwrap());
+        assert_eq!(st.read_window(), None);
     }
 
     // `Stream::on_sendme` wakes the packager only when `on_sendme` says it
@@ -909,17 +911,18 @@ mod tests {
             for taken in 0..=STREAM_WINDOW_START {
                 for looked_at_zero in [false, true] {
                     let mut st = new_state(None);
+                    st.low_water = mark;
                     st.package.take(taken);
                     // The packager looked at the window when it was 0 (it
                     // stopped) or not since it was.
                     if looked_at_zero && taken == STREAM_WINDOW_START {
-                        assert_eq!(st.read_window(mark), None);
+                        assert_eq!(st.read_window(), None);
                     }
                     if taken < STREAM_SENDME_INCREMENT {
                         continue; // a SENDME here would overflow (§10)
                     }
-                    let wake = st.on_sendme(mark).unwrap();
-                    let reads = st.read_window(mark).is_some();
+                    let wake = st.on_sendme().unwrap();
+                    let reads = st.read_window().is_some();
                     assert!(
                         wake || !reads,
                         "mark {mark}, {taken} taken: a reader was not woken"

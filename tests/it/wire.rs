@@ -743,6 +743,39 @@ fn relay_header_violations_destroy_only_that_circuit() {
 }
 
 #[test]
+fn a_bad_relay_header_inside_a_run_of_data_destroys_the_circuit() {
+    // protocol.md §4 applies to every relay cell, also to one that follows
+    // DATA cells of the same stream in the same read (the circuit takes
+    // such a run at once): the good DATA, then a DATA cell with
+    // Recognized = 1 or Length = 499, in one write.
+    let d = open_exit(&[]);
+    let t = Targets::new();
+    let sibling = fresh_circ();
+    let mut l = linked(&d, sibling);
+    for (what, at, bytes) in [
+        ("Recognized = 1", 1usize, [0u8, 1]),
+        ("Length = 499", 9, [1, 0xf3]),
+    ] {
+        let circ = fresh_circ();
+        l.create_circuit(circ);
+        let _target = open_stream(&mut l, circ, 1, &t);
+        let mut out = Vec::new();
+        relay::encode(&mut out, circ, relay_cmd::DATA, 1, b"good");
+        out.extend_from_slice(&patched_relay(circ, relay_cmd::DATA, 1, |p| {
+            p[at..at + 2].copy_from_slice(&bytes)
+        }));
+        l.sock.write_all(&out).unwrap();
+        let c = next(&mut l);
+        assert!(
+            c.command == cmd::DESTROY && c.circ == circ && c.payload[0] == destroy_reason::PROTOCOL,
+            "{what} after DATA: expected DESTROY(PROTOCOL), got {}",
+            describe(&c)
+        );
+    }
+    echo_works(&mut l, sibling);
+}
+
+#[test]
 fn wrong_way_commands_and_stream_zero_destroy_only_that_circuit() {
     // protocol.md §4: "A relay command sent the wrong way (CONNECTED or
     // RESOLVED to the exit ...), or DATA/FIN/END on stream 0, is a protocol
@@ -1308,6 +1341,35 @@ fn data_or_fin_after_our_fin_destroys_the_circuit() {
         expect_reset(&mut target);
     }
     echo_works(&mut l, sibling);
+}
+
+#[test]
+fn end_right_after_data_discards_the_data() {
+    // protocol.md §8: END aborts the stream and what was queued for the
+    // application is discarded. DATA and END in one write reach the exit in
+    // one read (2 KB on loopback), so the data is still queued in the
+    // circuit thread when END comes: the target sees a reset or an EOF,
+    // never the data.
+    let d = open_exit(&[]);
+    let t = Targets::new();
+    let circ = fresh_circ();
+    let mut l = linked(&d, circ);
+    let mut target = open_stream(&mut l, circ, 1, &t);
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        relay::encode(&mut out, circ, relay_cmd::DATA, 1, b"zzz");
+    }
+    relay::encode(&mut out, circ, relay_cmd::END, 1, &[end_reason::MISC]);
+    l.sock.write_all(&out).unwrap();
+    target
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    match target.read(&mut buf) {
+        Ok(n) => assert_eq!(n, 0, "data written despite END: {:?}", &buf[..n]),
+        Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionReset),
+    }
+    ping(&mut l, circ);
 }
 
 #[test]
