@@ -101,18 +101,6 @@ fn recv<T>(rx: &mpsc::Receiver<T>, what: &str) -> T {
         .unwrap_or_else(|e| panic!("{what}: nothing from the target ({e})"))
 }
 
-/// Polls `f` until it returns Some, for at most PATIENCE.
-pub(crate) fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// The names ("C.S") of the stream to `target` at the client edge and at
 /// the exit edge, from the daemon's debug log.
 fn edge_names(d: &Daemon, target: SocketAddr) -> (String, String) {

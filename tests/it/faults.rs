@@ -1,16 +1,15 @@
 //! Issue 4, faults: targets and applications that reset mid-transfer, an
-//! exit killed with SIGKILL, a peer that exhausts the process's threads, a
-//! link cut under the daemons, and the default exit policy against every
-//! spelling of a private address. In each, the fault reaches exactly the
+//! exit killed with SIGKILL, a link cut under the daemons, and the default
+//! exit policy against every spelling of a private address. (A peer that
+//! exhausts the process's threads has a test binary of its own:
+//! `tests/exhaustion.rs`.) In each, the fault reaches exactly the
 //! streams it belongs to (protocol.md §8: as a reset, never as a short
 //! EOF), every other stream's bytes arrive intact (SHA-256), and nothing
 //! hangs: the daemons' stream threads end.
 
 use crate::app::*;
 use crate::util::*;
-use crate::wire::{fresh_circ, relay_of};
-use halfpipe::cell::{self, cmd, destroy_reason};
-use halfpipe::relay::{self, end_reason, relay_cmd};
+use halfpipe::relay::{end_reason, relay_cmd};
 use socket2::SockRef;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -206,115 +205,6 @@ fn exit_killed_mid_transfer_resets_applications_and_the_client_recovers() {
     s.shutdown(Shutdown::Write).unwrap();
     let (got, hash) = read_hashed(&mut s, "after the exit came back");
     assert_eq!((got, hash), (MIB, payload_sha(9, MIB)));
-}
-
-// ------------------------------------------------------ thread exhaustion
-
-/// A target that accepts and holds every connection, with no thread per
-/// connection (it must hold thousands).
-struct Holder {
-    addr: std::net::SocketAddr,
-    held: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-fn holder() -> Holder {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let held = Arc::new(Mutex::new(Vec::new()));
-    let keep = held.clone();
-    thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { break };
-            keep.lock().unwrap().push(conn);
-        }
-    });
-    Holder { addr, held }
-}
-
-#[test]
-fn thread_exhaustion_is_end_resourcelimit_and_threads_return() {
-    // Issue 4: a peer opens streams until the process cannot take more:
-    // 20 circuits × 1,000 BEGINs to a target that holds every connection.
-    // The exit takes as many as its start-up capacity line says (two
-    // threads each, below what the kernel allows: limits.rs), answers the
-    // rest END(RESOURCELIMIT) (§5), never aborts, and returns to its
-    // baseline thread count once the circuits are destroyed.
-    let mut d = Daemon::exit(&["--exit-policy", "accept *:*"]);
-    let out = d.stdout();
-    let capacity: usize = out
-        .split("capacity: ")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("no capacity line in {out:?}"));
-    let target = holder();
-    let baseline = d.thread_count();
-    let mut l = RawLink::connect(d.link());
-    let circs: Vec<u32> = (0..20).map(|_| fresh_circ()).collect();
-    for &c in &circs {
-        l.create_circuit(c);
-    }
-    let w = l.sock.try_clone().unwrap();
-    // The reader ends when the test shuts the link down, however long the
-    // teardown of thousands of threads takes.
-    l.sock.set_read_timeout(None).unwrap();
-    let (tx, rx) = mpsc::channel();
-    let reader = thread::spawn(move || {
-        while let Some(c) = l.recv_cell() {
-            if tx.send(c).is_err() {
-                break;
-            }
-        }
-    });
-    let body = {
-        let mut b = target.addr.to_string().into_bytes();
-        b.push(0);
-        b
-    };
-    let mut out = Vec::new();
-    for &c in &circs {
-        for sid in 1..=1_000u16 {
-            relay::encode(&mut out, c, relay_cmd::BEGIN, sid, &body);
-        }
-    }
-    (&w).write_all(&out).unwrap();
-    let (mut connected, mut limited) = (0usize, 0usize);
-    while connected + limited < 20_000 {
-        let c = rx
-            .recv_timeout(PATIENCE)
-            .unwrap_or_else(|e| panic!("{e} after {connected} + {limited} answers"));
-        match relay_of(&c) {
-            Some((relay_cmd::CONNECTED, _, _)) => connected += 1,
-            Some((relay_cmd::END, _, b)) if b == [end_reason::RESOURCELIMIT] => limited += 1,
-            Some((relay_cmd::SENDME, _, _)) => {}
-            other => panic!("unexpected answer {other:?} (command {})", c.command),
-        }
-    }
-    eprintln!(
-        "thread exhaustion: capacity {capacity}, {connected} CONNECTED, {limited} END(RESOURCELIMIT), {} threads at the peak",
-        d.thread_count()
-    );
-    assert!(d.is_running(), "the exit died:\n{}", d.log());
-    assert_eq!(connected, capacity.min(20_000));
-    assert_eq!(limited, 20_000 - connected);
-    // Connections complete in the kernel before the holder accepts them.
-    eventually("the target holds every connection", || {
-        (target.held.lock().unwrap().len() == connected).then_some(())
-    });
-    let mut out = Vec::new();
-    for &c in &circs {
-        cell::encode_fixed(&mut out, c, cmd::DESTROY, &[destroy_reason::REQUESTED]);
-    }
-    (&w).write_all(&out).unwrap();
-    let destroyed = Instant::now();
-    d.wait_for_threads(baseline + 2); // the raw link's reader and writer
-    eprintln!(
-        "thread exhaustion: back to baseline {:?} after the DESTROYs",
-        destroyed.elapsed()
-    );
-    w.shutdown(Shutdown::Both).unwrap();
-    reader.join().unwrap();
-    d.wait_for_threads(baseline);
-    assert!(d.is_running());
 }
 
 // ------------------------------------------------------------ the link cut

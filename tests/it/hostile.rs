@@ -750,8 +750,9 @@ fn begin_with_hostile_addresses_is_end_torprotocol() {
 
 /// A SOCKS bystander: one stream through `halfpipe run` to an echo server.
 /// Opened before any attack, so a refusal here is the machine's, not the
-/// test's: when the suite's thread-exhaustion test has just ended, thread
-/// starts can fail for a moment (END(RESOURCELIMIT), SOCKS 0x01). Retried
+/// test's: on a machine busy with other tests, a thread start can fail for
+/// a moment (END(RESOURCELIMIT), SOCKS 0x01; it happened in CI beside the
+/// thread-exhaustion test, which now runs in a binary of its own). Retried
 /// for up to `PATIENCE`; the last failure fails the test.
 fn socks_echo(d: &Daemon, echo: SocketAddr) -> TcpStream {
     let deadline = std::time::Instant::now() + PATIENCE;

@@ -13,9 +13,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 // Raw-link helpers are shared with wire.rs.
-use crate::wire::{
-    expect_relay, expect_reset, fresh_circ, next, open_stream, read_until_closed, Targets,
-};
+use crate::wire::{expect_relay, expect_reset, next, open_stream, read_until_closed, Targets};
 
 // ------------------------------------------------------------------ tests
 

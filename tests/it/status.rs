@@ -111,18 +111,6 @@ fn wait_grown(
     }
 }
 
-/// Polls `f` until it returns Some, for at most PATIENCE.
-fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "never happened: {what}");
-        thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The name `top -H` shows for thread `tid` of process `pid`.
 fn comm(pid: u32, tid: &Value) -> String {
     let tid = tid.as_i64().expect("a TID");

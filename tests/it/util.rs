@@ -561,3 +561,31 @@ pub fn begin_body(target: &str) -> Vec<u8> {
     b.push(0);
     b
 }
+
+/// A CircID with the top bit set that no other test uses.
+pub fn fresh_circ() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0x8000_1000);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A RELAY cell's command, stream and body, if it is one that decodes.
+pub fn relay_of(c: &RawCell) -> Option<(u8, u16, Vec<u8>)> {
+    if c.command != cmd::RELAY {
+        return None;
+    }
+    relay::decode(&c.payload)
+        .ok()
+        .map(|rc| (rc.command, rc.stream_id, rc.body.to_vec()))
+}
+
+/// Polls `f` until it returns Some, for at most PATIENCE.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "never happened: {what}");
+        thread::sleep(Duration::from_millis(10));
+    }
+}

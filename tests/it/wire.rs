@@ -18,7 +18,7 @@ use socket2::{Domain, SockRef, Socket, Type};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU16, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,12 +35,6 @@ pub(crate) fn open_exit(extra: &[&str]) -> Daemon {
     Daemon::exit(&args)
 }
 
-/// A CircID with the top bit set that no other test uses.
-pub(crate) fn fresh_circ() -> u32 {
-    static NEXT: AtomicU32 = AtomicU32::new(0x8000_1000);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
 /// A stream ID for pings, away from the small IDs tests use for streams.
 pub(crate) fn fresh_stream() -> u16 {
     static NEXT: AtomicU16 = AtomicU16::new(40_000);
@@ -52,15 +46,6 @@ pub(crate) fn linked(d: &Daemon, circ: u32) -> RawLink {
     let mut l = RawLink::connect(d.link());
     l.create_circuit(circ);
     l
-}
-
-pub(crate) fn relay_of(c: &RawCell) -> Option<(u8, u16, Vec<u8>)> {
-    if c.command != cmd::RELAY {
-        return None;
-    }
-    relay::decode(&c.payload)
-        .ok()
-        .map(|rc| (rc.command, rc.stream_id, rc.body.to_vec()))
 }
 
 /// One line about a cell, for assertion messages.
