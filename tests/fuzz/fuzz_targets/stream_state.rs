@@ -519,7 +519,14 @@ impl Sim {
                     false
                 } else {
                     match self.st.on_sendme() {
-                        Ok(()) => {
+                        Ok(wake) => {
+                            // `Stream::on_sendme` wakes the packager only if
+                            // `wake`: one that is not woken must find nothing
+                            // to do. (A packager that may no longer package
+                            // was woken by the step that said so.)
+                            if !wake && self.st.hc.may_package() {
+                                assert_eq!(self.st.read_window(), None, "a lost wake-up");
+                            }
                             self.sendmes_got += 1;
                             false
                         }
@@ -629,7 +636,7 @@ impl Sim {
             self.pk = Pk::Ended; // the wait sees the cancel flag
             return;
         }
-        let window = match self.st.read_window(stream::READ_LOW_WATER) {
+        let window = match self.st.read_window() {
             None => return, // §10: blocked until a SENDME
             Some(0) => {
                 self.pk = Pk::Ended;
@@ -716,7 +723,7 @@ impl Sim {
         if self.before_connected() {
             return true;
         }
-        match self.st.accept_data() {
+        match self.st.accept_data(1) {
             Err(_) => return true,
             Ok(false) => return false, // §9: late DATA for a closed stream
             Ok(true) => {}
