@@ -172,9 +172,6 @@ pub struct Circuit {
     next_serial: u64,
     /// Streams with DATA gathered in their entry's batch.
     dirty: Vec<u16>,
-    /// One run of DATA cells of one stream (`on_cells`), kept for its
-    /// allocation.
-    run: Vec<(u32, u32)>,
     /// Control cells gathered while handling one inbox message.
     out: Vec<u8>,
     opened: Instant,
@@ -252,7 +249,6 @@ impl Circuit {
             next_stream: 1,
             next_serial: 0,
             dirty: Vec::new(),
-            run: Vec::new(),
             out: Vec::new(),
             opened: Instant::now(),
             idle_timeout,
@@ -411,36 +407,30 @@ impl Circuit {
     /// it, and its data stays where it arrived (`DataBatch`).
     fn on_cells(&mut self, arrival: &Arc<Vec<u8>>) -> Result<()> {
         let cells = &arrival[..];
-        let mut run = std::mem::take(&mut self.run);
-        let result = (|| {
-            let mut pos = 0;
-            // The link hands on whole cells only.
-            while pos + CELL_LEN <= cells.len() {
-                let rc = self.relay_cell(&cells[pos + 5..pos + CELL_LEN])?;
-                pos += CELL_LEN;
-                if rc.command != relay_cmd::DATA {
-                    self.on_cell(rc)?;
-                    continue;
-                }
-                // DATA cells that follow for the same stream join the run; a
-                // cell that does not decode ends it and fails next round.
-                run.clear();
-                run.push(data_at(pos - CELL_LEN, rc.body.len()));
-                while let Some(Ok(next)) = cells
-                    .get(pos + 5..pos + CELL_LEN)
-                    .map(relay::decode)
-                    .filter(|r| r.as_ref().is_ok_and(|n| same_stream_data(n, &rc)))
-                {
-                    self.tally.relay(next.command);
-                    run.push(data_at(pos, next.body.len()));
-                    pos += CELL_LEN;
-                }
-                self.on_data(rc.stream_id, arrival, &run)?;
+        let mut pos = 0;
+        // The link hands on whole cells only.
+        while pos + CELL_LEN <= cells.len() {
+            let rc = self.relay_cell(&cells[pos + 5..pos + CELL_LEN])?;
+            pos += CELL_LEN;
+            if rc.command != relay_cmd::DATA {
+                self.on_cell(rc)?;
+                continue;
             }
-            Ok(())
-        })();
-        self.run = run;
-        result
+            // DATA cells that follow for the same stream join the run; a
+            // cell that does not decode ends it and fails next round.
+            let mut run = vec![data_at(pos - CELL_LEN, rc.body.len())];
+            while let Some(Ok(next)) = cells
+                .get(pos + 5..pos + CELL_LEN)
+                .map(relay::decode)
+                .filter(|r| r.as_ref().is_ok_and(|n| same_stream_data(n, &rc)))
+            {
+                self.tally.relay(next.command);
+                run.push(data_at(pos, next.body.len()));
+                pos += CELL_LEN;
+            }
+            self.on_data(rc.stream_id, arrival, run)?;
+        }
+        Ok(())
     }
 
     /// Decodes a relay cell and applies the checks every relay cell gets
@@ -509,8 +499,8 @@ impl Circuit {
     /// stream; it is delivered only to an open stream (§9 drops the rest).
     /// `run` is where the data of consecutive DATA cells of stream `id` lies
     /// in `arrival`, the buffer they arrived in.
-    fn on_data(&mut self, id: u16, arrival: &Arc<Vec<u8>>, run: &[(u32, u32)]) -> Result<()> {
-        for _ in run {
+    fn on_data(&mut self, id: u16, arrival: &Arc<Vec<u8>>, run: Vec<(u32, u32)>) -> Result<()> {
+        for _ in &run {
             if self
                 .deliver
                 .on_data()
@@ -530,21 +520,18 @@ impl Circuit {
             .accept_data(run.len() as u32)
             .map_err(|(kind, why)| violation(kind, why))?
         {
-            // Ranges point into one buffer: a batch gathered from another
-            // one goes first (`flush` sends every batch after each message,
-            // so none is left over, but the ranges must never mix).
-            if entry
-                .batch
-                .as_ref()
-                .is_some_and(|(gathered, _)| !Arc::ptr_eq(gathered, arrival))
-            {
-                send_batch(entry);
+            match &mut entry.batch {
+                Some((gathered, cells)) => {
+                    // `flush` sends every batch after each inbox message, so
+                    // ranges into two buffers never meet in one batch.
+                    debug_assert!(Arc::ptr_eq(gathered, arrival));
+                    cells.extend(run);
+                }
+                None => {
+                    self.dirty.push(id);
+                    entry.batch = Some((arrival.clone(), run));
+                }
             }
-            let (_, cells) = entry.batch.get_or_insert_with(|| {
-                self.dirty.push(id);
-                (arrival.clone(), Vec::new())
-            });
-            cells.extend_from_slice(run);
         }
         Ok(())
     }

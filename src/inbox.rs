@@ -142,7 +142,7 @@ pub struct Bell {
     /// Senders take this lock only after they saw `SLEEPING`.
     receiver: Mutex<Option<Thread>>,
     /// `InboxTx`es alive: only the last one's drop rings.
-    senders: std::sync::atomic::AtomicUsize,
+    senders: AtomicUsize,
 }
 
 const AWAKE: usize = 0;
@@ -160,7 +160,7 @@ impl Bell {
         Bell {
             state: AtomicUsize::new(AWAKE),
             receiver: Mutex::new(None),
-            senders: std::sync::atomic::AtomicUsize::new(1),
+            senders: AtomicUsize::new(1),
         }
     }
 

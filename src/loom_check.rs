@@ -32,7 +32,7 @@ use crate::halfclose::{Action, CloseCause, Event, State, Violation};
 use crate::link::LinkGone;
 use crate::monitor::{Monitor, Stopped};
 use crate::relay::{end_reason, relay_cmd};
-use crate::stream::{self, Counters, DeliverMsg, Outbound, StreamState};
+use crate::stream::{self, Counters, DeliverMsg, Discard, Outbound, StreamState};
 use loom::sync::atomic::AtomicBool;
 use loom::sync::{mpsc, Arc};
 use loom::thread;
@@ -164,17 +164,6 @@ impl Outbound for Model {
 
     fn data(&self, _cells: Vec<u8>, count: u32) -> Result<(), LinkGone> {
         self.sent.update(|s| s.push(Sent::Data(count)));
-        Ok(())
-    }
-}
-
-/// Takes what `StreamState::delivered` would queue before the model runs.
-struct Discard;
-
-impl Outbound for Discard {
-    fn control(&self, _: u8, _: &[u8]) {}
-    fn sendmes(&self, _: u32) {}
-    fn data(&self, _: Vec<u8>, _: u32) -> Result<(), LinkGone> {
         Ok(())
     }
 }
@@ -399,13 +388,10 @@ fn circuit(m: &Model, peer: &[Peer]) {
                     reason: end_reason::DONE,
                 });
             }
+            // `Stream::on_sendme`.
             Peer::Sendme => m
                 .state
-                .update_waking_if(|st| match st.on_sendme() {
-                    // As `Stream::on_sendme`.
-                    Ok(may_read) => (Ok(()), may_read),
-                    Err(v) => (Err(v), true),
-                })
+                .update_waking_if(stream::sendme_step)
                 .expect("in window"),
             Peer::CircuitSendme => m
                 .circuit_window

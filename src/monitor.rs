@@ -65,9 +65,7 @@ impl<T> Monitor<T> {
 
     /// Changes the value and wakes every waiter to look again.
     pub fn update<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
-        let r = f(&mut self.inner.lock().value);
-        self.cond.notify_all();
-        r
+        self.update_waking_if(|v| (f(v), true))
     }
 
     /// Changes the value with `f`, which also says whether the change can

@@ -342,10 +342,7 @@ impl Stream {
     /// the five SENDMEs that bring it back to 250, and went back to sleep
     /// four times (`perf record -e sched:sched_wakeup`, issue 5).
     pub fn on_sendme(&self) -> Result<(), FlowViolation> {
-        self.state.update_waking_if(|st| match st.on_sendme() {
-            Ok(may_read) => (Ok(()), may_read),
-            Err(v) => (Err(v), true),
-        })
+        self.state.update_waking_if(sendme_step)
     }
 
     /// Client: the stream is open and still waits for CONNECTED. (A closed
@@ -789,6 +786,30 @@ fn answer_socks(
     go_on
 }
 
+/// A stream SENDME under the stream's lock, for `Monitor::update_waking_if`:
+/// the packager is woken only if it may read now. (A violation ends the
+/// circuit, which stops the packager anyway: it is woken too.)
+pub(crate) fn sendme_step(st: &mut StreamState) -> (Result<(), FlowViolation>, bool) {
+    match st.on_sendme() {
+        Ok(may_read) => (Ok(()), may_read),
+        Err(v) => (Err(v), true),
+    }
+}
+
+/// An `Outbound` that drops what it is given: for tests that drive a
+/// `StreamState` by itself.
+#[cfg(test)]
+pub(crate) struct Discard;
+
+#[cfg(test)]
+impl Outbound for Discard {
+    fn control(&self, _: u8, _: &[u8]) {}
+    fn sendmes(&self, _: u32) {}
+    fn data(&self, _: Vec<u8>, _: u32) -> Result<(), LinkGone> {
+        Ok(())
+    }
+}
+
 /// Builds a fresh stream state (both edges).
 pub fn new_state(socket: Option<Arc<Socket>>) -> StreamState {
     StreamState {
@@ -904,42 +925,34 @@ mod tests {
     // `Stream::on_sendme` wakes the packager only when `on_sendme` says it
     // may read. No wake-up is lost: whenever it says no, a packager waiting
     // in `read_window` would find nothing to do. Every window a SENDME can
-    // meet, stopped or not, for every mark.
+    // meet, with the packager stopped (at 0, since) or not, for every mark.
     #[test]
     fn a_sendme_that_wakes_no_one_leaves_the_packager_nothing_to_do() {
+        let mut quiet = 0;
         for mark in [1, 50, READ_LOW_WATER, 450] {
-            for taken in 0..=STREAM_WINDOW_START {
-                for looked_at_zero in [false, true] {
+            // A SENDME on fewer than 50 cells in flight is a violation (§10).
+            for taken in STREAM_SENDME_INCREMENT..=STREAM_WINDOW_START {
+                for stopped in [false, true] {
                     let mut st = new_state(None);
                     st.low_water = mark;
                     st.package.take(taken);
-                    // The packager looked at the window when it was 0 (it
-                    // stopped) or not since it was.
-                    if looked_at_zero && taken == STREAM_WINDOW_START {
-                        assert_eq!(st.read_window(), None);
-                    }
-                    if taken < STREAM_SENDME_INCREMENT {
-                        continue; // a SENDME here would overflow (§10)
-                    }
+                    st.package_stopped = stopped;
                     let wake = st.on_sendme().unwrap();
                     let reads = st.read_window().is_some();
                     assert!(
                         wake || !reads,
-                        "mark {mark}, {taken} taken: a reader was not woken"
+                        "mark {mark}, {taken} taken, stopped {stopped}: a reader was not woken"
                     );
+                    quiet += u32::from(!wake);
                 }
             }
         }
-    }
-
-    /// An `Outbound` that drops what it is given.
-    struct Discard;
-
-    impl Outbound for Discard {
-        fn control(&self, _: u8, _: &[u8]) {}
-        fn sendmes(&self, _: u32) {}
-        fn data(&self, _: Vec<u8>, _: u32) -> Result<(), LinkGone> {
-            Ok(())
-        }
+        // Only a stopped packager whose window is still under the mark after
+        // the SENDME is left asleep: windows 50 up to the mark, per mark.
+        let expected: u32 = [1, 50, READ_LOW_WATER, 450]
+            .iter()
+            .map(|m| m.saturating_sub(STREAM_SENDME_INCREMENT))
+            .sum();
+        assert_eq!(quiet, expected, "SENDMEs that woke no one");
     }
 }

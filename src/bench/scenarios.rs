@@ -456,9 +456,8 @@ fn handoff_us() -> f64 {
         })
         .collect();
     drop(ping_tx);
-    let _ = echo.join();
-    let Some(mut rounds) = rounds else {
-        return 0.0;
+    let (Ok(()), Some(mut rounds)) = (echo.join(), rounds) else {
+        return 0.0; // the echo thread panicked or stopped answering
     };
     rounds.sort_by(f64::total_cmp);
     rounds[rounds.len() / 2]

@@ -105,15 +105,7 @@ fn duplicate_created_fast_does_not_wedge_the_client() {
 /// they once destroyed the whole circuit as "DATA before CONNECTED".
 #[test]
 fn late_cells_after_an_abort_before_connected_are_dropped() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let exit = listener.local_addr().unwrap();
-    let fake = thread::spawn(move || {
-        let mut link = RawLink::accept(&listener);
-        let circ = link.answer_create_fast();
-        (link, circ)
-    });
-    let d = Daemon::client(exit, &[]);
-    let (mut link, circ) = fake.join().unwrap();
+    let (d, mut link, circ) = client_with_raw_exit();
 
     // Stream 1: the application resets before the exit answers.
     let mut app = std::net::TcpStream::connect(d.socks()).unwrap();
@@ -291,15 +283,7 @@ fn nothing_of_a_destroyed_circuit_follows_a_new_one_on_its_circid() {
 /// for each DATA cell: this checks both sides of that shortcut.)
 #[test]
 fn data_before_connected_destroys_the_circuit_and_after_it_is_delivered() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let exit = listener.local_addr().unwrap();
-    let fake = thread::spawn(move || {
-        let mut link = RawLink::accept(&listener);
-        let circ = link.answer_create_fast();
-        (link, circ)
-    });
-    let d = Daemon::client(exit, &[]);
-    let (mut link, circ) = fake.join().unwrap();
+    let (d, mut link, circ) = client_with_raw_exit();
     let open = |link: &mut RawLink| {
         let proxy = d.socks();
         let app = thread::spawn(move || {
@@ -338,4 +322,19 @@ fn data_before_connected_destroys_the_circuit_and_after_it_is_delivered() {
     assert_eq!(destroy.payload[0], halfpipe::cell::destroy_reason::PROTOCOL);
     assert_eq!(app.join().unwrap(), None);
     assert!(d.log().contains("DATA before CONNECTED"), "{}", d.log());
+}
+
+/// A client daemon linked to a raw exit (this test), which has answered
+/// its CREATE_FAST: the daemon, the link and the circuit's CircID.
+fn client_with_raw_exit() -> (Daemon, RawLink, u32) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let exit = listener.local_addr().unwrap();
+    let fake = thread::spawn(move || {
+        let mut link = RawLink::accept(&listener);
+        let circ = link.answer_create_fast();
+        (link, circ)
+    });
+    let d = Daemon::client(exit, &[]);
+    let (link, circ) = fake.join().unwrap();
+    (d, link, circ)
 }

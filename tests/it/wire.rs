@@ -743,19 +743,17 @@ fn a_bad_relay_header_inside_a_run_of_data_destroys_the_circuit() {
     ] {
         let circ = fresh_circ();
         l.create_circuit(circ);
-        let _target = open_stream(&mut l, circ, 1, &t);
+        let mut target = open_stream(&mut l, circ, 1, &t);
         let mut out = Vec::new();
         relay::encode(&mut out, circ, relay_cmd::DATA, 1, b"good");
         out.extend_from_slice(&patched_relay(circ, relay_cmd::DATA, 1, |p| {
             p[at..at + 2].copy_from_slice(&bytes)
         }));
         l.sock.write_all(&out).unwrap();
-        let c = next(&mut l);
-        assert!(
-            c.command == cmd::DESTROY && c.circ == circ && c.payload[0] == destroy_reason::PROTOCOL,
-            "{what} after DATA: expected DESTROY(PROTOCOL), got {}",
-            describe(&c)
-        );
+        eprintln!("{what} after DATA");
+        expect_destroy(&mut l, circ, destroy_reason::PROTOCOL);
+        // §3: the destroyed circuit's stream is aborted (§8).
+        expect_reset(&mut target);
     }
     echo_works(&mut l, sibling);
 }
