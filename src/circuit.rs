@@ -8,20 +8,21 @@
 //! joining its streams' threads.
 
 use crate::batch::DataBatch;
-use crate::cell::{destroy_reason, CELL_LEN};
+use halfpipe_proto::cell::{destroy_reason, CELL_LEN};
 use crate::ctx::{Ctx, StreamSlot};
 use crate::fairwindow::FairWindow;
-use crate::flow::{CircuitDeliverWindow, PackageWindow};
-use crate::halfclose::{Action, Event};
+use halfpipe_proto::flow::{CircuitDeliverWindow, PackageWindow};
+use halfpipe_proto::halfclose::{Action, Event};
 use crate::inbox::{self, Inbox, InboxTx};
 use crate::link::{Link, LinkTx};
 use crate::metrics::{Dir, Limit, Tally, ViolationKind};
 use crate::monitor::Monitor;
-use crate::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
-use crate::socks::SocksVersion;
+use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
+use halfpipe_proto::socks::SocksVersion;
 use crate::status::CircuitView;
 use crate::stream::{self, DeliverMsg, DeliverStart, Stream};
 use crate::threads;
+use halfpipe_proto::Role;
 use crossbeam_channel::Sender;
 use rustc_hash::FxHashMap;
 use socket2::Socket;
@@ -30,13 +31,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-
-/// Which edge this process is on a link (protocol.md §1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Client,
-    Exit,
-}
 
 /// How many recently closed stream IDs a circuit remembers (§9: bounded,
 /// oldest first out).

@@ -4,16 +4,17 @@
 //! thread per connection runs the handshake and hands the socket to a
 //! circuit, which starts the stream's packager and deliverer.
 
-use crate::cell::{self, cmd, destroy_reason};
-use crate::circuit::{CircMsg, OpenRequest, ResolveRequest, Role};
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use crate::circuit::{CircMsg, OpenRequest, ResolveRequest};
+use halfpipe_proto::Role;
 use crate::ctx::Ctx;
 use crate::inbox::InboxTx;
-use crate::kdf;
+use halfpipe_proto::kdf;
 use crate::limits::MAX_HANDSHAKES;
 use crate::link::{self, Link};
 use crate::metrics::{Metrics, ViolationKind};
-use crate::relay::{self, Answer, Host};
-use crate::socks::{self, Command, Handshake, Reply, SocksVersion};
+use halfpipe_proto::relay::{self, Answer, Host};
+use halfpipe_proto::socks::{self, Command, Handshake, Reply, SocksVersion};
 use crate::threads::{self, Reaper};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
@@ -393,7 +394,7 @@ fn create_circuit(
     let (wire, rx) = link
         .begin_create()
         .map_err(|e| io::Error::other(e.to_string()))?;
-    let x = kdf::random_nonce();
+    let x = crate::link::nonce();
     let mut out = Vec::with_capacity(cell::CELL_LEN);
     cell::encode_fixed(&mut out, wire, cmd::CREATE_FAST, &x);
     if link.tx.send(out).is_err() {

@@ -6,7 +6,7 @@ use crate::circuit::CircMsg;
 use crate::inbox::InboxTx;
 use crate::link::Link;
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use halfpipe_proto::policy::Policy;
 use crate::status::CircuitView;
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -56,7 +56,7 @@ impl Default for Config {
             idle_timeout: None,
             keepalive: Some(Duration::from_secs(300)),
             exit_policy: Arc::new(
-                crate::policy::DEFAULT_EXIT_POLICY
+                halfpipe_proto::policy::DEFAULT_EXIT_POLICY
                     .parse()
                     .expect("the default exit policy parses"),
             ),

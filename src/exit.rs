@@ -2,11 +2,11 @@
 //! their targets (protocol.md §5: name resolution, exit policy, connect,
 //! and the END reason for each failure).
 
-use crate::circuit::Role;
+use halfpipe_proto::Role;
 use crate::ctx::{Config, Ctx};
 use crate::limits::MAX_LINKS;
 use crate::link::{self, Link};
-use crate::relay::{end_reason, Answer, Host};
+use halfpipe_proto::relay::{end_reason, Answer, Host};
 use crate::stream::Stream;
 use crate::threads::{self, Reaper};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};

@@ -10,7 +10,7 @@
 //! Here each waiter parks its own thread, and only the first in line is
 //! unparked when it can take cells.
 
-use crate::flow::PackageWindow;
+use halfpipe_proto::flow::PackageWindow;
 use crate::monitor::Stopped;
 use parking_lot::Mutex;
 use std::collections::VecDeque;

@@ -11,7 +11,7 @@
 
 pub mod batch;
 pub mod bench;
-pub mod cell;
+
 pub mod circuit;
 pub mod client;
 pub mod config_file;
@@ -19,21 +19,21 @@ pub mod ctx;
 pub mod daemon;
 pub mod exit;
 pub mod fairwindow;
-pub mod flow;
-pub mod halfclose;
+
+
 pub mod inbox;
-pub mod kdf;
+
 pub mod limits;
 pub mod link;
 #[cfg(all(test, loom))]
 mod loom_check;
 pub mod metrics;
 pub mod monitor;
-pub mod policy;
+
 pub mod ratelimit;
-pub mod relay;
+
 pub mod sockets;
-pub mod socks;
+
 pub mod status;
 pub mod stream;
 pub mod sync;

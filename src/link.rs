@@ -12,11 +12,12 @@
 //! (invariant 4); DATA cells first take room in the queue (`reserve`), which
 //! is where a busy link pushes back on packagers (invariant 3).
 
-use crate::cell::{self, cmd, destroy_reason};
-use crate::circuit::{self, CircMsg, Role};
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use crate::circuit::{self, CircMsg};
+use halfpipe_proto::Role;
 use crate::ctx::Ctx;
 use crate::inbox::{self, Inbox, InboxTx};
-use crate::kdf;
+use halfpipe_proto::kdf;
 use crate::metrics::{Dir, Metrics, Tally, ViolationKind};
 use crate::monitor::{Monitor, Stopped};
 use crate::threads;
@@ -547,7 +548,7 @@ impl Link {
                     &mut out,
                     wire,
                     cmd::CREATED_FAST,
-                    &kdf::created_fast_payload(&x),
+                    &kdf::created_fast_payload(&x, &nonce()),
                 );
                 let _ = self.tx.send(out);
             }
@@ -711,6 +712,16 @@ impl Link {
 
 /// If the whole cells at the front of `buf` are all RELAY cells of one
 /// circuit, returns that circuit and how many bytes they take.
+/// 20 random bytes: the client's X of CREATE_FAST, or the exit's Y of
+/// CREATED_FAST (protocol.md §3).
+pub fn nonce() -> [u8; kdf::HASH_LEN] {
+    let mut x = [0u8; kdf::HASH_LEN];
+    // The OS random source failing is not something a daemon can work
+    // around; it never happens on Linux once the pool is initialised.
+    getrandom::getrandom(&mut x).expect("the OS random number generator failed");
+    x
+}
+
 fn single_circuit_run(buf: &[u8]) -> Option<(u32, usize)> {
     let whole = buf.len() / cell::CELL_LEN * cell::CELL_LEN;
     let first = buf.get(..cell::CELL_LEN)?;

@@ -24,14 +24,14 @@
 //! ```
 
 use crate::batch::DataBatch;
-use crate::flow::{
+use halfpipe_proto::flow::{
     PackageWindow, CIRCUIT_SENDME_INCREMENT, CIRCUIT_WINDOW_START, STREAM_SENDME_INCREMENT,
     STREAM_WINDOW_START,
 };
-use crate::halfclose::{Action, CloseCause, Event, State, Violation};
+use halfpipe_proto::halfclose::{Action, CloseCause, Event, State, Violation};
 use crate::link::LinkGone;
 use crate::monitor::{Monitor, Stopped};
-use crate::relay::{end_reason, relay_cmd};
+use halfpipe_proto::relay::{end_reason, relay_cmd};
 use crate::stream::{self, Counters, DeliverMsg, Discard, Outbound, StreamState};
 use loom::sync::atomic::AtomicBool;
 use loom::sync::{mpsc, Arc};

@@ -6,7 +6,7 @@ use halfpipe::config_file::{self, Entry};
 use halfpipe::ctx::{Config, Ctx};
 use halfpipe::daemon::Daemon;
 use halfpipe::limits::KernelLimits;
-use halfpipe::policy::{self, Policy};
+use halfpipe_proto::policy::{self, Policy};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -360,12 +360,6 @@ fn main() -> ExitCode {
         Command::Bench(_) | Command::Status(_) => unreachable!("handled above"),
     };
     init_logging(&common.log);
-    if halfpipe::flow::WIDEN != 1 {
-        tracing::warn!(
-            "built with --features wide-windows: flow-control windows are {} times protocol.md §10 (a measurement build; peers must be built the same way)",
-            halfpipe::flow::WIDEN
-        );
-    }
     let (status_addr, status_remote) = (common.status, common.status_allow_remote);
     if let Some(addr) = status_addr {
         if let Err(e) = halfpipe::status::check_addr(addr, status_remote) {

@@ -7,8 +7,8 @@
 //! `write()`. Gauges (links, circuits, streams by state, threads) are not
 //! kept here: the status snapshot counts them when asked.
 
-use crate::cell::{self, cmd, destroy_reason};
-use crate::relay::{end_reason, relay_cmd};
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use halfpipe_proto::relay::{end_reason, relay_cmd};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
@@ -525,7 +525,7 @@ fn socks_reply_code(b: &[u8]) -> Option<(u8, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::socks::{self, Reply, SocksVersion};
+    use halfpipe_proto::socks::{self, Reply, SocksVersion};
 
     #[test]
     fn socks_reply_codes_are_read_from_the_replies_halfpipe_builds() {
@@ -550,8 +550,8 @@ mod tests {
     #[test]
     fn writer_tally_reads_relay_commands_and_reasons() {
         let mut out = Vec::new();
-        crate::relay::encode(&mut out, 0x8000_0001, relay_cmd::END, 3, &[12]);
-        crate::relay::encode(&mut out, 0x8000_0001, relay_cmd::SENDME, 0, &[]);
+        halfpipe_proto::relay::encode(&mut out, 0x8000_0001, relay_cmd::END, 3, &[12]);
+        halfpipe_proto::relay::encode(&mut out, 0x8000_0001, relay_cmd::SENDME, 0, &[]);
         cell::encode_destroy(&mut out, 0x8000_0001, destroy_reason::PROTOCOL);
         let m = Metrics::default();
         let mut t = Tally::default();

@@ -41,7 +41,7 @@ pub fn gettid() -> i32 {
 
 /// The END reason for an I/O error on a stream's socket (protocol.md §8).
 pub fn end_reason_for(err: &io::Error) -> u8 {
-    use crate::relay::end_reason;
+    use halfpipe_proto::relay::end_reason;
     match err.kind() {
         io::ErrorKind::ConnectionReset
         | io::ErrorKind::BrokenPipe

@@ -7,12 +7,12 @@
 //! stream's fields under that stream's lock, one at a time; serializing
 //! and writing happen after every lock is released (invariant 5).
 
-use crate::circuit::Role;
+use halfpipe_proto::Role;
 use crate::ctx::Ctx;
 use crate::fairwindow::FairWindow;
-use crate::halfclose::{CloseCause, State};
+use halfpipe_proto::halfclose::{CloseCause, State};
 use crate::metrics::Gauges;
-use crate::relay::end_reason;
+use halfpipe_proto::relay::end_reason;
 use crate::stream::Stream;
 use crate::threads;
 use parking_lot::Mutex;

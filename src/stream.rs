@@ -13,18 +13,19 @@
 //! concurrency model check (`src/loom_check.rs`) runs them as they are.
 
 use crate::batch::DataBatch;
-use crate::cell::{self, CELL_LEN};
-use crate::circuit::{CircMsg, Role};
+use halfpipe_proto::cell::{self, CELL_LEN};
+use crate::circuit::CircMsg;
+use halfpipe_proto::Role;
 use crate::fairwindow::FairWindow;
-use crate::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
-use crate::halfclose::{Action, Event, HalfClose, State, Step, Violation};
+use halfpipe_proto::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
+use halfpipe_proto::halfclose::{Action, Event, HalfClose, State, Step, Violation};
 use crate::inbox::{Inbox, InboxTx};
 use crate::link::{LinkGone, LinkTx};
 use crate::metrics::{Metrics, ViolationKind};
 use crate::monitor::Monitor;
-use crate::relay::{self, end_reason, relay_cmd, Target};
+use halfpipe_proto::relay::{self, end_reason, relay_cmd, Target};
 use crate::sockets;
-use crate::socks;
+use halfpipe_proto::socks;
 use crossbeam_channel::{Receiver, Sender};
 use socket2::MaybeUninitSlice;
 use socket2::Socket;
@@ -49,7 +50,7 @@ pub const MAX_READ_CELLS: u32 = 512;
 /// the peer has written them all the window is back above 450 (what the
 /// peer has not acknowledged is under one SENDME's 50 cells). An idle
 /// stream's window is at its start, so an interactive write is read at once.
-pub const READ_LOW_WATER: u32 = crate::flow::STREAM_WINDOW_START / 2;
+pub const READ_LOW_WATER: u32 = halfpipe_proto::flow::STREAM_WINDOW_START / 2;
 /// Cells a packager starts reading with; it doubles while reads come back
 /// full, so an idle stream holds a small buffer and a bulk one a large one.
 const FIRST_READ_CELLS: u32 = 8;
@@ -830,7 +831,7 @@ pub fn new_state(socket: Option<Arc<Socket>>) -> StreamState {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
-    use crate::flow::{STREAM_SENDME_INCREMENT, STREAM_WINDOW_START};
+    use halfpipe_proto::flow::{STREAM_SENDME_INCREMENT, STREAM_WINDOW_START};
 
     // §10 and READ_LOW_WATER: when the packager may read again.
     #[test]

@@ -8,8 +8,8 @@
 #[path = "it/util.rs"]
 mod util;
 
-use halfpipe::cell::{self, cmd, destroy_reason};
-use halfpipe::relay::{self, end_reason, relay_cmd};
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use halfpipe_proto::relay::{self, end_reason, relay_cmd};
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::{mpsc, Arc, Mutex};

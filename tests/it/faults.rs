@@ -9,7 +9,7 @@
 
 use crate::app::*;
 use crate::util::*;
-use halfpipe::relay::{end_reason, relay_cmd};
+use halfpipe_proto::relay::{end_reason, relay_cmd};
 use socket2::SockRef;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};

@@ -12,8 +12,8 @@
 
 use crate::util::*;
 use crate::wire::*;
-use halfpipe::cell::{self, cmd, destroy_reason};
-use halfpipe::relay::{self, end_reason, relay_cmd};
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use halfpipe_proto::relay::{self, end_reason, relay_cmd};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -4,8 +4,8 @@
 //! Waits are liveness waits (`PATIENCE`); no assertion depends on timing.
 
 use crate::util::*;
-use halfpipe::cell::cmd;
-use halfpipe::relay::{end_reason, relay_cmd};
+use halfpipe_proto::cell::cmd;
+use halfpipe_proto::relay::{end_reason, relay_cmd};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::mpsc;

@@ -2,8 +2,8 @@
 //! went wrong.
 
 use crate::util::*;
-use halfpipe::cell::cmd;
-use halfpipe::relay::{self, relay_cmd};
+use halfpipe_proto::cell::cmd;
+use halfpipe_proto::relay::{self, relay_cmd};
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::thread;
@@ -81,7 +81,7 @@ fn duplicate_created_fast_does_not_wedge_the_client() {
         let c = link.recv_cell().expect("CREATE_FAST");
         assert_eq!(c.command, cmd::CREATE_FAST);
         let x: [u8; 20] = c.payload[..20].try_into().unwrap();
-        let answer = halfpipe::kdf::created_fast_payload(&x);
+        let answer = halfpipe_proto::kdf::created_fast_payload(&x, &[0x5a; 20]);
         for _ in 0..3 {
             link.send_cell(c.circ, cmd::CREATED_FAST, &answer);
         }
@@ -176,7 +176,7 @@ fn peer_that_never_reads_is_cut_off() {
     hostile.sock.set_write_timeout(Some(PATIENCE)).unwrap();
     let mut cells = Vec::new();
     for i in 0..1000u32 {
-        halfpipe::cell::encode_fixed(&mut cells, 0x8000_0000 | i, cmd::CREATE, &[]);
+        halfpipe_proto::cell::encode_fixed(&mut cells, 0x8000_0000 | i, cmd::CREATE, &[]);
     }
     let mut closed = false;
     for _ in 0..200 {
@@ -244,8 +244,8 @@ fn nothing_of_a_destroyed_circuit_follows_a_new_one_on_its_circid() {
                 }
             }
         }
-        halfpipe::cell::encode_fixed(&mut out, circ, cmd::DESTROY, &[0]);
-        halfpipe::cell::encode_fixed(&mut out, circ, cmd::CREATE_FAST, &[1; 20]);
+        halfpipe_proto::cell::encode_fixed(&mut out, circ, cmd::DESTROY, &[0]);
+        halfpipe_proto::cell::encode_fixed(&mut out, circ, cmd::CREATE_FAST, &[1; 20]);
         l.sock.write_all(&out).unwrap();
         // Old DATA may come until the new CREATED_FAST; nothing after it.
         loop {
@@ -319,7 +319,7 @@ fn data_before_connected_destroys_the_circuit_and_after_it_is_delivered() {
         }
     };
     assert_eq!(destroy.circ, circ);
-    assert_eq!(destroy.payload[0], halfpipe::cell::destroy_reason::PROTOCOL);
+    assert_eq!(destroy.payload[0], halfpipe_proto::cell::destroy_reason::PROTOCOL);
     assert_eq!(app.join().unwrap(), None);
     assert!(d.log().contains("DATA before CONNECTED"), "{}", d.log());
 }

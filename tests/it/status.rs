@@ -495,9 +495,9 @@ fn metrics_count_violations_and_destroys_by_kind_and_reason() {
     let mut l = RawLink::connect(d.link());
     let circ = 0x8000_0042;
     l.create_circuit(circ);
-    l.send_relay(circ, halfpipe::relay::relay_cmd::DATA, 0, b"x");
+    l.send_relay(circ, halfpipe_proto::relay::relay_cmd::DATA, 0, b"x");
     let c = l.recv_non_sendme().expect("DESTROY");
-    assert_eq!(c.command, halfpipe::cell::cmd::DESTROY, "{c:?}");
+    assert_eq!(c.command, halfpipe_proto::cell::cmd::DESTROY, "{c:?}");
     // The writer counts a cell after writing it: the peer may see the
     // DESTROY a moment before /metrics does.
     let violation = "halfpipe_protocol_violations_total{kind=\"stream_zero\"}";

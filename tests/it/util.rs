@@ -3,9 +3,9 @@
 //! protocol.md cell by cell.
 #![allow(dead_code)]
 
-use halfpipe::cell::{self, cmd};
-use halfpipe::kdf;
-use halfpipe::relay::{self, relay_cmd};
+use halfpipe_proto::cell::{self, cmd};
+use halfpipe_proto::kdf;
+use halfpipe_proto::relay::{self, relay_cmd};
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -427,7 +427,7 @@ impl RawLink {
         let c = self.recv_cell().expect("CREATE_FAST");
         assert_eq!(c.command, cmd::CREATE_FAST, "{c:?}");
         let x: [u8; 20] = c.payload[..20].try_into().unwrap();
-        self.send_cell(c.circ, cmd::CREATED_FAST, &kdf::created_fast_payload(&x));
+        self.send_cell(c.circ, cmd::CREATED_FAST, &kdf::created_fast_payload(&x, &[0x5a; 20]));
         c.circ
     }
 
@@ -455,7 +455,7 @@ impl RawLink {
 
     /// CREATE_FAST on `circ`, checking KH in CREATED_FAST (protocol.md §3).
     pub fn create_circuit(&mut self, circ: u32) {
-        let x = kdf::random_nonce();
+        let x = halfpipe::link::nonce();
         self.send_cell(circ, cmd::CREATE_FAST, &x);
         let c = self.recv_cell().expect("CREATED_FAST");
         assert_eq!((c.circ, c.command), (circ, cmd::CREATED_FAST), "{c:?}");

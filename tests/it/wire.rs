@@ -12,8 +12,8 @@
 //! correct exit.
 
 use crate::util::*;
-use halfpipe::cell::{self, cmd, destroy_reason};
-use halfpipe::relay::{self, end_reason, relay_cmd};
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use halfpipe_proto::relay::{self, end_reason, relay_cmd};
 use socket2::{Domain, SockRef, Socket, Type};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -5,24 +5,14 @@
 
 /// Circuit window: start, SENDME increment, and the deliver window level at
 /// which the receiver sends a circuit SENDME (§10).
-pub const CIRCUIT_WINDOW_START: u32 = 1000 * WIDEN;
+pub const CIRCUIT_WINDOW_START: u32 = 1000;
 pub const CIRCUIT_SENDME_INCREMENT: u32 = 100;
 pub const CIRCUIT_SENDME_AT: u32 = CIRCUIT_WINDOW_START - CIRCUIT_SENDME_INCREMENT;
 /// Stream window: start, increment, and the highest deliver window at which
 /// a stream SENDME may be sent (§10).
-pub const STREAM_WINDOW_START: u32 = 500 * WIDEN;
+pub const STREAM_WINDOW_START: u32 = 500;
 pub const STREAM_SENDME_INCREMENT: u32 = 50;
 pub const STREAM_SENDME_AT_MOST: u32 = STREAM_WINDOW_START - STREAM_SENDME_INCREMENT;
-
-/// 1, as §10 says. Built with `--features wide-windows`, 100: a measurement
-/// build for `scripts/profile-bulk.sh`, which shows what the §10 round trip
-/// costs a bulk stream (issue 5). That build does not speak protocol.md:
-/// both edges must be built with it, and the §10 tests fail against it.
-pub const WIDEN: u32 = if cfg!(feature = "wide-windows") {
-    100
-} else {
-    1
-};
 
 /// A peer broke the window rules: a protocol violation (§10).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -35,21 +35,12 @@ pub fn key_hash(x: &[u8; HASH_LEN], y: &[u8; HASH_LEN]) -> [u8; HASH_LEN] {
     kh
 }
 
-/// 20 random bytes for X or Y.
-pub fn random_nonce() -> [u8; HASH_LEN] {
-    let mut x = [0u8; HASH_LEN];
-    // The OS random source failing is not something a daemon can work
-    // around; it never happens on Linux once the pool is initialised.
-    getrandom::getrandom(&mut x).expect("the OS random number generator failed");
-    x
-}
-
-/// The exit's CREATED_FAST payload for the client's X: Y | KH.
-pub fn created_fast_payload(x: &[u8; HASH_LEN]) -> Vec<u8> {
-    let y = random_nonce();
+/// The exit's CREATED_FAST payload for the client's X and its own random
+/// Y (the caller draws Y: this crate reads no random source): Y | KH.
+pub fn created_fast_payload(x: &[u8; HASH_LEN], y: &[u8; HASH_LEN]) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 * HASH_LEN);
-    out.extend_from_slice(&y);
-    out.extend_from_slice(&key_hash(x, &y));
+    out.extend_from_slice(y);
+    out.extend_from_slice(&key_hash(x, y));
     out
 }
 
@@ -90,13 +81,15 @@ mod tests {
     #[test]
     fn created_fast_round_trip() {
         // protocol.md §3: the client checks KH.
-        let x = random_nonce();
-        let payload = created_fast_payload(&x);
+        let x = [7u8; HASH_LEN];
+        let y: [u8; HASH_LEN] = std::array::from_fn(|i| i as u8);
+        let payload = created_fast_payload(&x, &y);
+        assert_eq!(&payload[..HASH_LEN], &y);
         assert!(check_created_fast(&x, &payload));
         let mut bad = payload.clone();
         bad[25] ^= 1;
         assert!(!check_created_fast(&x, &bad));
-        assert!(!check_created_fast(&random_nonce(), &payload));
+        assert!(!check_created_fast(&[8u8; HASH_LEN], &payload));
         assert!(!check_created_fast(&x, &payload[..39]));
     }
 }
