@@ -1,15 +1,12 @@
 //! What every thread of one halfpipe process shares: the configuration,
-//! process-wide limits, the short counters that name links and circuits,
-//! and the registry of live links and circuits that shutdown walks.
+//! the process-wide limits on streams and circuits, the short counters
+//! that name links and circuits, the shutdown flag and the counters of
+//! `/metrics`. Who is alive is kept by their owners: a link's circuits by
+//! the link, the links by the daemon's `link::Links`.
 
-use crate::circuit::CircMsg;
-use crate::inbox::InboxTx;
-use crate::link::Link;
-use crate::metrics::Metrics;
+use crate::ops::limits::MAX_CIRCUITS;
+use crate::ops::metrics::Metrics;
 use halfpipe_proto::policy::Policy;
-use crate::status::CircuitView;
-use parking_lot::Mutex;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,19 +61,14 @@ impl Default for Config {
     }
 }
 
-/// A live circuit in the registry: its inbox, and its view for status.
-type CircuitEntry = (InboxTx<CircMsg>, Arc<CircuitView>);
-
 pub struct Ctx {
     pub cfg: Config,
     streams: AtomicUsize,
+    circuits: AtomicUsize,
     next_link: AtomicU32,
     next_circuit: AtomicU32,
     next_socks: AtomicU32,
     shutting_down: AtomicBool,
-    /// Live circuits: their inbox, and the view the status endpoint reads.
-    circuits: Mutex<HashMap<u32, CircuitEntry>>,
-    links: Mutex<HashMap<u32, Arc<Link>>>,
     /// Process-wide counters for `GET /metrics`.
     pub metrics: Arc<Metrics>,
 }
@@ -90,35 +82,61 @@ impl Drop for StreamSlot {
     }
 }
 
+/// One circuit's share of `limits::MAX_CIRCUITS`, held by its thread for
+/// as long as it runs; released on drop.
+pub struct CircuitSlot(Arc<Ctx>);
+
+impl Drop for CircuitSlot {
+    fn drop(&mut self) {
+        self.0.circuits.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Takes one of `max` places counted by `count`, if one is free.
+fn take(count: &AtomicUsize, max: usize) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < max).then_some(n + 1)
+        })
+        .is_ok()
+}
+
 impl Ctx {
     pub fn new(cfg: Config) -> Arc<Ctx> {
         Arc::new(Ctx {
             cfg,
             streams: AtomicUsize::new(0),
+            circuits: AtomicUsize::new(0),
             next_link: AtomicU32::new(1),
             next_circuit: AtomicU32::new(1),
             next_socks: AtomicU32::new(1),
             shutting_down: AtomicBool::new(false),
-            circuits: Mutex::new(HashMap::new()),
-            links: Mutex::new(HashMap::new()),
             metrics: Arc::new(Metrics::default()),
         })
     }
 
     /// Takes a stream slot, or `None` at the process-wide limit.
     pub fn take_stream_slot(self: &Arc<Self>) -> Option<StreamSlot> {
-        let max = self.cfg.max_streams;
-        self.streams
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| StreamSlot(self.clone()))
+        take(&self.streams, self.cfg.max_streams).then(|| StreamSlot(self.clone()))
     }
 
     /// Streams open in this process (both edges in `run` mode).
     pub fn open_streams(&self) -> usize {
         self.streams.load(Ordering::Acquire)
+    }
+
+    /// Takes a circuit slot before a circuit thread starts, or `None` when
+    /// the process holds `limits::MAX_CIRCUITS` circuits (counted over the
+    /// whole process so that links cannot exhaust its threads). Check and
+    /// count are one step, so links that create circuits at the same
+    /// moment cannot overshoot the limit.
+    pub fn take_circuit_slot(self: &Arc<Self>) -> Option<CircuitSlot> {
+        take(&self.circuits, MAX_CIRCUITS).then(|| CircuitSlot(self.clone()))
+    }
+
+    /// Circuit threads running in this process.
+    pub fn circuit_count(&self) -> usize {
+        self.circuits.load(Ordering::Acquire)
     }
 
     pub fn next_link_id(&self) -> u32 {
@@ -137,76 +155,9 @@ impl Ctx {
         self.shutting_down.load(Ordering::Acquire)
     }
 
+    /// Sets the shutdown flag. `link::Links::begin_shutdown` calls it under
+    /// the registry's lock, so that no link registers after the sweep.
     pub fn begin_shutdown(&self) {
-        let _links = self.links.lock();
         self.shutting_down.store(true, Ordering::Release);
-    }
-
-    /// Enters a circuit before its thread starts, if there is room under
-    /// `limits::MAX_CIRCUITS`. Check and entry are one step, so links that
-    /// create circuits at the same moment cannot overshoot the limit.
-    pub fn register_circuit(
-        &self,
-        local: u32,
-        tx: InboxTx<CircMsg>,
-        view: Arc<CircuitView>,
-    ) -> bool {
-        let mut circuits = self.circuits.lock();
-        if circuits.len() >= crate::limits::MAX_CIRCUITS {
-            return false;
-        }
-        circuits.insert(local, (tx, view));
-        true
-    }
-
-    /// The views of every live circuit (for a status snapshot).
-    pub fn circuit_views(&self) -> Vec<Arc<CircuitView>> {
-        self.circuits
-            .lock()
-            .values()
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
-
-    /// May one more circuit thread start? (`limits::MAX_CIRCUITS`, counted
-    /// over the whole process so that links cannot exhaust its threads.)
-    pub fn circuit_room(&self) -> bool {
-        self.circuits.lock().len() < crate::limits::MAX_CIRCUITS
-    }
-
-    pub fn unregister_circuit(&self, local: u32) {
-        self.circuits.lock().remove(&local);
-    }
-
-    pub fn circuit_count(&self) -> usize {
-        self.circuits.lock().len()
-    }
-
-    /// Sends `msg()` to every live circuit.
-    pub fn tell_circuits(&self, msg: impl Fn() -> CircMsg) {
-        for (tx, _) in self.circuits.lock().values() {
-            // A circuit that just ended has dropped its receiver: nothing to tell.
-            let _ = tx.send(msg());
-        }
-    }
-
-    /// Enters a new link, unless shutdown has begun: checked under the
-    /// same lock that shutdown's sweep of the links takes, so no link can
-    /// slip in after the sweep.
-    pub fn register_link(&self, link: Arc<Link>) -> bool {
-        let mut links = self.links.lock();
-        if self.shutting_down() {
-            return false;
-        }
-        links.insert(link.id, link);
-        true
-    }
-
-    pub fn unregister_link(&self, id: u32) {
-        self.links.lock().remove(&id);
-    }
-
-    pub fn links(&self) -> Vec<Arc<Link>> {
-        self.links.lock().values().cloned().collect()
     }
 }

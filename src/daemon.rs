@@ -4,11 +4,13 @@
 //! The status endpoint and the SIGUSR1 table (`status`) stay up until the
 //! edges are down, so that a stream stuck at shutdown can be looked at.
 
-use crate::client::Client;
+use crate::circuit::CircMsg;
 use crate::ctx::Ctx;
-use crate::exit;
-use crate::status::{self, StatusServer};
-use crate::threads;
+use crate::edge::client::Client;
+use crate::edge::exit;
+use crate::link::Links;
+use crate::ops::status::{self, StatusServer, Watched};
+use crate::runtime::threads;
 use parking_lot::Mutex;
 use socket2::SockRef;
 use std::io;
@@ -21,6 +23,8 @@ use std::time::{Duration, Instant};
 /// threads (which own every other thread).
 pub struct Daemon {
     pub ctx: Arc<Ctx>,
+    /// Every link of the process, whichever edge started it.
+    links: Arc<Links>,
     listeners: Vec<TcpListener>,
     client: Option<Arc<Client>>,
     threads: Vec<JoinHandle<()>>,
@@ -39,6 +43,7 @@ impl Daemon {
     pub fn new(ctx: Arc<Ctx>) -> Daemon {
         Daemon {
             ctx,
+            links: Arc::new(Links::default()),
             listeners: Vec::new(),
             client: None,
             threads: Vec::new(),
@@ -47,6 +52,15 @@ impl Daemon {
             roles: Arc::new(Mutex::new(Vec::new())),
             status: None,
             signals: None,
+        }
+    }
+
+    /// What the status endpoint and SIGUSR1 read.
+    fn watched(&self) -> Watched {
+        Watched {
+            ctx: self.ctx.clone(),
+            links: self.links.clone(),
+            roles: self.roles.clone(),
         }
     }
 
@@ -63,8 +77,7 @@ impl Daemon {
         addr: SocketAddr,
         allow_remote: bool,
     ) -> Result<SocketAddr, status::StartError> {
-        let (server, local) =
-            StatusServer::start(self.ctx.clone(), self.roles.clone(), addr, allow_remote)?;
+        let (server, local) = StatusServer::start(self.watched(), addr, allow_remote)?;
         self.status = Some(server);
         Ok(local)
     }
@@ -74,11 +87,7 @@ impl Daemon {
     /// and this called before the edges, so that the thread exists by the
     /// time anyone sees the listening lines.
     pub fn start_signals(&mut self, signals: signal_hook::iterator::Signals) -> io::Result<()> {
-        self.signals = Some(status::spawn_signal_thread(
-            signals,
-            self.ctx.clone(),
-            self.roles.clone(),
-        )?);
+        self.signals = Some(status::spawn_signal_thread(signals, self.watched())?);
         Ok(())
     }
 
@@ -87,8 +96,11 @@ impl Daemon {
         let listener = bind(listen)?;
         let addr = listener.local_addr()?;
         self.listeners.push(listener.try_clone()?);
-        self.threads
-            .push(exit::spawn_acceptor(self.ctx.clone(), listener)?);
+        self.threads.push(exit::spawn_acceptor(
+            self.ctx.clone(),
+            self.links.clone(),
+            listener,
+        )?);
         self.link_addr = Some(addr);
         self.add_role("exit");
         Ok(addr)
@@ -98,12 +110,12 @@ impl Daemon {
     pub fn start_client(
         &mut self,
         socks: SocketAddr,
-        exit: SocketAddr,
+        exit: String,
         circuits: usize,
     ) -> io::Result<SocketAddr> {
         let listener = bind(socks)?;
         let addr = listener.local_addr()?;
-        let client = Client::new(self.ctx.clone(), exit, circuits);
+        let client = Client::new(self.ctx.clone(), self.links.clone(), exit, circuits);
         self.threads.push(client.spawn_supervisor()?);
         self.listeners.push(listener.try_clone()?);
         self.threads.push(client.spawn_socks_acceptor(listener)?);
@@ -116,7 +128,7 @@ impl Daemon {
     /// Graceful shutdown. Returns once every thread has been joined.
     pub fn shutdown(self) {
         let ctx = &self.ctx;
-        ctx.begin_shutdown();
+        self.links.begin_shutdown(ctx);
         // Stop accepting: shutdown() on a listening socket wakes accept().
         for l in &self.listeners {
             let _ = SockRef::from(l).shutdown(Shutdown::Read);
@@ -138,21 +150,23 @@ impl Daemon {
             tracing::info!("grace period over: ending {left} streams with END(HIBERNATING)");
         }
         // §8: END(HIBERNATING) for what is left, then DESTROY.
-        ctx.tell_circuits(|| crate::circuit::CircMsg::Hibernate);
+        for link in self.links.all() {
+            link.tell_circuits(|| CircMsg::Hibernate);
+        }
         let deadline = Instant::now() + Duration::from_secs(2);
         while ctx.circuit_count() > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
         // Links end after their queued ENDs and DESTROYs are written; a peer
         // that does not close its side in time is cut off.
-        for link in ctx.links() {
+        for link in self.links.all() {
             link.finish();
         }
         let deadline = Instant::now() + Duration::from_secs(2);
-        while !ctx.links().is_empty() && Instant::now() < deadline {
+        while !self.links.is_empty() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }
-        for link in ctx.links() {
+        for link in self.links.all() {
             link.close();
         }
         self.threads.into_iter().for_each(threads::join);

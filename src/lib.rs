@@ -1,40 +1,27 @@
-//! halfpipe: TCP streams over Tor-style circuits with real half-close.
+//! halfpipe: TCP streams over Tor-style circuits with real half-close, one
+//! thread per unit of blocking work (docs/design.md).
 //!
-//! The protocol is in `protocol.md` (summarised in the README); the thread
-//! design in `design.md`. Sans-IO core: [`cell`], [`relay`], [`halfclose`],
-//! [`flow`], [`policy`], [`socks`], [`kdf`]. Threaded shell: [`link`],
-//! [`circuit`], [`stream`], [`exit`], [`client`], [`daemon`], and what
-//! their threads wait on: [`inbox`], [`monitor`], [`fairwindow`]. Live state
-//! for people (`--status`, `halfpipe status`, SIGUSR1): [`status`],
-//! [`metrics`]. The benchmark and comparison tools (`halfpipe bench`):
-//! [`bench`].
-
-pub mod batch;
-pub mod bench;
+//! The protocol itself, without I/O, is the `halfpipe_proto` crate; this
+//! crate is the threaded shell that feeds it events and carries out what it
+//! returns. Its parts, from the bottom up:
+//!
+//! - [`runtime`]: what threads wait on and hand each other (inbox, monitor,
+//!   fair window, data batches, named threads, socket helpers);
+//! - [`ops`]: settings, limits, counters and the live view for people
+//!   (config file, kernel limits, metrics, status);
+//! - [`ctx`]: what every thread of one process shares;
+//! - [`link`], [`circuit`], [`stream`]: the threads that carry cells
+//!   (`link-rd`/`link-wr`, `circ L.C`, `pk C.S`/`dl C.S`);
+//! - [`edge`]: the client (SOCKS) and exit (targets) edges;
+//! - [`daemon`]: both edges put together, and shut down.
 
 pub mod circuit;
-pub mod client;
-pub mod config_file;
 pub mod ctx;
 pub mod daemon;
-pub mod exit;
-pub mod fairwindow;
-
-
-pub mod inbox;
-
-pub mod limits;
+pub mod edge;
 pub mod link;
 #[cfg(all(test, loom))]
 mod loom_check;
-pub mod metrics;
-pub mod monitor;
-
-pub mod ratelimit;
-
-pub mod sockets;
-
-pub mod status;
+pub mod ops;
+pub mod runtime;
 pub mod stream;
-pub mod sync;
-pub mod threads;

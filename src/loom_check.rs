@@ -23,16 +23,16 @@
 //!     cargo test --lib loom -- --nocapture
 //! ```
 
-use crate::batch::DataBatch;
+use crate::link::LinkGone;
+use crate::runtime::batch::DataBatch;
+use crate::runtime::monitor::{Monitor, Stopped};
+use crate::stream::{self, Counters, DeliverMsg, Discard, Outbound, StreamState};
 use halfpipe_proto::flow::{
     PackageWindow, CIRCUIT_SENDME_INCREMENT, CIRCUIT_WINDOW_START, STREAM_SENDME_INCREMENT,
     STREAM_WINDOW_START,
 };
 use halfpipe_proto::halfclose::{Action, CloseCause, Event, State, Violation};
-use crate::link::LinkGone;
-use crate::monitor::{Monitor, Stopped};
 use halfpipe_proto::relay::{end_reason, relay_cmd};
-use crate::stream::{self, Counters, DeliverMsg, Discard, Outbound, StreamState};
 use loom::sync::atomic::AtomicBool;
 use loom::sync::{mpsc, Arc};
 use loom::thread;
@@ -833,7 +833,7 @@ fn loom_monitor_wait_ends() {
 /// store of SLEEPING) is caught as a deadlock.
 #[test]
 fn loom_bell_never_loses_a_wake_up() {
-    use crate::inbox::Bell;
+    use crate::runtime::inbox::Bell;
     use loom::sync::atomic::AtomicUsize as LoomUsize;
     for senders in [1usize, 2] {
         explore(&format!("bell_{senders}_senders"), move || {

@@ -1,12 +1,20 @@
-//! The halfpipe command line (see README, "Command line").
+//! The halfpipe command line (docs/operations.md, "Command line").
+//!
+//! The flags of each command are one list: clap's definitions below. A
+//! config file (`--config FILE`) holds the same names as keys, and each of
+//! its entries is checked with the flag's own parser, so nothing can be set
+//! in one place that the other does not know.
 
 use clap::parser::ValueSource;
-use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use halfpipe::config_file::{self, Entry};
+use clap::{ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use halfpipe::ctx::{Config, Ctx};
 use halfpipe::daemon::Daemon;
-use halfpipe::limits::KernelLimits;
+use halfpipe::ops::config::{self, Entry, Kind};
+use halfpipe::ops::limits::{Capacity, KernelLimits};
+use halfpipe::ops::status;
 use halfpipe_proto::policy::{self, Policy};
+use std::ffi::OsString;
+use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -28,7 +36,10 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     long_about = "TCP streams over Tor-style circuits, with real TCP half-close.\n\n\
         With no subcommand, halfpipe runs both edges in one process: SOCKS on \
         127.0.0.1:1080, joined to an exit by a real loopback link.",
-    args_conflicts_with_subcommands = true
+    args_conflicts_with_subcommands = true,
+    // A flag given twice takes its last value; that is how flags given on
+    // the command line win over the config file's (see `parse_command_line`).
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -45,16 +56,14 @@ enum Command {
     Exit(ExitArgs),
     /// The client edge: SOCKS front end with one link to an exit.
     Client(ClientArgs),
-    /// Benchmark a SOCKS5 proxy or plain TCP on loopback; compare and plot.
-    Bench(Box<halfpipe::bench::BenchArgs>),
     /// Print the stream table of a daemon running with --status.
-    Status(halfpipe::status::StatusArgs),
+    Status(status::StatusArgs),
 }
 
 #[derive(Args, Debug)]
 struct RunArgs {
     /// SOCKS listen address.
-    #[arg(long, default_value = "127.0.0.1:1080", value_parser = parse_addr)]
+    #[arg(long, default_value = "127.0.0.1:1080", value_parser = parse_listen)]
     socks: SocketAddr,
     /// Exit policy (Tor ExitPolicy syntax); only local users reach the SOCKS port.
     #[arg(long, default_value = policy::RUN_POLICY, value_parser = parse_policy)]
@@ -63,17 +72,23 @@ struct RunArgs {
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
     circuits: u16,
     #[command(flatten)]
+    exit: ExitTimeouts,
+    #[command(flatten)]
+    socks_opts: SocksTimeouts,
+    #[command(flatten)]
     common: Common,
 }
 
 #[derive(Args, Debug)]
 struct ExitArgs {
     /// Link listen address.
-    #[arg(long, default_value = "127.0.0.1:9001", value_parser = parse_addr)]
+    #[arg(long, default_value = "127.0.0.1:9001", value_parser = parse_listen)]
     listen: SocketAddr,
     /// Exit policy (Tor ExitPolicy syntax), first match wins.
     #[arg(long, default_value = policy::DEFAULT_EXIT_POLICY, value_parser = parse_policy)]
     exit_policy: Policy,
+    #[command(flatten)]
+    exit: ExitTimeouts,
     #[command(flatten)]
     common: Common,
 }
@@ -81,16 +96,34 @@ struct ExitArgs {
 #[derive(Args, Debug)]
 struct ClientArgs {
     /// SOCKS listen address.
-    #[arg(long, default_value = "127.0.0.1:1080", value_parser = parse_addr)]
+    #[arg(long, default_value = "127.0.0.1:1080", value_parser = parse_listen)]
     socks: SocketAddr,
-    /// The exit's link address.
-    #[arg(long, default_value = "127.0.0.1:9001", value_parser = parse_addr)]
-    exit: SocketAddr,
+    /// The exit's link address, HOST:PORT; a name is resolved at every dial.
+    #[arg(long, default_value = "127.0.0.1:9001", value_parser = parse_host_port)]
+    exit: String,
     /// Circuits to spread streams over.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
     circuits: u16,
     #[command(flatten)]
+    socks_opts: SocksTimeouts,
+    #[command(flatten)]
     common: Common,
+}
+
+/// Options of the exit edge (`exit` and `run`).
+#[derive(Args, Debug)]
+struct ExitTimeouts {
+    /// How long the exit waits for a target to accept.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+}
+
+/// Options of the SOCKS front end (`client` and `run`).
+#[derive(Args, Debug)]
+struct SocksTimeouts {
+    /// How long a SOCKS client has to send its request.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    socks_timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -102,47 +135,43 @@ struct Common {
     /// Time open streams get to finish after Ctrl-C or SIGTERM.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     grace: Duration,
-    /// How long the exit waits for a target to accept.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    connect_timeout: Duration,
     /// How long a link peer has to complete the VERSIONS handshake (and the
     /// exit to answer CREATE_FAST).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     handshake_timeout: Duration,
-    /// How long a SOCKS client has to send its request.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    socks_timeout: Duration,
     /// End a stream with END(TIMEOUT) and a reset after this long without a
-    /// byte read or written (off by default).
+    /// byte read or written (off by default; 0s is off too).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     idle_timeout: Option<Duration>,
     /// Send a PADDING cell on a link after this long without writing
     /// (and TCP keepalive on link sockets); 0 turns both off.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     keepalive: Duration,
-    /// Streams in the whole process (capped at what the kernel allows).
-    #[arg(long)]
-    max_streams: Option<usize>,
+    /// Streams in the whole process, at least 1 (capped at what the kernel
+    /// allows).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_streams: Option<u64>,
     /// Streams per circuit.
-    #[arg(long, default_value_t = 1000)]
-    max_streams_per_circuit: usize,
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    max_streams_per_circuit: u64,
     /// Circuits per link.
-    #[arg(long, default_value_t = 32)]
-    max_circuits_per_link: usize,
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    max_circuits_per_link: u64,
     /// Log filter (tracing syntax: info, debug, halfpipe::circuit=debug, ...);
     /// RUST_LOG works too.
     #[arg(long, default_value = "info")]
     log: String,
     /// Serve GET /streams and GET /metrics on this address (conventionally
     /// 127.0.0.1:9051; off by default; loopback only).
-    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
     status: Option<SocketAddr>,
     /// Let --status listen on an address that is not loopback.
-    #[arg(long, requires = "status")]
+    #[arg(long)]
     status_allow_remote: bool,
 }
 
-fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+/// A listen address: IP:PORT, or a name resolved once, at start.
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let mut addrs = s
         .to_socket_addrs()
         .map_err(|e| format!("{s:?} is not HOST:PORT ({e})"))?;
@@ -151,113 +180,23 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("{s:?} resolves to nothing"))
 }
 
-fn parse_policy(s: &str) -> Result<Policy, String> {
-    s.parse().map_err(|e: policy::PolicyError| e.to_string())
+/// HOST:PORT with a port in range; the host is resolved later, when used.
+fn parse_host_port(s: &str) -> Result<String, String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not HOST:PORT"))?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(format!("{s:?} has no host"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(s.to_owned()),
+        _ => Err(format!("{s:?}: the port must be 1 to 65535")),
+    }
 }
 
-/// Applies the config file's entries to the flags of `command` that were
-/// not given on the command line (`m`: that command's matches). Keys that
-/// do not apply to the command (`listen` for `client`) are ignored.
-fn apply_config(
-    command: &mut Command,
-    m: &ArgMatches,
-    entries: &[Entry],
-    file: &str,
-) -> Result<(), String> {
-    let (mut socks, mut listen, mut exit, mut policy, mut circuits, common) = match command {
-        Command::Run(a) => (
-            Some(&mut a.socks),
-            None,
-            None,
-            Some(&mut a.exit_policy),
-            Some(&mut a.circuits),
-            &mut a.common,
-        ),
-        Command::Exit(a) => (
-            None,
-            Some(&mut a.listen),
-            None,
-            Some(&mut a.exit_policy),
-            None,
-            &mut a.common,
-        ),
-        Command::Client(a) => (
-            Some(&mut a.socks),
-            None,
-            Some(&mut a.exit),
-            None,
-            Some(&mut a.circuits),
-            &mut a.common,
-        ),
-        Command::Bench(_) | Command::Status(_) => return Ok(()),
-    };
-    for e in entries {
-        let id = e.key.replace('-', "_");
-        let on_command_line = m.ids().any(|i| i.as_str() == id)
-            && m.value_source(&id) == Some(ValueSource::CommandLine);
-        if on_command_line {
-            continue;
-        }
-        let v = e.value.as_str();
-        let dur = |v: &str| {
-            humantime::parse_duration(v).map_err(|err| {
-                format!("not a duration such as \"500ms\", \"10s\" or \"5m\" ({err})")
-            })
-        };
-        let count = |v: &str| v.parse::<usize>().map_err(|err| err.to_string());
-        let applied: Result<(), String> = {
-            match e.key {
-                "socks" => socks
-                    .as_deref_mut()
-                    .map(|f| parse_addr(v).map(|x| *f = x))
-                    .transpose()
-                    .map(drop),
-                "listen" => listen
-                    .as_deref_mut()
-                    .map(|f| parse_addr(v).map(|x| *f = x))
-                    .transpose()
-                    .map(drop),
-                "exit" => exit
-                    .as_deref_mut()
-                    .map(|f| parse_addr(v).map(|x| *f = x))
-                    .transpose()
-                    .map(drop),
-                "exit-policy" => policy
-                    .as_deref_mut()
-                    .map(|f| parse_policy(v).map(|x| *f = x))
-                    .transpose()
-                    .map(drop),
-                "circuits" => circuits
-                    .as_deref_mut()
-                    .map(|f| match v.parse::<u16>() {
-                        Ok(n @ 1..=32) => {
-                            *f = n;
-                            Ok(())
-                        }
-                        _ => Err("must be 1 to 32".to_owned()),
-                    })
-                    .transpose()
-                    .map(drop),
-                "grace" => dur(v).map(|x| common.grace = x),
-                "connect-timeout" => dur(v).map(|x| common.connect_timeout = x),
-                "handshake-timeout" => dur(v).map(|x| common.handshake_timeout = x),
-                "socks-timeout" => dur(v).map(|x| common.socks_timeout = x),
-                "idle-timeout" => dur(v).map(|x| common.idle_timeout = Some(x)),
-                "keepalive" => dur(v).map(|x| common.keepalive = x),
-                "max-streams" => count(v).map(|x| common.max_streams = Some(x)),
-                "max-streams-per-circuit" => count(v).map(|x| common.max_streams_per_circuit = x),
-                "max-circuits-per-link" => count(v).map(|x| common.max_circuits_per_link = x),
-                "log" => {
-                    common.log = v.to_owned();
-                    Ok(())
-                }
-                "status" => parse_addr(v).map(|x| common.status = Some(x)),
-                other => Err(format!("bug: key {other} not handled")),
-            }
-        };
-        applied.map_err(|err| format!("{file} line {}: {} = {}: {err}", e.line, e.key, e.shown))?;
-    }
-    Ok(())
+fn parse_policy(s: &str) -> Result<Policy, String> {
+    s.parse().map_err(|e: policy::PolicyError| e.to_string())
 }
 
 #[derive(Debug)]
@@ -268,73 +207,193 @@ enum CliError {
     Config(String),
 }
 
-/// Parses the command line and applies `--config FILE` under it.
+/// The config file's entries as command-line arguments for the command
+/// `sub` (whose matches are `m`), leaving out what the command line gives.
+/// A key that is a flag of another command only is skipped (one file may
+/// serve several commands); a key that is no flag at all, or a value its
+/// flag's parser refuses, is an error naming the file and line.
+fn config_args(
+    sub: &clap::Command,
+
+    m: &ArgMatches,
+    entries: &[Entry],
+    file: &str,
+) -> Result<Vec<OsString>, String> {
+    let top = Cli::command();
+    let known_elsewhere = |key: &str| {
+        top.get_subcommands()
+            .flat_map(|c| c.get_arguments())
+            .any(|a| a.get_long() == Some(key))
+    };
+    let mut args = Vec::new();
+    for e in entries {
+        let at = |why: String| format!("{file} line {}: {} = {}: {why}", e.line, e.key, e.shown);
+        let arg = sub
+            .get_arguments()
+            .find(|a| a.get_long() == Some(e.key.as_str()) && e.key != "config");
+        let Some(arg) = arg else {
+            if known_elsewhere(&e.key) && e.key != "config" {
+                continue;
+            }
+            return Err(at(format!(
+                "unknown key (the keys are the long flags of `halfpipe {} --help`)",
+                sub.get_name()
+            )));
+        };
+        let id = arg.get_id().as_str();
+        if m.value_source(id) == Some(ValueSource::CommandLine) {
+            continue; // the command line wins
+        }
+        let flag = format!("--{}", e.key);
+        if matches!(arg.get_action(), ArgAction::SetTrue) {
+            match (e.kind, e.value.as_str()) {
+                (Kind::Switch, "true") => args.push(flag.into()),
+                (Kind::Switch, _) => {}
+                _ => return Err(at("expected true or false".into())),
+            }
+            continue;
+        }
+        if e.kind == Kind::Switch {
+            return Err(at("expected a value, not true or false".into()));
+        }
+        // The flag's own parser judges the value: parse it alone.
+        Cli::command()
+            .try_get_matches_from(["halfpipe", sub.get_name(), &flag, &e.value])
+            .map_err(|err| at(first_line(&err.to_string())))?;
+        args.push(flag.into());
+        args.push(e.value.clone().into());
+    }
+    Ok(args)
+}
+
+/// The message of a clap error, without its "error: " and its usage lines.
+fn first_line(s: &str) -> String {
+    let line = s.lines().next().unwrap_or("");
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    // "invalid value 'x' for '--grace <GRACE>': why" -> "why"
+    match line.rsplit_once(": ") {
+        Some((_, why)) if line.starts_with("invalid value") => why.to_owned(),
+        _ => line.to_owned(),
+    }
+}
+
+/// Parses the command line and applies `--config FILE` under it: the
+/// file's entries become flags placed before the command line's, so that
+/// a flag given on the command line wins (`args_override_self`).
 fn parse_command_line<I, T>(args: I) -> Result<Command, CliError>
 where
     I: IntoIterator<Item = T>,
-    T: Into<std::ffi::OsString> + Clone,
+    T: Into<OsString> + Clone,
 {
-    let matches = Cli::command()
-        .try_get_matches_from(args)
+    let args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let cmd = Cli::command();
+    let matches = cmd
+        .clone()
+        .try_get_matches_from(&args)
         .map_err(CliError::Clap)?;
-    let cli = Cli::from_arg_matches(&matches).map_err(CliError::Clap)?;
-    let sub = matches.subcommand().map(|(_, m)| m).unwrap_or(&matches);
-    let mut command = cli.command.unwrap_or(Command::Run(cli.run));
-    let path = match &command {
-        Command::Run(a) => a.common.config.clone(),
-        Command::Exit(a) => a.common.config.clone(),
-        Command::Client(a) => a.common.config.clone(),
-        Command::Bench(_) | Command::Status(_) => None,
+    let (name, sub_matches) = match matches.subcommand() {
+        Some((name, m)) => (Some(name.to_owned()), m),
+        None => (None, &matches),
     };
-    if let Some(path) = path {
-        let entries = config_file::load(&path).map_err(CliError::Config)?;
-        apply_config(&mut command, sub, &entries, &path.display().to_string())
-            .map_err(CliError::Config)?;
-    }
-    Ok(command)
+    let path = sub_matches
+        .try_get_one::<PathBuf>("config")
+        .ok()
+        .flatten()
+        .cloned();
+    let Some(path) = path else {
+        return Ok(command_of(&matches).map_err(CliError::Clap)?);
+    };
+    let entries = config::load(&path).map_err(CliError::Config)?;
+    let sub = match &name {
+        Some(n) => cmd.find_subcommand(n).expect("a parsed subcommand").clone(),
+        None => cmd.find_subcommand("run").expect("run").clone(),
+    };
+    let extra = config_args(&sub, sub_matches, &entries, &path.display().to_string())
+        .map_err(CliError::Config)?;
+    // program [subcommand] <file's flags> <command line's flags>
+    let mut full: Vec<OsString> = vec![args[0].clone()];
+    let rest = &args[1..];
+    let rest = match &name {
+        Some(n) if rest.first().is_some_and(|a| a == n.as_str()) => {
+            full.push(n.into());
+            &rest[1..]
+        }
+        _ => rest,
+    };
+    full.extend(extra);
+    full.extend(rest.iter().cloned());
+    let matches = Cli::command()
+        .try_get_matches_from(&full)
+        .map_err(CliError::Clap)?;
+    command_of(&matches).map_err(CliError::Clap)
 }
 
-/// The process's settings. `edges` is 2 for `run`, where each stream takes
-/// a slot at both edges of the same process.
-fn config(common: &Common, policy: Policy, edges: usize) -> Config {
-    let kernel = KernelLimits::read();
-    let cap = kernel.capacity();
-    let max_streams = common.max_streams.unwrap_or(cap.streams).min(cap.streams);
+fn command_of(matches: &ArgMatches) -> Result<Command, clap::Error> {
+    let cli = Cli::from_arg_matches(matches)?;
+    Ok(cli.command.unwrap_or(Command::Run(cli.run)))
+}
+
+/// The process's settings and the capacity line to print once everything
+/// is up. `edges` is 2 for `run`, where each stream takes a slot at both
+/// edges of the same process.
+fn config(
+    common: &Common,
+    exit: Option<&ExitTimeouts>,
+    socks: Option<&SocksTimeouts>,
+    policy: Policy,
+    edges: usize,
+) -> (Config, String) {
+    let cap: Capacity = KernelLimits::read().capacity();
+    let asked = common.max_streams.map(|n| n as usize);
+    let max_streams = asked.unwrap_or(cap.streams).min(cap.streams);
+    let why = match asked {
+        Some(n) if n <= cap.streams => format!(
+            "--max-streams {n}; the kernel allows {} (limited by {} = {})",
+            cap.streams, cap.limited_by, cap.limit_value
+        ),
+        _ => format!(
+            "limited by {} = {}; raise it for more",
+            cap.limited_by, cap.limit_value
+        ),
+    };
     let per_edge = if edges > 1 {
         format!(
-            " (each stream holds one at both edges: {} streams)",
-            cap.streams / edges
+            ", each stream holds one at both edges: {} streams",
+            max_streams / edges
         )
     } else {
         String::new()
     };
-    println!(
-        "capacity: {} stream slots in this process{per_edge} (limited by {} = {}; raise it for more)",
-        cap.streams, cap.limited_by, cap.limit_value
-    );
-    Config {
-        max_circuits_per_link: common.max_circuits_per_link,
-        max_streams_per_circuit: common.max_streams_per_circuit,
+    let line = format!("capacity: {max_streams} stream slots in this process ({why}{per_edge})");
+    let defaults = Config::default();
+    let cfg = Config {
+        max_circuits_per_link: common.max_circuits_per_link as usize,
+        max_streams_per_circuit: common.max_streams_per_circuit as usize,
         max_streams,
-        connect_timeout: common.connect_timeout,
+        connect_timeout: exit.map_or(defaults.connect_timeout, |e| e.connect_timeout),
         handshake_timeout: common.handshake_timeout,
-        socks_timeout: common.socks_timeout,
+        socks_timeout: socks.map_or(defaults.socks_timeout, |s| s.socks_timeout),
         idle_timeout: common.idle_timeout.filter(|t| !t.is_zero()),
         keepalive: Some(common.keepalive).filter(|t| !t.is_zero()),
         grace: common.grace,
         exit_policy: Arc::new(policy),
-    }
+    };
+    (cfg, line)
 }
 
+/// Logs go to stderr, with colour only on a terminal (never into a file or
+/// the journal) and never with NO_COLOR set.
 fn init_logging(filter: &str) {
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("halfpipe: bad log filter {filter:?} ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_thread_names(true)
+        .with_ansi(colour)
         .with_writer(std::io::stderr)
         .init();
 }
@@ -346,26 +405,34 @@ fn main() -> ExitCode {
         Err(CliError::Clap(e)) => e.exit(),
         Err(CliError::Config(msg)) => return fail(msg),
     };
-    let command = match command {
-        // The bench is a client program: no daemon logging or signals.
-        Command::Bench(args) => return halfpipe::bench::main(*args),
-        // So is `halfpipe status`.
-        Command::Status(args) => return halfpipe::status::main(args),
-        other => other,
-    };
-    let common = match &command {
-        Command::Run(a) => &a.common,
-        Command::Exit(a) => &a.common,
-        Command::Client(a) => &a.common,
-        Command::Bench(_) | Command::Status(_) => unreachable!("handled above"),
+    let (common, exit_opts, socks_opts, policy, edges) = match &command {
+        // `halfpipe status` is a client program: no daemon logging or signals.
+        Command::Status(args) => return status::main(args),
+        Command::Run(a) => (
+            &a.common,
+            Some(&a.exit),
+            Some(&a.socks_opts),
+            a.exit_policy.clone(),
+            2,
+        ),
+        Command::Exit(a) => (&a.common, Some(&a.exit), None, a.exit_policy.clone(), 1),
+        // The client connects nothing: its policy is never consulted.
+        Command::Client(a) => (
+            &a.common,
+            None,
+            Some(&a.socks_opts),
+            policy::RUN_POLICY.parse().expect("literal"),
+            1,
+        ),
     };
     init_logging(&common.log);
     let (status_addr, status_remote) = (common.status, common.status_allow_remote);
     if let Some(addr) = status_addr {
-        if let Err(e) = halfpipe::status::check_addr(addr, status_remote) {
+        if let Err(e) = status::check_addr(addr, status_remote) {
             return fail(e);
         }
     }
+    let (cfg, capacity_line) = config(common, exit_opts, socks_opts, policy, edges);
     // SIGUSR1 writes the stream table to the log. Registered before
     // anything starts, so that an early one is queued, not fatal.
     let usr1 = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1]) {
@@ -388,73 +455,59 @@ fn main() -> ExitCode {
         return fail(format!("cannot install the signal handler: {e}"));
     }
 
-    let daemon = match command {
-        Command::Run(a) => {
-            let ctx = Ctx::new(config(&a.common, a.exit_policy, 2));
-            let mut d = Daemon::new(ctx);
-            // Before any listening line: who reads one sees every thread.
-            if let Err(e) = d.start_signals(usr1) {
-                return fail(format!("cannot start the signals thread: {e}"));
-            }
-            let started = d
-                .start_exit("127.0.0.1:0".parse().expect("literal"))
-                .and_then(|link| d.start_client(a.socks, link, a.circuits as usize));
-            match started {
-                Ok(socks) => {
-                    println!("SOCKS listening on {socks} (client and exit in one process)");
-                    println!(
-                        "try: curl --socks5-hostname {socks} http://example.com/   (Ctrl-C stops)"
-                    );
-                }
-                Err(e) => return fail(e),
-            }
-            d
-        }
-        Command::Exit(a) => {
-            let policy_text = a.exit_policy.to_string();
-            let ctx = Ctx::new(config(&a.common, a.exit_policy, 1));
-            let mut d = Daemon::new(ctx);
-            // Before any listening line: who reads one sees every thread.
-            if let Err(e) = d.start_signals(usr1) {
-                return fail(format!("cannot start the signals thread: {e}"));
-            }
-            match d.start_exit(a.listen) {
-                Ok(addr) => println!("link listening on {addr} (exit policy: {policy_text})"),
-                Err(e) => return fail(e),
-            }
-            d
-        }
-        Command::Client(a) => {
-            let ctx = Ctx::new(config(
-                &a.common,
-                policy::RUN_POLICY.parse().expect("literal"),
-                1,
-            ));
-            let mut d = Daemon::new(ctx);
-            // Before any listening line: who reads one sees every thread.
-            if let Err(e) = d.start_signals(usr1) {
-                return fail(format!("cannot start the signals thread: {e}"));
-            }
-            match d.start_client(a.socks, a.exit, a.circuits as usize) {
-                Ok(socks) => {
-                    println!("SOCKS listening on {socks} (exit {})", a.exit);
-                    println!("try: curl --socks5-hostname {socks} http://example.com/");
-                }
-                Err(e) => return fail(e),
-            }
-            d
-        }
-        Command::Bench(_) | Command::Status(_) => unreachable!("handled above"),
-    };
-    let mut daemon = daemon;
+    let mut d = Daemon::new(Ctx::new(cfg));
+    // Before any listening line: who reads one sees every thread.
+    if let Err(e) = d.start_signals(usr1) {
+        return fail(format!("cannot start the signals thread: {e}"));
+    }
+    // Every listener is bound before anything is announced: a port in use
+    // is one error line, not a half-started daemon.
+    let mut lines = vec![capacity_line];
     if let Some(addr) = status_addr {
-        match daemon.start_status(addr, status_remote) {
-            Ok(a) => println!("status listening on {a} (GET /streams, GET /metrics)"),
+        match d.start_status(addr, status_remote) {
+            Ok(a) => lines.push(format!(
+                "status listening on {a} (GET /streams, GET /metrics)"
+            )),
             Err(e) => return fail(e),
         }
     }
+    let started = match &command {
+        Command::Run(a) => d
+            .start_exit("127.0.0.1:0".parse().expect("literal"))
+            .and_then(|link| d.start_client(a.socks, link.to_string(), a.circuits as usize))
+            .map(|socks| {
+                vec![
+                    format!("SOCKS listening on {socks} (client and exit in one process)"),
+                    format!(
+                        "try: curl --socks5-hostname {socks} http://example.com/   (Ctrl-C stops)"
+                    ),
+                ]
+            }),
+        Command::Exit(a) => d.start_exit(a.listen).map(|addr| {
+            vec![format!(
+                "link listening on {addr} (exit policy: {})",
+                a.exit_policy
+            )]
+        }),
+        Command::Client(a) => d
+            .start_client(a.socks, a.exit.clone(), a.circuits as usize)
+            .map(|socks| {
+                vec![
+                    format!("SOCKS listening on {socks} (exit {})", a.exit),
+                    format!("try: curl --socks5-hostname {socks} http://example.com/"),
+                ]
+            }),
+        Command::Status(_) => unreachable!("handled above"),
+    };
+    match started {
+        Ok(more) => lines.extend(more),
+        Err(e) => return fail(e),
+    }
+    for line in lines {
+        println!("{line}");
+    }
     let _ = sig_rx.recv();
-    daemon.shutdown();
+    d.shutdown();
     ExitCode::SUCCESS
 }
 
@@ -477,11 +530,19 @@ mod tests {
         parse_command_line(std::iter::once("halfpipe").chain(args.iter().copied()))
     }
 
+    fn config_error(args: &[&str]) -> String {
+        match parse(args) {
+            Err(CliError::Config(msg)) => msg,
+            other => panic!("expected a config error, got {other:?}"),
+        }
+    }
+
     #[test]
     fn file_fills_what_the_command_line_leaves_and_flags_win() {
         let path = file(
             "listen = \"127.0.0.1:9101\"\ngrace = \"3s\"\nidle-timeout = \"1m\"\n\
-             max-streams = 7\ncircuits = 4\nkeepalive = \"0s\"\n",
+             max-streams = 7\ncircuits = 4\nkeepalive = \"0s\"\nsocks-timeout = \"4s\"\n\
+             connect-timeout = \"6s\"\nstatus = \"127.0.0.1:9999\"\nstatus-allow-remote = true\n",
         );
         let p = path.to_str().unwrap();
         let Ok(Command::Exit(a)) = parse(&["exit", "--config", p, "--grace", "5s"]) else {
@@ -492,42 +553,132 @@ mod tests {
         assert_eq!(a.common.idle_timeout, Some(Duration::from_secs(60)));
         assert_eq!(a.common.max_streams, Some(7));
         assert_eq!(a.common.keepalive, Duration::ZERO);
+        assert_eq!(a.exit.connect_timeout, Duration::from_secs(6));
+        assert!(a.common.status_allow_remote, "a switch from the file");
         // Defaults the file does not mention stay.
-        assert_eq!(a.common.connect_timeout, Duration::from_secs(10));
-        // `circuits` does not apply to exit, `listen` not to run.
+        assert_eq!(a.common.handshake_timeout, Duration::from_secs(10));
+        // `circuits` and `socks-timeout` do not apply to exit, `listen`
+        // not to run or client.
         let Ok(Command::Run(r)) = parse(&["--config", p]) else {
             panic!("run")
         };
         assert_eq!(r.circuits, 4);
         assert_eq!(r.common.grace, Duration::from_secs(3));
+        assert_eq!(r.socks_opts.socks_timeout, Duration::from_secs(4));
         let Ok(Command::Client(c)) = parse(&["client", "--config", p, "--circuits", "2"]) else {
             panic!("client")
         };
         assert_eq!(c.circuits, 2);
+        assert_eq!(c.socks_opts.socks_timeout, Duration::from_secs(4));
         std::fs::remove_file(path).unwrap();
     }
 
     #[test]
     fn bad_values_name_the_key_and_line() {
         let path = file("# x\n\nexit-policy = \"allow everything\"\n");
-        let Err(CliError::Config(msg)) = parse(&["exit", "--config", path.to_str().unwrap()])
-        else {
-            panic!("a bad policy is an error")
-        };
+        let msg = config_error(&["exit", "--config", path.to_str().unwrap()]);
         std::fs::remove_file(&path).unwrap();
         assert!(
             msg.contains("line 3: exit-policy = \"allow everything\""),
             "{msg}"
         );
+        assert!(!msg.contains('\n'), "one line: {msg}");
         // A bad value for a key given on the command line is not checked:
         // the flag replaces it.
         let path = file("grace = \"later\"\n");
         let p = path.to_str().unwrap();
         assert!(parse(&["exit", "--config", p, "--grace", "1s"]).is_ok());
-        let Err(CliError::Config(msg)) = parse(&["exit", "--config", p]) else {
-            panic!("a bad duration is an error")
-        };
+        let msg = config_error(&["exit", "--config", p]);
         std::fs::remove_file(&path).unwrap();
         assert!(msg.contains("line 1: grace = \"later\""), "{msg}");
+    }
+
+    #[test]
+    fn unknown_keys_and_wrong_kinds_are_errors() {
+        let path = file("grace = \"1s\"\n\nlisten-on = \"x\"\n");
+        let msg = config_error(&["exit", "--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            msg.contains("line 3: listen-on = \"x\": unknown key"),
+            "{msg}"
+        );
+        let path = file("status-allow-remote = \"yes\"\n");
+        let msg = config_error(&["exit", "--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        assert!(msg.ends_with("expected true or false"), "{msg}");
+        let path = file("max-streams = 0\n");
+        let msg = config_error(&["exit", "--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        assert!(msg.contains("line 1: max-streams = 0"), "{msg}");
+    }
+
+    #[test]
+    fn the_example_file_is_valid_for_every_command() {
+        let text = include_str!("../scripts/halfpipe.toml.example");
+        // Every key uncommented, as a user trying them all would.
+        let all: String = text
+            .lines()
+            .map(|l| {
+                l.strip_prefix('#')
+                    .filter(|r| r.starts_with(|c: char| c.is_ascii_lowercase()))
+                    .unwrap_or(l)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        for text in [text.to_owned(), all] {
+            let path = file(&text);
+            let p = path.to_str().unwrap();
+            for cmd in [
+                &["exit", "--config", p][..],
+                &["client", "--config", p],
+                &["--config", p],
+            ] {
+                if let Err(e) = parse(cmd) {
+                    panic!("{cmd:?}: {e:?}");
+                }
+            }
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+
+    #[test]
+    fn flags_that_do_not_apply_are_refused() {
+        assert!(matches!(
+            parse(&["exit", "--socks-timeout", "1s"]),
+            Err(CliError::Clap(_))
+        ));
+        assert!(matches!(
+            parse(&["client", "--connect-timeout", "1s"]),
+            Err(CliError::Clap(_))
+        ));
+        assert!(parse(&["run", "--socks-timeout", "1s", "--connect-timeout", "1s"]).is_ok());
+    }
+
+    #[test]
+    fn zero_limits_are_refused() {
+        for flag in [
+            "--max-streams",
+            "--max-streams-per-circuit",
+            "--max-circuits-per-link",
+        ] {
+            assert!(
+                matches!(parse(&["exit", flag, "0"]), Err(CliError::Clap(_))),
+                "{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_exit_address_is_resolved_later() {
+        let Ok(Command::Client(c)) = parse(&["client", "--exit", "exit.example:9001"]) else {
+            panic!("a name that does not resolve now is accepted")
+        };
+        assert_eq!(c.exit, "exit.example:9001");
+        for bad in ["exit.example", "exit.example:0", ":9001", "x:99999"] {
+            assert!(
+                matches!(parse(&["client", "--exit", bad]), Err(CliError::Clap(_))),
+                "{bad}"
+            );
+        }
     }
 }

@@ -2,14 +2,12 @@
 //! names the protocol.md section it checks.
 
 mod app;
-mod bench;
 mod faults;
 mod hostile;
 mod limits;
 mod regression;
 mod resolve;
 mod smoke;
-mod soak;
 mod status;
 mod util;
 mod wire;

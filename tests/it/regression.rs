@@ -319,7 +319,10 @@ fn data_before_connected_destroys_the_circuit_and_after_it_is_delivered() {
         }
     };
     assert_eq!(destroy.circ, circ);
-    assert_eq!(destroy.payload[0], halfpipe_proto::cell::destroy_reason::PROTOCOL);
+    assert_eq!(
+        destroy.payload[0],
+        halfpipe_proto::cell::destroy_reason::PROTOCOL
+    );
     assert_eq!(app.join().unwrap(), None);
     assert!(d.log().contains("DATA before CONNECTED"), "{}", d.log());
 }

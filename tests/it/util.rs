@@ -427,7 +427,11 @@ impl RawLink {
         let c = self.recv_cell().expect("CREATE_FAST");
         assert_eq!(c.command, cmd::CREATE_FAST, "{c:?}");
         let x: [u8; 20] = c.payload[..20].try_into().unwrap();
-        self.send_cell(c.circ, cmd::CREATED_FAST, &kdf::created_fast_payload(&x, &[0x5a; 20]));
+        self.send_cell(
+            c.circ,
+            cmd::CREATED_FAST,
+            &kdf::created_fast_payload(&x, &[0x5a; 20]),
+        );
         c.circ
     }
 

@@ -77,11 +77,29 @@ impl Policy {
     /// Whether the exit may connect to `addr:port`. The first entry that
     /// matches decides; if none does, the target is refused.
     pub fn allows(&self, addr: IpAddr, port: u16) -> bool {
+        self.deciding_entry(addr, port)
+            .is_some_and(|(_, rule)| rule.action == Action::Accept)
+    }
+
+    /// Why `addr:port` is refused, for a person: the entry that rejects it
+    /// (its position from 1, as written canonically), or that no entry
+    /// matches. `None` if the policy allows it.
+    pub fn refusal(&self, addr: IpAddr, port: u16) -> Option<String> {
+        match self.deciding_entry(addr, port) {
+            Some((_, rule)) if rule.action == Action::Accept => None,
+            Some((n, rule)) => Some(format!("entry {n}, \"{rule}\"")),
+            None => Some("no entry matches".to_owned()),
+        }
+    }
+
+    /// The first entry that matches, with its position from 1.
+    fn deciding_entry(&self, addr: IpAddr, port: u16) -> Option<(usize, &Rule)> {
         let addr = normalise(addr);
         self.rules
             .iter()
-            .find(|rule| rule.matches(addr, port))
-            .is_some_and(|rule| rule.action == Action::Accept)
+            .enumerate()
+            .find(|(_, rule)| rule.matches(addr, port))
+            .map(|(i, rule)| (i + 1, rule))
     }
 }
 

@@ -1,16 +1,16 @@
-//! Rate limits for log lines a peer can trigger (issue 3, "Logs"): a hostile
-//! or broken peer sending malformed cells as fast as it can must not fill
-//! the disk. Protocol-violation warnings go through one process-wide token
-//! bucket (`VIOLATIONS_PER_SEC` a second, bursts of as many); what does not
-//! fit is counted, and the next line that gets through is preceded by one
-//! "N more protocol violations suppressed" line. Metrics count every
-//! violation either way.
+//! Rate limits for log lines a peer can trigger: a hostile or broken peer
+//! sending malformed cells (or BEGINs the exit policy refuses) as fast as
+//! it can must not fill the disk. Each kind of line goes through one
+//! process-wide token bucket (`PER_SEC` a second, bursts of as many); what
+//! does not fit is counted, and the next line that gets through is
+//! preceded by one "N more ... suppressed" line. Metrics count every event
+//! either way.
 
 use parking_lot::Mutex;
 use std::time::{Duration, Instant};
 
-/// Protocol-violation warnings per second, and the burst allowed.
-pub const VIOLATIONS_PER_SEC: u32 = 10;
+/// Lines of one kind per second, and the burst allowed.
+pub const PER_SEC: u32 = 10;
 
 /// A token bucket: `capacity` tokens, refilled at `capacity` per `period`.
 /// Kept in nanoseconds of credit (a token costs `period / capacity`), so
@@ -58,24 +58,35 @@ impl TokenBucket {
 }
 
 static VIOLATIONS: Mutex<Option<TokenBucket>> = parking_lot::const_mutex(None);
+static REFUSALS: Mutex<Option<TokenBucket>> = parking_lot::const_mutex(None);
 
-/// May a protocol-violation warning be logged now? Logs the
-/// "N more suppressed" line itself when it is due; call as
-/// `if ratelimit::violation_warning() { tracing::warn!(...) }`.
-pub fn violation_warning() -> bool {
+/// Takes a token from `bucket`; logs the "N more suppressed" line itself
+/// when it is due.
+fn allowed(bucket: &Mutex<Option<TokenBucket>>, what: &str) -> bool {
     let now = Instant::now();
-    let allowed = VIOLATIONS
+    let allowed = bucket
         .lock()
-        .get_or_insert_with(|| TokenBucket::new(VIOLATIONS_PER_SEC, Duration::from_secs(1), now))
+        .get_or_insert_with(|| TokenBucket::new(PER_SEC, Duration::from_secs(1), now))
         .take(now);
     match allowed {
         Some(0) => true,
         Some(n) => {
-            tracing::warn!("{n} more protocol violations suppressed (at most {VIOLATIONS_PER_SEC} logged a second)");
+            tracing::warn!("{n} more {what} suppressed (at most {PER_SEC} logged a second)");
             true
         }
         None => false,
     }
+}
+
+/// May a protocol-violation warning be logged now? Call as
+/// `if ratelimit::violation_warning() { tracing::warn!(...) }`.
+pub fn violation_warning() -> bool {
+    allowed(&VIOLATIONS, "protocol violations")
+}
+
+/// May an exit-policy refusal be logged now?
+pub fn refusal_line() -> bool {
+    allowed(&REFUSALS, "exit-policy refusals")
 }
 
 #[cfg(test)]
@@ -131,9 +142,6 @@ mod tests {
     #[test]
     fn the_process_limiter_lets_a_burst_through_then_suppresses() {
         let allowed = (0..1000).filter(|_| violation_warning()).count();
-        assert!(
-            (1..=VIOLATIONS_PER_SEC as usize + 1).contains(&allowed),
-            "{allowed}"
-        );
+        assert!((1..=PER_SEC as usize + 1).contains(&allowed), "{allowed}");
     }
 }

@@ -20,6 +20,7 @@ use super::{die_with_parent, wait_ready, Dialer, Env, Route};
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -36,8 +37,7 @@ impl Daemon {
     /// Starts `halfpipe ARGS` and waits for the stdout line that starts
     /// with `prefix` followed by an address. Call it on the main thread:
     /// the child's parent-death signal fires when the spawning thread ends.
-    fn start(args: &[&str], prefix: &'static str) -> Result<Daemon, String> {
-        let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+    fn start(exe: &Path, args: &[&str], prefix: &'static str) -> Result<Daemon, String> {
         let mut cmd = Command::new(exe);
         cmd.args(args)
             .env_remove("RUST_LOG")
@@ -48,7 +48,7 @@ impl Daemon {
         die_with_parent(&mut cmd);
         let mut child = cmd
             .spawn()
-            .map_err(|e| format!("cannot start halfpipe {}: {e}", args[0]))?;
+            .map_err(|e| format!("cannot start {} {}: {e}", exe.display(), args[0]))?;
         let log = Arc::new(Mutex::new(VecDeque::new()));
         let (tx, rx) = crossbeam_channel::bounded(1);
         let stdout = child.stdout.take().expect("piped");
@@ -141,8 +141,9 @@ pub fn window_limit(rtt: Duration) -> f64 {
     (WINDOW_CELLS * CELL_DATA_BYTES) as f64 / MIB / rtt.as_secs_f64()
 }
 
-pub fn run(env: &Env, delay: Duration, len: u64) -> Result<Rtt, String> {
+pub fn run(halfpipe: &Path, env: &Env, delay: Duration, len: u64) -> Result<Rtt, String> {
     let exit = Daemon::start(
+        halfpipe,
         &[
             "exit",
             "--listen",
@@ -158,6 +159,7 @@ pub fn run(env: &Env, delay: Duration, len: u64) -> Result<Rtt, String> {
         DelayRelay::start(exit.addr, delay).map_err(|e| format!("delay relay: {e}"))?;
     let relay_addr = link_relay.addr().to_string();
     let client = Daemon::start(
+        halfpipe,
         &[
             "client",
             "--socks",

@@ -6,10 +6,10 @@
 //! holds, when the monitor is closed (its circuit or link is gone), or when
 //! the waiter's own cancel flag is set (its stream was aborted).
 //!
-//! Its lock and condition variable come from `crate::sync`: parking_lot's,
+//! Its lock and condition variable come from `crate::runtime::sync`: parking_lot's,
 //! or loom's in the concurrency model check (`src/loom_check.rs`).
 
-use crate::sync::{CancelFlag, Condvar, Mutex, MutexGuard};
+use crate::runtime::sync::{CancelFlag, Condvar, Mutex, MutexGuard};
 
 /// Why a wait ended without its condition holding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -12,21 +12,22 @@
 //! means holding the lock, so they queue under it by construction. The
 //! concurrency model check (`src/loom_check.rs`) runs them as they are.
 
-use crate::batch::DataBatch;
+use crate::circuit::msg::CircMsg;
+use crate::edge::exit::connect::{self, ConnectError, Connecting};
+use crate::link::{LinkGone, LinkTx};
+use crate::ops::metrics::{Metrics, ViolationKind};
+use crate::runtime::batch::DataBatch;
+use crate::runtime::fairwindow::FairWindow;
+use crate::runtime::inbox::{Inbox, InboxTx};
+use crate::runtime::monitor::Monitor;
+use crate::runtime::sockets;
+use crossbeam_channel::{Receiver, Sender};
 use halfpipe_proto::cell::{self, CELL_LEN};
-use crate::circuit::CircMsg;
-use halfpipe_proto::Role;
-use crate::fairwindow::FairWindow;
 use halfpipe_proto::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
 use halfpipe_proto::halfclose::{Action, Event, HalfClose, State, Step, Violation};
-use crate::inbox::{Inbox, InboxTx};
-use crate::link::{LinkGone, LinkTx};
-use crate::metrics::{Metrics, ViolationKind};
-use crate::monitor::Monitor;
 use halfpipe_proto::relay::{self, end_reason, relay_cmd, Target};
-use crate::sockets;
 use halfpipe_proto::socks;
-use crossbeam_channel::{Receiver, Sender};
+use halfpipe_proto::Role;
 use socket2::MaybeUninitSlice;
 use socket2::Socket;
 use std::io::{self, Write};
@@ -480,10 +481,10 @@ pub fn exit_packager(
 ) {
     let _notice = ExitNotice(&stream);
     let _tid = Tid::publish(&stream, Side::Packager);
-    let (sock, addr) = match crate::exit::connect(&stream, &ctx.cfg) {
+    let (sock, addr) = match connect::connect(&stream.target, &ctx.cfg, &*stream) {
         Ok(ok) => ok,
-        Err(crate::exit::ConnectError::Aborted) => return,
-        Err(crate::exit::ConnectError::Refused(reason)) => {
+        Err(ConnectError::Aborted) => return,
+        Err(ConnectError::Refused(reason)) => {
             tracing::debug!(stream = %stream.name, target = %stream.target, "connect failed: END({})", end_reason::name(reason));
             // §5: answer END with the reason; optimistic data is discarded.
             let _ = stream.handle(Event::Error { reason });
@@ -508,6 +509,26 @@ pub fn exit_packager(
     }
     drop(give_socket);
     package_loop(&stream, &sock);
+}
+
+/// What the exit's connect needs of the stream.
+impl Connecting for Stream {
+    fn publish(&self, sock: &Arc<Socket>) -> bool {
+        let mut st = self.state.lock();
+        if st.hc.is_closed() {
+            return false;
+        }
+        st.socket = Some(sock.clone());
+        true
+    }
+
+    fn aborted(&self) -> bool {
+        self.is_aborted()
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
 }
 
 /// §7 and §10: read the socket into DATA cells while the windows allow;

@@ -1,16 +1,16 @@
-//! `halfpipe bench` (issue 5): the tool runs, and its JSON holds results
-//! that were checked end to end. No timing thresholds: only that the
-//! numbers are there, positive, and the bytes verified.
+//! `halfpipe-bench`: the tool runs, and its JSON holds results that were
+//! checked end to end. No timing thresholds: only that the numbers are
+//! there, positive, and the bytes verified.
 
 use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 
-fn halfpipe(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_halfpipe"))
+fn bench(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_halfpipe-bench"))
         .args(args)
         .output()
-        .expect("run halfpipe")
+        .expect("run halfpipe-bench")
 }
 
 fn positive(v: &Value) -> bool {
@@ -19,8 +19,7 @@ fn positive(v: &Value) -> bool {
 
 #[test]
 fn bench_direct_reports_checked_bulk_and_setup() {
-    let out = halfpipe(&[
-        "bench",
+    let out = bench(&[
         "--direct",
         "--scenario",
         "bulk,setup",
@@ -79,28 +78,18 @@ fn bench_direct_reports_checked_bulk_and_setup() {
     std::fs::create_dir_all(&dir).unwrap();
     let report: PathBuf = dir.join("direct.json");
     std::fs::write(&report, &out.stdout).unwrap();
-    let combined = halfpipe(&[
-        "bench",
-        "--combine",
-        report.to_str().unwrap(),
-        "--note=a test",
-    ]);
+    let combined = bench(&["--combine", report.to_str().unwrap(), "--note=a test"]);
     assert!(combined.status.success());
     let c: Value = serde_json::from_slice(&combined.stdout).unwrap();
     assert_eq!(c["schema"], "halfpipe-compare/1");
     assert_eq!(c["runs"][0], v);
     let compare = dir.join("compare.json");
     std::fs::write(&compare, &combined.stdout).unwrap();
-    let md = halfpipe(&["bench", "--markdown", compare.to_str().unwrap()]);
+    let md = bench(&["--markdown", compare.to_str().unwrap()]);
     let md = String::from_utf8(md.stdout).unwrap();
     assert!(md.contains("## bulk") && md.contains("| direct |") && md.contains("a test"));
     let svg = dir.join("compare.svg");
-    let plot = halfpipe(&[
-        "bench",
-        "--plot",
-        compare.to_str().unwrap(),
-        svg.to_str().unwrap(),
-    ]);
+    let plot = bench(&["--plot", compare.to_str().unwrap(), svg.to_str().unwrap()]);
     assert!(
         plot.status.success(),
         "{}",
@@ -112,7 +101,7 @@ fn bench_direct_reports_checked_bulk_and_setup() {
 
 #[test]
 fn bench_needs_a_route() {
-    let out = halfpipe(&["bench", "--scenario", "bulk"]);
+    let out = bench(&["--scenario", "bulk"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--socks"));
 }

@@ -1,4 +1,4 @@
-//! `halfpipe bench soak` (issue 4): many half-closed request/response
+//! `halfpipe-bench soak` (issue 4): many half-closed request/response
 //! streams at once for a long time, every byte checked at both ends, and
 //! the daemons' threads, descriptors and memory compared before and after.
 //!
@@ -76,7 +76,7 @@ const WARM_INDEX: u64 = 1 << 63;
 /// How many failed streams the report describes one by one.
 const EXAMPLES: usize = 10;
 
-/// `halfpipe bench soak`. A flag given twice takes its last value (so a
+/// `halfpipe-bench soak`. A flag given twice takes its last value (so a
 /// script's defaults can be overridden by arguments after them).
 #[derive(Args, Debug, Clone)]
 #[command(args_override_self = true)]
@@ -1339,7 +1339,7 @@ pub fn text(r: &SoakReport) -> String {
 // -------------------------------------------------------------- the driver
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("halfpipe bench soak: {msg}");
+    eprintln!("halfpipe-bench soak: {msg}");
     ExitCode::from(2)
 }
 
@@ -1417,7 +1417,7 @@ fn wait_steady(pids: &[u32], quiet: Duration, patience: Duration) -> Option<Vec<
     }
 }
 
-/// The soak's entry point (from `halfpipe bench soak`).
+/// The soak's entry point (from `halfpipe-bench soak`).
 pub fn main(args: &SoakArgs) -> ExitCode {
     let seed = args.seed.unwrap_or_else(|| {
         let t = SystemTime::now()
@@ -1428,7 +1428,7 @@ pub fn main(args: &SoakArgs) -> ExitCode {
     });
     // Every stream holds two descriptors here (its two ends), plus a dup
     // for the reading thread of most orders.
-    let nofile = crate::limits::KernelLimits::read().nofile;
+    let nofile = halfpipe::ops::limits::KernelLimits::read().nofile;
     let need = args.streams * 4 + 64;
     if nofile < need {
         return fail(format!(

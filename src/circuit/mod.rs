@@ -7,23 +7,25 @@
 //! blocking calls are `recv` on its own inbox and, when the circuit ends,
 //! joining its streams' threads.
 
-use crate::batch::DataBatch;
+pub mod msg;
+pub mod view;
+
+use crate::ctx::{CircuitSlot, Ctx, StreamSlot};
+use crate::link::{Link, LinkTx};
+use crate::ops::metrics::{Dir, Limit, Tally, ViolationKind};
+use crate::runtime::batch::DataBatch;
+use crate::runtime::fairwindow::FairWindow;
+use crate::runtime::inbox::{self, Inbox, InboxTx};
+use crate::runtime::monitor::Monitor;
+use crate::runtime::threads;
+use crate::stream::{self, DeliverMsg, DeliverStart, Stream};
+use crossbeam_channel::Sender;
 use halfpipe_proto::cell::{destroy_reason, CELL_LEN};
-use crate::ctx::{Ctx, StreamSlot};
-use crate::fairwindow::FairWindow;
 use halfpipe_proto::flow::{CircuitDeliverWindow, PackageWindow};
 use halfpipe_proto::halfclose::{Action, Event};
-use crate::inbox::{self, Inbox, InboxTx};
-use crate::link::{Link, LinkTx};
-use crate::metrics::{Dir, Limit, Tally, ViolationKind};
-use crate::monitor::Monitor;
 use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
-use halfpipe_proto::socks::SocksVersion;
-use crate::status::CircuitView;
-use crate::stream::{self, DeliverMsg, DeliverStart, Stream};
-use crate::threads;
 use halfpipe_proto::Role;
-use crossbeam_channel::Sender;
+pub use msg::{CircMsg, OpenRequest, ResolveRequest};
 use rustc_hash::FxHashMap;
 use socket2::Socket;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -31,50 +33,11 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use view::CircuitView;
 
 /// How many recently closed stream IDs a circuit remembers (§9: bounded,
 /// oldest first out).
 const RECENTLY_CLOSED: usize = 4096;
-
-/// The circuit thread's inbox.
-pub enum CircMsg {
-    /// Whole RELAY cells from the link reader.
-    Cells(Vec<u8>),
-    /// The peer sent DESTROY (the link already forgot the CircID).
-    Destroyed { reason: u8 },
-    /// The link saw a violation that belongs to this circuit.
-    Violation(String),
-    /// The link is gone.
-    LinkClosed,
-    /// Shutdown deadline: END(HIBERNATING) every stream, then DESTROY.
-    Hibernate,
-    /// A stream thread has ended and can be joined.
-    ThreadDone { stream_id: u16, serial: u64 },
-    /// Client: open a stream for a SOCKS CONNECT.
-    Open(OpenRequest),
-    /// Client: resolve a name for a SOCKS RESOLVE.
-    Resolve(ResolveRequest),
-    /// Exit: a resolver thread has its answers (and is ending).
-    ResolverDone {
-        stream_id: u16,
-        answers: Vec<Answer>,
-    },
-}
-
-pub struct OpenRequest {
-    pub socket: Socket,
-    pub target: Target,
-    pub socks: SocksVersion,
-    /// Bytes the application sent after its SOCKS request (optimistic data).
-    pub initial: Vec<u8>,
-    /// Answered only on refusal, with the socket back; dropped on success.
-    pub refused: Sender<Socket>,
-}
-
-pub struct ResolveRequest {
-    pub name: String,
-    pub reply: Sender<Vec<Answer>>,
-}
 
 /// How a circuit ends.
 enum End {
@@ -176,6 +139,8 @@ pub struct Circuit {
     view: Arc<CircuitView>,
     /// Relay cells received during one inbox message (metrics).
     tally: Tally,
+    /// This circuit's share of the process's circuits, held while it runs.
+    _slot: CircuitSlot,
 }
 
 type Result<T> = std::result::Result<T, End>;
@@ -209,9 +174,9 @@ impl Circuit {
         link_tx: LinkTx,
         wire: u32,
         local: u32,
-        tx: InboxTx<CircMsg>,
-        rx: Inbox<CircMsg>,
+        (tx, rx): (InboxTx<CircMsg>, Inbox<CircMsg>),
         idle_timeout: Option<Duration>,
+        slot: CircuitSlot,
     ) -> Circuit {
         let package = Arc::new(FairWindow::new(PackageWindow::circuit()));
         let deliver = CircuitDeliverWindow::default();
@@ -248,15 +213,13 @@ impl Circuit {
             idle_timeout,
             view,
             tally: Tally::default(),
+            _slot: slot,
         }
     }
 
-    /// Enters the circuit in the process's table (status, shutdown, the
-    /// circuit limit); false if the process is at its circuit limit. Done
-    /// by the creator before the thread starts; `run` removes the entry.
-    pub fn register(&self) -> bool {
-        self.ctx
-            .register_circuit(self.local, self.tx.clone(), self.view.clone())
+    /// What the status endpoint sees of this circuit.
+    pub fn view(&self) -> Arc<CircuitView> {
+        self.view.clone()
     }
 
     pub fn run(mut self) {
@@ -758,7 +721,7 @@ impl Circuit {
         };
         let done = self.tx.clone();
         let spawned = threads::spawn(format!("rslv {}.{}", self.local, id), move || {
-            let answers = crate::exit::resolve_answers(&name);
+            let answers = crate::edge::exit::connect::resolve_answers(&name);
             let _ = done.send(CircMsg::ResolverDone {
                 stream_id: id,
                 answers,
@@ -957,7 +920,7 @@ impl Circuit {
         let event = match &end {
             End::Violation(kind, why) => {
                 self.ctx.metrics.violation(*kind);
-                if crate::ratelimit::violation_warning() {
+                if crate::runtime::ratelimit::violation_warning() {
                     tracing::warn!(circuit = %self.name, "protocol violation: {why}: sending DESTROY(PROTOCOL)");
                 }
                 Event::EndReceived {
@@ -1024,7 +987,6 @@ impl Circuit {
             }
         }
         self.view.clear_streams();
-        self.ctx.unregister_circuit(self.local);
         tracing::info!(
             circuit = %self.name,
             streams = count,

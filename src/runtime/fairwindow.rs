@@ -10,8 +10,8 @@
 //! Here each waiter parks its own thread, and only the first in line is
 //! unparked when it can take cells.
 
+use crate::runtime::monitor::Stopped;
 use halfpipe_proto::flow::PackageWindow;
-use crate::monitor::Stopped;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -22,7 +22,7 @@
 //! The hold scenario needs thousands of idle target connections; keeping
 //! them in this process would double the bench's descriptors (the hard limit
 //! is 20,000 here), so [`HoldTarget`] is a small poll(2) echo server in a
-//! child process (`halfpipe bench --serve-hold-target`), single-threaded
+//! child process (`halfpipe-bench --serve-hold-target`), single-threaded
 //! on epoll.
 
 use crc32fast::Hasher;
@@ -511,13 +511,13 @@ pub struct HoldTarget {
 }
 
 impl HoldTarget {
-    /// Starts `halfpipe bench --serve-hold-target`. Call it from the main
+    /// Starts `halfpipe-bench --serve-hold-target`. Call it from the main
     /// thread: the child's parent-death signal fires when the spawning
     /// thread ends.
     pub fn start() -> io::Result<HoldTarget> {
         let exe = std::env::current_exe()?;
         let mut cmd = Command::new(exe);
-        cmd.args(["bench", "--serve-hold-target"])
+        cmd.arg("--serve-hold-target")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -620,15 +620,15 @@ fn service(c: &mut EchoConn, buf: &mut [u8]) -> bool {
     true
 }
 
-/// `halfpipe bench --serve-hold-target`: a single-threaded epoll echo
+/// `halfpipe-bench --serve-hold-target`: a single-threaded epoll echo
 /// server on an ephemeral loopback port. Prints its address, then serves
 /// until its stdin closes (the bench went away).
 pub fn serve_hold_target() -> ExitCode {
-    crate::limits::KernelLimits::read(); // raises RLIMIT_NOFILE to the hard limit
+    halfpipe::ops::limits::KernelLimits::read(); // raises RLIMIT_NOFILE to the hard limit
     let listener = match listen_deep("127.0.0.1:0".parse().expect("literal")) {
         Ok(l) => l,
         Err(e) => {
-            eprintln!("halfpipe bench: hold target: {e}");
+            eprintln!("halfpipe-bench: hold target: {e}");
             return ExitCode::from(2);
         }
     };
@@ -642,7 +642,7 @@ pub fn serve_hold_target() -> ExitCode {
         && epoll_ctl(ep, libc::EPOLL_CTL_ADD, lfd, libc::EPOLLIN as u32).is_ok();
     if !ready {
         eprintln!(
-            "halfpipe bench: hold target: {}",
+            "halfpipe-bench: hold target: {}",
             io::Error::last_os_error()
         );
         return ExitCode::from(2);

@@ -1,5 +1,5 @@
-//! `halfpipe bench`: the load generator and comparison tools of issue 5
-//! (README, "Benchmarks").
+//! `halfpipe-bench`: the load generator and comparison tools
+//! (docs/performance.md).
 //!
 //! It runs its own target servers on loopback ([`targets`]) and reaches
 //! them through any SOCKS5 proxy (`--socks`, [`socks`]) or over plain TCP
@@ -14,7 +14,7 @@
 //! | `socks` | a minimal SOCKS5 CONNECT client |
 //! | `scenarios` | bulk, parallel, setup, hold, slow |
 //! | `rtt` | the rtt scenario: halfpipe client + exit with a delay relay on their link |
-//! | `soak` | `halfpipe bench soak`: many half-closed streams for a long time, every byte and the daemons' counts checked (issue 4) |
+//! | `soak` | `halfpipe-bench soak`: many half-closed streams for a long time, every byte and the daemons' counts checked |
 //! | `relay` | the delay relay |
 //! | `procfs` | RSS and threads of the daemons; the machine |
 //! | `stats` | throughput, percentiles, Jain's index |
@@ -32,7 +32,7 @@ mod socks;
 mod stats;
 mod targets;
 
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use report::{Compare, Report, COMPARE_SCHEMA, SCHEMA};
 use std::io::{self, IsTerminal, Read, Write};
@@ -43,19 +43,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use targets::{Header, Kind, Registry, Targets};
 
-/// `halfpipe bench`: measure a SOCKS5 proxy (or plain TCP) on loopback.
-#[derive(Args, Debug)]
+/// `halfpipe-bench`: measure a SOCKS5 proxy (or plain TCP) on loopback.
+#[derive(Parser, Debug)]
 #[command(
+    name = "halfpipe-bench",
+    version,
+    about = "Benchmark a SOCKS5 proxy or plain TCP on loopback; compare and plot",
     long_about = "Measure a SOCKS5 proxy (--socks ADDR) or plain TCP (--direct) against \
         target servers the bench runs itself on loopback. Scenarios: bulk, parallel, \
-        setup, hold, slow, rtt (README, \"Benchmarks\"). Every byte is counted and \
+        setup, hold, slow, rtt (docs/performance.md). Every byte is counted and \
         hashed at both ends.\n\n\
         Report tools: --combine A.json B.json... (one comparison document on stdout), \
         --markdown IN.json (side-by-side tables), --plot IN.json OUT.svg (chart).",
     args_conflicts_with_subcommands = true
 )]
 pub struct BenchArgs {
-    /// `halfpipe bench soak ...`: a run of its own (see its --help).
+    /// `halfpipe-bench soak ...`: a run of its own (see its --help).
     #[command(subcommand)]
     pub command: Option<BenchCommand>,
     /// Go through this SOCKS5 proxy (halfpipe, ssh -D, ...).
@@ -125,6 +128,10 @@ pub struct BenchArgs {
     /// With --combine: a note for the comparison (repeatable).
     #[arg(long, requires = "combine", allow_hyphen_values = true)]
     pub note: Vec<String>,
+    /// rtt: the halfpipe daemon to start as client and exit (default: the
+    /// `halfpipe` beside this executable, else the one on PATH).
+    #[arg(long, value_name = "PATH")]
+    pub halfpipe: Option<PathBuf>,
     /// Internal: the hold scenario's echo server (a child process).
     #[arg(long, hide = true)]
     pub serve_hold_target: bool,
@@ -135,7 +142,7 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Keep many half-closed request/response streams in flight for a long
     /// time, check every byte, and check that the daemons' threads and
-    /// descriptors return to their baseline (issue 4).
+    /// descriptors return to their baseline.
     ///
     /// Each stream goes through the SOCKS5 proxy (--socks) to a target this
     /// process runs on loopback, with random sizes (log-uniform, 1 byte to
@@ -341,7 +348,7 @@ pub fn wait_ready(dialer: &Dialer, target: SocketAddr, patience: Duration) -> Re
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("halfpipe bench: {msg}");
+    eprintln!("halfpipe-bench: {msg}");
     ExitCode::from(2)
 }
 
@@ -381,8 +388,22 @@ fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
 }
 
-/// The bench's entry point (from `halfpipe bench`).
-pub fn main(args: BenchArgs) -> ExitCode {
+/// The `halfpipe` daemon binary for the rtt scenario: `--halfpipe`, else
+/// the one beside this executable (cargo builds both into one directory),
+/// else whatever `halfpipe` is on PATH.
+fn daemon_binary(given: Option<&PathBuf>) -> PathBuf {
+    if let Some(p) = given {
+        return p.clone();
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.join("halfpipe")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from("halfpipe"))
+}
+
+fn main() -> ExitCode {
+    let args = BenchArgs::parse();
     if let Some(BenchCommand::Soak(soak_args)) = &args.command {
         return soak::main(soak_args);
     }
@@ -422,7 +443,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
         return fail("--concurrency and --hold take positive numbers");
     }
     // Raise the soft descriptor limit to the hard one (hold needs many).
-    let nofile = crate::limits::KernelLimits::read().nofile;
+    let nofile = halfpipe::ops::limits::KernelLimits::read().nofile;
 
     let scenarios = selected(&args.scenario);
     let ui = Ui {
@@ -487,7 +508,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
     };
     let m = &rep.machine;
     ui.say(&format!(
-        "halfpipe bench: {} ({}), targets on {}; {} on {} ({}, {} cores)\n\n",
+        "halfpipe-bench: {} ({}), targets on {}; {} on {} ({}, {} cores)\n\n",
         rep.label,
         match route {
             Route::Direct => "plain TCP".to_string(),
@@ -613,6 +634,7 @@ pub fn main(args: BenchArgs) -> ExitCode {
             Scenario::Rtt => {
                 // Runs on the main thread: it spawns the daemons.
                 match rtt::run(
+                    &daemon_binary(args.halfpipe.as_ref()),
                     &env,
                     Duration::from_millis(args.delay_ms),
                     args.rtt_size * mib,

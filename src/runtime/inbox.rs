@@ -18,7 +18,7 @@
 //! receiver. The concurrency model check (`src/loom_check.rs`) runs `Bell`
 //! under loom.
 
-use crate::sync::{self, AtomicUsize, Mutex, Thread};
+use crate::runtime::sync::{self, AtomicUsize, Mutex, Thread};
 use crossbeam_channel::{Receiver, RecvTimeoutError, SendError, Sender, TryRecvError};
 use std::marker::PhantomData;
 use std::sync::atomic::Ordering;

@@ -7,93 +7,29 @@
 //! stream's fields under that stream's lock, one at a time; serializing
 //! and writing happen after every lock is released (invariant 5).
 
-use halfpipe_proto::Role;
+use crate::circuit::view::CircuitView;
 use crate::ctx::Ctx;
-use crate::fairwindow::FairWindow;
-use halfpipe_proto::halfclose::{CloseCause, State};
-use crate::metrics::Gauges;
-use halfpipe_proto::relay::end_reason;
+use crate::link::Links;
+use crate::ops::metrics::Gauges;
+use crate::runtime::threads;
 use crate::stream::Stream;
-use crate::threads;
+use halfpipe_proto::halfclose::{CloseCause, State};
+use halfpipe_proto::relay::end_reason;
+use halfpipe_proto::Role;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The conventional `--status` address, and where `halfpipe status` looks
 /// by default.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:9051";
-
-// ------------------------------------------------------ the circuit's view
-
-/// What a circuit shows the status thread: fixed facts, its TID, its
-/// windows, and its streams. The circuit thread owns the circuit and
-/// updates this view; the status thread only reads it.
-pub struct CircuitView {
-    pub link: u32,
-    pub local: u32,
-    pub wire: u32,
-    pub role: Role,
-    opened: Instant,
-    tid: AtomicI32,
-    package: Arc<FairWindow>,
-    /// A copy of the circuit's deliver window, stored once per inbox message.
-    deliver: AtomicU32,
-    /// Streams by serial (an ID can be taken by a new stream while the old
-    /// one's threads end), from the moment their threads start until they
-    /// are joined.
-    streams: Mutex<BTreeMap<u64, Arc<Stream>>>,
-}
-
-impl CircuitView {
-    pub fn new(
-        link: u32,
-        local: u32,
-        wire: u32,
-        role: Role,
-        package: Arc<FairWindow>,
-        deliver: u32,
-    ) -> Arc<CircuitView> {
-        Arc::new(CircuitView {
-            link,
-            local,
-            wire,
-            role,
-            opened: Instant::now(),
-            tid: AtomicI32::new(0),
-            package,
-            deliver: AtomicU32::new(deliver),
-            streams: Mutex::new(BTreeMap::new()),
-        })
-    }
-
-    /// Called on the circuit thread: records its TID.
-    pub fn set_tid(&self) {
-        self.tid.store(crate::sockets::gettid(), Ordering::Relaxed);
-    }
-
-    pub fn set_deliver_window(&self, value: u32) {
-        self.deliver.store(value, Ordering::Relaxed);
-    }
-
-    pub fn add_stream(&self, stream: &Arc<Stream>) {
-        self.streams.lock().insert(stream.serial, stream.clone());
-    }
-
-    pub fn remove_stream(&self, serial: u64) {
-        self.streams.lock().remove(&serial);
-    }
-
-    pub fn clear_streams(&self) {
-        self.streams.lock().clear();
-    }
-}
 
 // ------------------------------------------------------------ the document
 
@@ -254,10 +190,22 @@ fn stream_info(view: &CircuitView, s: &Stream) -> StreamInfo {
 /// The edges a daemon runs ("client", "exit"), filled in as they start.
 pub type Roles = Arc<Mutex<Vec<&'static str>>>;
 
+/// What a snapshot reads: the process, its links (and through them their
+/// circuits and streams), and the edges it runs.
+#[derive(Clone)]
+pub struct Watched {
+    pub ctx: Arc<Ctx>,
+    pub links: Arc<Links>,
+    pub roles: Roles,
+}
+
 /// Takes a snapshot of every link, circuit and stream of the process.
-pub fn snapshot(ctx: &Ctx, roles: &[&str]) -> Snapshot {
-    let mut links: Vec<LinkInfo> = ctx
-        .links()
+pub fn snapshot(w: &Watched) -> Snapshot {
+    let ctx = &w.ctx;
+    let roles = w.roles.lock().clone();
+    let live = w.links.all();
+    let mut views: Vec<Arc<CircuitView>> = live.iter().flat_map(|l| l.circuit_views()).collect();
+    let mut links: Vec<LinkInfo> = live
         .into_iter()
         .map(|l| {
             let (rd, wr) = l.tids();
@@ -273,23 +221,22 @@ pub fn snapshot(ctx: &Ctx, roles: &[&str]) -> Snapshot {
         })
         .collect();
     links.sort_by_key(|l| l.id);
-    let mut views = ctx.circuit_views();
     views.sort_by_key(|v| (v.link, v.local));
     let mut circuits = Vec::with_capacity(views.len());
     let mut streams = Vec::new();
     for v in &views {
-        let members: Vec<Arc<Stream>> = v.streams.lock().values().cloned().collect();
+        let members = v.streams();
         circuits.push(CircuitInfo {
             name: format!("{}.{}", v.link, v.local),
             link: v.link,
             local: v.local,
             circ_id: format!("{:#010x}", v.wire),
             role: role_name(v.role).into(),
-            age_secs: v.opened.elapsed().as_secs_f64(),
-            package_window: v.package.value(),
-            deliver_window: v.deliver.load(Ordering::Relaxed),
+            age_secs: v.age().as_secs_f64(),
+            package_window: v.package_window(),
+            deliver_window: v.deliver_window(),
             streams: members.len(),
-            tid: tid(v.tid.load(Ordering::Relaxed)),
+            tid: tid(v.tid()),
         });
         let mut these: Vec<StreamInfo> = members.iter().map(|s| stream_info(v, s)).collect();
         these.sort_by_key(|s| s.id);
@@ -497,8 +444,7 @@ impl StatusServer {
     /// Listens on `addr` and starts `status-http`. Returns the server and
     /// the address it listens on.
     pub fn start(
-        ctx: Arc<Ctx>,
-        roles: Roles,
+        watched: Watched,
         addr: SocketAddr,
         allow_remote: bool,
     ) -> Result<(StatusServer, SocketAddr), StartError> {
@@ -525,7 +471,7 @@ impl StatusServer {
             if ready_tx.send(Ok(http.clone())).is_err() {
                 return;
             }
-            serve(&ctx, &roles, &http, &stop);
+            serve(&watched, &http, &stop);
         })
         .map_err(StartError::Thread)?;
         match ready_rx.recv() {
@@ -556,7 +502,7 @@ impl StatusServer {
     }
 }
 
-fn serve(ctx: &Ctx, roles: &Roles, http: &tiny_http::Server, stopping: &AtomicBool) {
+fn serve(watched: &Watched, http: &tiny_http::Server, stopping: &AtomicBool) {
     loop {
         let rq = match http.recv() {
             Ok(rq) => rq,
@@ -572,10 +518,9 @@ fn serve(ctx: &Ctx, roles: &Roles, http: &tiny_http::Server, stopping: &AtomicBo
         let get = *rq.method() == tiny_http::Method::Get;
         // The snapshot is taken under the registries' locks; the body is
         // built and written after they are released.
-        let roles = roles.lock().clone();
         let (status, body, content_type) = match (get, path.as_str()) {
             (true, "/streams") => {
-                let snap = snapshot(ctx, &roles);
+                let snap = snapshot(watched);
                 let mut body = serde_json::to_string(&snap).unwrap_or_else(|e| {
                     tracing::error!("bug: status document does not serialize: {e}");
                     "{}".into()
@@ -584,8 +529,8 @@ fn serve(ctx: &Ctx, roles: &Roles, http: &tiny_http::Server, stopping: &AtomicBo
                 (200, body, "application/json")
             }
             (true, "/metrics") => {
-                let snap = snapshot(ctx, &roles);
-                let body = ctx.metrics.render(&gauges(&snap));
+                let snap = snapshot(watched);
+                let body = watched.ctx.metrics.render(&gauges(&snap));
                 (200, body, "text/plain; version=0.0.4; charset=utf-8")
             }
             _ => (
@@ -612,15 +557,13 @@ fn serve(ctx: &Ctx, roles: &Roles, http: &tiny_http::Server, stopping: &AtomicBo
 /// the returned handle ends the thread.
 pub fn spawn_signal_thread(
     mut signals: signal_hook::iterator::Signals,
-    ctx: Arc<Ctx>,
-    roles: Roles,
+    watched: Watched,
 ) -> io::Result<(signal_hook::iterator::Handle, JoinHandle<()>)> {
     let handle = signals.handle();
     let thread = threads::spawn("signals".into(), move || {
         for sig in signals.forever() {
             if sig == signal_hook::consts::SIGUSR1 {
-                let roles = roles.lock().clone();
-                let t = table(&snapshot(&ctx, &roles));
+                let t = table(&snapshot(&watched));
                 tracing::info!("stream table (SIGUSR1):\n{}", t.trim_end());
             }
         }
@@ -668,7 +611,7 @@ pub fn fetch(addr: &str, path: &str) -> io::Result<String> {
 }
 
 /// Runs `halfpipe status`; exit status 1 if the daemon cannot be asked.
-pub fn main(args: StatusArgs) -> ExitCode {
+pub fn main(args: &StatusArgs) -> ExitCode {
     let body = match fetch(&args.status, "/streams") {
         Ok(b) => b,
         Err(e) => {

@@ -1,76 +1,25 @@
-//! The exit edge: accepts links (`link-accept`), and connects streams to
-//! their targets (protocol.md §5: name resolution, exit policy, connect,
-//! and the END reason for each failure).
+//! How the exit reaches a stream's target (docs/protocol.md §5): resolve
+//! the name, apply the exit policy to every address (the address actually
+//! connected to), connect within the timeout, and name the END reason of
+//! each failure. Also the answers to RESOLVE.
 
-use halfpipe_proto::Role;
-use crate::ctx::{Config, Ctx};
-use crate::limits::MAX_LINKS;
-use crate::link::{self, Link};
-use halfpipe_proto::relay::{end_reason, Answer, Host};
-use crate::stream::Stream;
-use crate::threads::{self, Reaper};
+use crate::ctx::Config;
+use halfpipe_proto::relay::{end_reason, Answer, Host, Target};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// Accepts links until the listener is shut down, then joins every link.
-pub fn spawn_acceptor(ctx: Arc<Ctx>, listener: TcpListener) -> io::Result<JoinHandle<()>> {
-    threads::spawn("link-accept".into(), move || {
-        let mut links = Reaper::default();
-        for conn in listener.incoming() {
-            links.reap();
-            if ctx.shutting_down() {
-                break;
-            }
-            let sock = match conn {
-                Ok(s) => s,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!("accepting a link failed: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            };
-            if links.len() >= MAX_LINKS {
-                tracing::warn!("{MAX_LINKS} links open: closing a new connection");
-                continue;
-            }
-            let id = ctx.next_link_id();
-            let ctx = ctx.clone();
-            match threads::spawn(format!("link-rd {id}"), move || serve_link(ctx, id, sock)) {
-                Ok(h) => links.push(h),
-                Err(e) => tracing::warn!("cannot start a link thread ({e}): link refused"),
-            }
-        }
-        links.join_all();
-    })
-}
-
-/// One accepted link: handshake, then this thread is its reader.
-fn serve_link(ctx: Arc<Ctx>, id: u32, sock: TcpStream) {
-    let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-    if let Err(e) = link::accept_handshake(&sock, ctx.cfg.handshake_timeout) {
-        // §1: close without sending VERSIONS; only this link is affected.
-        if crate::ratelimit::violation_warning() {
-            tracing::warn!(link = id, %peer, "link handshake failed, closing: {e}");
-        }
-        if matches!(e, link::HandshakeFailure::Protocol(_)) {
-            ctx.metrics
-                .violation(crate::metrics::ViolationKind::Handshake);
-        }
-        return;
-    }
-    let _ = sock.set_nodelay(true);
-    match Link::start(ctx, id, Role::Exit, sock) {
-        Ok(link) => {
-            tracing::info!(link = id, %peer, "link opened");
-            link.run();
-        }
-        Err(e) => tracing::warn!(link = id, %peer, "cannot start the link: {e}"),
-    }
+/// What `connect` needs of the stream it connects for.
+pub trait Connecting {
+    /// Keeps `sock` where an abort of the stream finds it (and resets it),
+    /// before the connect starts; false if the stream already closed.
+    fn publish(&self, sock: &Arc<Socket>) -> bool;
+    /// Was the stream aborted meanwhile?
+    fn aborted(&self) -> bool;
+    /// For logs: the stream's "C.S" name.
+    fn name(&self) -> &str;
 }
 
 /// Why a connect did not produce a socket.
@@ -83,18 +32,34 @@ pub enum ConnectError {
 
 /// Resolves `target`, applies the exit policy to every address (§5: the
 /// address actually connected to), and connects within the timeout.
-pub fn connect(stream: &Stream, cfg: &Config) -> Result<(Arc<Socket>, SocketAddr), ConnectError> {
-    let port = stream.target.port;
-    let addrs = match &stream.target.host {
+pub fn connect(
+    target: &Target,
+    cfg: &Config,
+    stream: &impl Connecting,
+) -> Result<(Arc<Socket>, SocketAddr), ConnectError> {
+    let port = target.port;
+    let addrs = match &target.host {
         Host::Ip(ip) => vec![*ip],
         Host::Name(name) => resolve(name).map_err(ConnectError::Refused)?,
     };
+    let addrs: Vec<IpAddr> = addrs.into_iter().map(canonical).collect();
     let allowed: Vec<IpAddr> = addrs
-        .into_iter()
-        .map(canonical)
+        .iter()
+        .copied()
         .filter(|ip| cfg.exit_policy.allows(*ip, port))
         .collect();
     if allowed.is_empty() {
+        if crate::runtime::ratelimit::refusal_line() {
+            let why: Vec<String> = addrs
+                .iter()
+                .filter_map(|ip| Some(format!("{ip}: {}", cfg.exit_policy.refusal(*ip, port)?)))
+                .collect();
+            tracing::info!(
+                stream = stream.name(),
+                "exit policy refuses {target} ({}): END(EXITPOLICY)",
+                why.join("; ")
+            );
+        }
         return Err(ConnectError::Refused(end_reason::EXITPOLICY));
     }
     let deadline = Instant::now() + cfg.connect_timeout;
@@ -108,13 +73,9 @@ pub fn connect(stream: &Stream, cfg: &Config) -> Result<(Arc<Socket>, SocketAddr
         let sock =
             new_socket(&addr).map_err(|_| ConnectError::Refused(end_reason::RESOURCELIMIT))?;
         let sock = Arc::new(sock);
-        {
-            // Published before connecting, so an abort can interrupt it.
-            let mut st = stream.state.lock();
-            if st.hc.is_closed() {
-                return Err(ConnectError::Aborted);
-            }
-            st.socket = Some(sock.clone());
+        // Published before connecting, so an abort can interrupt it.
+        if !stream.publish(&sock) {
+            return Err(ConnectError::Aborted);
         }
         // A blocking connect honours SO_SNDTIMEO (EINPROGRESS on expiry).
         let _ = sock.set_write_timeout(Some(left));
@@ -125,11 +86,11 @@ pub fn connect(stream: &Stream, cfg: &Config) -> Result<(Arc<Socket>, SocketAddr
                 return Ok((sock, addr));
             }
             Err(e) => {
-                if stream.is_aborted() {
+                if stream.aborted() {
                     return Err(ConnectError::Aborted);
                 }
                 last = connect_error_reason(&e);
-                tracing::debug!(stream = %stream.name, %addr, "connect failed: {e}");
+                tracing::debug!(stream = stream.name(), %addr, "connect failed: {e}");
             }
         }
     }

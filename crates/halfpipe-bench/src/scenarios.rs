@@ -208,7 +208,7 @@ pub fn run_flows(
     }
     if let Some(e) = ends.iter().find_map(|e| e.mismatch.clone()) {
         // Reported through `verified`; keep the detail on stderr.
-        eprintln!("halfpipe bench: {msg}: {e}");
+        eprintln!("halfpipe-bench: {msg}: {e}");
     }
     let (snap, snap_at) = snapshot.expect("taken before the loop ends");
     let window = snap_at.saturating_duration_since(start);
@@ -411,7 +411,7 @@ pub fn thread_life() -> ThreadLife {
         .filter(|i| {
             thread::Builder::new()
                 .name(format!("life {i}"))
-                .stack_size(crate::threads::SMALL_STACK)
+                .stack_size(halfpipe::runtime::threads::SMALL_STACK)
                 .spawn(|| ())
                 .is_ok_and(|h| h.join().is_ok())
         })
@@ -431,8 +431,8 @@ pub fn thread_life() -> ThreadLife {
 /// inbox, each asleep when the other sends: the median of 20 rounds of 500.
 /// 0 (not measured) if the echo thread cannot start or stops answering.
 fn handoff_us() -> f64 {
-    let (ping_tx, ping_rx) = crate::inbox::inbox::<u32>();
-    let (pong_tx, pong_rx) = crate::inbox::inbox::<u32>();
+    let (ping_tx, ping_rx) = halfpipe::runtime::inbox::inbox::<u32>();
+    let (pong_tx, pong_rx) = halfpipe::runtime::inbox::inbox::<u32>();
     let echo = thread::Builder::new()
         .name("handoff".into())
         .spawn(move || {

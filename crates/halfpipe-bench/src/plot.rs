@@ -1,4 +1,4 @@
-//! `halfpipe bench --plot IN.json OUT.svg`: the comparison chart.
+//! `halfpipe-bench --plot IN.json OUT.svg`: the comparison chart.
 //!
 //! One bar chart per scenario metric, the implementations side by side in
 //! the same colours in every panel, with the date and the machine (host,
@@ -206,7 +206,7 @@ pub fn render(c: &Compare, out: &Path) -> Result<(), String> {
     let (head, body) = root.split_vertically(head_h);
 
     let m = &c.machine;
-    let title = format!("halfpipe bench: {} runs side by side", c.runs.len());
+    let title = format!("halfpipe-bench: {} runs side by side", c.runs.len());
     let caption = format!(
         "{} · {} · {} · {} cores · Linux {} · loopback",
         c.date, m.hostname, m.cpu, m.cores, m.kernel
@@ -294,7 +294,7 @@ pub fn render(c: &Compare, out: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::report::{tests::sample, COMPARE_SCHEMA};
+    use crate::report::{tests::sample, COMPARE_SCHEMA};
 
     #[test]
     fn renders_every_scenario() {

@@ -4,24 +4,24 @@
 //! thread per connection runs the handshake and hands the socket to a
 //! circuit, which starts the stream's packager and deliverer.
 
-use halfpipe_proto::cell::{self, cmd, destroy_reason};
 use crate::circuit::{CircMsg, OpenRequest, ResolveRequest};
-use halfpipe_proto::Role;
 use crate::ctx::Ctx;
-use crate::inbox::InboxTx;
+use crate::link::{self, Link, Links};
+use crate::ops::limits::MAX_HANDSHAKES;
+use crate::ops::metrics::{Metrics, ViolationKind};
+use crate::runtime::inbox::InboxTx;
+use crate::runtime::threads::{self, Reaper};
+use crossbeam_channel::{Receiver, Sender};
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
 use halfpipe_proto::kdf;
-use crate::limits::MAX_HANDSHAKES;
-use crate::link::{self, Link};
-use crate::metrics::{Metrics, ViolationKind};
 use halfpipe_proto::relay::{self, Answer, Host};
 use halfpipe_proto::socks::{self, Command, Handshake, Reply, SocksVersion};
-use crate::threads::{self, Reaper};
-use crossbeam_channel::{Receiver, Sender};
+use halfpipe_proto::Role;
 use parking_lot::Mutex;
 use socket2::Socket;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -59,7 +59,10 @@ struct ClientLink {
 
 pub struct Client {
     ctx: Arc<Ctx>,
-    exit: SocketAddr,
+    registry: Arc<Links>,
+    /// The exit's link address as given (HOST:PORT): a name is resolved
+    /// again at every dial, so an exit that moves is found again.
+    exit: String,
     general_circuits: usize,
     current: Mutex<Option<Arc<ClientLink>>>,
     stop_tx: Sender<()>,
@@ -67,10 +70,11 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn new(ctx: Arc<Ctx>, exit: SocketAddr, circuits: usize) -> Arc<Client> {
+    pub fn new(ctx: Arc<Ctx>, registry: Arc<Links>, exit: String, circuits: usize) -> Arc<Client> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         Arc::new(Client {
             ctx,
+            registry,
             exit,
             general_circuits: circuits.max(1),
             current: Mutex::new(None),
@@ -131,14 +135,33 @@ impl Client {
         }
     }
 
+    /// Resolves the exit's address now and connects to the first of its
+    /// addresses that answers.
+    fn dial(&self, timeout: Duration) -> io::Result<TcpStream> {
+        let addrs = self.exit.to_socket_addrs().map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot resolve the exit {}: {e}", self.exit),
+            )
+        })?;
+        let mut last = io::Error::other(format!("the exit {} resolves to nothing", self.exit));
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, timeout) {
+                Ok(s) => return Ok(s),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Connects and handshakes (§1); the link reader runs in `link-rd N`.
     fn connect_link(&self) -> io::Result<(Arc<Link>, JoinHandle<()>)> {
         let timeout = self.ctx.cfg.handshake_timeout;
-        let sock = TcpStream::connect_timeout(&self.exit, timeout)?;
+        let sock = self.dial(timeout)?;
         let _ = sock.set_nodelay(true);
         link::connect_handshake(&sock, timeout).map_err(|e| io::Error::other(e.to_string()))?;
         let id = self.ctx.next_link_id();
-        let link = Link::start(self.ctx.clone(), id, Role::Client, sock)?;
+        let link = Link::start(self.ctx.clone(), &self.registry, id, Role::Client, sock)?;
         let l = link.clone();
         match threads::spawn(format!("link-rd {id}"), move || l.run()) {
             Ok(reader) => Ok((link, reader)),

@@ -1,11 +1,13 @@
-//! Issue 4, the short soak: `halfpipe bench soak` through a real `halfpipe
-//! client` and `halfpipe exit`, with many half-closed streams at once in
-//! all three half-close orders (protocol.md §7). Every byte must verify,
-//! every stream complete, and both daemons' threads and descriptors return
-//! to their baseline (design.md invariant 6). No timing thresholds: the
+//! The short soak: `halfpipe-bench soak` through a real `halfpipe client`
+//! and `halfpipe exit`, with many half-closed streams at once in all three
+//! half-close orders (docs/protocol.md §7). Every byte must verify, every
+//! stream complete, and both daemons' threads and descriptors return to
+//! their baseline (docs/design.md, invariant 6). No timing thresholds: the
 //! machine is shared.
 
-use crate::util::Daemon;
+mod daemon;
+
+use daemon::Daemon;
 use serde_json::Value;
 use std::process::Command;
 
@@ -15,9 +17,8 @@ fn soak_short_loses_nothing_and_returns_to_baseline() {
     let client = Daemon::client(exit.link(), &[]);
     let socks = client.socks().to_string();
     let pids = format!("{},{}", client.pid(), exit.pid());
-    let out = Command::new(env!("CARGO_BIN_EXE_halfpipe"))
+    let out = Command::new(env!("CARGO_BIN_EXE_halfpipe-bench"))
         .args([
-            "bench",
             "soak",
             "--socks",
             &socks,
@@ -40,7 +41,7 @@ fn soak_short_loses_nothing_and_returns_to_baseline() {
             "--json",
         ])
         .output()
-        .expect("run halfpipe bench soak");
+        .expect("run halfpipe-bench soak");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let v: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| {

@@ -1,0 +1,78 @@
+//! The exit edge: accepts links (`link-accept`), and connects streams to
+//! their targets ([`connect`]: docs/protocol.md §5).
+
+pub mod connect;
+
+use crate::ctx::Ctx;
+use crate::link::{self, Link, Links};
+use crate::ops::limits::MAX_LINKS;
+use crate::runtime::threads::{self, Reaper};
+use halfpipe_proto::Role;
+use std::io;
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Accepts links until the listener is shut down, then joins every link.
+pub fn spawn_acceptor(
+    ctx: Arc<Ctx>,
+    registry: Arc<Links>,
+    listener: TcpListener,
+) -> io::Result<JoinHandle<()>> {
+    threads::spawn("link-accept".into(), move || {
+        let mut links = Reaper::default();
+        for conn in listener.incoming() {
+            links.reap();
+            if ctx.shutting_down() {
+                break;
+            }
+            let sock = match conn {
+                Ok(s) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!("accepting a link failed: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if links.len() >= MAX_LINKS {
+                tracing::warn!("{MAX_LINKS} links open: closing a new connection");
+                continue;
+            }
+            let id = ctx.next_link_id();
+            let (ctx, registry) = (ctx.clone(), registry.clone());
+            match threads::spawn(format!("link-rd {id}"), move || {
+                serve_link(ctx, &registry, id, sock)
+            }) {
+                Ok(h) => links.push(h),
+                Err(e) => tracing::warn!("cannot start a link thread ({e}): link refused"),
+            }
+        }
+        links.join_all();
+    })
+}
+
+/// One accepted link: handshake, then this thread is its reader.
+fn serve_link(ctx: Arc<Ctx>, registry: &Arc<Links>, id: u32, sock: TcpStream) {
+    let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    if let Err(e) = link::accept_handshake(&sock, ctx.cfg.handshake_timeout) {
+        // §1: close without sending VERSIONS; only this link is affected.
+        if crate::runtime::ratelimit::violation_warning() {
+            tracing::warn!(link = id, %peer, "link handshake failed, closing: {e}");
+        }
+        if matches!(e, link::HandshakeFailure::Protocol(_)) {
+            ctx.metrics
+                .violation(crate::ops::metrics::ViolationKind::Handshake);
+        }
+        return;
+    }
+    let _ = sock.set_nodelay(true);
+    match Link::start(ctx, registry, id, Role::Exit, sock) {
+        Ok(link) => {
+            tracing::info!(link = id, %peer, "link opened");
+            link.run();
+        }
+        Err(e) => tracing::warn!(link = id, %peer, "cannot start the link: {e}"),
+    }
+}

@@ -1,0 +1,380 @@
+//! The link reader `link-rd N`: blocks only on its socket and owns the link
+//! (docs/design.md, invariant 1). It hands RELAY cells to their circuits,
+//! answers the link-level cells of docs/protocol.md §2 and §3, starts the
+//! circuits, and joins them when the link ends.
+
+use super::table::{CircSlot, CircTable};
+use super::tx::{Gate, WriterMsg};
+use super::{nonce, Link};
+use crate::circuit::msg::CircMsg;
+use crate::circuit::Circuit;
+use crate::ops::metrics::{Dir, ViolationKind};
+use crate::runtime::inbox::{self, InboxTx};
+use crate::runtime::threads;
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use halfpipe_proto::kdf;
+use halfpipe_proto::Role;
+use std::io;
+use std::net::Shutdown;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Bytes the link reader asks for per read(): large reads were the one
+/// change that mattered in the prototype (issue 5).
+const READ_BUF: usize = 256 * 1024;
+
+impl Link {
+    /// The link reader: reads cells until the link ends, then tears down
+    /// its circuits and joins every thread it owns.
+    pub fn run(self: &Arc<Self>) {
+        self.reader_tid
+            .store(crate::runtime::sockets::gettid(), Ordering::Relaxed);
+        let why = match self.read_loop() {
+            Ok(()) if self.closed.load(Ordering::Acquire) => "closed".to_string(),
+            Ok(()) => "closed by peer".to_string(),
+            Err(e) if self.closed.load(Ordering::Acquire) => format!("closed ({e})"),
+            Err(e) => format!("read error: {e}"),
+        };
+        self.teardown(&why);
+    }
+
+    fn read_loop(self: &Arc<Self>) -> io::Result<()> {
+        let sock = socket2::SockRef::from(&*self.socket);
+        let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
+        loop {
+            let spare = buf.spare_capacity_mut();
+            let n = match sock.recv(spare) {
+                Ok(0) => return Ok(()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            // SAFETY: recv() initialised the first `n` bytes of the spare
+            // capacity (socket2's contract for `recv` into MaybeUninit).
+            unsafe { buf.set_len(buf.len() + n) };
+            self.ctx.metrics.add_link_bytes(Dir::Received, n);
+            // Only a well-filled buffer is worth handing over: a small one
+            // would pin READ_BUF bytes for a few cells in the circuit's inbox.
+            let run = single_circuit_run(&buf).filter(|&(_, whole)| whole >= READ_BUF / 2);
+            if let Some((wire, whole)) = run {
+                // The common case under load: the buffer holds RELAY cells of
+                // one circuit only. Hand the buffer itself over, no copy.
+                let mut next = Vec::with_capacity(READ_BUF);
+                next.extend_from_slice(&buf[whole..]);
+                buf.truncate(whole);
+                self.ctx
+                    .metrics
+                    .add_link_cells(Dir::Received, whole / cell::CELL_LEN);
+                self.to_circuit(wire, std::mem::replace(&mut buf, next));
+                continue;
+            }
+            let used = self.dispatch(&buf);
+            buf.drain(..used);
+            // The largest cell (a 65,535-byte variable cell) fits in the
+            // buffer, so a full buffer always holds a whole cell.
+        }
+    }
+
+    /// Hands every whole cell in `bytes` on; returns the bytes used.
+    /// Consecutive RELAY cells of one circuit travel as one message.
+    fn dispatch(self: &Arc<Self>, bytes: &[u8]) -> usize {
+        let mut pos = 0;
+        let mut cells = 0;
+        // The run of RELAY cells not yet handed on: its circuit and start.
+        let mut run: Option<(u32, usize)> = None;
+        while let Some((c, len)) = cell::decode(&bytes[pos..]) {
+            cells += 1;
+            if matches!(c.command, cmd::RELAY | cmd::RELAY_EARLY) {
+                match run {
+                    Some((id, _)) if id == c.circ_id => {}
+                    _ => {
+                        if let Some((id, start)) = run {
+                            self.to_circuit(id, bytes[start..pos].to_vec());
+                        }
+                        run = Some((c.circ_id, pos));
+                    }
+                }
+                pos += len;
+                continue;
+            }
+            if let Some((id, start)) = run.take() {
+                self.to_circuit(id, bytes[start..pos].to_vec());
+            }
+            pos += len;
+            self.handle_link_cell(c);
+        }
+        if let Some((id, start)) = run {
+            self.to_circuit(id, bytes[start..pos].to_vec());
+        }
+        self.ctx.metrics.add_link_cells(Dir::Received, cells);
+        pos
+    }
+
+    /// RELAY cells for a circuit; dropped silently if it is unknown or
+    /// destroyed (protocol.md §3).
+    fn to_circuit(&self, wire: u32, cells: Vec<u8>) {
+        let table = self.table.lock();
+        if let Some(CircSlot::Live { tx, .. }) = table.by_wire_id.get(&wire) {
+            // An unbounded send never blocks (invariant 1); a circuit that is
+            // ending has dropped its receiver and the cells go with it.
+            let _ = tx.send(CircMsg::Cells(cells));
+        }
+    }
+
+    /// Cells that are not RELAY: protocol.md §2 and §3.
+    fn handle_link_cell(self: &Arc<Self>, c: cell::CellRef<'_>) {
+        match c.command {
+            // §1: variable-length cells after the handshake are ignored;
+            // §2: PADDING is a keepalive.
+            _ if cell::is_var_cmd(c.command) => {}
+            cmd::PADDING => {}
+            cmd::CREATE_FAST if self.role == Role::Exit => self.on_create_fast(c),
+            cmd::CREATED_FAST if self.role == Role::Client => {
+                let table = self.table.lock();
+                if let Some(CircSlot::Pending(tx)) = table.by_wire_id.get(&c.circ_id) {
+                    // try_send: the reader never blocks (invariant 1); a
+                    // second answer for the same CircID carries nothing new.
+                    let _ = tx.try_send(Ok(c.payload.to_vec()));
+                }
+            }
+            // §2: CREATE and CREATE2 are answered with DESTROY(PROTOCOL); so is
+            // a CREATE_FAST sent to a client.
+            cmd::CREATE | cmd::CREATE2 | cmd::CREATE_FAST => {
+                if crate::runtime::ratelimit::violation_warning() {
+                    tracing::warn!(
+                        link = self.id,
+                        circ = c.circ_id,
+                        "peer sent {} (command {}): answering DESTROY(PROTOCOL)",
+                        if c.command == cmd::CREATE_FAST {
+                            "CREATE_FAST to a client"
+                        } else {
+                            "CREATE/CREATE2"
+                        },
+                        c.command
+                    );
+                }
+                // A live circuit on that CircID goes too: the peer will
+                // forget it when it sees our DESTROY.
+                let table = self.table.lock();
+                match table.by_wire_id.get(&c.circ_id) {
+                    Some(CircSlot::Live { tx, .. }) => {
+                        let _ = tx.send(CircMsg::Violation(format!(
+                            "command {} on a CircID in use",
+                            c.command
+                        )));
+                    }
+                    _ => {
+                        drop(table);
+                        self.ctx.metrics.violation(ViolationKind::Create);
+                        self.send_destroy(c.circ_id, destroy_reason::PROTOCOL);
+                    }
+                }
+            }
+            cmd::DESTROY => self.on_destroy(c.circ_id, c.payload[0]),
+            // §2: any other fixed-length command is dropped.
+            _ => {}
+        }
+    }
+
+    /// §3: DESTROY tears the circuit down at once; its CircID is free again.
+    fn on_destroy(&self, wire: u32, reason: u8) {
+        self.ctx.metrics.destroy_received(reason);
+        let mut table = self.table.lock();
+        match table.by_wire_id.remove(&wire) {
+            Some(CircSlot::Live {
+                tx, thread, gate, ..
+            }) => {
+                // Before the CircID is free again: nothing of the old
+                // circuit may follow a new circuit's CREATED_FAST.
+                gate.close();
+                let _ = tx.send(CircMsg::Destroyed { reason });
+                table.finished.extend(thread);
+                table.reap();
+            }
+            Some(CircSlot::Pending(tx)) => {
+                let _ = tx.try_send(Err(reason));
+            }
+            // §3: DESTROY for a circuit never created or already gone.
+            None => {}
+        }
+    }
+
+    /// §3: the exit answers CREATE_FAST with CREATED_FAST, or refuses.
+    fn on_create_fast(self: &Arc<Self>, c: cell::CellRef<'_>) {
+        let wire = c.circ_id;
+        let mut table = self.table.lock();
+        table.reap();
+        if wire & 0x8000_0000 == 0 {
+            drop(table);
+            if crate::runtime::ratelimit::violation_warning() {
+                tracing::warn!(
+                    link = self.id,
+                    circ = wire,
+                    "protocol violation: CREATE_FAST with the CircID top bit clear (protocol.md §3)"
+                );
+            }
+            self.ctx.metrics.violation(ViolationKind::Create);
+            self.send_destroy(wire, destroy_reason::PROTOCOL);
+            return;
+        }
+        if let Some(slot) = table.by_wire_id.get(&wire) {
+            // §3: CREATE_FAST on a CircID in use is a violation on that circuit.
+            if let CircSlot::Live { tx, .. } = slot {
+                let _ = tx.send(CircMsg::Violation(
+                    "CREATE_FAST on a CircID already in use".into(),
+                ));
+            }
+            return;
+        }
+        let refuse = if self.ctx.shutting_down() {
+            Some(destroy_reason::HIBERNATING)
+        } else if table.live_count() >= self.ctx.cfg.max_circuits_per_link
+            || self.ctx.circuit_count() >= crate::ops::limits::MAX_CIRCUITS
+        {
+            Some(destroy_reason::RESOURCELIMIT)
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            drop(table);
+            tracing::info!(
+                link = self.id,
+                circ = wire,
+                "refusing circuit: DESTROY({})",
+                destroy_reason::name(reason)
+            );
+            self.send_destroy(wire, reason);
+            return;
+        }
+        let mut x = [0u8; kdf::HASH_LEN];
+        x.copy_from_slice(&c.payload[..kdf::HASH_LEN]);
+        match self.spawn_circuit(&mut table, wire, None) {
+            Ok(()) => {
+                drop(table);
+                let mut out = Vec::with_capacity(cell::CELL_LEN);
+                cell::encode_fixed(
+                    &mut out,
+                    wire,
+                    cmd::CREATED_FAST,
+                    &kdf::created_fast_payload(&x, &nonce()),
+                );
+                let _ = self.tx.send(out);
+            }
+            Err(e) => {
+                drop(table);
+                tracing::warn!(
+                    link = self.id,
+                    circ = wire,
+                    "cannot start a circuit thread ({e}): DESTROY(RESOURCELIMIT)"
+                );
+                self.send_destroy(wire, destroy_reason::RESOURCELIMIT);
+            }
+        }
+    }
+
+    /// Starts the thread of circuit `wire` and enters it in the table.
+    fn spawn_circuit(
+        self: &Arc<Self>,
+        table: &mut CircTable,
+        wire: u32,
+        idle_timeout: Option<Duration>,
+    ) -> io::Result<()> {
+        let Some(slot) = self.ctx.take_circuit_slot() else {
+            return Err(io::Error::other(format!(
+                "the process holds {} circuits already",
+                crate::ops::limits::MAX_CIRCUITS
+            )));
+        };
+        let local = self.ctx.next_circuit_id();
+        let (tx, rx) = inbox::inbox();
+        let gate = Gate::open();
+        let link_tx = self.tx.for_circuit(gate.clone());
+        let circuit = Circuit::new(
+            self.clone(),
+            link_tx,
+            wire,
+            local,
+            (tx.clone(), rx),
+            idle_timeout,
+            slot,
+        );
+        let view = circuit.view();
+        let handle = threads::spawn(format!("circ {}.{}", self.id, local), move || circuit.run())?;
+        table.by_wire_id.insert(
+            wire,
+            CircSlot::Live {
+                tx,
+                local,
+                gate,
+                view,
+                thread: Some(handle),
+            },
+        );
+        Ok(())
+    }
+
+    /// Client side of §3, step two: KH checked, start the circuit thread.
+    /// Returns the circuit's inbox and its local id.
+    /// A circuit with an `idle_timeout` destroys itself once it has had no
+    /// stream for that long.
+    pub fn finish_create(
+        self: &Arc<Self>,
+        wire: u32,
+        idle_timeout: Option<Duration>,
+    ) -> io::Result<(InboxTx<CircMsg>, u32)> {
+        let mut table = self.table.lock();
+        if !matches!(table.by_wire_id.remove(&wire), Some(CircSlot::Pending(_))) {
+            return Err(io::Error::other(
+                "circuit was destroyed during its handshake",
+            ));
+        }
+        self.spawn_circuit(&mut table, wire, idle_timeout)?;
+        match table.by_wire_id.get(&wire) {
+            Some(CircSlot::Live { tx, local, .. }) => Ok((tx.clone(), *local)),
+            _ => unreachable!("just inserted"),
+        }
+    }
+
+    fn teardown(&self, why: &str) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.socket.shutdown(Shutdown::Both);
+        // Packagers waiting for room must not wait for a writer that is gone.
+        self.tx.room.close();
+        let (circuits, mut handles) = {
+            let mut table = self.table.lock();
+            let finished: Vec<_> = table.finished.drain(..).collect();
+            (table.by_wire_id.drain().collect::<Vec<_>>(), finished)
+        };
+        let count = circuits.len();
+        for (_, slot) in circuits {
+            match slot {
+                CircSlot::Live { tx, thread, .. } => {
+                    let _ = tx.send(CircMsg::LinkClosed);
+                    handles.extend(thread);
+                }
+                // Dropping the sender tells the waiting creator.
+                CircSlot::Pending(_) => {}
+            }
+        }
+        handles.into_iter().for_each(threads::join);
+        let _ = self.tx.tx.send(WriterMsg::Close);
+        if let Some(w) = self.writer.lock().take() {
+            threads::join(w);
+        }
+        self.registry.unregister(self.id);
+        tracing::info!(link = self.id, peer = %self.peer, circuits = count, "link closed: {why}");
+    }
+}
+
+/// If the whole cells at the front of `buf` are all RELAY cells of one
+/// circuit, returns that circuit and how many bytes they take.
+fn single_circuit_run(buf: &[u8]) -> Option<(u32, usize)> {
+    let whole = buf.len() / cell::CELL_LEN * cell::CELL_LEN;
+    let first = buf.get(..cell::CELL_LEN)?;
+    let wire = u32::from_be_bytes([first[0], first[1], first[2], first[3]]);
+    let all = buf[..whole]
+        .chunks_exact(cell::CELL_LEN)
+        .all(|c| matches!(c[4], cmd::RELAY | cmd::RELAY_EARLY) && c[..4] == first[..4]);
+    all.then_some((wire, whole))
+}

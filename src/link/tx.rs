@@ -1,0 +1,138 @@
+//! The sending side of a link: one FIFO queue to the link writer, shared by
+//! every circuit and stream on the link (docs/design.md, invariants 3 and 4).
+//!
+//! Cells leave in the order they were queued: CONNECTED before the stream's
+//! first DATA, DATA before FIN, BEGIN before END. Control cells are queued at
+//! once; DATA cells first take room in the queue (`reserve`), which is where
+//! a busy link pushes back on packagers.
+
+use crate::runtime::inbox::InboxTx;
+use crate::runtime::monitor::{Monitor, Stopped};
+use parking_lot::RwLock;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// DATA cells that may wait in a link's outbound queue (about 1 MiB).
+pub const QUEUE_CELLS: u32 = 2048;
+
+pub(super) enum WriterMsg {
+    Cells { bytes: Vec<u8>, data_cells: u32 },
+    Close,
+}
+
+/// Control bytes that may wait in a link's queue. Legitimate control
+/// traffic is bounded by the windows and the stream limits; a peer that
+/// sends requests but never reads our answers is cut off past this.
+const MAX_CONTROL_QUEUED: usize = 8 << 20;
+
+/// The sending side of a link, cloned by every circuit and stream on it.
+#[derive(Clone)]
+pub struct LinkTx {
+    pub(super) tx: InboxTx<WriterMsg>,
+    pub(super) room: Arc<Monitor<u32>>,
+    /// Control bytes queued and not yet written.
+    pub(super) control_queued: Arc<AtomicUsize>,
+    /// To cut the link off when its peer stops reading.
+    pub(super) socket: Arc<TcpStream>,
+    /// On a circuit's copy: that circuit's gate (see `Gate`).
+    pub(super) gate: Option<Arc<Gate>>,
+}
+
+/// Whether a circuit may still put cells on the link (protocol.md §3).
+///
+/// A circuit's cells are queued by several threads (its own, and each
+/// stream's packager and deliverer) while the CircID can be freed by the
+/// link reader (the peer's DESTROY) or by the circuit itself. Once the
+/// CircID is free the peer may create a new circuit on it at once; a cell
+/// of the old circuit queued after that would be read as the new one's.
+/// So every send holds the gate open for its (non-blocking) enqueue, and
+/// the CircID is freed only after the gate is closed, under the link's
+/// circuit table lock.
+#[derive(Default)]
+pub struct Gate(RwLock<bool>);
+
+impl Gate {
+    pub(super) fn open() -> Arc<Gate> {
+        Arc::new(Gate(RwLock::new(true)))
+    }
+
+    /// Waits out sends in progress (each a non-blocking enqueue); after
+    /// this no cell of the circuit is queued.
+    pub(super) fn close(&self) {
+        *self.0.write() = false;
+    }
+}
+
+/// The link's writer is gone: the link is closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("link closed")]
+pub struct LinkGone;
+
+impl LinkTx {
+    /// The sender for one circuit: its cells are dropped once `gate` is
+    /// closed.
+    pub(super) fn for_circuit(&self, gate: Arc<Gate>) -> LinkTx {
+        LinkTx {
+            gate: Some(gate),
+            ..self.clone()
+        }
+    }
+
+    /// Queues control cells (whole cells, concatenated). Never blocks.
+    pub fn send(&self, bytes: Vec<u8>) -> Result<(), LinkGone> {
+        let open = self.gate.as_ref().map(|g| g.0.read());
+        if open.as_deref() == Some(&false) {
+            return Err(LinkGone); // the circuit is gone (§3)
+        }
+        let queued = self.control_queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
+        if queued > MAX_CONTROL_QUEUED {
+            tracing::warn!(
+                "peer is not reading: {queued} bytes of control cells queued; closing the link"
+            );
+            let _ = self.socket.shutdown(Shutdown::Both);
+            return Err(LinkGone);
+        }
+        self.tx
+            .send(WriterMsg::Cells {
+                bytes,
+                data_cells: 0,
+            })
+            .map_err(|_| LinkGone)
+    }
+
+    /// Waits for room for `cells` DATA cells in the queue. `cells` must not
+    /// exceed `QUEUE_CELLS`.
+    pub fn reserve(&self, cells: u32, cancel: &AtomicBool) -> Result<(), Stopped> {
+        debug_assert!(cells <= QUEUE_CELLS);
+        self.room.wait_until(cancel, |room| {
+            (*room >= cells).then(|| {
+                *room -= cells;
+            })
+        })
+    }
+
+    /// Returns room reserved but not used.
+    pub fn unreserve(&self, cells: u32) {
+        self.room.update(|room| *room += cells);
+    }
+
+    /// Queues `data_cells` DATA cells for which room was reserved.
+    pub fn send_data(&self, bytes: Vec<u8>, data_cells: u32) -> Result<(), LinkGone> {
+        let open = self.gate.as_ref().map(|g| g.0.read());
+        if open.as_deref() == Some(&false) {
+            // The circuit is gone but the link lives on: its room is not.
+            self.room.update(|room| *room += data_cells);
+            return Err(LinkGone);
+        }
+        self.tx
+            .send(WriterMsg::Cells { bytes, data_cells })
+            .map_err(|_| LinkGone)
+    }
+
+    /// Wakes packagers waiting for room so that they see their stream's
+    /// cancel flag.
+    pub fn kick(&self) {
+        self.room.kick();
+    }
+}
