@@ -1,4 +1,4 @@
-//! Concurrency model check of a stream's three threads (issue 4): loom runs
+//! Concurrency model check of a stream's three threads: loom runs
 //! every interleaving, up to a preemption bound, of a packager, a deliverer
 //! and a circuit thread sharing one stream's state, on the half-close paths
 //! (protocol.md §7) and the abort paths (§8), and checks that none
@@ -7,32 +7,34 @@
 //! after all data, both threads end after an abort, and the windows (§10)
 //! add up.
 //!
-//! Real code under test: `Monitor` (src/monitor.rs, on loom's Mutex and
-//! Condvar through src/sync.rs), the §7 state machine, the §10 windows, and
-//! the lock-held steps of src/stream.rs (`StreamState::step`,
-//! `read_window`, `queue_data`, `accept_data`, `on_sendme`, `delivered`),
-//! and `inbox::Bell`. The threads around them mirror, step by step,
-//! the functions of src/stream.rs, src/circuit.rs and src/link.rs that each
+//! Real code under test: `Monitor` (src/runtime/monitor.rs, on loom's Mutex
+//! and Condvar through src/runtime/sync.rs), the §7 state machine, the §10
+//! windows, and the lock-held steps of `halfpipe_proto::stream::StreamState`
+//! (`step`, `read_window`, `queue_data`, `accept_data`, `on_sendme`,
+//! `delivered`), and `inbox::Bell`. The threads around them mirror, step by
+//! step, the functions of src/stream/, src/circuit/ and src/link/ that each
 //! comment names; sockets and the link become records: `Model::sent` is the
 //! link's outbound queue, `Model::sock` what was done to the TCP connection.
 //!
-//! Build and run (README, "Concurrency model check"):
+//! Build and run (docs/robustness.md, "Concurrency model check"):
 //!
 //! ```text
 //! CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" LOOM_MAX_PREEMPTIONS=3 \
 //!     cargo test --lib loom -- --nocapture
 //! ```
 
-use crate::link::LinkGone;
 use crate::runtime::batch::DataBatch;
 use crate::runtime::monitor::{Monitor, Stopped};
-use crate::stream::{self, Counters, DeliverMsg, Discard, Outbound, StreamState};
+use crate::stream::DeliverMsg;
 use halfpipe_proto::flow::{
     PackageWindow, CIRCUIT_SENDME_INCREMENT, CIRCUIT_WINDOW_START, STREAM_SENDME_INCREMENT,
     STREAM_WINDOW_START,
 };
 use halfpipe_proto::halfclose::{Action, CloseCause, Event, State, Violation};
 use halfpipe_proto::relay::{end_reason, relay_cmd};
+use halfpipe_proto::stream::{
+    self, Counters, Delivery, Discard, Gone, Outbound, Queued, StreamState,
+};
 use loom::sync::atomic::AtomicBool;
 use loom::sync::{mpsc, Arc};
 use loom::thread;
@@ -162,7 +164,7 @@ impl Outbound for Model {
         self.sent.update(|s| s.push(Sent::Sendme(n)));
     }
 
-    fn data(&self, _cells: Vec<u8>, count: u32) -> Result<(), LinkGone> {
+    fn data(&self, _cells: Vec<u8>, count: u32) -> Result<(), Gone> {
         self.sent.update(|s| s.push(Sent::Data(count)));
         Ok(())
     }
@@ -271,7 +273,7 @@ fn packager(m: &Model, reads: &[Read]) {
     let mut unread = 0;
     loop {
         // The state's low water is 1 (`run`).
-        let window = m.state.wait_until(&m.aborted, StreamState::read_window);
+        let window = m.state.wait_until(&m.aborted, |st| st.read_window());
         let window = match window {
             Ok(0) => return,
             Err(_) => return m.stopped(),
@@ -315,15 +317,15 @@ fn send_cells(m: &Model, cells: u32) -> Result<(), ()> {
             return Err(());
         }
         let mut st = m.state.lock();
-        match st.queue_data(Vec::new(), k, u64::from(k), m) {
-            Ok(true) => {}
-            Ok(false) => {
+        match st.queue_data(Vec::new(), k, u64::from(k), Instant::now(), m) {
+            Ok(Queued::Sent) => {}
+            Ok(Queued::MayNotPackage) => {
                 drop(st);
                 m.circuit_window.update(|w| w.give_back(k));
                 m.room.update(|room| *room += k);
                 return Err(());
             }
-            Err(LinkGone) => return Err(()),
+            Err(Gone) => return Err(()),
         }
         drop(st);
         sent += k;
@@ -346,7 +348,9 @@ fn deliverer(m: &Model, rx: &mpsc::Receiver<DeliverMsg>) {
                     }
                     return;
                 }
-                m.state.lock().delivered(cells, batch.bytes(), m);
+                m.state
+                    .lock()
+                    .delivered(cells, batch.bytes(), Instant::now(), m);
             }
             DeliverMsg::Fin => {
                 if m.on_socket(Sock::ShutdownWrite).is_err() && !m.is_aborted() {
@@ -369,7 +373,9 @@ fn circuit(m: &Model, peer: &[Peer]) {
         match *p {
             Peer::Data(n) => {
                 // One run of `n` cells, as `Circuit::on_data` takes it.
-                if n > 0 && m.state.lock().accept_data(n).expect("no violation") {
+                if n > 0
+                    && m.state.lock().accept_data(n).expect("no violation") == Delivery::Deliver
+                {
                     let arrival = std::sync::Arc::new(vec![0u8; n as usize]);
                     let cells = (0..n).map(|i| (i, 1)).collect();
                     let batch = DataBatch::from_arrival(&arrival, cells);
@@ -388,11 +394,14 @@ fn circuit(m: &Model, peer: &[Peer]) {
                     reason: end_reason::DONE,
                 });
             }
-            // `Stream::on_sendme`.
-            Peer::Sendme => m
-                .state
-                .update_waking_if(stream::sendme_step)
-                .expect("in window"),
+            // `StreamMap::on_stream_sendme` through the circuit's
+            // `StreamEntry`: the step under the lock, then the wake-up.
+            Peer::Sendme => {
+                let wake = m.state.update(|st| st.on_sendme()).expect("in window");
+                if wake == stream::Wake::Packager {
+                    m.state.kick();
+                }
+            }
             Peer::CircuitSendme => m
                 .circuit_window
                 .update(|w| w.on_sendme())
@@ -451,17 +460,14 @@ fn explore(name: &str, model: impl Fn() + Sync + Send + 'static) {
 
 /// One execution: start the three threads, join them, check the records.
 fn run(sc: Scenario) {
-    let mut st = stream::new_state(None);
+    let mut st = StreamState::new(Instant::now());
     st.connected = true;
-    // Low water 1, not `READ_LOW_WATER`: a scenario's window starts low
-    // with cells in flight that no SENDME will ever acknowledge.
-    st.low_water = 1;
     st.package.take(STREAM_WINDOW_START - sc.stream_window);
     if sc.sendme_due {
         // 49 cells received and written: the next one written earns a
         // SENDME (§10: 50 written, deliver window at most 450).
-        assert!(st.accept_data(49).unwrap());
-        st.delivered(49, 49, &Discard);
+        assert_eq!(st.accept_data(49), Ok(Delivery::Deliver));
+        st.delivered(49, 49, Instant::now(), &Discard);
     }
     let before = st.counters;
     let mut circuit_window = PackageWindow::circuit();

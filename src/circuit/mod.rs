@@ -1,6 +1,9 @@
-//! A circuit thread (`circ L.C`): owns its stream table and the circuit's
-//! windows, and turns relay cells into events for streams (protocol.md §3,
-//! §4, §5, §7, §9, §10).
+//! A circuit thread (`circ L.C`): owns its streams (a
+//! `halfpipe_proto::streammap::StreamMap`, which applies the rules of
+//! docs/protocol.md §4, §5, §6, §9 and §10 to every relay cell) and the
+//! circuit's windows, and carries out what the map decides: hand DATA and
+//! FIN to deliverers, start and join stream threads, answer BEGIN and
+//! RESOLVE, and tear the circuit down (§3).
 //!
 //! It never blocks on a socket or a full queue (invariant 2): everything it
 //! sends goes into unbounded queues whose size the windows bound. Its only
@@ -18,37 +21,41 @@ use crate::runtime::fairwindow::FairWindow;
 use crate::runtime::inbox::{self, Inbox, InboxTx};
 use crate::runtime::monitor::Monitor;
 use crate::runtime::threads;
-use crate::stream::{self, DeliverMsg, DeliverStart, Stream};
+use crate::stream::{self, DeliverMsg, DeliverStart, Shared, Stream};
 use crossbeam_channel::Sender;
 use halfpipe_proto::cell::{destroy_reason, CELL_LEN};
-use halfpipe_proto::flow::{CircuitDeliverWindow, PackageWindow};
+use halfpipe_proto::flow::PackageWindow;
 use halfpipe_proto::halfclose::{Action, Event};
 use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
+use halfpipe_proto::stream::{Delivery, StreamState};
+use halfpipe_proto::streammap::{Begin, CircuitViolation, Ended, Resolve, StreamEntry, StreamMap};
 use halfpipe_proto::Role;
 pub use msg::{CircMsg, OpenRequest, ResolveRequest};
-use rustc_hash::FxHashMap;
 use socket2::Socket;
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use view::CircuitView;
 
-/// How many recently closed stream IDs a circuit remembers (§9: bounded,
-/// oldest first out).
-const RECENTLY_CLOSED: usize = 4096;
-
 /// How a circuit ends.
 enum End {
     Destroyed(u8),
     LinkClosed,
+    /// A cell broke the circuit's rules (the link's, for `Create`).
     Violation(ViolationKind, String),
     Hibernate,
     /// An isolation circuit without streams for its idle timeout.
     Idle,
 }
 
+impl From<CircuitViolation> for End {
+    fn from(v: CircuitViolation) -> End {
+        End::Violation(ViolationKind::of(&v), v.to_string())
+    }
+}
+
+/// A stream as the circuit keeps it.
 struct Entry {
     stream: Arc<Stream>,
     threads: Vec<JoinHandle<()>>,
@@ -58,45 +65,31 @@ struct Entry {
     /// the buffer the cells arrived in, and where each cell's data lies in
     /// it (`DataBatch`).
     batch: Option<Gathered>,
-    /// Client: CONNECTED has arrived (it never goes back), so DATA need
-    /// not ask the stream under its lock.
-    connected: bool,
     _slot: StreamSlot,
+}
+
+/// The map reaches a stream's state under the stream's lock.
+impl StreamEntry for Entry {
+    fn with_state<T>(&self, f: impl FnOnce(&mut StreamState) -> T) -> T {
+        f(&mut self.stream.state.lock())
+    }
+
+    fn wake_packager(&self) {
+        self.stream.state.kick();
+    }
+}
+
+/// A RESOLVE as the circuit keeps it.
+enum Resolving {
+    /// Exit: the resolver thread, with its stream slot.
+    Lookup(JoinHandle<()>, StreamSlot),
+    /// Client: where the SOCKS handshake waits for the answers.
+    Waiting(Sender<Vec<Answer>>),
 }
 
 /// DATA gathered for a stream: the arrival buffer, and (start, length) of
 /// each cell's data in it.
 type Gathered = (Arc<Vec<u8>>, Vec<(u32, u32)>);
-
-/// §9: IDs of streams that closed, bounded, oldest first out.
-#[derive(Default)]
-struct RecentlyClosed {
-    order: VecDeque<u16>,
-    set: HashSet<u16>,
-}
-
-impl RecentlyClosed {
-    fn insert(&mut self, id: u16) {
-        if self.set.insert(id) {
-            self.order.push_back(id);
-            if self.order.len() > RECENTLY_CLOSED {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
-            }
-        }
-    }
-
-    fn remove(&mut self, id: u16) {
-        if self.set.remove(&id) {
-            self.order.retain(|&x| x != id);
-        }
-    }
-
-    fn contains(&self, id: u16) -> bool {
-        self.set.contains(&id)
-    }
-}
 
 pub struct Circuit {
     ctx: Arc<Ctx>,
@@ -111,20 +104,8 @@ pub struct Circuit {
     name: String,
     tx: InboxTx<CircMsg>,
     rx: Inbox<CircMsg>,
-    /// Looked up for every cell: a fast hash (stream IDs are bounded per
-    /// circuit, so flooding one bucket costs the peer its own circuit).
-    streams: FxHashMap<u16, Entry>,
-    /// CLOSED streams whose ID a new stream took before their threads
-    /// ended (§5: a BEGIN on a recently-closed ID opens a new stream).
-    retired: Vec<Entry>,
-    recent: RecentlyClosed,
-    deliver: CircuitDeliverWindow,
+    map: StreamMap<Entry, Resolving>,
     package: Arc<FairWindow>,
-    /// Exit: resolver threads by stream ID, with their stream slots.
-    resolvers: HashMap<u16, (JoinHandle<()>, StreamSlot)>,
-    /// Client: RESOLVEs waiting for RESOLVED.
-    pending_resolves: HashMap<u16, Sender<Vec<Answer>>>,
-    next_stream: u16,
     /// Serial number of the next stream (see `Stream::serial`).
     next_serial: u64,
     /// Streams with DATA gathered in their entry's batch.
@@ -164,10 +145,6 @@ fn send_batch(entry: &mut Entry) {
     }
 }
 
-fn violation(kind: ViolationKind, why: impl Into<String>) -> End {
-    End::Violation(kind, why.into())
-}
-
 impl Circuit {
     pub fn new(
         link: Arc<Link>,
@@ -179,14 +156,14 @@ impl Circuit {
         slot: CircuitSlot,
     ) -> Circuit {
         let package = Arc::new(FairWindow::new(PackageWindow::circuit()));
-        let deliver = CircuitDeliverWindow::default();
+        let map = StreamMap::new(link.role);
         let view = CircuitView::new(
             link.id,
             local,
             wire,
             link.role,
             package.clone(),
-            deliver.value(),
+            map.deliver_window(),
         );
         Circuit {
             ctx: link.ctx.clone(),
@@ -198,14 +175,8 @@ impl Circuit {
             local,
             tx,
             rx,
-            streams: FxHashMap::default(),
-            retired: Vec::new(),
-            recent: RecentlyClosed::default(),
-            deliver,
+            map,
             package,
-            resolvers: HashMap::new(),
-            pending_resolves: HashMap::new(),
-            next_stream: 1,
             next_serial: 0,
             dirty: Vec::new(),
             out: Vec::new(),
@@ -235,10 +206,7 @@ impl Circuit {
         // timeout counts from there (a tick does not restart it).
         let mut quiet_since = Instant::now();
         let end = loop {
-            let idle = self.streams.is_empty()
-                && self.retired.is_empty()
-                && self.resolvers.is_empty()
-                && self.pending_resolves.is_empty();
+            let idle = self.map.is_idle();
             // The isolation idle timeout restarts with every message.
             let circuit_deadline = self.idle_timeout.filter(|_| idle).map(|t| quiet_since + t);
             let deadline = match (circuit_deadline, next_check) {
@@ -288,11 +256,10 @@ impl Circuit {
     /// stream: END(TIMEOUT) and a reset. Streams still connecting are left
     /// to the connect timeout.
     fn end_idle_streams(&mut self, limit: Duration) {
-        for entry in self.streams.values() {
-            let idle = {
-                let st = entry.stream.state.lock();
+        for entry in self.map.streams() {
+            let idle = entry.with_state(|st| {
                 st.connected && !st.hc.is_closed() && st.last_activity.elapsed() >= limit
-            };
+            });
             if idle {
                 tracing::info!(stream = %entry.stream.name, "idle for {}: END(TIMEOUT)", humantime::format_duration(limit));
                 let _ = entry.stream.handle(Event::Error {
@@ -325,10 +292,9 @@ impl Circuit {
             CircMsg::ResolverDone { stream_id, answers } => {
                 // Sent from here, not from the resolver thread, so that the
                 // ID is free the moment RESOLVED leaves (§5: no stream).
-                if let Some((handle, _slot)) = self.resolvers.remove(&stream_id) {
+                if let Some(Resolving::Lookup(handle, _slot)) = self.map.finish_resolve(stream_id) {
                     let body = relay::encode_resolved(&answers, 60);
                     self.queue_relay(relay_cmd::RESOLVED, stream_id, &body);
-                    self.recent.insert(stream_id);
                     self.flush();
                     threads::join(handle);
                 }
@@ -344,7 +310,7 @@ impl Circuit {
     /// Sends the control cells and deliverer batches gathered so far.
     fn flush(&mut self) {
         for id in self.dirty.drain(..) {
-            if let Some(entry) = self.streams.get_mut(&id) {
+            if let Some(entry) = self.map.stream_mut(id) {
                 send_batch(entry);
             }
         }
@@ -352,7 +318,7 @@ impl Circuit {
             let _ = self.link_tx.send(std::mem::take(&mut self.out));
         }
         self.ctx.metrics.add(Dir::Received, &mut self.tally);
-        self.view.set_deliver_window(self.deliver.value());
+        self.view.set_deliver_window(self.map.deliver_window());
     }
 
     fn queue_relay(&mut self, command: u8, stream_id: u16, body: &[u8]) {
@@ -390,39 +356,12 @@ impl Circuit {
         Ok(())
     }
 
-    /// Decodes a relay cell and applies the checks every relay cell gets
-    /// (protocol.md §4).
+    /// Decodes a relay cell (R4.4) and applies the checks every relay cell
+    /// gets (R4.6, R4.7, R4.8).
     fn relay_cell<'a>(&mut self, payload: &'a [u8]) -> Result<RelayCell<'a>> {
-        let rc = relay::decode(payload)
-            .map_err(|e| violation(ViolationKind::RelayHeader, e.to_string()))?;
+        let rc = relay::decode(payload).map_err(CircuitViolation::from)?;
         self.tally.relay(rc.command);
-        // §4: a relay command sent the wrong way, or DATA/FIN/END on stream 0.
-        let wrong_way = match self.role {
-            Role::Exit => matches!(rc.command, relay_cmd::CONNECTED | relay_cmd::RESOLVED),
-            Role::Client => matches!(rc.command, relay_cmd::BEGIN | relay_cmd::RESOLVE),
-        };
-        if wrong_way {
-            return Err(violation(
-                ViolationKind::WrongDirection,
-                format!("{} sent the wrong way", relay_cmd::name(rc.command)),
-            ));
-        }
-        let needs_stream = matches!(
-            rc.command,
-            relay_cmd::DATA
-                | relay_cmd::FIN
-                | relay_cmd::END
-                | relay_cmd::BEGIN
-                | relay_cmd::CONNECTED
-                | relay_cmd::RESOLVE
-                | relay_cmd::RESOLVED
-        );
-        if needs_stream && rc.stream_id == 0 {
-            return Err(violation(
-                ViolationKind::StreamZero,
-                format!("{} on stream 0", relay_cmd::name(rc.command)),
-            ));
-        }
+        self.map.check(&rc)?;
         Ok(rc)
     }
 
@@ -435,192 +374,116 @@ impl Circuit {
                 self.on_end(id, relay::parse_end(rc.body));
                 Ok(())
             }
+            // R10.4, R10.11 on the circuit window (R10.12: payload ignored).
             relay_cmd::SENDME if id == 0 => self
                 .package
                 .update(|w| w.on_sendme())
-                .map_err(|v| violation(ViolationKind::FlowControl, v.to_string())),
-            relay_cmd::SENDME => self.on_stream_sendme(id),
+                .map_err(|v| End::from(CircuitViolation::CircuitWindow(v))),
+            relay_cmd::SENDME => Ok(self.map.on_stream_sendme(id)?),
             relay_cmd::CONNECTED => self.on_connected(id, rc.body),
             relay_cmd::BEGIN => self.on_begin(id, rc.body),
             relay_cmd::RESOLVE => self.on_resolve(id, rc.body),
             relay_cmd::RESOLVED => {
-                self.on_resolved(id, rc.body);
+                if let Some(Resolving::Waiting(reply)) = self.map.on_resolved(id) {
+                    let _ = reply.send(relay::parse_resolved(rc.body));
+                }
                 Ok(())
             }
-            // §4: DROP is ignored and unknown relay commands are dropped.
+            // R4.9: DROP is ignored and unknown relay commands are dropped.
             _ => Ok(()),
         }
     }
 
-    /// §6 and §10: DATA counts against the circuit window whatever its
-    /// stream; it is delivered only to an open stream (§9 drops the rest).
-    /// `run` is where the data of consecutive DATA cells of stream `id` lies
-    /// in `arrival`, the buffer they arrived in.
+    /// §6, §10: a run of DATA cells of stream `id`; `run` is where their
+    /// data lies in `arrival`, the buffer they arrived in.
     fn on_data(&mut self, id: u16, arrival: &Arc<Vec<u8>>, run: Vec<(u32, u32)>) -> Result<()> {
-        for _ in &run {
-            if self
-                .deliver
-                .on_data()
-                .map_err(|v| violation(ViolationKind::FlowControl, v.to_string()))?
-            {
-                self.queue_relay(relay_cmd::SENDME, 0, &[]);
-            }
+        let outcome = self.map.on_data(id, run.len() as u32)?;
+        for _ in 0..outcome.circuit_sendmes {
+            self.queue_relay(relay_cmd::SENDME, 0, &[]); // R10.2
         }
-        let Some(entry) = self.streams.get_mut(&id) else {
+        if outcome.delivery == Delivery::Drop {
+            return Ok(());
+        }
+        let Some(entry) = self.map.stream_mut(id) else {
             return Ok(());
         };
-        if self.role == Role::Client && !entry.connected && entry.stream.awaiting_connected() {
-            return Err(violation(ViolationKind::Connected, "DATA before CONNECTED"));
-        }
-        if entry
-            .stream
-            .accept_data(run.len() as u32)
-            .map_err(|(kind, why)| violation(kind, why))?
-        {
-            match &mut entry.batch {
-                Some((gathered, cells)) => {
-                    // `flush` sends every batch after each inbox message, so
-                    // ranges into two buffers never meet in one batch.
-                    debug_assert!(Arc::ptr_eq(gathered, arrival));
-                    cells.extend(run);
-                }
-                None => {
-                    self.dirty.push(id);
-                    entry.batch = Some((arrival.clone(), run));
-                }
+        match &mut entry.batch {
+            Some((gathered, cells)) => {
+                // `flush` sends every batch after each inbox message, so
+                // ranges into two buffers never meet in one batch.
+                debug_assert!(Arc::ptr_eq(gathered, arrival));
+                cells.extend(run);
+            }
+            None => {
+                self.dirty.push(id);
+                entry.batch = Some((arrival.clone(), run));
             }
         }
         Ok(())
     }
 
-    /// §7: FIN → deliver what came before it, then shutdown(SHUT_WR).
+    /// R7.4, R7.5: FIN → deliver what came before it, then shutdown(SHUT_WR).
     fn on_fin(&mut self, id: u16) -> Result<()> {
-        let Some(entry) = self.streams.get_mut(&id) else {
-            return Ok(()); // §9
+        let Some(step) = self.map.on_fin(id)? else {
+            return Ok(()); // R9.3, R9.5
         };
-        if self.role == Role::Client && entry.stream.awaiting_connected() {
-            return Err(violation(ViolationKind::Connected, "FIN before CONNECTED"));
+        let entry = self.map.stream_mut(id).expect("on_fin found it");
+        if step.action == Action::DeliverThenShutdownWrite {
+            send_batch(entry);
+            let _ = entry.stream.to_deliverer.send(DeliverMsg::Fin);
         }
-        match entry.stream.handle(Event::FinReceived) {
-            Err(v) => Err(violation(ViolationKind::HalfClose, v.to_string())),
-            Ok(Action::DeliverThenShutdownWrite) => {
-                send_batch(entry);
-                let _ = entry.stream.to_deliverer.send(DeliverMsg::Fin);
-                Ok(())
-            }
-            Ok(_) => Ok(()),
-        }
+        entry.stream.carry_out(step, Event::FinReceived);
+        Ok(())
     }
 
-    /// §7, §8: END aborts without sending; a client stream still waiting
-    /// for CONNECTED answers the SOCKS request with the failure (§11).
+    /// R7.8, R8.8: END aborts without sending; a client stream still
+    /// waiting for CONNECTED answers the SOCKS request with the failure
+    /// (R8.10).
     fn on_end(&mut self, id: u16, reason: u8) {
         self.ctx.metrics.end_received(reason);
-        if let Some(reply) = self.pending_resolves.remove(&id) {
-            let _ = reply.send(vec![Answer::TransientError]);
-            self.recent.insert(id);
-            return;
-        }
-        if let Some(entry) = self.streams.get_mut(&id) {
-            entry.batch = None; // §8: queued data is discarded
-            tracing::debug!(stream = %entry.stream.name, "END({}) received", end_reason::name(reason));
-            let _ = entry.stream.handle(Event::EndReceived { reason });
-        }
-    }
-
-    fn on_stream_sendme(&mut self, id: u16) -> Result<()> {
-        match self.streams.get(&id) {
-            Some(entry) => entry
-                .stream
-                .on_sendme()
-                .map_err(|v| violation(ViolationKind::FlowControl, v.to_string())),
-            None => Ok(()), // §9
+        match self.map.on_end(id, reason) {
+            Ended::Stream(step) => {
+                let entry = self.map.stream_mut(id).expect("on_end found it");
+                entry.batch = None; // R8.8: queued data is discarded
+                tracing::debug!(stream = %entry.stream.name, "END({}) received", end_reason::name(reason));
+                entry.stream.carry_out(step, Event::EndReceived { reason });
+            }
+            Ended::Resolve(Resolving::Waiting(reply)) => {
+                let _ = reply.send(vec![Answer::TransientError]);
+            }
+            Ended::Resolve(Resolving::Lookup(..)) => unreachable!("exits wait for no RESOLVED"),
+            Ended::Dropped => {}
         }
     }
 
-    /// Client, §5: CONNECTED answers our BEGIN.
+    /// Client, R5.4: CONNECTED answers our BEGIN.
     fn on_connected(&mut self, id: u16, body: &[u8]) -> Result<()> {
-        let Some(entry) = self.streams.get_mut(&id) else {
-            return Ok(()); // §9
-        };
-        let verdict = {
-            let mut st = entry.stream.state.lock();
-            if st.hc.is_closed() {
-                None // §9: late CONNECTED for a stream that already ended
-            } else if st.connected {
-                Some(false)
-            } else {
-                st.connected = true;
-                Some(true)
-            }
-        };
-        match verdict {
-            None => return Ok(()),
-            Some(false) => {
-                return Err(violation(
-                    ViolationKind::Connected,
-                    "second CONNECTED for a stream",
-                ))
-            }
-            Some(true) => entry.connected = true,
+        if self.map.on_connected(id)? == Delivery::Deliver {
+            let entry = self.map.stream(id).expect("on_connected found it");
+            let _ = entry
+                .stream
+                .to_deliverer
+                .send(DeliverMsg::Connected(relay::parse_connected(body)));
         }
-        let _ = entry
-            .stream
-            .to_deliverer
-            .send(DeliverMsg::Connected(relay::parse_connected(body)));
         Ok(())
     }
 
-    /// Client, §5: RESOLVED answers our RESOLVE.
-    fn on_resolved(&mut self, id: u16, body: &[u8]) {
-        if let Some(reply) = self.pending_resolves.remove(&id) {
-            let _ = reply.send(relay::parse_resolved(body));
-            self.recent.insert(id);
-        }
-    }
-
-    /// §7, §9: a CLOSED stream no longer owns its ID, even while its
-    /// threads are still ending: they finish in `retired`.
-    fn retire_if_closed(&mut self, id: u16) {
-        let closed = self
-            .streams
-            .get(&id)
-            .is_some_and(|e| e.stream.state.lock().hc.is_closed());
-        if closed {
-            self.retired.extend(self.streams.remove(&id));
-        }
-    }
-
-    fn id_in_use(&self, id: u16) -> bool {
-        self.streams.contains_key(&id)
-            || self.resolvers.contains_key(&id)
-            || self.pending_resolves.contains_key(&id)
-    }
-
-    /// Refuses a BEGIN with END(reason) (§5); the ID counts as closed (§9),
+    /// Refuses a BEGIN with END(reason) (§5); the ID counts as closed (R9.1),
     /// so the client's optimistic DATA for it is dropped silently.
     fn refuse_begin(&mut self, id: u16, reason: u8) {
         self.queue_relay(relay_cmd::END, id, &[reason]);
-        self.recent.insert(id);
+        self.map.refuse(id);
     }
 
     /// Exit, §5: BEGIN opens a stream: a deliverer waiting for the socket
     /// and a packager that connects.
     fn on_begin(&mut self, id: u16, body: &[u8]) -> Result<()> {
-        self.retire_if_closed(id);
-        if self.id_in_use(id) {
-            return Err(violation(
-                ViolationKind::StreamIdReuse,
-                "BEGIN reuses an open stream ID",
-            ));
-        }
-        // §5: a BEGIN on a recently closed ID opens a new stream.
-        self.recent.remove(id);
-        let target = match relay::parse_begin(body) {
-            Ok(t) => t,
-            Err(e) => {
+        let target = match self.map.on_begin(id, body)? {
+            Begin::Open(target) => target,
+            Begin::Malformed(e) => {
+                // R5.5 (the map has put the ID in the recently-closed set).
                 tracing::info!(circuit = %self.name, stream = id, "{e}: END(TORPROTOCOL)");
-                self.refuse_begin(id, end_reason::TORPROTOCOL);
+                self.queue_relay(relay_cmd::END, id, &[end_reason::TORPROTOCOL]);
                 return Ok(());
             }
         };
@@ -630,7 +493,7 @@ impl Circuit {
         }
         let Some(slot) = self.take_slot() else {
             tracing::info!(circuit = %self.name, stream = id, "stream limit reached: END(RESOURCELIMIT)");
-            self.refuse_begin(id, end_reason::RESOURCELIMIT);
+            self.refuse_begin(id, end_reason::RESOURCELIMIT); // R5.11
             return Ok(());
         };
         let (stream, dl_rx) = self.new_stream(id, target, None);
@@ -648,7 +511,7 @@ impl Circuit {
             Err(e) => {
                 tracing::warn!(stream = %stream.name, "cannot start a packager thread ({e}): END(RESOURCELIMIT)");
                 self.ctx.metrics.refused(Limit::Threads);
-                self.refuse_begin(id, end_reason::RESOURCELIMIT);
+                self.refuse_begin(id, end_reason::RESOURCELIMIT); // R5.11
                 return Ok(());
             }
         };
@@ -657,7 +520,6 @@ impl Circuit {
             threads: vec![pk],
             alive: 1,
             batch: None,
-            connected: false,
             _slot: slot,
         };
         let dl = {
@@ -691,32 +553,26 @@ impl Circuit {
             }
         }
         self.view.add_stream(&stream);
-        self.streams.insert(stream.id, entry);
+        self.map.insert_stream(stream.id, entry);
     }
 
-    /// Exit, §5: RESOLVE is answered by RESOLVED from a resolver thread.
+    /// Exit, R5.17: RESOLVE is answered by RESOLVED from a resolver thread.
     fn on_resolve(&mut self, id: u16, body: &[u8]) -> Result<()> {
-        self.retire_if_closed(id);
-        if self.id_in_use(id) {
-            return Err(violation(
-                ViolationKind::StreamIdReuse,
-                "RESOLVE reuses an open stream ID",
-            ));
-        }
-        self.recent.remove(id);
-        let name = match relay::parse_resolve(body) {
-            Ok(n) => n.to_owned(),
-            Err(_) => {
+        let name = match self.map.on_resolve(id, body)? {
+            Resolve::Lookup(name) => name,
+            Resolve::Malformed => {
                 let body = relay::encode_resolved(&[Answer::NontransientError], 0);
                 self.queue_relay(relay_cmd::RESOLVED, id, &body);
-                self.recent.insert(id);
                 return Ok(());
             }
         };
-        let Some(slot) = self.take_slot() else {
+        let refuse = |c: &mut Circuit| {
             let body = relay::encode_resolved(&[Answer::TransientError], 0);
-            self.queue_relay(relay_cmd::RESOLVED, id, &body);
-            self.recent.insert(id);
+            c.queue_relay(relay_cmd::RESOLVED, id, &body);
+            c.map.refuse(id);
+        };
+        let Some(slot) = self.take_slot() else {
+            refuse(self);
             return Ok(());
         };
         let done = self.tx.clone();
@@ -728,21 +584,15 @@ impl Circuit {
             });
         });
         match spawned {
-            Ok(h) => {
-                self.resolvers.insert(id, (h, slot));
-            }
-            Err(_) => {
-                let body = relay::encode_resolved(&[Answer::TransientError], 0);
-                self.queue_relay(relay_cmd::RESOLVED, id, &body);
-                self.recent.insert(id);
-            }
+            Ok(h) => self.map.insert_resolve(id, Resolving::Lookup(h, slot)),
+            Err(_) => refuse(self),
         }
         Ok(())
     }
 
-    /// A stream slot, within the circuit's and the process's limits (§3).
+    /// A stream slot, within the circuit's and the process's limits (R3.9).
     fn take_slot(&self) -> Option<StreamSlot> {
-        if self.streams.len() + self.resolvers.len() >= self.ctx.cfg.max_streams_per_circuit {
+        if self.map.in_use() >= self.ctx.cfg.max_streams_per_circuit {
             self.ctx.metrics.refused(Limit::Circuit);
             return None;
         }
@@ -771,7 +621,7 @@ impl Circuit {
             link: self.link_tx.clone(),
             circuit_window: self.package.clone(),
             circuit_tx: self.tx.clone(),
-            state: Monitor::new(stream::new_state(socket)),
+            state: Monitor::new(Shared::new(socket)),
             aborted: AtomicBool::new(false),
             to_deliverer: dl_tx,
             opened: Instant::now(),
@@ -780,23 +630,10 @@ impl Circuit {
         (stream, dl_rx)
     }
 
-    /// Client: the next stream ID that is not zero, not open and not
-    /// recently closed (§5).
-    fn allocate_stream_id(&mut self) -> Option<u16> {
-        for _ in 0..u16::MAX {
-            let id = self.next_stream;
-            self.next_stream = self.next_stream.checked_add(1).unwrap_or(1);
-            if id != 0 && !self.id_in_use(id) && !self.recent.contains(id) {
-                return Some(id);
-            }
-        }
-        None
-    }
-
     /// Client, §5 and §11: a SOCKS CONNECT becomes BEGIN and two threads.
     fn open_stream(&mut self, req: OpenRequest) {
         let slot = self.take_slot();
-        let id = self.allocate_stream_id();
+        let id = self.map.allocate_id(); // R5.1, R9.4
         let (Some(slot), Some(id)) = (slot, id) else {
             tracing::info!(circuit = %self.name, "stream limit reached: refusing SOCKS request");
             let _ = req.refused.send(req.socket);
@@ -821,9 +658,9 @@ impl Circuit {
             Err(e) => {
                 tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): END(RESOURCELIMIT), refusing SOCKS request");
                 self.ctx.metrics.refused(Limit::Threads);
-                // §8: the BEGIN is answered by our END; the ID is closed (§9).
+                // §8: the BEGIN is answered by our END; the ID is closed (R9.1).
                 stream.send_control(relay_cmd::END, &[end_reason::RESOURCELIMIT]);
-                self.recent.insert(id);
+                self.map.refuse(id);
                 drop(stream);
                 if let Ok(socket) = Arc::try_unwrap(sock) {
                     let _ = req.refused.send(socket);
@@ -836,7 +673,6 @@ impl Circuit {
             threads: vec![dl],
             alive: 1,
             batch: None,
-            connected: false,
             _slot: slot,
         };
         let pk = {
@@ -850,42 +686,43 @@ impl Circuit {
 
     /// Client: a SOCKS RESOLVE becomes RELAY_RESOLVE (§5).
     fn start_resolve(&mut self, req: ResolveRequest) {
-        let Some(id) = self.allocate_stream_id() else {
+        let Some(id) = self.map.allocate_id() else {
             let _ = req.reply.send(vec![Answer::TransientError]);
             return;
         };
         let mut body = req.name.into_bytes();
         body.push(0);
         self.queue_relay(relay_cmd::RESOLVE, id, &body);
-        self.pending_resolves.insert(id, req.reply);
+        self.map.insert_resolve(id, Resolving::Waiting(req.reply));
         self.flush();
     }
 
     /// A stream thread ended; when both have, the stream is CLOSED and its
-    /// ID enters the recently-closed set (§7, §9).
+    /// ID enters the recently-closed set (R9.1).
     fn on_thread_done(&mut self, id: u16, serial: u64) {
         let is_it = |e: &Entry| e.stream.serial == serial;
-        if let Some(pos) = self.retired.iter().position(is_it) {
-            self.retired[pos].alive -= 1;
-            if self.retired[pos].alive == 0 {
-                let entry = self.retired.swap_remove(pos);
+        let retired = self.map.retired_mut();
+        if let Some(pos) = retired.iter().position(is_it) {
+            retired[pos].alive -= 1;
+            if retired[pos].alive == 0 {
+                let entry = retired.swap_remove(pos);
                 entry.threads.into_iter().for_each(threads::join);
                 self.view.remove_stream(serial);
             }
             return;
         }
-        let Some(entry) = self.streams.get_mut(&id).filter(|e| is_it(e)) else {
+        let Some(entry) = self.map.stream_mut(id).filter(|e| is_it(e)) else {
             return;
         };
         entry.alive -= 1;
         if entry.alive > 0 {
             return;
         }
-        let Some(entry) = self.streams.remove(&id) else {
+        let Some(entry) = self.map.remove_stream(id) else {
             return;
         };
         let state = entry.stream.state_name();
-        if !entry.stream.state.lock().hc.is_closed() {
+        if !entry.with_state(|st| st.hc.is_closed()) {
             // Both threads end only after their direction finished or the
             // stream aborted, which together mean CLOSED.
             tracing::error!(stream = %entry.stream.name, "bug: stream threads ended in state {state}");
@@ -893,9 +730,9 @@ impl Circuit {
                 reason: end_reason::INTERNAL,
             });
         }
+        let c = entry.with_state(|st| st.counters);
         entry.threads.into_iter().for_each(threads::join);
         self.view.remove_stream(serial);
-        let c = entry.stream.state.lock().counters;
         tracing::debug!(
             stream = %entry.stream.name,
             target = %entry.stream.target,
@@ -904,7 +741,6 @@ impl Circuit {
             secs = entry.stream.opened.elapsed().as_secs_f64(),
             "stream closed"
         );
-        self.recent.insert(id);
     }
 
     fn teardown(mut self, end: End) {
@@ -945,17 +781,15 @@ impl Circuit {
                 reason: end_reason::MISC,
             },
         };
-        for entry in self.streams.values() {
+        let (streams, resolves) = self.map.drain();
+        for entry in &streams {
             // A stream that had already reached CLOSED may still have a
             // deliverer writing its last data (after both FINs): stop it
-            // too, or joining it could wait forever (§3: every stream on
-            // the circuit is aborted).
+            // too, or joining it could wait forever (R3.10: every stream
+            // on the circuit is aborted).
             if let Ok(Action::Nothing) = entry.stream.handle(event) {
                 entry.stream.force_stop();
             }
-        }
-        for entry in &self.retired {
-            entry.stream.force_stop();
         }
         let destroy = match end {
             End::Violation(..) => Some(destroy_reason::PROTOCOL),
@@ -967,17 +801,16 @@ impl Circuit {
         // DESTROY; then the CircID is free and later cells on it dropped.
         self.link.circuit_ended(self.wire, self.local, destroy);
         self.package.close();
-        // Waiting SOCKS resolves get a failure when their sender drops.
-        self.pending_resolves.clear();
-        let count = self.streams.len();
-        for (_, entry) in self.streams.drain() {
+        let count = streams.len();
+        for entry in streams {
             entry.threads.into_iter().for_each(threads::join);
         }
-        for entry in self.retired.drain(..) {
-            entry.threads.into_iter().for_each(threads::join);
-        }
-        for (_, (handle, _slot)) in self.resolvers.drain() {
-            threads::join(handle);
+        for resolve in resolves {
+            match resolve {
+                Resolving::Lookup(handle, _slot) => threads::join(handle),
+                // A waiting SOCKS resolve gets a failure when its sender drops.
+                Resolving::Waiting(_) => {}
+            }
         }
         // Requests that reached the inbox after the loop ended: answer
         // them (§11: SOCKS 0x01) rather than drop their sockets.

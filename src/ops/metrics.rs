@@ -9,6 +9,8 @@
 
 use halfpipe_proto::cell::{self, cmd, destroy_reason};
 use halfpipe_proto::relay::{end_reason, relay_cmd};
+use halfpipe_proto::stream::StreamViolation;
+use halfpipe_proto::streammap::CircuitViolation;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
@@ -49,6 +51,24 @@ pub enum ViolationKind {
 }
 
 impl ViolationKind {
+    /// The kind of a circuit's violation (`/metrics` label).
+    pub fn of(v: &CircuitViolation) -> ViolationKind {
+        match v {
+            CircuitViolation::RelayHeader(_) => ViolationKind::RelayHeader,
+            CircuitViolation::WrongDirection(_) => ViolationKind::WrongDirection,
+            CircuitViolation::StreamZero(_) => ViolationKind::StreamZero,
+            CircuitViolation::CircuitWindow(_)
+            | CircuitViolation::Stream(StreamViolation::FlowControl(_)) => {
+                ViolationKind::FlowControl
+            }
+            CircuitViolation::Stream(StreamViolation::HalfClose(_)) => ViolationKind::HalfClose,
+            CircuitViolation::BeforeConnected(_) | CircuitViolation::SecondConnected => {
+                ViolationKind::Connected
+            }
+            CircuitViolation::IdInUse(_) => ViolationKind::StreamIdReuse,
+        }
+    }
+
     pub const ALL: [ViolationKind; 9] = [
         ViolationKind::RelayHeader,
         ViolationKind::WrongDirection,

@@ -341,3 +341,45 @@ fn client_with_raw_exit() -> (Daemon, RawLink, u32) {
     let (link, circ) = fake.join().unwrap();
     (d, link, circ)
 }
+
+/// R10.8, R10.9 at the client edge: a held-out check found that after the
+/// packager stopped at a stream package window of 0, one SENDME (50 cells)
+/// did not resume it (it waited for 250). The application sends far more
+/// than a window; the raw exit sees exactly 500 DATA cells, then after
+/// each single SENDME exactly 50 more.
+#[test]
+fn the_client_resumes_after_one_stream_sendme_at_a_window_of_zero() {
+    let (d, mut link, circ) = client_with_raw_exit();
+    let proxy = d.socks();
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+    let app = thread::spawn(move || {
+        let mut s = socks5(proxy, "bulk.example", 80, None).expect("SOCKS connect");
+        opened_tx.send(()).unwrap();
+        // Ten windows' worth: the packager must stop long before the end.
+        let _ = s.write_all(&vec![7u8; 5000 * 498]);
+        s
+    });
+    let begin = link.recv_non_sendme().expect("BEGIN");
+    let sid = begin.relay().1;
+    let connected = relay::encode_connected("192.0.2.1".parse().unwrap(), 60);
+    link.send_relay(circ, relay_cmd::CONNECTED, sid, &connected);
+    opened_rx.recv().unwrap();
+    // Counts the DATA cells of the stream until none comes for a while.
+    let count_data = |link: &mut RawLink| {
+        let mut n = 0;
+        while let Some(c) = link.recv_cell_within(Duration::from_millis(700)) {
+            if c.command == cmd::RELAY && c.relay().0 == relay_cmd::DATA {
+                assert_eq!(c.relay().1, sid);
+                n += 1;
+            }
+        }
+        n
+    };
+    assert_eq!(count_data(&mut link), 500, "the stream window's 500 cells");
+    for round in 1..=3 {
+        link.send_relay(circ, relay_cmd::SENDME, sid, &[]);
+        assert_eq!(count_data(&mut link), 50, "after SENDME {round}: 50 more");
+    }
+    link.send_relay(circ, relay_cmd::END, sid, &[relay::end_reason::DONE]);
+    drop(app.join().unwrap());
+}

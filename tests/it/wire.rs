@@ -1626,9 +1626,9 @@ fn assert_no_data(l: &mut RawLink, why: &str) {
 
 #[test]
 fn exit_stops_at_its_stream_package_window_until_our_sendme() {
-    // protocol.md §10: stream window start 500, SENDME adds 50; "A sender
-    // whose package window (stream or circuit) is 0 stops reading from the
-    // TCP connection(s) concerned until a SENDME arrives".
+    // R10.3, R10.8, R10.9: stream window start 500, SENDME adds 50; a
+    // sender whose package window is 0 stops reading, and one SENDME lets
+    // it send the 50 cells it opens.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1644,15 +1644,13 @@ fn exit_stops_at_its_stream_package_window_until_our_sendme() {
     let mut counts = Default::default();
     recv_data_cells(&mut l, circ, 500, &mut counts);
     assert_no_data(&mut l, "the stream package window is 0");
-    // Stopped at 0, the packager resumes at half the window
-    // (stream::READ_LOW_WATER, 250): one SENDME (50) is not enough...
-    // (The counts below hold with or without the mark if the exit is slow
-    // enough; `stream::tests` check the mark itself.)
+    // Stopped at 0, one SENDME resumes it for exactly 50 cells (R10.9)...
     stream_sendmes(&mut l, 1);
-    assert_no_data(&mut l, "stopped at 0, the stream window is only 50");
-    // ... five are, and it sends exactly what they open.
+    recv_data_cells(&mut l, circ, 50, &mut counts);
+    assert_no_data(&mut l, "the stream package window is 0 after 50");
+    // ... and four more for exactly 200.
     stream_sendmes(&mut l, 4);
-    recv_data_cells(&mut l, circ, 250, &mut counts);
+    recv_data_cells(&mut l, circ, 200, &mut counts);
     assert_no_data(&mut l, "the stream package window is 0 again");
     let (cells, data) = &counts[&1];
     assert_eq!(*cells, 750);
@@ -1675,12 +1673,11 @@ fn exit_stops_at_its_stream_package_window_until_our_sendme() {
     l.send_relay(circ, relay_cmd::SENDME, 0, &[]);
     recv_data_cells(&mut l, circ, 50, &mut counts);
     assert_no_data(&mut l, "the stream package window is 0 (circuit has 50)");
+    // One stream SENDME: the stream may send 50, which the circuit's
+    // remaining 50 allow.
     stream_sendmes(&mut l, 1);
-    assert_no_data(&mut l, "stopped at 0, the stream window is only 50 again");
-    // At 250 the stream sends the circuit's remaining 50.
-    stream_sendmes(&mut l, 4);
     recv_data_cells(&mut l, circ, 50, &mut counts);
-    assert_no_data(&mut l, "the circuit package window is 0 (stream has 200)");
+    assert_no_data(&mut l, "both windows are 0");
     let (cells, data) = &counts[&1];
     assert_eq!(*cells, 1300);
     assert_eq!(data[..], pattern(len, 7)[..data.len()]);

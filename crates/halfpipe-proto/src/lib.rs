@@ -16,6 +16,8 @@ pub mod kdf;
 pub mod policy;
 pub mod relay;
 pub mod socks;
+pub mod stream;
+pub mod streammap;
 
 /// Which edge of a link this side is (docs/protocol.md, "Conventions"): the
 /// client opened the link and creates circuits, the exit accepted it and

@@ -25,7 +25,7 @@
 #![no_main]
 
 use arbitrary::{Arbitrary, Unstructured};
-use halfpipe::policy::{Policy, PolicyError, PRIVATE_V4, PRIVATE_V6};
+use halfpipe_proto::policy::{Policy, PolicyError, PRIVATE_V4, PRIVATE_V6};
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

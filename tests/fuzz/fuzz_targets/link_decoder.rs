@@ -31,9 +31,9 @@
 //! hands on whole cells exactly as `dispatch` does.
 #![no_main]
 
-use halfpipe::cell::{self, cmd, HandshakeError, CELL_LEN, PAYLOAD_LEN, VAR_HEADER_LEN};
-use halfpipe::kdf;
-use halfpipe::relay::{self, RelayError, DATA_MAX};
+use halfpipe_proto::cell::{self, cmd, HandshakeError, CELL_LEN, PAYLOAD_LEN, VAR_HEADER_LEN};
+use halfpipe_proto::kdf;
+use halfpipe_proto::relay::{self, RelayError, DATA_MAX};
 use libfuzzer_sys::fuzz_target;
 
 /// What `link.rs` asks of one `read()`: its link reader reads up to

@@ -26,9 +26,9 @@
 //!   parses back to the same answers (as many as fit in one cell).
 #![no_main]
 
-use halfpipe::cell;
-use halfpipe::relay::{self, end_reason, relay_cmd, Answer, Host, RelayError, DATA_MAX};
-use halfpipe::socks;
+use halfpipe_proto::cell;
+use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, Host, RelayError, DATA_MAX};
+use halfpipe_proto::socks;
 use libfuzzer_sys::fuzz_target;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 

@@ -23,8 +23,8 @@
 //! - Replies (`connect_reply`, `resolve_reply`) have their fixed sizes.
 #![no_main]
 
-use halfpipe::relay;
-use halfpipe::socks::{
+use halfpipe_proto::relay;
+use halfpipe_proto::socks::{
     self, Command, ErrorKind, Handshake, Reply, Request, SocksVersion, Step, Target,
 };
 use libfuzzer_sys::fuzz_target;

@@ -33,17 +33,17 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use halfpipe::flow::{
+use halfpipe_proto::flow::{
     CircuitDeliverWindow, PackageWindow, CIRCUIT_SENDME_INCREMENT, CIRCUIT_WINDOW_START,
     STREAM_SENDME_INCREMENT, STREAM_WINDOW_START,
 };
-use halfpipe::halfclose::{Action, Event, State, Violation};
-use halfpipe::link::LinkGone;
-use halfpipe::relay::{end_reason, relay_cmd};
-use halfpipe::stream::{self, Outbound, StreamState};
+use halfpipe_proto::halfclose::{Action, Event, State, Violation};
+use halfpipe_proto::relay::{end_reason, relay_cmd};
+use halfpipe_proto::stream::{Delivery, Gone, Outbound, Queued, StreamState, Wake};
 use libfuzzer_sys::fuzz_target;
 use std::cell::RefCell;
 use std::collections::VecDeque;
+use std::time::Instant;
 
 /// `stream::MAX_READ_CELLS` and the packager's first read size.
 const MAX_READ_CELLS: u32 = 512;
@@ -159,7 +159,7 @@ impl Outbound for Recorder {
         }
     }
 
-    fn data(&self, _cells: Vec<u8>, count: u32) -> Result<(), LinkGone> {
+    fn data(&self, _cells: Vec<u8>, count: u32) -> Result<(), Gone> {
         for _ in 0..count {
             self.0.borrow_mut().push(Sent::Data);
         }
@@ -222,7 +222,7 @@ impl Sim {
         let initial = u32::from(initial % 11);
         Sim {
             exit,
-            st: stream::new_state(None),
+            st: StreamState::new(Instant::now()),
             out: Recorder::default(),
             circ_package: PackageWindow::circuit(),
             circ_deliver: CircuitDeliverWindow::default(),
@@ -518,14 +518,16 @@ impl Sim {
                 if !self.in_table || self.closed() {
                     false
                 } else {
+                    // A packager waiting for the stream window (R10.8).
+                    let blocked = self.st.read_window().is_none();
                     match self.st.on_sendme() {
                         Ok(wake) => {
-                            // `Stream::on_sendme` wakes the packager only if
-                            // `wake`: one that is not woken must find nothing
-                            // to do. (A packager that may no longer package
-                            // was woken by the step that said so.)
-                            if !wake && self.st.hc.may_package() {
-                                assert_eq!(self.st.read_window(), None, "a lost wake-up");
+                            // `StreamMap::on_stream_sendme` wakes the
+                            // packager only on `Wake::Packager`: a blocked
+                            // one must be woken, and may then read (R10.9).
+                            if blocked {
+                                assert_eq!(wake, Wake::Packager, "a lost wake-up");
+                                assert!(self.st.read_window().is_some());
                             }
                             self.sendmes_got += 1;
                             false
@@ -609,9 +611,11 @@ impl Sim {
                 return;
             }
             let queued = self
-                .locked(|st, out| st.queue_data(Vec::new(), m, u64::from(m) * 498, out))
+                .locked(|st, out| {
+                    st.queue_data(Vec::new(), m, u64::from(m) * 498, Instant::now(), out)
+                })
                 .expect("the recorder never loses the link");
-            if queued {
+            if queued == Queued::Sent {
                 self.reserved -= m;
                 self.pk = if rest == m {
                     Pk::Idle
@@ -698,7 +702,7 @@ impl Sim {
         if k > 0 {
             self.delivered += k;
             let bytes = k as usize * 498;
-            self.locked(|st, out| st.delivered(k, bytes, out));
+            self.locked(|st, out| st.delivered(k, bytes, Instant::now(), out));
         }
         if self.dl_queue.front() == Some(&DlMsg::Fin) {
             // §7: everything before the FIN is written; shutdown(SHUT_WR).
@@ -725,8 +729,8 @@ impl Sim {
         }
         match self.st.accept_data(1) {
             Err(_) => return true,
-            Ok(false) => return false, // §9: late DATA for a closed stream
-            Ok(true) => {}
+            Ok(Delivery::Drop) => return false, // §9: late DATA for a closed stream
+            Ok(Delivery::Deliver) => {}
         }
         self.data_got += 1;
         assert!(

@@ -1,5 +1,5 @@
-//! Wire-format interop cross-check: halfpipe's codecs (`halfpipe::cell`,
-//! `halfpipe::relay`) against Arti's `tor-cell` 0.47.
+//! Wire-format interop cross-check: halfpipe's codecs (`halfpipe_proto::cell`,
+//! `halfpipe_proto::relay`) against Arti's `tor-cell` 0.47.
 //!
 //! Every check runs in both directions where both libraries can produce the
 //! message:
@@ -35,9 +35,9 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use bytes::BytesMut;
-use halfpipe::cell::{self, cmd, destroy_reason};
-use halfpipe::kdf;
-use halfpipe::relay::{self, end_reason, relay_cmd, Answer, Host, Target};
+use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use halfpipe_proto::kdf;
+use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, Host, Target};
 use proptest::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -627,8 +627,9 @@ fn create_fast_and_created_fast_both_ways() {
         assert_eq!((c.circ_id, c.command), (circ, cmd::CREATE_FAST));
         assert_eq!(&c.payload[..20], &x);
 
-        // CREATED_FAST: Y [20] | KH [20], as the exit builds it (link.rs).
-        let y_kh = kdf::created_fast_payload(&x);
+        // CREATED_FAST: Y [20] | KH [20], as the exit builds it (kdf.rs).
+        let y: [u8; kdf::HASH_LEN] = std::array::from_fn(|i| (i as u8).wrapping_mul(11) ^ 0x5A);
+        let y_kh = kdf::created_fast_payload(&x, &y);
         assert_eq!(y_kh.len(), 40);
         let mut hp = Vec::new();
         cell::encode_fixed(&mut hp, circ, cmd::CREATED_FAST, &y_kh);

@@ -1,0 +1,471 @@
+//! A circuit's streams, and the rules a circuit applies to the relay cells
+//! it receives (docs/protocol.md §4, §5, §6, §9, §10): which cells are
+//! violations, which stream a cell belongs to, which IDs are free, and the
+//! circuit deliver window. Each `on_*` method takes one received cell (or a
+//! run of DATA) and returns a typed answer for the shell to carry out; the
+//! rules of one stream are its [`StreamState`]'s, reached through
+//! [`StreamEntry`].
+//!
+//! `S` is the shell's handle to a stream (threads and sockets in the
+//! daemon, plain state in tests); `R` its handle to a RESOLVE in progress.
+
+mod recent;
+
+pub use recent::{RecentlyClosed, RECENTLY_CLOSED};
+
+use crate::flow::{CircuitDeliverWindow, FlowViolation};
+use crate::halfclose::{Event, Step};
+use crate::relay::{self, relay_cmd, MalformedBegin, RelayCell, RelayError, Target};
+use crate::stream::{Delivery, StreamState, StreamViolation, Wake};
+use crate::Role;
+use std::collections::HashMap;
+
+/// How the map reaches one stream's state.
+pub trait StreamEntry {
+    /// Runs `f` on the stream's state (under the stream's lock, in a
+    /// threaded shell).
+    fn with_state<T>(&self, f: impl FnOnce(&mut StreamState) -> T) -> T;
+    /// Wakes a packager waiting for the stream package window.
+    fn wake_packager(&self);
+}
+
+/// A cell that breaks the circuit's rules: the circuit is destroyed with
+/// DESTROY(PROTOCOL) (R3.12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CircuitViolation {
+    /// R4.4: Recognized != 0, or Length > 498.
+    #[error(transparent)]
+    RelayHeader(#[from] RelayError),
+    /// R4.6, R4.7: a relay command sent the wrong way.
+    #[error("{} sent the wrong way", relay_cmd::name(*.0))]
+    WrongDirection(u8),
+    /// R4.8: DATA, FIN or END (or a command that opens a stream) on
+    /// stream 0.
+    #[error("{} on stream 0", relay_cmd::name(*.0))]
+    StreamZero(u8),
+    /// R10.10 on the circuit window.
+    #[error(transparent)]
+    CircuitWindow(FlowViolation),
+    /// §7 or §10 on one stream.
+    #[error(transparent)]
+    Stream(#[from] StreamViolation),
+    /// Client: DATA or FIN for a stream before its CONNECTED (§5).
+    #[error("{} before CONNECTED", relay_cmd::name(*.0))]
+    BeforeConnected(u8),
+    /// Client: a second CONNECTED for a stream (§5).
+    #[error("second CONNECTED for a stream")]
+    SecondConnected,
+    /// R5.13: BEGIN or RESOLVE on a stream ID that is open.
+    #[error("{} reuses an open stream ID", relay_cmd::name(*.0))]
+    IdInUse(u8),
+}
+
+/// What a run of DATA cells means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataOutcome {
+    /// Circuit SENDMEs now due (R10.2): queue them.
+    pub circuit_sendmes: u32,
+    /// For the stream's deliverer, or dropped (R9.3, R9.5).
+    pub delivery: Delivery,
+}
+
+/// What an END means.
+#[derive(Debug)]
+pub enum Ended<R> {
+    /// A stream's END: the §7 step taken (R7.8); carry out its reset.
+    Stream(Step),
+    /// Client: the END answers a RESOLVE (it is answered with a failure).
+    Resolve(R),
+    /// For no open stream: dropped (R9.3, R9.5).
+    Dropped,
+}
+
+/// What a BEGIN asks the exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// Open a stream to this target (R5.3), or refuse it for want of
+    /// resources (`refuse`, R5.11).
+    Open(Target),
+    /// Malformed (R5.5): answer END(TORPROTOCOL); the ID counts as closed
+    /// (R9.1), so the client's optimistic DATA for it is dropped.
+    Malformed(MalformedBegin),
+}
+
+/// What a RESOLVE asks the exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resolve {
+    /// Look this name up and answer RESOLVED (R5.17).
+    Lookup(String),
+    /// Malformed: answer RESOLVED with a nontransient error; the ID counts
+    /// as closed.
+    Malformed,
+}
+
+/// What an ID stands for while it is in use.
+#[derive(Debug)]
+enum Slot<S, R> {
+    Stream {
+        entry: S,
+        /// Client: CONNECTED has arrived (it never goes back), so DATA need
+        /// not ask the stream under its lock.
+        connected: bool,
+    },
+    Resolve(R),
+}
+
+/// A circuit's streams and RESOLVEs by ID, the streams that closed while
+/// their threads still end, the recently-closed IDs (§9), and the circuit
+/// deliver window (§10).
+#[derive(Debug)]
+pub struct StreamMap<S, R> {
+    role: Role,
+    slots: HashMap<u16, Slot<S, R>>,
+    /// CLOSED streams whose ID a new stream took before their shell let
+    /// them go (R5.14: a CLOSED stream no longer owns its ID).
+    retired: Vec<S>,
+    recent: RecentlyClosed,
+    deliver: CircuitDeliverWindow,
+    /// Client: where the search for a free ID starts.
+    next_id: u16,
+}
+
+impl<S: StreamEntry, R> StreamMap<S, R> {
+    pub fn new(role: Role) -> Self {
+        StreamMap {
+            role,
+            slots: HashMap::new(),
+            retired: Vec::new(),
+            recent: RecentlyClosed::default(),
+            deliver: CircuitDeliverWindow::default(),
+            next_id: 1,
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    // ------------------------------------------------ cells received
+
+    /// The checks every relay cell gets, whatever its stream: its
+    /// direction (R4.6, R4.7) and stream 0 (R4.8). (R4.4 is the decoder's.)
+    pub fn check(&self, cell: &RelayCell<'_>) -> Result<(), CircuitViolation> {
+        let wrong_way = match self.role {
+            Role::Exit => matches!(cell.command, relay_cmd::CONNECTED | relay_cmd::RESOLVED),
+            Role::Client => matches!(cell.command, relay_cmd::BEGIN | relay_cmd::RESOLVE),
+        };
+        if wrong_way {
+            return Err(CircuitViolation::WrongDirection(cell.command));
+        }
+        let needs_stream = matches!(
+            cell.command,
+            relay_cmd::DATA
+                | relay_cmd::FIN
+                | relay_cmd::END
+                | relay_cmd::BEGIN
+                | relay_cmd::CONNECTED
+                | relay_cmd::RESOLVE
+                | relay_cmd::RESOLVED
+        );
+        if needs_stream && cell.stream_id == 0 {
+            return Err(CircuitViolation::StreamZero(cell.command));
+        }
+        Ok(())
+    }
+
+    /// `cells` DATA cells in a row for stream `id`. Each counts against
+    /// the circuit deliver window, whatever its stream (R10.5); they are
+    /// for the stream if it is open and may deliver (R6.4), else dropped
+    /// (R9.3, R9.5).
+    pub fn on_data(&mut self, id: u16, cells: u32) -> Result<DataOutcome, CircuitViolation> {
+        let mut circuit_sendmes = 0;
+        for _ in 0..cells {
+            let due = self
+                .deliver
+                .on_data()
+                .map_err(CircuitViolation::CircuitWindow)?;
+            circuit_sendmes += u32::from(due);
+        }
+        let delivery = match self.slots.get_mut(&id) {
+            Some(Slot::Stream { entry, connected }) => {
+                if self.role == Role::Client && !*connected {
+                    *connected = awaiting_connected(entry, relay_cmd::DATA)?;
+                }
+                entry.with_state(|st| st.accept_data(cells))?
+            }
+            Some(Slot::Resolve(_)) | None => Delivery::Drop,
+        };
+        Ok(DataOutcome {
+            circuit_sendmes,
+            delivery,
+        })
+    }
+
+    /// FIN for stream `id` (R7.4, R7.5, R7.6): the §7 step taken, whose
+    /// action the shell carries out (deliver what came before it, then
+    /// shutdown(SHUT_WR)); `None` if dropped (R9.3, R9.5).
+    pub fn on_fin(&mut self, id: u16) -> Result<Option<Step>, CircuitViolation> {
+        let Some(Slot::Stream { entry, connected }) = self.slots.get_mut(&id) else {
+            return Ok(None);
+        };
+        if self.role == Role::Client && !*connected {
+            *connected = awaiting_connected(entry, relay_cmd::FIN)?;
+        }
+        let step = entry
+            .with_state(|st| st.hc.handle(Event::FinReceived))
+            .map_err(|v| CircuitViolation::Stream(v.into()))?;
+        Ok(Some(step))
+    }
+
+    /// END for `id` with `reason` (R7.8, R8.8).
+    pub fn on_end(&mut self, id: u16, reason: u8) -> Ended<R> {
+        match self.slots.get(&id) {
+            Some(Slot::Stream { entry, .. }) => {
+                let step = entry.with_state(|st| st.hc.handle(Event::EndReceived { reason }));
+                // END is never a violation, in any state (R7.8, R9.3).
+                Ended::Stream(step.expect("END is never a violation"))
+            }
+            Some(Slot::Resolve(_)) if self.role == Role::Client => {
+                let Some(Slot::Resolve(r)) = self.slots.remove(&id) else {
+                    unreachable!("just matched")
+                };
+                self.recent.insert(id);
+                Ended::Resolve(r)
+            }
+            // Exit: END for a RESOLVE in progress changes nothing; its
+            // RESOLVED goes out anyway.
+            Some(Slot::Resolve(_)) | None => Ended::Dropped,
+        }
+    }
+
+    /// A stream SENDME (R10.4, R10.11): wakes the stream's packager if it
+    /// was stopped (R10.9); dropped for no open stream (R9.3, R9.5).
+    pub fn on_stream_sendme(&mut self, id: u16) -> Result<(), CircuitViolation> {
+        if let Some(Slot::Stream { entry, .. }) = self.slots.get(&id) {
+            let wake = entry
+                .with_state(|st| st.on_sendme())
+                .map_err(|v| CircuitViolation::Stream(v.into()))?;
+            if wake == Wake::Packager {
+                entry.wake_packager();
+            }
+        }
+        Ok(())
+    }
+
+    /// Client: CONNECTED for `id` (R5.4): for the stream's deliverer (it
+    /// answers the SOCKS request, R11.5), or dropped for a stream that
+    /// already ended (R9.5).
+    pub fn on_connected(&mut self, id: u16) -> Result<Delivery, CircuitViolation> {
+        let Some(Slot::Stream { entry, connected }) = self.slots.get_mut(&id) else {
+            return Ok(Delivery::Drop);
+        };
+        let first = entry.with_state(|st| {
+            if st.hc.is_closed() {
+                None
+            } else {
+                Some(!std::mem::replace(&mut st.connected, true))
+            }
+        });
+        match first {
+            None => Ok(Delivery::Drop),
+            Some(false) => Err(CircuitViolation::SecondConnected),
+            Some(true) => {
+                *connected = true;
+                Ok(Delivery::Deliver)
+            }
+        }
+    }
+
+    /// Exit: BEGIN on `id` (R5.13, R5.14, R5.5). A stream whose ID it is
+    /// but that has CLOSED is retired first: it no longer owns the ID.
+    pub fn on_begin(&mut self, id: u16, body: &[u8]) -> Result<Begin, CircuitViolation> {
+        self.take_id(id, relay_cmd::BEGIN)?;
+        match relay::parse_begin(body) {
+            Ok(target) => Ok(Begin::Open(target)),
+            Err(why) => {
+                self.recent.insert(id);
+                Ok(Begin::Malformed(why))
+            }
+        }
+    }
+
+    /// Exit: RESOLVE on `id` (R5.17), with the ID rules of BEGIN.
+    pub fn on_resolve(&mut self, id: u16, body: &[u8]) -> Result<Resolve, CircuitViolation> {
+        self.take_id(id, relay_cmd::RESOLVE)?;
+        match relay::parse_resolve(body) {
+            Ok(name) => Ok(Resolve::Lookup(name.to_owned())),
+            Err(_) => {
+                self.recent.insert(id);
+                Ok(Resolve::Malformed)
+            }
+        }
+    }
+
+    /// Client: RESOLVED for `id`: the RESOLVE it answers, which is over
+    /// (its ID is recently closed); `None` if there is none (dropped).
+    pub fn on_resolved(&mut self, id: u16) -> Option<R> {
+        self.finish_resolve(id)
+    }
+
+    /// An ID for a new stream or RESOLVE from the peer: free unless open
+    /// (R5.13); leaves the recently-closed set (R5.14).
+    fn take_id(&mut self, id: u16, command: u8) -> Result<(), CircuitViolation> {
+        let closed = matches!(
+            self.slots.get(&id),
+            Some(Slot::Stream { entry, .. }) if entry.with_state(|st| st.hc.is_closed())
+        );
+        if closed {
+            if let Some(Slot::Stream { entry, .. }) = self.slots.remove(&id) {
+                self.retired.push(entry);
+            }
+        }
+        if self.slots.contains_key(&id) {
+            return Err(CircuitViolation::IdInUse(command));
+        }
+        self.recent.remove(id);
+        Ok(())
+    }
+
+    // ------------------------------------------------ local decisions
+
+    /// Client: a free ID for a new stream or RESOLVE: not zero, not open,
+    /// not recently closed (R5.1, R9.4). `None` when every ID is taken.
+    pub fn allocate_id(&mut self) -> Option<u16> {
+        for _ in 0..u16::MAX {
+            let id = self.next_id;
+            self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            if id != 0 && !self.slots.contains_key(&id) && !self.recent.contains(id) {
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    /// Enters a stream on `id` (after `allocate_id`, or a BEGIN's `Open`).
+    pub fn insert_stream(&mut self, id: u16, entry: S) {
+        self.slots.insert(
+            id,
+            Slot::Stream {
+                entry,
+                connected: false,
+            },
+        );
+    }
+
+    /// Enters a RESOLVE on `id`.
+    pub fn insert_resolve(&mut self, id: u16, resolve: R) {
+        self.slots.insert(id, Slot::Resolve(resolve));
+    }
+
+    /// Our END answers a stream that never opened (a refused BEGIN, or a
+    /// BEGIN we sent and gave up): its ID is recently closed (R9.1).
+    pub fn refuse(&mut self, id: u16) {
+        self.recent.insert(id);
+    }
+
+    /// A RESOLVE is over: its ID is recently closed.
+    pub fn finish_resolve(&mut self, id: u16) -> Option<R> {
+        match self.slots.remove(&id) {
+            Some(Slot::Resolve(r)) => {
+                self.recent.insert(id);
+                Some(r)
+            }
+            Some(stream) => {
+                self.slots.insert(id, stream);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// The shell is done with stream `id` (CLOSED, its threads ended): its
+    /// ID enters the recently-closed set (R9.1).
+    pub fn remove_stream(&mut self, id: u16) -> Option<S> {
+        match self.slots.remove(&id) {
+            Some(Slot::Stream { entry, .. }) => {
+                self.recent.insert(id);
+                Some(entry)
+            }
+            Some(resolve) => {
+                self.slots.insert(id, resolve);
+                None
+            }
+            None => None,
+        }
+    }
+
+    // ------------------------------------------------ reading the map
+
+    pub fn stream(&self, id: u16) -> Option<&S> {
+        match self.slots.get(&id) {
+            Some(Slot::Stream { entry, .. }) => Some(entry),
+            _ => None,
+        }
+    }
+
+    pub fn stream_mut(&mut self, id: u16) -> Option<&mut S> {
+        match self.slots.get_mut(&id) {
+            Some(Slot::Stream { entry, .. }) => Some(entry),
+            _ => None,
+        }
+    }
+
+    /// The streams that own their ID.
+    pub fn streams(&self) -> impl Iterator<Item = &S> {
+        self.slots.values().filter_map(|s| match s {
+            Slot::Stream { entry, .. } => Some(entry),
+            Slot::Resolve(_) => None,
+        })
+    }
+
+    /// CLOSED streams that gave their ID to a new stream.
+    pub fn retired_mut(&mut self) -> &mut Vec<S> {
+        &mut self.retired
+    }
+
+    /// Streams and RESOLVEs holding an ID (what a circuit's stream limit
+    /// counts).
+    pub fn in_use(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Nothing in use and nothing retired.
+    pub fn is_idle(&self) -> bool {
+        self.slots.is_empty() && self.retired.is_empty()
+    }
+
+    pub fn is_recently_closed(&self, id: u16) -> bool {
+        self.recent.contains(id)
+    }
+
+    /// The circuit deliver window (for status).
+    pub fn deliver_window(&self) -> u32 {
+        self.deliver.value()
+    }
+
+    /// Empties the map when the circuit ends: every stream (owning its ID
+    /// or retired) and every RESOLVE.
+    pub fn drain(&mut self) -> (Vec<S>, Vec<R>) {
+        let mut streams = std::mem::take(&mut self.retired);
+        let mut resolves = Vec::new();
+        for (_, slot) in self.slots.drain() {
+            match slot {
+                Slot::Stream { entry, .. } => streams.push(entry),
+                Slot::Resolve(r) => resolves.push(r),
+            }
+        }
+        (streams, resolves)
+    }
+}
+
+/// Client: DATA or FIN for a stream whose CONNECTED has not come: a
+/// violation while the stream is open and waiting for it; `Ok(true)` once
+/// CONNECTED arrived, `Ok(false)` for a stream that closed (the cell is
+/// then dropped by its state).
+fn awaiting_connected(entry: &impl StreamEntry, command: u8) -> Result<bool, CircuitViolation> {
+    let (connected, closed) = entry.with_state(|st| (st.connected, st.hc.is_closed()));
+    if !connected && !closed {
+        return Err(CircuitViolation::BeforeConnected(command));
+    }
+    Ok(connected)
+}

@@ -1,0 +1,114 @@
+//! The deliverer `dl C.S`: writes the DATA the circuit hands it to the
+//! stream's socket (docs/protocol.md §6), counts what the kernel took for
+//! the stream SENDMEs (§10), shuts the write side after the peer's FIN
+//! (§7), and on the client answers the SOCKS request first (§11).
+
+use super::{DeliverMsg, ExitNotice, Side, Stream, Tid};
+use crate::runtime::inbox::Inbox;
+use crate::runtime::sockets;
+use crossbeam_channel::Receiver;
+use halfpipe_proto::halfclose::Event;
+use halfpipe_proto::socks;
+use socket2::Socket;
+use std::io::Write;
+use std::net::{Shutdown, SocketAddr};
+use std::sync::Arc;
+
+/// How a deliverer gets its socket.
+pub enum DeliverStart {
+    /// Exit: from the packager, once the target accepted.
+    Exit(Receiver<Arc<Socket>>),
+    /// Client: the SOCKS socket; the first message answers the SOCKS request.
+    Client {
+        sock: Arc<Socket>,
+        socks: socks::SocksVersion,
+    },
+}
+
+pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart) {
+    let _notice = ExitNotice(&stream);
+    let _tid = Tid::publish(&stream, Side::Deliverer);
+    let sock = match start {
+        // The packager drops the sender if the connect fails or is aborted.
+        DeliverStart::Exit(socket_rx) => match socket_rx.recv() {
+            Ok(s) => s,
+            Err(_) => return,
+        },
+        DeliverStart::Client { sock, socks } => {
+            if !answer_socks(&stream, &rx, &sock, socks) {
+                return;
+            }
+            sock
+        }
+    };
+    for msg in rx.iter() {
+        match msg {
+            DeliverMsg::Data(batch) => {
+                // §10: cells count as written once the kernel took their data.
+                let written = batch.write_to(&*sock, |cells, bytes| stream.delivered(cells, bytes));
+                if let Err(e) = written {
+                    if !stream.is_aborted() {
+                        tracing::debug!(stream = %stream.name, "write error: {e}");
+                        let _ = stream.handle(Event::Error {
+                            reason: sockets::end_reason_for(&e),
+                        });
+                    }
+                    return;
+                }
+            }
+            DeliverMsg::Fin => {
+                // §7: every DATA before the FIN is written; now shut our
+                // write side, and only that.
+                if let Err(e) = sock.shutdown(Shutdown::Write) {
+                    if !stream.is_aborted() {
+                        let _ = stream.handle(Event::Error {
+                            reason: sockets::end_reason_for(&e),
+                        });
+                    }
+                }
+                return;
+            }
+            DeliverMsg::Abort | DeliverMsg::Refused(_) => return,
+            DeliverMsg::Connected(_) => {
+                debug_assert!(false, "CONNECTED twice reaches the deliverer");
+            }
+        }
+    }
+}
+
+/// Client: waits for CONNECTED or the end of the stream and writes the
+/// SOCKS reply (protocol.md §11: only after CONNECTED or END). Returns
+/// whether the stream goes on.
+fn answer_socks(
+    stream: &Stream,
+    rx: &Inbox<DeliverMsg>,
+    sock: &Socket,
+    version: socks::SocksVersion,
+) -> bool {
+    let (reply, go_on) = match rx.recv() {
+        Ok(DeliverMsg::Connected(ip)) => {
+            let bound = ip.map(|ip| SocketAddr::new(ip, 0));
+            (
+                socks::connect_reply(version, socks::Reply::Succeeded, bound),
+                true,
+            )
+        }
+        Ok(DeliverMsg::Refused(reason)) => (
+            socks::connect_reply(version, socks::reply_for_end_reason(reason), None),
+            false,
+        ),
+        // Aborted after a reset, or the circuit is gone: nothing to answer.
+        _ => return false,
+    };
+    stream.metrics.socks_reply(&reply);
+    let mut s = sock;
+    if let Err(e) = s.write_all(&reply) {
+        if go_on && !stream.is_aborted() {
+            let _ = stream.handle(Event::Error {
+                reason: sockets::end_reason_for(&e),
+            });
+        }
+        return false;
+    }
+    go_on
+}

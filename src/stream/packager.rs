@@ -1,0 +1,279 @@
+//! The packager `pk C.S`: reads the stream's socket into DATA cells while
+//! the windows allow (docs/protocol.md §6, §10), sends FIN at EOF (§7) and
+//! END on an error (§8). It is the only thread that waits for flow control
+//! and for room in the link's queue (docs/design.md, invariant 3).
+
+use super::{ExitNotice, Side, Stream, Tid};
+use crate::ctx::Ctx;
+use crate::edge::exit::connect::{self, ConnectError, Connecting};
+use crate::runtime::sockets;
+use crossbeam_channel::Sender;
+use halfpipe_proto::cell::{self, CELL_LEN};
+use halfpipe_proto::halfclose::Event;
+use halfpipe_proto::relay::{self, end_reason, relay_cmd};
+use halfpipe_proto::stream::{Gone, Queued, StreamState};
+use socket2::{MaybeUninitSlice, Socket};
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Offset of a DATA cell's data: link header [5] + relay header [11].
+const DATA_OFFSET: usize = 5 + relay::HEADER_LEN;
+/// Most cells one read() may fill (about 250 KiB: reads this large were
+/// what mattered for throughput in the prototype, issue 5).
+pub const MAX_READ_CELLS: u32 = 512;
+/// Cells a packager starts reading with; it doubles while reads come back
+/// full, so an idle stream holds a small buffer and a bulk one a large one.
+const FIRST_READ_CELLS: u32 = 8;
+
+/// Why a packager stopped sending.
+enum Stop {
+    /// The stream closed or was aborted, or the circuit or link is gone.
+    Ended,
+}
+
+/// The client's packager: the SOCKS socket is there from the start; the
+/// bytes the application sent right after its SOCKS request are optimistic
+/// data (§5) and go first.
+pub fn client_packager(stream: Arc<Stream>, sock: Arc<Socket>, initial: Vec<u8>) {
+    let _notice = ExitNotice(&stream);
+    let _tid = Tid::publish(&stream, Side::Packager);
+    if !initial.is_empty() {
+        let (mut buf, cells) = frame_bytes(&stream, &initial);
+        if send_cells(&stream, &mut buf, cells).is_err() {
+            return stopped(&stream);
+        }
+    }
+    package_loop(&stream, &sock);
+}
+
+/// The exit's packager: connect to the target (protocol.md §5), answer
+/// CONNECTED or END, hand the socket to the deliverer, then package.
+pub fn exit_packager(stream: Arc<Stream>, ctx: Arc<Ctx>, give_socket: Sender<Arc<Socket>>) {
+    let _notice = ExitNotice(&stream);
+    let _tid = Tid::publish(&stream, Side::Packager);
+    let (sock, addr) = match connect::connect(&stream.target, &ctx.cfg, &*stream) {
+        Ok(ok) => ok,
+        Err(ConnectError::Aborted) => return,
+        Err(ConnectError::Refused(reason)) => {
+            tracing::debug!(stream = %stream.name, target = %stream.target, "connect failed: END({})", end_reason::name(reason));
+            // §5: answer END with the reason; optimistic data is discarded.
+            let _ = stream.handle(Event::Error { reason });
+            return;
+        }
+    };
+    {
+        let mut st = stream.state.lock();
+        if st.hc.is_closed() {
+            return; // aborted while connecting; the abort reset the socket
+        }
+        st.connected = true;
+        // Queued under the lock, so CONNECTED precedes the first DATA.
+        stream.send_control(
+            relay_cmd::CONNECTED,
+            &relay::encode_connected(addr.ip(), 300),
+        );
+    }
+    tracing::debug!(stream = %stream.name, target = %stream.target, peer = %addr, "connected");
+    if give_socket.send(sock.clone()).is_err() {
+        return;
+    }
+    drop(give_socket);
+    package_loop(&stream, &sock);
+}
+
+/// What the exit's connect needs of the stream.
+impl Connecting for Stream {
+    fn publish(&self, sock: &Arc<Socket>) -> bool {
+        let mut st = self.state.lock();
+        if st.hc.is_closed() {
+            return false;
+        }
+        st.socket = Some(sock.clone());
+        true
+    }
+
+    fn aborted(&self) -> bool {
+        self.is_aborted()
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+/// §7 and §10: read the socket into DATA cells while the windows allow;
+/// on EOF send FIN, on error END.
+fn package_loop(stream: &Stream, sock: &Socket) {
+    let mut read_cells = FIRST_READ_CELLS;
+    loop {
+        // §10: a sender whose stream package window is 0 stops reading.
+        let window = stream
+            .state
+            .wait_until(&stream.aborted, |st| StreamState::read_window(st));
+        let window = match window {
+            Ok(0) => return,
+            Err(_) => return stopped(stream),
+            Ok(w) => w,
+        };
+        let want = window.min(read_cells);
+        let mut buf = Vec::with_capacity(want as usize * CELL_LEN);
+        let n = match read_into_cells(stream, sock, &mut buf, want) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                if !stream.is_aborted() {
+                    tracing::debug!(stream = %stream.name, "read error: {e}");
+                    let _ = stream.handle(Event::Error {
+                        reason: sockets::end_reason_for(&e),
+                    });
+                }
+                return;
+            }
+        };
+        if n == 0 {
+            // §7: EOF → FIN after every DATA read before it (same queue).
+            let _ = stream.handle(Event::ReadEof);
+            return;
+        }
+        let cells = n.div_ceil(relay::DATA_MAX) as u32;
+        read_cells = if cells == want {
+            (read_cells * 2).min(MAX_READ_CELLS)
+        } else {
+            read_cells.min(cells.max(FIRST_READ_CELLS))
+        };
+        if send_cells(stream, &mut buf, cells).is_err() {
+            return stopped(stream);
+        }
+    }
+}
+
+/// The packager cannot go on: its stream was aborted (nothing to do), or
+/// its circuit or link is gone, which is an error on the stream (§8).
+fn stopped(stream: &Stream) {
+    if !stream.is_aborted() {
+        let _ = stream.handle(Event::Error {
+            reason: end_reason::MISC,
+        });
+    }
+}
+
+/// One readv() straight into the data slots of `want` cells in the spare
+/// capacity of the empty `buf`, which must hold them. On success `buf` holds
+/// the framed cells of the `n` bytes read (none on EOF), and `n` is returned.
+///
+/// The buffer is not zeroed first: zeroing ~250 KiB per read cost about 3%
+/// of a bulk transfer's CPU (issue 5). Every byte of the cells kept is
+/// written before `set_len`: the headers here, the data by the kernel, and
+/// the last cell's padding with zeros.
+fn read_into_cells(
+    stream: &Stream,
+    sock: &Socket,
+    buf: &mut Vec<u8>,
+    want: u32,
+) -> io::Result<usize> {
+    let len = want as usize * CELL_LEN;
+    assert!(buf.is_empty() && buf.capacity() >= len);
+    let spare = &mut buf.spare_capacity_mut()[..len];
+    let mut slots: Vec<MaybeUninitSlice<'_>> = spare
+        .chunks_exact_mut(CELL_LEN)
+        .map(|c| MaybeUninitSlice::new(&mut c[DATA_OFFSET..DATA_OFFSET + relay::DATA_MAX]))
+        .collect();
+    let (n, _) = sock.recv_vectored(&mut slots)?;
+    drop(slots);
+    let cells = n.div_ceil(relay::DATA_MAX);
+    for (i, c) in buf.spare_capacity_mut()[..cells * CELL_LEN]
+        .chunks_exact_mut(CELL_LEN)
+        .enumerate()
+    {
+        let data = (n - i * relay::DATA_MAX).min(relay::DATA_MAX);
+        let mut head = [0u8; DATA_OFFSET];
+        frame_header(stream, &mut head, data);
+        for (dst, src) in c[..DATA_OFFSET].iter_mut().zip(head) {
+            dst.write(src);
+        }
+        for b in &mut c[DATA_OFFSET + data..] {
+            b.write(0);
+        }
+    }
+    // SAFETY: the first `cells` cells are initialised: their headers and
+    // padding were just written, and recv_vectored filled the first `n`
+    // bytes of the data slots in order (socket2's contract for reads into
+    // MaybeUninitSlice), which are the data of exactly those cells.
+    unsafe { buf.set_len(cells * CELL_LEN) };
+    Ok(n)
+}
+
+/// The link header and relay header of a DATA cell holding `len` bytes.
+fn frame_header(stream: &Stream, head: &mut [u8], len: usize) {
+    head[..4].copy_from_slice(&stream.wire_circ.to_be_bytes());
+    head[4] = cell::cmd::RELAY;
+    relay::write_header(&mut head[5..DATA_OFFSET], relay_cmd::DATA, stream.id, len);
+}
+
+/// Writes the link and relay headers of the cells holding `n` bytes of data,
+/// and trims `buf` to those cells.
+fn frame_cells(stream: &Stream, buf: &mut Vec<u8>, n: usize) {
+    let cells = n.div_ceil(relay::DATA_MAX);
+    buf.truncate(cells * CELL_LEN);
+    for (i, c) in buf.chunks_exact_mut(CELL_LEN).enumerate() {
+        let len = (n - i * relay::DATA_MAX).min(relay::DATA_MAX);
+        frame_header(stream, &mut c[..DATA_OFFSET], len);
+    }
+}
+
+/// DATA cells for bytes already in memory (the client's optimistic data).
+fn frame_bytes(stream: &Stream, data: &[u8]) -> (Vec<u8>, u32) {
+    let cells = data.len().div_ceil(relay::DATA_MAX);
+    let mut buf = vec![0u8; cells * CELL_LEN];
+    for (i, chunk) in data.chunks(relay::DATA_MAX).enumerate() {
+        buf[i * CELL_LEN + DATA_OFFSET..i * CELL_LEN + DATA_OFFSET + chunk.len()]
+            .copy_from_slice(chunk);
+    }
+    frame_cells(stream, &mut buf, data.len());
+    (buf, cells as u32)
+}
+
+/// Queues `cells` framed DATA cells, as the circuit package window and the
+/// link's queue allow (§10; invariant 3). The stream window was checked
+/// before reading, and only this thread takes from it.
+fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop> {
+    let mut sent = 0;
+    while sent < cells {
+        // §10: this packager's turn at the circuit window (`FairWindow`).
+        let m = stream
+            .circuit_window
+            .take(cells - sent, &stream.aborted)
+            .map_err(|_| Stop::Ended)?;
+        if stream.link.reserve(m, &stream.aborted).is_err() {
+            stream.circuit_window.update(|w| w.give_back(m));
+            return Err(Stop::Ended);
+        }
+        let piece = if sent == 0 && m == cells {
+            std::mem::take(buf)
+        } else {
+            buf[(sent * CELL_LEN as u32) as usize..((sent + m) * CELL_LEN as u32) as usize].to_vec()
+        };
+        let bytes: u64 = piece
+            .chunks_exact(CELL_LEN)
+            .map(|c| u64::from(u16::from_be_bytes([c[14], c[15]])))
+            .sum();
+        // Under the lock: an END decided by another thread cannot be
+        // overtaken by this DATA (nothing is sent after END).
+        let mut st = stream.state.lock();
+        match st.queue_data(piece, m, bytes, Instant::now(), stream) {
+            Ok(Queued::Sent) => {}
+            Ok(Queued::MayNotPackage) => {
+                drop(st);
+                stream.circuit_window.update(|w| w.give_back(m));
+                stream.link.unreserve(m);
+                return Err(Stop::Ended);
+            }
+            Err(Gone) => return Err(Stop::Ended),
+        }
+        drop(st);
+        stream.metrics.packaged(bytes, m);
+        sent += m;
+    }
+    Ok(())
+}
