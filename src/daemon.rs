@@ -5,11 +5,11 @@
 //! edges are down, so that a stream stuck at shutdown can be looked at.
 
 use crate::circuit::CircMsg;
-use crate::ctx::Ctx;
 use crate::edge::client::Client;
 use crate::edge::exit;
 use crate::link::Links;
 use crate::ops::status::{self, StatusServer, Watched};
+use crate::process::Ctx;
 use crate::runtime::threads;
 use parking_lot::Mutex;
 use socket2::SockRef;

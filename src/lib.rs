@@ -7,21 +7,21 @@
 //!
 //! - [`runtime`]: what threads wait on and hand each other (inbox, monitor,
 //!   fair window, data batches, named threads, socket helpers);
-//! - [`ops`]: settings, limits, counters and the live view for people
-//!   (config file, kernel limits, metrics, status);
-//! - [`ctx`]: what every thread of one process shares;
+//! - [`process`]: what every thread of one process shares: its settings,
+//!   its limits (from the kernel's), its counters;
 //! - [`link`], [`circuit`], [`stream`]: the threads that carry cells
 //!   (`link-rd`/`link-wr`, `circ L.C`, `pk C.S`/`dl C.S`);
 //! - [`edge`]: the client (SOCKS) and exit (targets) edges;
+//! - [`ops`]: for people: the config file, the status endpoint;
 //! - [`daemon`]: both edges put together, and shut down.
 
 pub mod circuit;
-pub mod ctx;
 pub mod daemon;
 pub mod edge;
 pub mod link;
 #[cfg(all(test, loom))]
 mod loom_check;
 pub mod ops;
+pub mod process;
 pub mod runtime;
 pub mod stream;

@@ -7,11 +7,11 @@
 
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use halfpipe::ctx::{Config, Ctx};
 use halfpipe::daemon::Daemon;
 use halfpipe::ops::config::{self, Entry, Kind};
-use halfpipe::ops::limits::{Capacity, KernelLimits};
 use halfpipe::ops::status;
+use halfpipe::process::limits::{Capacity, KernelLimits};
+use halfpipe::process::{Config, Ctx};
 use halfpipe_proto::policy::{self, Policy};
 use std::ffi::OsString;
 use std::io::IsTerminal;

@@ -13,15 +13,15 @@
 pub mod msg;
 pub mod view;
 
-use crate::ctx::{CircuitSlot, Ctx, StreamSlot};
 use crate::link::{Link, LinkTx};
-use crate::ops::metrics::{Dir, Limit, Tally, ViolationKind};
+use crate::process::metrics::{Dir, Limit, Tally, ViolationKind};
+use crate::process::{CircuitSlot, Ctx, StreamSlot};
 use crate::runtime::batch::DataBatch;
 use crate::runtime::fairwindow::FairWindow;
 use crate::runtime::inbox::{self, Inbox, InboxTx};
 use crate::runtime::monitor::Monitor;
 use crate::runtime::threads;
-use crate::stream::{self, DeliverMsg, DeliverStart, Shared, Stream};
+use crate::stream::{self, DeliverMsg, DeliverStart, Shared, Stream, ThreadEnded};
 use crossbeam_channel::Sender;
 use halfpipe_proto::cell::{destroy_reason, CELL_LEN};
 use halfpipe_proto::flow::PackageWindow;
@@ -108,6 +108,9 @@ pub struct Circuit {
     package: Arc<FairWindow>,
     /// Serial number of the next stream (see `Stream::serial`).
     next_serial: u64,
+    /// What every stream calls as one of its threads ends: a
+    /// `ThreadDone` in this circuit's inbox.
+    thread_ended: ThreadEnded,
     /// Streams with DATA gathered in their entry's batch.
     dirty: Vec<u16>,
     /// Control cells gathered while handling one inbox message.
@@ -157,6 +160,12 @@ impl Circuit {
     ) -> Circuit {
         let package = Arc::new(FairWindow::new(PackageWindow::circuit()));
         let map = StreamMap::new(link.role);
+        let thread_ended: ThreadEnded = {
+            let tx = tx.clone();
+            Arc::new(move |stream_id, serial| {
+                let _ = tx.send(CircMsg::ThreadDone { stream_id, serial });
+            })
+        };
         let view = CircuitView::new(
             link.id,
             local,
@@ -178,6 +187,7 @@ impl Circuit {
             map,
             package,
             next_serial: 0,
+            thread_ended,
             dirty: Vec::new(),
             out: Vec::new(),
             opened: Instant::now(),
@@ -620,7 +630,7 @@ impl Circuit {
             wire_circ: self.wire,
             link: self.link_tx.clone(),
             circuit_window: self.package.clone(),
-            circuit_tx: self.tx.clone(),
+            thread_ended: self.thread_ended.clone(),
             state: Monitor::new(Shared::new(socket)),
             aborted: AtomicBool::new(false),
             to_deliverer: dl_tx,

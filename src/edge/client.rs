@@ -5,10 +5,10 @@
 //! circuit, which starts the stream's packager and deliverer.
 
 use crate::circuit::{CircMsg, OpenRequest, ResolveRequest};
-use crate::ctx::Ctx;
 use crate::link::{self, Link, Links};
-use crate::ops::limits::MAX_HANDSHAKES;
-use crate::ops::metrics::{Metrics, ViolationKind};
+use crate::process::limits::MAX_HANDSHAKES;
+use crate::process::metrics::{Metrics, ViolationKind};
+use crate::process::Ctx;
 use crate::runtime::inbox::InboxTx;
 use crate::runtime::threads::{self, Reaper};
 use crossbeam_channel::{Receiver, Sender};

@@ -15,7 +15,7 @@
 mod handshake;
 mod reader;
 mod table;
-mod tx;
+pub mod tx;
 mod writer;
 
 pub use handshake::{accept_handshake, connect_handshake, HandshakeFailure};
@@ -24,7 +24,7 @@ pub use tx::{LinkGone, LinkTx, QUEUE_CELLS};
 
 use crate::circuit::msg::CircMsg;
 use crate::circuit::view::CircuitView;
-use crate::ctx::Ctx;
+use crate::process::Ctx;
 use crate::runtime::inbox;
 use crate::runtime::monitor::Monitor;
 use crate::runtime::threads;

@@ -8,7 +8,7 @@ use super::tx::{Gate, WriterMsg};
 use super::{nonce, Link};
 use crate::circuit::msg::CircMsg;
 use crate::circuit::Circuit;
-use crate::ops::metrics::{Dir, ViolationKind};
+use crate::process::metrics::{Dir, ViolationKind};
 use crate::runtime::inbox::{self, InboxTx};
 use crate::runtime::threads;
 use halfpipe_proto::cell::{self, cmd, destroy_reason};
@@ -230,7 +230,7 @@ impl Link {
         let refuse = if self.ctx.shutting_down() {
             Some(destroy_reason::HIBERNATING)
         } else if table.live_count() >= self.ctx.cfg.max_circuits_per_link
-            || self.ctx.circuit_count() >= crate::ops::limits::MAX_CIRCUITS
+            || self.ctx.circuit_count() >= crate::process::limits::MAX_CIRCUITS
         {
             Some(destroy_reason::RESOURCELIMIT)
         } else {
@@ -283,7 +283,7 @@ impl Link {
         let Some(slot) = self.ctx.take_circuit_slot() else {
             return Err(io::Error::other(format!(
                 "the process holds {} circuits already",
-                crate::ops::limits::MAX_CIRCUITS
+                crate::process::limits::MAX_CIRCUITS
             )));
         };
         let local = self.ctx.next_circuit_id();

@@ -2,7 +2,7 @@
 //! writes many cells per system call.
 
 use super::tx::WriterMsg;
-use crate::ops::metrics::{Dir, Metrics, Tally};
+use crate::process::metrics::{Dir, Metrics, Tally};
 use crate::runtime::inbox::Inbox;
 use crate::runtime::monitor::Monitor;
 use halfpipe_proto::cell::{self, cmd};

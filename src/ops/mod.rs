@@ -1,8 +1,6 @@
-//! Operations: the settings a process runs with ([`config`]), how much the
-//! kernel lets it hold ([`limits`]), what it has done ([`metrics`]), and
-//! what it is doing now, for people ([`status`]).
+//! Operations, for the people who run halfpipe: the config file that
+//! mirrors the command line ([`config`]), and what the process is doing
+//! now ([`status`]: the status endpoint, `halfpipe status`, SIGUSR1).
 
 pub mod config;
-pub mod limits;
-pub mod metrics;
 pub mod status;

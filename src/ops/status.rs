@@ -8,9 +8,9 @@
 //! and writing happen after every lock is released (invariant 5).
 
 use crate::circuit::view::CircuitView;
-use crate::ctx::Ctx;
 use crate::link::Links;
-use crate::ops::metrics::Gauges;
+use crate::process::metrics::Gauges;
+use crate::process::Ctx;
 use crate::runtime::threads;
 use crate::stream::Stream;
 use halfpipe_proto::halfclose::{CloseCause, State};

@@ -15,9 +15,8 @@ pub mod packager;
 pub use deliverer::{deliverer, DeliverStart};
 pub use packager::{client_packager, exit_packager, MAX_READ_CELLS};
 
-use crate::circuit::msg::CircMsg;
-use crate::link::{LinkGone, LinkTx};
-use crate::ops::metrics::Metrics;
+use crate::link::tx::{LinkGone, LinkTx};
+use crate::process::metrics::Metrics;
 use crate::runtime::batch::DataBatch;
 use crate::runtime::fairwindow::FairWindow;
 use crate::runtime::inbox::InboxTx;
@@ -50,6 +49,10 @@ pub enum DeliverMsg {
     /// The stream was aborted: stop at once.
     Abort,
 }
+
+/// How a stream tells its owner that one of its threads ended: called with
+/// the stream's ID and serial, from the ending thread (never blocks).
+pub type ThreadEnded = Arc<dyn Fn(u16, u64) + Send + Sync>;
 
 /// The stream's protocol state and, beside it under the same lock, what
 /// the shell keeps for it: its socket and the TIDs of its threads.
@@ -100,7 +103,9 @@ pub struct Stream {
     pub wire_circ: u32,
     pub link: LinkTx,
     pub circuit_window: Arc<FairWindow>,
-    pub circuit_tx: InboxTx<CircMsg>,
+    /// Tells the stream's owner (its circuit) that one of its threads
+    /// ended, with the stream's ID and serial, so that it can be joined.
+    pub thread_ended: ThreadEnded,
     /// What the packager, the deliverer and the circuit thread share.
     pub state: Monitor<Shared>,
     /// Set once when the stream is aborted; ends every wait of its threads.
@@ -239,10 +244,7 @@ pub(super) struct ExitNotice<'a>(&'a Stream);
 
 impl Drop for ExitNotice<'_> {
     fn drop(&mut self) {
-        let _ = self.0.circuit_tx.send(CircMsg::ThreadDone {
-            stream_id: self.0.id,
-            serial: self.0.serial,
-        });
+        (self.0.thread_ended)(self.0.id, self.0.serial);
     }
 }
 

@@ -4,8 +4,8 @@
 //! and for room in the link's queue (docs/design.md, invariant 3).
 
 use super::{ExitNotice, Side, Stream, Tid};
-use crate::ctx::Ctx;
 use crate::edge::exit::connect::{self, ConnectError, Connecting};
+use crate::process::Ctx;
 use crate::runtime::sockets;
 use crossbeam_channel::Sender;
 use halfpipe_proto::cell::{self, CELL_LEN};

@@ -443,7 +443,7 @@ fn main() -> ExitCode {
         return fail("--concurrency and --hold take positive numbers");
     }
     // Raise the soft descriptor limit to the hard one (hold needs many).
-    let nofile = halfpipe::ops::limits::KernelLimits::read().nofile;
+    let nofile = halfpipe::process::limits::KernelLimits::read().nofile;
 
     let scenarios = selected(&args.scenario);
     let ui = Ui {

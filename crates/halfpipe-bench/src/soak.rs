@@ -1428,7 +1428,7 @@ pub fn main(args: &SoakArgs) -> ExitCode {
     });
     // Every stream holds two descriptors here (its two ends), plus a dup
     // for the reading thread of most orders.
-    let nofile = halfpipe::ops::limits::KernelLimits::read().nofile;
+    let nofile = halfpipe::process::limits::KernelLimits::read().nofile;
     let need = args.streams * 4 + 64;
     if nofile < need {
         return fail(format!(

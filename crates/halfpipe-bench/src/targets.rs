@@ -624,7 +624,7 @@ fn service(c: &mut EchoConn, buf: &mut [u8]) -> bool {
 /// server on an ephemeral loopback port. Prints its address, then serves
 /// until its stdin closes (the bench went away).
 pub fn serve_hold_target() -> ExitCode {
-    halfpipe::ops::limits::KernelLimits::read(); // raises RLIMIT_NOFILE to the hard limit
+    halfpipe::process::limits::KernelLimits::read(); // raises RLIMIT_NOFILE to the hard limit
     let listener = match listen_deep("127.0.0.1:0".parse().expect("literal")) {
         Ok(l) => l,
         Err(e) => {

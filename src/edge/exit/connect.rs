@@ -3,7 +3,7 @@
 //! connected to), connect within the timeout, and name the END reason of
 //! each failure. Also the answers to RESOLVE.
 
-use crate::ctx::Config;
+use crate::process::Config;
 use halfpipe_proto::relay::{end_reason, Answer, Host, Target};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;

@@ -3,9 +3,9 @@
 
 pub mod connect;
 
-use crate::ctx::Ctx;
 use crate::link::{self, Link, Links};
-use crate::ops::limits::MAX_LINKS;
+use crate::process::limits::MAX_LINKS;
+use crate::process::Ctx;
 use crate::runtime::threads::{self, Reaper};
 use halfpipe_proto::Role;
 use std::io;
@@ -63,7 +63,7 @@ fn serve_link(ctx: Arc<Ctx>, registry: &Arc<Links>, id: u32, sock: TcpStream) {
         }
         if matches!(e, link::HandshakeFailure::Protocol(_)) {
             ctx.metrics
-                .violation(crate::ops::metrics::ViolationKind::Handshake);
+                .violation(crate::process::metrics::ViolationKind::Handshake);
         }
         return;
     }

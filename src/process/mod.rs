@@ -4,9 +4,12 @@
 //! `/metrics`. Who is alive is kept by their owners: a link's circuits by
 //! the link, the links by the daemon's `link::Links`.
 
-use crate::ops::limits::MAX_CIRCUITS;
-use crate::ops::metrics::Metrics;
+pub mod limits;
+pub mod metrics;
+
 use halfpipe_proto::policy::Policy;
+use limits::MAX_CIRCUITS;
+use metrics::Metrics;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
