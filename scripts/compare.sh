@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # scripts/compare.sh: halfpipe side by side with what users have instead,
-# on this machine, in one run (issue 5; README, "Benchmarks").
+# on this machine, in one run (docs/performance.md).
 #
 #   scripts/compare.sh [--quick] [--hold LIST] [--out DIR]
 #
-# Measures, one after the other, each with `halfpipe bench`:
+# Measures, one after the other, each with `halfpipe-bench`:
 #
 #   direct               plain TCP to the bench's targets: the limit.
 #   socat x2             two socat relays in a chain, 256 KiB buffers.
@@ -90,6 +90,7 @@ NOTES=()
 say "cargo build --release"
 cargo build --release
 BIN=${CARGO_TARGET_DIR:-target}/release/halfpipe
+BENCH_BIN=${CARGO_TARGET_DIR:-target}/release/halfpipe-bench
 
 # Descriptors: every process started from here inherits the hard limit.
 ulimit -n "$(ulimit -Hn)" || true
@@ -130,12 +131,12 @@ NOTES+=("load average at start: $load (a busy machine makes every number noisy)"
 say "load average $load"
 
 RUNS=()
-# run LABEL OUTFILE ARGS...: one `halfpipe bench` run into OUTFILE.
+# run LABEL OUTFILE ARGS...: one `halfpipe-bench` run into OUTFILE.
 run() {
     local label=$1 out=$2
     shift 2
     say "measuring: $label"
-    if "$BIN" bench --label "$label" "${COMMON[@]}" "$@" >"$out"; then
+    if "$BENCH_BIN" --label "$label" "${COMMON[@]}" "$@" >"$out"; then
         :
     else
         say "$label: some scenarios failed (see the errors in the report)"
@@ -284,8 +285,8 @@ stop_all
 mkdir -p "$OUT"
 note_args=()
 for n in "${NOTES[@]}"; do note_args+=("--note=$n"); done
-"$BIN" bench --combine "${RUNS[@]}" "${note_args[@]}" >"$OUT/compare.json"
-"$BIN" bench --markdown "$OUT/compare.json" >"$OUT/compare.md"
-"$BIN" bench --plot "$OUT/compare.json" "$OUT/compare.svg"
+"$BENCH_BIN" --combine "${RUNS[@]}" "${note_args[@]}" >"$OUT/compare.json"
+"$BENCH_BIN" --markdown "$OUT/compare.json" >"$OUT/compare.md"
+"$BENCH_BIN" --plot "$OUT/compare.json" "$OUT/compare.svg"
 say "wrote $OUT/compare.json, $OUT/compare.md, $OUT/compare.svg"
 cat "$OUT/compare.md"

@@ -2,7 +2,7 @@
 # Fuzz halfpipe's sans-IO core with cargo-fuzz (libFuzzer): every target in
 # tests/fuzz/fuzz_targets/ runs for SECONDS (default 60), then a table of
 # what libFuzzer reported is printed. What each target checks is at the top
-# of its source file; README "Fuzzing" has the overview.
+# of its source file; docs/robustness.md, "Fuzzing", has the overview.
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #

@@ -1,22 +1,19 @@
 #!/usr/bin/env bash
-# scripts/profile-bulk.sh: where a bulk stream's time goes (issue 5; README,
-# "Where the time goes").
+# scripts/profile-bulk.sh: where a bulk stream's time goes
+# (docs/performance.md, "Where the time goes").
 #
 #   scripts/profile-bulk.sh [--size MiB] [--rounds N]
 #
-# Runs `halfpipe bench --scenario bulk` through three relays, the rounds
-# interleaved so that a busy minute hits all three alike:
+# Runs `halfpipe-bench --scenario bulk` through two relays, the rounds
+# interleaved so that a busy minute hits both alike:
 #
 #   socat x2       two socat relays in a chain, 256 KiB buffers (the
 #                  practical two-hop limit here, as in compare.sh).
 #   halfpipe       client + exit as two processes, as built.
-#   wide windows   the same, built with `--features wide-windows`: every
-#                  §10 window 100 times wider, so that a bulk stream never
-#                  waits for a SENDME (a measurement build, not protocol.md;
-#                  built into target/wide-windows). Its deep queues allocate
-#                  fresh memory all the time, so glibc is told to keep what
-#                  it frees (GLIBC_TUNABLES): otherwise page faults, not the
-#                  relay, are what it measures.
+#
+# (An earlier version also ran a measurement build whose windows were 100
+# times wider; no build changes protocol constants any more, and that
+# result is recorded in docs/performance.md.)
 #
 # Each relay process runs under /usr/bin/time, which reports what the whole
 # process used when it exits, threads that ended included: CPU seconds,
@@ -35,7 +32,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --size) SIZE="$2"; shift ;;
         --rounds) ROUNDS="$2"; shift ;;
-        -h|--help) sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "profile-bulk: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
@@ -51,11 +48,10 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-say "cargo build --release (and --features wide-windows into target/wide-windows)"
+say "cargo build --release"
 cargo build --release
-CARGO_TARGET_DIR=target/wide-windows cargo build --release --features wide-windows
 BIN=${CARGO_TARGET_DIR:-target}/release/halfpipe
-WIDE=target/wide-windows/release/halfpipe
+BENCH_BIN=${CARGO_TARGET_DIR:-target}/release/halfpipe-bench
 
 TMP=$(mktemp -d /tmp/halfpipe-profile.XXXXXX)
 PIDS=()
@@ -116,7 +112,7 @@ run_socat() {
     timed "$TMP/s2.time" socat -b 262144 -t 30 "TCP-LISTEN:$m,bind=127.0.0.1,reuseaddr,fork" "TCP:127.0.0.1:$t"
     timed "$TMP/s1.time" socat -b 262144 -t 30 "TCP-LISTEN:$a,bind=127.0.0.1,reuseaddr,fork" "TCP:127.0.0.1:$m"
     wait_listen "$m" && wait_listen "$a" || { say "socat did not start listening"; exit 1; }
-    BENCH=("$BIN" bench --direct --via "127.0.0.1:$a" --target-listen "127.0.0.1:$t")
+    BENCH=("$BENCH_BIN" --direct --via "127.0.0.1:$a" --target-listen "127.0.0.1:$t")
     measure "socat-x2"
 }
 
@@ -128,7 +124,7 @@ run_halfpipe() {
     wait_listen "$link" || { say "$label: the exit did not start listening"; exit 1; }
     timed "$TMP/client.time" "$bin" client --socks "127.0.0.1:$socks" --exit "127.0.0.1:$link" --log warn
     wait_listen "$socks" || { say "$label: the client did not start listening"; exit 1; }
-    BENCH=("$BIN" bench --socks "127.0.0.1:$socks")
+    BENCH=("$BENCH_BIN" --socks "127.0.0.1:$socks")
     measure "$label"
 }
 
@@ -138,9 +134,6 @@ for r in $(seq "$ROUNDS"); do
     run_socat
     say "round $r: halfpipe"
     run_halfpipe "halfpipe" "$BIN"
-    say "round $r: wide windows"
-    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4194304:glibc.malloc.trim_threshold=268435456 \
-        run_halfpipe "wide-windows" "$WIDE"
 done
 
 echo "bulk, $SIZE MiB each way, medians of $ROUNDS rounds; CPU, switches and faults are both relay processes'"

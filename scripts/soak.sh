@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# scripts/soak.sh: the soak of issue 4 (README, "Soak").
+# scripts/soak.sh: the long soak (docs/robustness.md, "Soak").
 #
-#   scripts/soak.sh [MINUTES] [-- EXTRA ARGS FOR `halfpipe bench soak`]
+#   scripts/soak.sh [MINUTES] [-- EXTRA ARGS FOR `halfpipe-bench soak`]
 #
 # Builds the release binary, starts `halfpipe exit` and `halfpipe client`
-# as two processes on loopback, and runs `halfpipe bench soak` through them
+# as two processes on loopback, and runs `halfpipe-bench soak` through them
 # for MINUTES (default 10): 1,000 half-closed request/response streams in
 # flight at once, sizes 1 byte to 4 MiB (log-uniform), a random half-close
 # order per stream, every byte checked with SHA-256 at both ends. It prints
@@ -15,7 +15,7 @@
 # Environment: SOAK_STREAMS (1000), SOAK_MAX_SIZE (4MiB), SOAK_SEED (from
 # the clock; printed), SOAK_CIRCUITS (the client's --circuits, 1),
 # SOAK_NICE (10: the run leaves the CPU to others first). Extra arguments
-# after `--` go to `halfpipe bench soak` (say `-- --json`).
+# after `--` go to `halfpipe-bench soak` (say `-- --json`).
 #
 # Everything listens on 127.0.0.1 only. Every process the script starts is
 # stopped when it ends, however it ends (trap). The exit status is the
@@ -64,6 +64,7 @@ trap 'exit 130' INT TERM
 say "cargo build --release"
 nice -n "$NICE" cargo build --release
 BIN=${CARGO_TARGET_DIR:-target}/release/halfpipe
+BENCH_BIN=${CARGO_TARGET_DIR:-target}/release/halfpipe-bench
 
 # Every stream costs a descriptor in each daemon and two in the bench.
 ulimit -n "$(ulimit -Hn)" || true
@@ -102,7 +103,7 @@ set +m
 say "exit pid $EXIT_PID (link $LINK), client pid $CLIENT_PID (SOCKS $SOCKS, $CIRCUITS circuit(s))"
 say "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-CMD=(nice -n "$NICE" "$BIN" bench soak --socks "$SOCKS" --streams "$STREAMS"
+CMD=(nice -n "$NICE" "$BENCH_BIN" soak --socks "$SOCKS" --streams "$STREAMS"
      --duration "${MINUTES}m" --max-size "$MAX_SIZE" --pids "$CLIENT_PID,$EXIT_PID"
      "${SEED_ARGS[@]}" "${EXTRA[@]}")
 say "${CMD[*]}"
