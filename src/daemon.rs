@@ -1,6 +1,7 @@
-//! Putting the edges together, and shutting them down (design.md, "What a
-//! user sees"): Ctrl-C or SIGTERM stops accepting, lets streams finish for
-//! the grace period, then ends the rest with END(HIBERNATING) and DESTROY.
+//! Putting the edges together, and shutting them down (docs/operations.md,
+//! "Signals and shutdown"): Ctrl-C or SIGTERM stops accepting, lets streams
+//! finish for the grace period, then ends the rest with END(HIBERNATING)
+//! and DESTROY (docs/protocol.md, R8.5).
 //! The status endpoint and the SIGUSR1 table (`status`) stay up until the
 //! edges are down, so that a stream stuck at shutdown can be looked at.
 
@@ -149,7 +150,8 @@ impl Daemon {
         if left > 0 {
             tracing::info!("grace period over: ending {left} streams with END(HIBERNATING)");
         }
-        // §8: END(HIBERNATING) for what is left, then DESTROY.
+        // R8.5: the shutdown deadline has passed: END(HIBERNATING) for what
+        // is left, then DESTROY.
         for link in self.links.all() {
             link.tell_circuits(|| CircMsg::Hibernate);
         }

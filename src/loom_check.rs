@@ -1,7 +1,7 @@
 //! Concurrency model check of a stream's three threads: loom runs
 //! every interleaving, up to a preemption bound, of a packager, a deliverer
 //! and a circuit thread sharing one stream's state, on the half-close paths
-//! (protocol.md §7) and the abort paths (§8), and checks that none
+//! (docs/protocol.md §7) and the abort paths (§8), and checks that none
 //! deadlocks, no FIN is lost or doubled, no DATA follows our FIN, nothing
 //! follows END or CLOSED, the peer's FIN shuts our write side once and
 //! after all data, both threads end after an abort, and the windows (§10)
@@ -205,7 +205,7 @@ impl Model {
         self.aborted.load(Ordering::Acquire)
     }
 
-    /// `stream::stopped`.
+    /// `stream::packager::stopped`.
     fn stopped(&self) {
         if !self.is_aborted() {
             let _ = self.handle(Event::Error {
@@ -267,12 +267,12 @@ impl Model {
     }
 }
 
-/// `stream::package_loop`, reading the script.
+/// `stream::packager::package_loop`, reading the script.
 fn packager(m: &Model, reads: &[Read]) {
     let mut reads = reads.iter().copied();
     let mut unread = 0;
     loop {
-        // The state's low water is 1 (`run`).
+        // Reads while the stream window is open, from one cell up.
         let window = m.state.wait_until(&m.aborted, |st| st.read_window());
         let window = match window {
             Ok(0) => return,
@@ -301,7 +301,8 @@ fn packager(m: &Model, reads: &[Read]) {
     }
 }
 
-/// `stream::send_cells`, with `LinkTx::reserve` and `LinkTx::unreserve`.
+/// `stream::packager::send_cells`, with `LinkTx::reserve` and
+/// `LinkTx::unreserve`.
 fn send_cells(m: &Model, cells: u32) -> Result<(), ()> {
     let mut sent = 0;
     while sent < cells {

@@ -1,4 +1,4 @@
-//! The halfpipe command line (docs/operations.md, "Command line").
+//! The halfpipe command line (docs/operations.md, "Commands").
 //!
 //! The flags of each command are one list: clap's definitions below. A
 //! config file (`--config FILE`) holds the same names as keys, and each of
@@ -114,7 +114,7 @@ struct ClientArgs {
 #[derive(Args, Debug)]
 struct ExitTimeouts {
     /// How long the exit waits for a target to accept.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     connect_timeout: Duration,
 }
 
@@ -122,7 +122,7 @@ struct ExitTimeouts {
 #[derive(Args, Debug)]
 struct SocksTimeouts {
     /// How long a SOCKS client has to send its request.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     socks_timeout: Duration,
 }
 
@@ -133,27 +133,30 @@ struct Common {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Time open streams get to finish after Ctrl-C or SIGTERM.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     grace: Duration,
+    // R1.6: 10 s unless set. (Doc comments here are the --help text.)
     /// How long a link peer has to complete the VERSIONS handshake (and the
     /// exit to answer CREATE_FAST).
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
     /// End a stream with END(TIMEOUT) and a reset after this long without a
     /// byte read or written (off by default; 0s is off too).
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
     /// Send a PADDING cell on a link after this long without writing
     /// (and TCP keepalive on link sockets); 0 turns both off.
-    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
     keepalive: Duration,
     /// Streams in the whole process, at least 1 (capped at what the kernel
     /// allows).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_streams: Option<u64>,
+    // R3.9: configurable, at least 1,000 by default.
     /// Streams per circuit.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     max_streams_per_circuit: u64,
+    // R3.9: configurable, at least 32 by default.
     /// Circuits per link.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
     max_circuits_per_link: u64,
@@ -193,6 +196,12 @@ fn parse_host_port(s: &str) -> Result<String, String> {
         Ok(p) if p > 0 => Ok(s.to_owned()),
         _ => Err(format!("{s:?}: the port must be 1 to 65535")),
     }
+}
+
+/// A duration with its unit: `500ms`, `10s`, `5m`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("not a duration such as \"500ms\", \"10s\" or \"5m\" ({e})"))
 }
 
 fn parse_policy(s: &str) -> Result<Policy, String> {
@@ -301,7 +310,7 @@ where
         .flatten()
         .cloned();
     let Some(path) = path else {
-        return Ok(command_of(&matches).map_err(CliError::Clap)?);
+        return command_of(&matches).map_err(CliError::Clap);
     };
     let entries = config::load(&path).map_err(CliError::Config)?;
     let sub = match &name {
@@ -666,6 +675,42 @@ mod tests {
                 "{flag}"
             );
         }
+    }
+
+    #[test]
+    fn circuit_and_stream_limits_are_configurable_and_default_to_32_and_1000() {
+        // R3.9: the per-link circuit limit and the per-circuit stream limit
+        // can be set, and default to at least 32 and 1,000, for every
+        // command that runs an edge.
+        let policy = || policy::RUN_POLICY.parse::<Policy>().unwrap();
+        for cmd in [&["exit"][..], &["client"], &["run"]] {
+            let common = match parse(cmd) {
+                Ok(Command::Exit(a)) => a.common,
+                Ok(Command::Client(c)) => c.common,
+                Ok(Command::Run(r)) => r.common,
+                other => panic!("{cmd:?}: {other:?}"),
+            };
+            let (cfg, _) = config(&common, None, None, policy(), 1);
+            assert_eq!(cfg.max_circuits_per_link, 32, "{cmd:?}");
+            assert_eq!(cfg.max_streams_per_circuit, 1000, "{cmd:?}");
+        }
+        let defaults = Config::default();
+        assert!(defaults.max_circuits_per_link >= 32);
+        assert!(defaults.max_streams_per_circuit >= 1000);
+        let Ok(Command::Exit(a)) = parse(&[
+            "exit",
+            "--max-circuits-per-link",
+            "3",
+            "--max-streams-per-circuit",
+            "7",
+        ]) else {
+            panic!("exit with limits")
+        };
+        let (cfg, _) = config(&a.common, Some(&a.exit), None, policy(), 1);
+        assert_eq!(
+            (cfg.max_circuits_per_link, cfg.max_streams_per_circuit),
+            (3, 7)
+        );
     }
 
     #[test]

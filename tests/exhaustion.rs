@@ -1,4 +1,4 @@
-//! Issue 4: a peer that exhausts the exit's threads. In a test binary of
+//! A peer that exhausts the exit's threads. In a test binary of
 //! its own because cargo runs test binaries one after the other: the
 //! thousands of threads it makes the exit start must not share the machine
 //! with the other integration tests (in one CI run, a test running beside
@@ -40,11 +40,11 @@ fn holder() -> Holder {
 
 #[test]
 fn thread_exhaustion_is_end_resourcelimit_and_threads_return() {
-    // Issue 4: a peer opens streams until the process cannot take more:
+    // R5.11: a peer opens streams until the process cannot take more:
     // 20 circuits × 1,000 BEGINs to a target that holds every connection.
     // The exit takes as many as its start-up capacity line says (two
-    // threads each, below what the kernel allows: limits.rs), answers the
-    // rest END(RESOURCELIMIT) (§5), never aborts, and returns to its
+    // threads each, below what the kernel allows: src/process/limits.rs),
+    // answers the rest END(RESOURCELIMIT), never aborts, and returns to its
     // baseline thread count once the circuits are destroyed.
     let mut d = Daemon::exit(&["--exit-policy", "accept *:*"]);
     let out = d.stdout();

@@ -5,10 +5,10 @@
 //! FIN to deliverers, start and join stream threads, answer BEGIN and
 //! RESOLVE, and tear the circuit down (§3).
 //!
-//! It never blocks on a socket or a full queue (invariant 2): everything it
-//! sends goes into unbounded queues whose size the windows bound. Its only
-//! blocking calls are `recv` on its own inbox and, when the circuit ends,
-//! joining its streams' threads.
+//! It never blocks on a socket or a full queue (docs/design.md, invariant
+//! 2): everything it sends goes into unbounded queues whose size the
+//! windows bound. Its only blocking calls are `recv` on its own inbox and,
+//! when the circuit ends, joining its streams' threads.
 
 pub mod msg;
 pub mod view;
@@ -261,10 +261,11 @@ impl Circuit {
         self.teardown(end);
     }
 
-    /// `--idle-timeout` (protocol.md §8): a stream with no byte read from
-    /// or written to its TCP connection for `limit` is an error on the
-    /// stream: END(TIMEOUT) and a reset. Streams still connecting are left
-    /// to the connect timeout.
+    /// `--idle-timeout`: a stream with no byte read from or written to its
+    /// TCP connection for `limit` is an error on the stream, R8.3:
+    /// END(TIMEOUT) and a reset. It applies to every stream alike; being
+    /// half-closed is never a reason to end one (R7.10). Streams still
+    /// connecting are left to the connect timeout.
     fn end_idle_streams(&mut self, limit: Duration) {
         for entry in self.map.streams() {
             let idle = entry.with_state(|st| {
@@ -375,7 +376,7 @@ impl Circuit {
         Ok(rc)
     }
 
-    /// One relay cell other than DATA (protocol.md §4).
+    /// One relay cell other than DATA (docs/protocol.md §4).
     fn on_cell(&mut self, rc: RelayCell<'_>) -> Result<()> {
         let id = rc.stream_id;
         match rc.command {
@@ -485,8 +486,8 @@ impl Circuit {
         self.map.refuse(id);
     }
 
-    /// Exit, §5: BEGIN opens a stream: a deliverer waiting for the socket
-    /// and a packager that connects.
+    /// Exit, R5.3: BEGIN opens a stream: a deliverer waiting for the socket
+    /// and a packager that resolves, checks the exit policy and connects.
     fn on_begin(&mut self, id: u16, body: &[u8]) -> Result<()> {
         let target = match self.map.on_begin(id, body)? {
             Begin::Open(target) => target,
@@ -497,6 +498,8 @@ impl Circuit {
                 return Ok(());
             }
         };
+        // While shutting down: END(HIBERNATING). docs/protocol.md has no row
+        // for this refusal (R5.12 would make it MISC).
         if self.ctx.shutting_down() {
             self.refuse_begin(id, end_reason::HIBERNATING);
             return Ok(());
@@ -543,10 +546,11 @@ impl Circuit {
     }
 
     /// Enters a stream whose first thread runs; `second` is how starting
-    /// its other thread went. A thread that could not start is an error on
-    /// the stream (§8: END(RESOURCELIMIT)), and the thread that runs ends
-    /// by itself: an exit packager sees the abort (and its socket has no
-    /// taker), a client deliverer answers the SOCKS request with 0x01.
+    /// its other thread went. A thread that could not start is a local
+    /// resource failure, an error on the stream (R8.4: END(RESOURCELIMIT)
+    /// and a reset, R8.7), and the thread that runs ends by itself: an exit
+    /// packager sees the abort (and its socket has no taker), a client
+    /// deliverer answers the SOCKS request with 0x01.
     fn enter_stream(&mut self, mut entry: Entry, second: std::io::Result<JoinHandle<()>>) {
         let stream = entry.stream.clone();
         match second {
@@ -570,12 +574,15 @@ impl Circuit {
     fn on_resolve(&mut self, id: u16, body: &[u8]) -> Result<()> {
         let name = match self.map.on_resolve(id, body)? {
             Resolve::Lookup(name) => name,
+            // Not a valid hostname: no such name can exist (0xF1, R5.19).
             Resolve::Malformed => {
                 let body = relay::encode_resolved(&[Answer::NontransientError], 0);
                 self.queue_relay(relay_cmd::RESOLVED, id, &body);
                 return Ok(());
             }
         };
+        // No slot or no thread for the lookup: a failure other than a
+        // missing name, so 0xF0 (R5.19).
         let refuse = |c: &mut Circuit| {
             let body = relay::encode_resolved(&[Answer::TransientError], 0);
             c.queue_relay(relay_cmd::RESOLVED, id, &body);
@@ -652,8 +659,8 @@ impl Circuit {
         let sock = Arc::new(req.socket);
         let (stream, dl_rx) = self.new_stream(id, req.target, Some(sock.clone()));
         // BEGIN first, so that the exit opens its side while this thread
-        // starts ours (a thread takes tens of µs to start); it precedes any
-        // DATA, since the packager does not exist yet.
+        // starts ours; it precedes any DATA, since the packager does not
+        // exist yet. R5.2: its payload follows the grammar of §5.
         let begin = relay::encode_begin(&stream.target);
         stream.send_control(relay_cmd::BEGIN, &begin);
         tracing::debug!(stream = %stream.name, target = %stream.target, "BEGIN sent");
@@ -668,7 +675,8 @@ impl Circuit {
             Err(e) => {
                 tracing::warn!(stream = %stream.name, "cannot start a deliverer thread ({e}): END(RESOURCELIMIT), refusing SOCKS request");
                 self.ctx.metrics.refused(Limit::Threads);
-                // §8: the BEGIN is answered by our END; the ID is closed (R9.1).
+                // R8.4: the BEGIN is answered by our END(RESOURCELIMIT); the
+                // ID is closed (R9.1).
                 stream.send_control(relay_cmd::END, &[end_reason::RESOURCELIMIT]);
                 self.map.refuse(id);
                 drop(stream);
@@ -708,7 +716,10 @@ impl Circuit {
     }
 
     /// A stream thread ended; when both have, the stream is CLOSED and its
-    /// ID enters the recently-closed set (R9.1).
+    /// ID enters the recently-closed set (R9.1). R7.10: a half-closed stream
+    /// stays here, with no timer, until its other direction ends too; R7.9:
+    /// after a FIN each way it is released, and its socket, shut for
+    /// writing and never reset, is closed normally as the last `Arc` goes.
     fn on_thread_done(&mut self, id: u16, serial: u64) {
         let is_it = |e: &Entry| e.stream.serial == serial;
         let retired = self.map.retired_mut();
@@ -763,7 +774,12 @@ impl Circuit {
             End::Hibernate => "shutdown, DESTROY(HIBERNATING) sent".to_string(),
             End::Idle => "no streams for the idle timeout, DESTROY(FINISHED) sent".to_string(),
         };
+        // R3.10: whatever ends the circuit, every stream on it is aborted
+        // as though it had received END(DESTROY), except at shutdown (R8.5).
+        // R11.6: a client stream still waiting for CONNECTED answers its
+        // SOCKS request with 0x01, what END(DESTROY) maps to.
         let event = match &end {
+            // R3.12: a violation; the DESTROY(PROTOCOL) follows below.
             End::Violation(kind, why) => {
                 self.ctx.metrics.violation(*kind);
                 if crate::runtime::ratelimit::violation_warning() {
@@ -779,10 +795,12 @@ impl Circuit {
                     reason: end_reason::DESTROY,
                 }
             }
+            // R3.13: the link is lost.
             End::LinkClosed => Event::EndReceived {
                 reason: end_reason::DESTROY,
             },
-            // Shutdown deadline (§8): END(HIBERNATING) for every stream.
+            // R8.5: the shutdown deadline passed: END(HIBERNATING) for every
+            // stream.
             End::Hibernate => Event::Error {
                 reason: end_reason::HIBERNATING,
             },
@@ -807,8 +825,9 @@ impl Circuit {
             End::Idle => Some(destroy_reason::FINISHED),
             End::Destroyed(_) | End::LinkClosed => None,
         };
-        // §3: after the ENDs (the peer sees every stream's END first), the
-        // DESTROY; then the CircID is free and later cells on it dropped.
+        // After the ENDs (the peer sees every stream's END first), the
+        // DESTROY; then the CircID is free (R3.7) and later cells on it are
+        // dropped (R3.11).
         self.link.circuit_ended(self.wire, self.local, destroy);
         self.package.close();
         let count = streams.len();
@@ -823,7 +842,7 @@ impl Circuit {
             }
         }
         // Requests that reached the inbox after the loop ended: answer
-        // them (§11: SOCKS 0x01) rather than drop their sockets.
+        // them (R11.6: SOCKS 0x01) rather than drop their sockets.
         while let Ok(msg) = self.rx.try_recv() {
             if let CircMsg::Open(req) = msg {
                 let _ = req.refused.send(req.socket);
@@ -836,5 +855,72 @@ impl Circuit {
             secs = self.opened.elapsed().as_secs_f64(),
             "circuit closed: {cause}"
         );
+    }
+}
+
+// Real threads and sockets: not under loom, whose primitives work only
+// inside a model.
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::link::Links;
+    use crate::process::Config;
+    use halfpipe_proto::cell;
+    use halfpipe_proto::relay::Host;
+    use std::io::Read;
+    use std::net::{TcpListener, TcpStream};
+
+    #[test]
+    fn a_stream_whose_thread_cannot_start_is_ended_with_resourcelimit() {
+        // R8.4: a local resource failure on a stream (here: its second
+        // thread cannot be had) is an error on the stream: END
+        // (RESOURCELIMIT), and the stream is CLOSED. The failed start is
+        // handed in, as `threads::spawn` would return it; the END is read
+        // off the link at the other end of a loopback connection.
+        let ctx = Ctx::new(Config::default());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        peer.set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let registry = Arc::new(Links::default());
+        let link = Link::start(ctx.clone(), &registry, 1, Role::Exit, ours).unwrap();
+        let slot = ctx.take_circuit_slot().unwrap();
+        let wire = 0x8000_0001;
+        let mut circuit = Circuit::new(
+            link.clone(),
+            link.tx.clone(),
+            wire,
+            1,
+            inbox::inbox(),
+            None,
+            slot,
+        );
+        let target = Target {
+            host: Host::Name("target.example".into()),
+            port: 80,
+        };
+        let (stream, _dl_rx) = circuit.new_stream(7, target, None);
+        let first = threads::spawn("test-first".into(), || {}).unwrap();
+        let entry = Entry {
+            stream: stream.clone(),
+            threads: vec![first],
+            alive: 1,
+            batch: None,
+            _slot: ctx.take_stream_slot().unwrap(),
+        };
+        circuit.enter_stream(entry, Err(std::io::Error::other("no thread")));
+        let mut cell = [0u8; CELL_LEN];
+        peer.read_exact(&mut cell).unwrap();
+        let (c, _) = cell::decode(&cell).unwrap();
+        assert_eq!((c.circ_id, c.command), (wire, cell::cmd::RELAY));
+        let rc = relay::decode(c.payload).unwrap();
+        assert_eq!(
+            (rc.command, rc.stream_id, rc.body),
+            (relay_cmd::END, 7, &[end_reason::RESOURCELIMIT][..])
+        );
+        assert!(stream.state.lock().hc.is_closed());
+        drop(circuit);
+        link.abandon();
     }
 }

@@ -1,8 +1,9 @@
 //! The client edge: keeps one link to the exit (reconnecting with capped
-//! exponential backoff), creates circuits with CREATE_FAST (protocol.md §3),
-//! and serves SOCKS (§11): `socks-accept` accepts, a short-lived `socks N`
-//! thread per connection runs the handshake and hands the socket to a
-//! circuit, which starts the stream's packager and deliverer.
+//! exponential backoff), creates circuits with CREATE_FAST
+//! (docs/protocol.md §3), and serves SOCKS (§11): `socks-accept` accepts,
+//! a short-lived `socks N` thread per connection runs the handshake and
+//! hands the socket to a circuit, which starts the stream's packager and
+//! deliverer.
 
 use crate::circuit::{CircMsg, OpenRequest, ResolveRequest};
 use crate::link::{self, Link, Links};
@@ -27,9 +28,15 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// Longest wait between reconnection attempts (protocol.md §11).
+/// Longest wait between reconnection attempts (R11.16: never more than
+/// 30 s).
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// R11.16: the wait after `backoff` failed too: twice as long, capped.
+fn next_backoff(backoff: Duration) -> Duration {
+    (backoff * 2).min(MAX_BACKOFF)
+}
 /// How long a circuit of isolated credentials lives without streams.
 const ISOLATED_IDLE: Duration = Duration::from_secs(60);
 /// How long a SOCKS RESOLVE waits for RESOLVED.
@@ -44,7 +51,7 @@ struct CircHandle {
 }
 
 /// Which circuit a stream belongs on: one of the N general circuits, or
-/// the circuit of its SOCKS credentials (isolation, §11).
+/// the circuit of its SOCKS credentials (isolation, R11.4).
 #[derive(Clone, PartialEq, Eq, Hash)]
 enum CircKey {
     General(usize),
@@ -95,7 +102,8 @@ impl Client {
     }
 
     /// Keeps one link to the exit: connect, create the general circuits,
-    /// wait for the link to end, back off, repeat.
+    /// wait for the link to end, back off, repeat (R11.16: linking again
+    /// with a capped exponential backoff; a link that came up resets it).
     fn supervise(&self) {
         let mut backoff = FIRST_BACKOFF;
         while !self.ctx.shutting_down() {
@@ -124,6 +132,8 @@ impl Client {
                     }
                     tracing::warn!(exit = %self.exit, "link to exit lost; SOCKS requests fail until it is back");
                 }
+                // R1.8: a failed handshake is this one line, and ends this
+                // connection only.
                 Err(e) => {
                     tracing::warn!(exit = %self.exit, "cannot reach the exit: {e} (retrying in {backoff:?})");
                 }
@@ -131,7 +141,7 @@ impl Client {
             if self.stop_rx.recv_timeout(backoff).is_ok() {
                 break;
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff = next_backoff(backoff);
         }
     }
 
@@ -154,7 +164,9 @@ impl Client {
         Err(last)
     }
 
-    /// Connects and handshakes (§1); the link reader runs in `link-rd N`.
+    /// Connects and handshakes (§1); the link reader runs in `link-rd N`. A
+    /// failed handshake closes this connection only, and `supervise` logs
+    /// why in one line (R1.8).
     fn connect_link(&self) -> io::Result<(Arc<Link>, JoinHandle<()>)> {
         let timeout = self.ctx.cfg.handshake_timeout;
         let sock = self.dial(timeout)?;
@@ -182,7 +194,8 @@ impl Client {
     }
 
     /// The circuit for a new stream: round-robin over the general circuits,
-    /// or the circuit of the stream's credentials (§11), created on demand.
+    /// or the circuit of the stream's credentials (R11.4: streams whose
+    /// credentials differ never share one), created on demand.
     fn circuit_for(&self, isolation: Option<Vec<u8>>) -> io::Result<CircHandle> {
         let cl = self.current.lock().clone();
         let Some(cl) = cl.filter(|cl| !cl.link.is_closed()) else {
@@ -310,7 +323,8 @@ impl Client {
         let circuit = match self.circuit_for(request.isolation.clone()) {
             Ok(c) => c,
             Err(e) => {
-                // §11: no link → 0x01 at once rather than queued.
+                // R11.15: no link to the exit → 0x01 at once rather than
+                // queued (R11.14: 0x5B for SOCKS4).
                 tracing::info!(%peer, target = %request.target, "SOCKS request failed: {e}");
                 let reply = match request.command {
                     Command::Connect => socks::connect_reply(version, Reply::GeneralFailure, None),
@@ -417,6 +431,7 @@ fn create_circuit(
     let (wire, rx) = link
         .begin_create()
         .map_err(|e| io::Error::other(e.to_string()))?;
+    // R3.2: 20 random bytes X at the start of CREATE_FAST's payload.
     let x = crate::link::nonce();
     let mut out = Vec::with_capacity(cell::CELL_LEN);
     cell::encode_fixed(&mut out, wire, cmd::CREATE_FAST, &x);
@@ -434,7 +449,7 @@ fn create_circuit(
             Ok(CircHandle { tx, wire, local })
         }
         Ok(Ok(_)) => {
-            // §3: a wrong KH is answered with DESTROY(PROTOCOL).
+            // R3.4: a wrong KH is answered with DESTROY(PROTOCOL).
             ctx.metrics.violation(ViolationKind::Create);
             let mut out = Vec::with_capacity(cell::CELL_LEN);
             cell::encode_destroy(&mut out, wire, destroy_reason::PROTOCOL);
@@ -452,5 +467,24 @@ fn create_circuit(
             let _ = link.tx.send(out);
             fail("no CREATED_FAST from the exit in time".into())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconnection_backoff_doubles_from_250_ms_and_never_exceeds_30_s() {
+        // R11.16: capped exponential backoff, never more than 30 s between
+        // attempts.
+        let mut waits = vec![FIRST_BACKOFF];
+        for _ in 0..20 {
+            waits.push(next_backoff(*waits.last().unwrap()));
+        }
+        let ms: Vec<u128> = waits.iter().take(9).map(Duration::as_millis).collect();
+        assert_eq!(ms, [250, 500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        assert!(waits.iter().all(|w| *w <= Duration::from_secs(30)));
+        assert_eq!(*waits.last().unwrap(), MAX_BACKOFF);
     }
 }

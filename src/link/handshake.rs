@@ -1,14 +1,20 @@
 //! The VERSIONS handshake that opens a link (docs/protocol.md §1).
+//!
+//! R1.11: this is the whole handshake. Links are plain TCP, with no TLS
+//! around them, and VERSIONS is the only handshake cell either side sends:
+//! no CERTS, AUTH_CHALLENGE or NETINFO; the next cell is a circuit's.
 
 use halfpipe_proto::cell;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-/// The exit's side of the handshake (protocol.md §1): read the client's
-/// VERSIONS within the timeout, answer with ours.
+/// The exit's side of the handshake: R1.2, read the client's VERSIONS
+/// within the timeout (R1.6), and only then answer with ours.
 pub fn accept_handshake(sock: &TcpStream, timeout: Duration) -> Result<(), HandshakeFailure> {
     let offered = read_versions(sock, timeout)?;
+    // R1.3: no common version closes the link; R1.7: an exit that closes
+    // for any of R1.3 to R1.6 has sent no VERSIONS (it answers only here).
     cell::negotiate(&offered)?;
     let mut out = Vec::new();
     cell::encode_versions(&mut out, &[cell::LINK_VERSION]);
@@ -19,16 +25,18 @@ pub fn accept_handshake(sock: &TcpStream, timeout: Duration) -> Result<(), Hands
 
 /// The client's side of the handshake: send VERSIONS, read the answer.
 pub fn connect_handshake(sock: &TcpStream, timeout: Duration) -> Result<(), HandshakeFailure> {
+    // R1.1: the link begins with VERSIONS listing 4 only: 00 00 07 00 02 00 04.
     let mut out = Vec::new();
     cell::encode_versions(&mut out, &[cell::LINK_VERSION]);
     (&*sock).write_all(&out)?;
     let offered = read_versions(sock, timeout)?;
+    // R1.3: adopt 4 if the exit lists it; otherwise the link is closed.
     cell::negotiate(&offered)?;
     sock.set_read_timeout(None)?;
     Ok(())
 }
 
-/// Why a link handshake failed; closes only that link.
+/// Why a link handshake failed; closes only that link (R1.8).
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeFailure {
     #[error("{0}")]
@@ -44,6 +52,8 @@ pub enum HandshakeFailure {
 /// Reads exactly the peer's VERSIONS cell (byte-exact, so that no cell after
 /// it is consumed) before `timeout` runs out, counted from now.
 fn read_versions(mut sock: &TcpStream, timeout: Duration) -> Result<Vec<u16>, HandshakeFailure> {
+    // R1.6: one deadline for the whole cell; bytes that trickle in do not
+    // extend it. R1.4 and R1.5 are `decode_versions`'s errors.
     let deadline = Instant::now() + timeout;
     let mut buf = Vec::with_capacity(16);
     loop {

@@ -1,16 +1,18 @@
-//! Links: one TCP connection between a client and an exit (protocol.md §1),
-//! carrying the cells of §2 for many circuits (§3).
+//! Links: one TCP connection between a client and an exit
+//! (docs/protocol.md §1), carrying the cells of §2 for many circuits (§3).
 //!
-//! Threads (design.md): the link reader `link-rd N` blocks only on its socket
-//! and owns the link: it starts the writer and the circuits, and joins them
-//! when the link ends. The link writer `link-wr N` blocks on its queue and on
-//! write(), and writes many cells per system call.
+//! Threads (docs/design.md, "Threads"): the link reader `link-rd N` blocks
+//! only on its socket and owns the link: it starts the writer and the
+//! circuits, and joins them when the link ends. The link writer `link-wr N`
+//! blocks on its queue and on write(), and writes many cells per system
+//! call.
 //!
 //! Everything sent on a link goes through one FIFO queue, so cells leave in
 //! the order they were queued: CONNECTED before the stream's first DATA,
 //! DATA before FIN, BEGIN before END. Control cells are queued at once
-//! (invariant 4); DATA cells first take room in the queue (`reserve`), which
-//! is where a busy link pushes back on packagers (invariant 3).
+//! (docs/design.md, invariant 4); DATA cells first take room in the queue
+//! (`reserve`), which is where a busy link pushes back on packagers
+//! (invariant 3).
 
 mod handshake;
 mod reader;
@@ -196,7 +198,7 @@ impl Link {
     }
 
     /// Client side of §3, step one: picks a free CircID with the top bit
-    /// set and waits for its CREATED_FAST on the returned channel.
+    /// set (R3.1) and waits for its CREATED_FAST on the returned channel.
     pub fn begin_create(&self) -> Result<(u32, Receiver<CreatedFast>), LinkGone> {
         if self.is_closed() {
             return Err(LinkGone);
@@ -205,6 +207,7 @@ impl Link {
         let wire = loop {
             let mut r = [0u8; 4];
             getrandom::getrandom(&mut r).expect("the OS random number generator failed");
+            // R3.1: most significant bit set, and not in use on the link.
             let id = u32::from_be_bytes(r) | 0x8000_0000;
             if !table.by_wire_id.contains_key(&id) {
                 break id;
@@ -230,9 +233,10 @@ impl Link {
 
     /// Called by a circuit thread as it ends, once its streams are aborted:
     /// closes its gate, queues its DESTROY if it sends one (after every END
-    /// its streams sent), and frees its CircID (§3), all under the table
-    /// lock, so that a new circuit on the CircID cannot come in between.
-    /// If the peer destroyed it, the link reader has done all this already.
+    /// its streams sent; R3.12 for a violation), and frees its CircID
+    /// (R3.7), all under the table lock, so that a new circuit on the
+    /// CircID cannot come in between (docs/design.md, invariant 9). If the
+    /// peer destroyed it, the link reader has done all this already.
     pub fn circuit_ended(&self, wire: u32, local: u32, destroy: Option<u8>) {
         let mut table = self.table.lock();
         let ours = matches!(table.by_wire_id.get(&wire), Some(CircSlot::Live { local: l, .. }) if *l == local);
@@ -249,8 +253,8 @@ impl Link {
     }
 }
 
-/// 20 random bytes: the client's X of CREATE_FAST, or the exit's Y of
-/// CREATED_FAST (protocol.md §3).
+/// 20 random bytes: the client's X of CREATE_FAST (R3.2), or the exit's
+/// fresh Y of CREATED_FAST (R3.3).
 pub fn nonce() -> [u8; kdf::HASH_LEN] {
     let mut x = [0u8; kdf::HASH_LEN];
     // The OS random source failing is not something a daemon can work

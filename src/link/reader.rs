@@ -20,8 +20,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Bytes the link reader asks for per read(): large reads were the one
-/// change that mattered in the prototype (issue 5).
+/// Bytes the link reader asks for per read(): large reads are what keeps
+/// a busy link's reader from spending its time in system calls.
 const READ_BUF: usize = 256 * 1024;
 
 impl Link {
@@ -85,6 +85,7 @@ impl Link {
         let mut run: Option<(u32, usize)> = None;
         while let Some((c, len)) = cell::decode(&bytes[pos..]) {
             cells += 1;
+            // R2.3: RELAY_EARLY goes where RELAY goes, and is read the same.
             if matches!(c.command, cmd::RELAY | cmd::RELAY_EARLY) {
                 match run {
                     Some((id, _)) if id == c.circ_id => {}
@@ -111,35 +112,38 @@ impl Link {
         pos
     }
 
-    /// RELAY cells for a circuit; dropped silently if it is unknown or
-    /// destroyed (protocol.md §3).
+    /// RELAY cells for a circuit; dropped silently if it was never created
+    /// (R3.14) or has been destroyed (R3.11).
     fn to_circuit(&self, wire: u32, cells: Vec<u8>) {
         let table = self.table.lock();
         if let Some(CircSlot::Live { tx, .. }) = table.by_wire_id.get(&wire) {
-            // An unbounded send never blocks (invariant 1); a circuit that is
-            // ending has dropped its receiver and the cells go with it.
+            // An unbounded send never blocks (docs/design.md, invariant 1);
+            // a circuit that is ending has dropped its receiver and the
+            // cells go with it.
             let _ = tx.send(CircMsg::Cells(cells));
         }
     }
 
-    /// Cells that are not RELAY: protocol.md §2 and §3.
+    /// Cells that are not RELAY: docs/protocol.md §2 and §3.
     fn handle_link_cell(self: &Arc<Self>, c: cell::CellRef<'_>) {
         match c.command {
-            // §1: variable-length cells after the handshake are ignored;
-            // §2: PADDING is a keepalive.
+            // R1.10: variable-length cells after the handshake were read in
+            // full (`cell::decode`) and are ignored.
             _ if cell::is_var_cmd(c.command) => {}
+            // R2.2: PADDING is a keepalive, ignored.
             cmd::PADDING => {}
             cmd::CREATE_FAST if self.role == Role::Exit => self.on_create_fast(c),
             cmd::CREATED_FAST if self.role == Role::Client => {
                 let table = self.table.lock();
                 if let Some(CircSlot::Pending(tx)) = table.by_wire_id.get(&c.circ_id) {
-                    // try_send: the reader never blocks (invariant 1); a
-                    // second answer for the same CircID carries nothing new.
+                    // try_send: the reader never blocks (docs/design.md,
+                    // invariant 1); a second answer for the same CircID
+                    // carries nothing new.
                     let _ = tx.try_send(Ok(c.payload.to_vec()));
                 }
             }
-            // §2: CREATE and CREATE2 are answered with DESTROY(PROTOCOL); so is
-            // a CREATE_FAST sent to a client.
+            // R2.5: CREATE and CREATE2 are answered with DESTROY(PROTOCOL) on
+            // their CircID; so is a CREATE_FAST sent to a client.
             cmd::CREATE | cmd::CREATE2 | cmd::CREATE_FAST => {
                 if crate::runtime::ratelimit::violation_warning() {
                     tracing::warn!(
@@ -171,13 +175,15 @@ impl Link {
                     }
                 }
             }
+            // R2.4: the reason is the first payload byte.
             cmd::DESTROY => self.on_destroy(c.circ_id, c.payload[0]),
-            // §2: any other fixed-length command is dropped.
+            // R2.6: any other fixed-length command is dropped.
             _ => {}
         }
     }
 
-    /// §3: DESTROY tears the circuit down at once; its CircID is free again.
+    /// R3.10: DESTROY, whatever its reason, tears the circuit down at once;
+    /// R3.7: its CircID is free again.
     fn on_destroy(&self, wire: u32, reason: u8) {
         self.ctx.metrics.destroy_received(reason);
         let mut table = self.table.lock();
@@ -195,7 +201,8 @@ impl Link {
             Some(CircSlot::Pending(tx)) => {
                 let _ = tx.try_send(Err(reason));
             }
-            // §3: DESTROY for a circuit never created or already gone.
+            // R3.14, R3.11: DESTROY for a circuit never created or already
+            // gone is dropped silently.
             None => {}
         }
     }
@@ -205,6 +212,8 @@ impl Link {
         let wire = c.circ_id;
         let mut table = self.table.lock();
         table.reap();
+        // R3.6: a CircID whose most significant bit is clear is a violation
+        // (no circuit exists, so only the DESTROY(PROTOCOL) of R3.12 is left).
         if wire & 0x8000_0000 == 0 {
             drop(table);
             if crate::runtime::ratelimit::violation_warning() {
@@ -219,7 +228,8 @@ impl Link {
             return;
         }
         if let Some(slot) = table.by_wire_id.get(&wire) {
-            // §3: CREATE_FAST on a CircID in use is a violation on that circuit.
+            // R3.6: CREATE_FAST on a CircID in use is a violation on that
+            // circuit (R3.12: its thread sends DESTROY(PROTOCOL)).
             if let CircSlot::Live { tx, .. } = slot {
                 let _ = tx.send(CircMsg::Violation(
                     "CREATE_FAST on a CircID already in use".into(),
@@ -227,6 +237,8 @@ impl Link {
             }
             return;
         }
+        // R3.8: at the per-link circuit limit (and at the process's),
+        // DESTROY(RESOURCELIMIT).
         let refuse = if self.ctx.shutting_down() {
             Some(destroy_reason::HIBERNATING)
         } else if table.live_count() >= self.ctx.cfg.max_circuits_per_link
@@ -252,6 +264,8 @@ impl Link {
         match self.spawn_circuit(&mut table, wire, None) {
             Ok(()) => {
                 drop(table);
+                // R3.3: CREATED_FAST on the same CircID: fresh random Y, then
+                // KH = KDF-TOR(X | Y) cut to 20 bytes.
                 let mut out = Vec::with_capacity(cell::CELL_LEN);
                 cell::encode_fixed(
                     &mut out,
@@ -336,6 +350,8 @@ impl Link {
         }
     }
 
+    /// R3.13: the link is lost: every circuit on it is torn down, and their
+    /// streams aborted (the circuits do it on `LinkClosed`).
     fn teardown(&self, why: &str) {
         self.closed.store(true, Ordering::Release);
         let _ = self.socket.shutdown(Shutdown::Both);
@@ -367,8 +383,9 @@ impl Link {
     }
 }
 
-/// If the whole cells at the front of `buf` are all RELAY cells of one
-/// circuit, returns that circuit and how many bytes they take.
+/// If the whole cells at the front of `buf` are all RELAY (or RELAY_EARLY,
+/// R2.3) cells of one circuit, returns that circuit and how many bytes they
+/// take.
 fn single_circuit_run(buf: &[u8]) -> Option<(u32, usize)> {
     let whole = buf.len() / cell::CELL_LEN * cell::CELL_LEN;
     let first = buf.get(..cell::CELL_LEN)?;

@@ -39,7 +39,8 @@ pub struct LinkTx {
     pub(super) gate: Option<Arc<Gate>>,
 }
 
-/// Whether a circuit may still put cells on the link (protocol.md §3).
+/// Whether a circuit may still put cells on the link (docs/protocol.md §3;
+/// docs/design.md, invariant 9).
 ///
 /// A circuit's cells are queued by several threads (its own, and each
 /// stream's packager and deliverer) while the CircID can be freed by the
@@ -83,7 +84,7 @@ impl LinkTx {
     pub fn send(&self, bytes: Vec<u8>) -> Result<(), LinkGone> {
         let open = self.gate.as_ref().map(|g| g.0.read());
         if open.as_deref() == Some(&false) {
-            return Err(LinkGone); // the circuit is gone (§3)
+            return Err(LinkGone); // the circuit is gone (R3.7, R3.11)
         }
         let queued = self.control_queued.fetch_add(bytes.len(), Ordering::AcqRel) + bytes.len();
         if queued > MAX_CONTROL_QUEUED {

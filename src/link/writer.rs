@@ -29,7 +29,7 @@ pub(super) fn set_tcp_keepalive(sock: &TcpStream, period: Duration) {
 }
 
 /// The link writer: gathers queued cells into one writev() at a time. With
-/// a `keepalive` period, a PADDING cell (protocol.md §2) goes out when
+/// a `keepalive` period, a PADDING cell (docs/protocol.md §2) goes out when
 /// nothing was written for that long.
 pub(super) fn writer_loop(
     sock: &TcpStream,

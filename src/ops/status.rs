@@ -1,11 +1,13 @@
-//! Live state for people (design.md, "What a user sees"): the status
-//! endpoint (`--status ADDR`: `GET /streams`, `GET /metrics`), the
-//! `halfpipe status` table, and the same table in the log on SIGUSR1.
+//! Live state for people (docs/operations.md, "Live state: status,
+//! metrics, SIGUSR1"): the status endpoint (`--status ADDR`: `GET
+//! /streams`, `GET /metrics`), the `halfpipe status` table, and the same
+//! table in the log on SIGUSR1.
 //!
 //! Everything here reads; the threads that own the state keep owning it.
 //! A snapshot clones `Arc`s under the registries' locks, then copies each
 //! stream's fields under that stream's lock, one at a time; serializing
-//! and writing happen after every lock is released (invariant 5).
+//! and writing happen after every lock is released (docs/design.md,
+//! invariant 5).
 
 use crate::circuit::view::CircuitView;
 use crate::link::Links;
@@ -33,8 +35,9 @@ pub const DEFAULT_ADDR: &str = "127.0.0.1:9051";
 
 // ------------------------------------------------------------ the document
 
-/// `GET /streams`: the whole document. Field meanings are in the README
-/// ("Status and metrics"); ages and idle times are in seconds.
+/// `GET /streams`: the whole document. Field meanings are in
+/// docs/operations.md ("Live state: status, metrics, SIGUSR1"); ages and
+/// idle times are in seconds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Snapshot {
     pub process: ProcessInfo,
@@ -96,7 +99,7 @@ pub struct StreamInfo {
     pub id: u16,
     pub role: String,
     pub target: String,
-    /// protocol.md §7: OPEN, DONE_PACKAGING, DONE_DELIVERING, CLOSED.
+    /// docs/protocol.md §7: OPEN, DONE_PACKAGING, DONE_DELIVERING, CLOSED.
     pub state: String,
     /// Why a CLOSED stream closed: "FIN both ways", "END(REASON) sent",
     /// "END(REASON) received".
@@ -107,7 +110,8 @@ pub struct StreamInfo {
     /// Received as DATA and written to our TCP connection.
     pub bytes_delivered: u64,
     pub cells_delivered: u64,
-    /// DATA cells received for the stream (accepted by §7 and §10).
+    /// DATA cells received for the stream (accepted by docs/protocol.md §7
+    /// and §10).
     pub cells_received: u64,
     /// Received and not yet written: waiting for the deliverer.
     pub cells_queued: u64,

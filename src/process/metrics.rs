@@ -1,5 +1,6 @@
-//! Process-wide counters for `GET /metrics` (README, "Status and
-//! metrics"): plain Relaxed atomics, bumped where the events happen.
+//! Process-wide counters for `GET /metrics` (docs/operations.md, "Live
+//! state: status, metrics, SIGUSR1"): plain Relaxed atomics, bumped where
+//! the events happen.
 //!
 //! The hot paths add per batch, never per cell: the link writer tallies one
 //! `writev()` worth of cells, the link reader one `read()`, a circuit one
@@ -24,8 +25,8 @@ pub enum Dir {
 
 const DIRS: [(Dir, &str); 2] = [(Dir::Sent, "sent"), (Dir::Received, "received")];
 
-/// Kinds of protocol violation (protocol.md §3, §4, §5, §7, §10; §1 for
-/// the handshake). Each destroys a circuit (or closes a link), so the
+/// Kinds of protocol violation (docs/protocol.md §3, §4, §5, §7, §10; §1
+/// for the handshake). Each destroys a circuit (or closes a link), so the
 /// counter counts circuits and links lost to misbehaving peers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViolationKind {
@@ -39,7 +40,8 @@ pub enum ViolationKind {
     FlowControl,
     /// §7: DATA or FIN after the peer's FIN.
     HalfClose,
-    /// §5: DATA or FIN before CONNECTED, or a second CONNECTED.
+    /// DATA or FIN before CONNECTED, or a second CONNECTED (halfpipe's own
+    /// rules: docs/protocol.md declares neither a violation).
     Connected,
     /// §5: BEGIN or RESOLVE on a stream ID that is open.
     StreamIdReuse,

@@ -14,24 +14,28 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Settings of one process (flags, defaults per protocol.md §3 and design.md).
+/// Settings of one process (flags, defaults per docs/protocol.md §3 and
+/// docs/design.md).
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Circuits one link may hold (protocol.md §3: at least 32 by default).
+    /// Circuits one link may hold (R3.9: configurable, at least 32 by
+    /// default).
     pub max_circuits_per_link: usize,
-    /// Streams one circuit may hold (protocol.md §3: at least 1,000).
+    /// Streams one circuit may hold (R3.9: configurable, at least 1,000 by
+    /// default).
     pub max_streams_per_circuit: usize,
     /// Streams in the whole process: capped below what the kernel allows
     /// (threads, memory mappings, descriptors), see `limits`.
     pub max_streams: usize,
     /// How long the exit waits for a target to accept (END TIMEOUT after).
     pub connect_timeout: Duration,
-    /// How long a peer has to complete the VERSIONS handshake (§1: 10 s),
+    /// How long a peer has to complete the VERSIONS handshake (R1.6: 10 s),
     /// and the client to get CREATED_FAST.
     pub handshake_timeout: Duration,
     /// How long a SOCKS client has to send its request.
     pub socks_timeout: Duration,
-    /// How long streams may finish after Ctrl-C before END(HIBERNATING).
+    /// How long streams may finish after Ctrl-C before END(HIBERNATING)
+    /// (R8.5: the shutdown deadline).
     pub grace: Duration,
     /// A stream with no byte read or written for this long is ended with
     /// END(TIMEOUT) and reset (`--idle-timeout`; off when `None`).

@@ -1,4 +1,4 @@
-//! DATA for a deliverer, handed over without copying it (issue 5).
+//! DATA for a deliverer, handed over without copying it.
 //!
 //! The link reader reads cells into a buffer and hands the whole buffer to
 //! the circuit thread. The circuit thread used to copy each DATA cell's data
@@ -14,8 +14,9 @@
 //! data is at least half of the buffer's capacity; otherwise its data is
 //! copied, as before. A buffer is thus shared by at most two streams, and
 //! what a stalled stream pins is at most twice the data its window lets it
-//! hold (§10), plus the one buffer its deliverer is writing from (whose
-//! written cells have already earned their SENDMEs).
+//! hold (docs/protocol.md §10; docs/design.md, invariant 7), plus the one
+//! buffer its deliverer is writing from (whose written cells have already
+//! earned their SENDMEs).
 
 use std::io::{self, Write};
 use std::sync::Arc;
@@ -25,8 +26,10 @@ use std::sync::Arc;
 pub struct DataBatch {
     /// The buffer the cells arrived in, or a copy of their data.
     buf: Arc<Vec<u8>>,
-    /// Where each cell's data lies in `buf`: (start, length). A DATA cell
-    /// may carry no data; it still counts for the windows (§10).
+    /// Where each cell's data lies in `buf`: (start, length). R6.3: a DATA
+    /// cell may carry no data; nothing is written for it, and it still
+    /// counts for the windows (it is reported written with the cells
+    /// around it).
     cells: Vec<(u32, u32)>,
 }
 
@@ -117,11 +120,10 @@ impl DataBatch {
     }
 
     /// The batch with its data in one piece, copied together if it is not,
-    /// for one write(). A writev() of 500 pieces of 498 bytes cost the
-    /// kernel about what the copy costs (`perf record` of a bulk run: 13.6%
-    /// of samples in the deliverers with writev, 14.1% with the copy); one
-    /// piece keeps the write loop simple. The deliverer makes the copy, not
-    /// the circuit thread, which serves every stream of its circuit.
+    /// for one write(). A writev() of 500 pieces of 498 bytes costs the
+    /// kernel about what the copy costs (profiled on a bulk run); one piece
+    /// keeps the write loop simple. The deliverer makes the copy, not the
+    /// circuit thread, which serves every stream of its circuit.
     fn contiguous(self) -> DataBatch {
         let joined = self.cells.windows(2).all(|p| p[0].0 + p[0].1 == p[1].0);
         if joined {

@@ -1,12 +1,13 @@
 //! The circuit package window as the packagers of a circuit's streams share
-//! it (protocol.md §10): cells go to the waiting packagers in turn, first
-//! come first served, and each turn wakes one packager only.
+//! it (docs/protocol.md §10): cells go to the waiting packagers in turn,
+//! first come first served, and each turn wakes one packager only.
 //!
 //! Why: with hundreds of streams on one circuit, a window that woke every
 //! waiting packager for each SENDME's 100 cells let the ones already running
-//! win again and again, and some streams got no cell for a minute (found by
-//! the soak, issue 4). Handing out turns under that same wake-everyone
-//! scheme cost a wake-up of every waiter per turn and stalled the circuit.
+//! win again and again, and some streams got no cell for a long time (found
+//! by the soak, docs/robustness.md). Handing out turns under that same
+//! wake-everyone scheme cost a wake-up of every waiter per turn and stalled
+//! the circuit.
 //! Here each waiter parks its own thread, and only the first in line is
 //! unparked when it can take cells.
 
@@ -74,6 +75,8 @@ impl FairWindow {
                 g.leave(ticket);
                 return Err(Stopped::Cancelled);
             }
+            // R10.8: while the circuit package window is 0, no packager of
+            // the circuit sends (R10.9: the SENDME's `update` wakes one).
             let first = g.line.front().map(|(t, _)| *t) == Some(ticket);
             if first && g.window.value() > 0 {
                 let took = g.window.take(wanted);
@@ -119,7 +122,7 @@ impl FairWindow {
     }
 }
 
-// protocol.md §10: the circuit package window is shared by the circuit's
+// docs/protocol.md §10: the circuit package window is shared by the circuit's
 // streams; a SENDME's cells go to the waiting packagers in turn.
 #[cfg(test)]
 mod tests {

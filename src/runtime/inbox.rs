@@ -4,12 +4,12 @@
 //! Why not crossbeam's own blocking `recv`: it spins, then calls
 //! `sched_yield` several times before it sleeps. On a busy machine each of
 //! those yields is a context switch to another thread of the pipeline and
-//! back. In a bulk transfer through client and exit, half of all the
-//! daemons' context switches were such yields, by the circuit threads, the
-//! link writers and the deliverers (`perf record -e context-switches`,
-//! issue 5). Those three kinds of thread have nothing else to do while
-//! their inbox is empty, so here they park at once and the sender that
-//! fills the inbox unparks them: one futex wake, one context switch.
+//! back. In a bulk transfer through client and exit, such yields by the
+//! circuit threads, the link writers and the deliverers were a large part
+//! of all the daemons' context switches (`perf record -e context-switches`).
+//! Those three kinds of thread have nothing else to do while their inbox is
+//! empty, so here they park at once and the sender that fills the inbox
+//! unparks them: one futex wake, one context switch.
 //!
 //! The handshake between a receiver going to sleep and a sender is in
 //! [`Bell`]: a sender queues, then rings; the receiver goes to sleep only
@@ -26,7 +26,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// A new inbox and its first sender. Unbounded, like the channel it wraps:
-/// what bounds it is the flow-control windows (design.md, invariant 1).
+/// what bounds it is the flow-control windows (docs/design.md, invariants 1
+/// and 2).
 pub fn inbox<T>() -> (InboxTx<T>, Inbox<T>) {
     let (tx, rx) = crossbeam_channel::unbounded();
     let bell = Arc::new(Bell::new());

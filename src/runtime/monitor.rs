@@ -2,7 +2,7 @@
 //! primitive of halfpipe besides channels and sockets.
 //!
 //! Packagers wait here for flow-control windows and for room in the link's
-//! outbound queue (design.md, invariant 3). Waits end when the condition
+//! outbound queue (docs/design.md, invariant 3). Waits end when the condition
 //! holds, when the monitor is closed (its circuit or link is gone), or when
 //! the waiter's own cancel flag is set (its stream was aborted).
 //!
@@ -71,7 +71,7 @@ impl<T> Monitor<T> {
     /// Changes the value with `f`, which also says whether the change can
     /// end a wait; waiters are woken only then. For frequent changes that
     /// waiters mostly do not act on: waking a thread only to let it sleep
-    /// again costs two context switches (issue 5).
+    /// again costs two context switches.
     pub fn update_waking_if<R>(&self, f: impl FnOnce(&mut T) -> (R, bool)) -> R {
         let (r, wake) = f(&mut self.inner.lock().value);
         if wake {

@@ -1,14 +1,14 @@
-//! Socket operations std does not offer: the reset of protocol.md §8 and
-//! the thread ids shown in the status table.
+//! Socket operations std does not offer: the reset of docs/protocol.md §8
+//! and the thread ids shown in the status table.
 
 use socket2::SockRef;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::time::Duration;
 
-/// Resets a TCP connection now, from any thread (protocol.md §8: "resets
-/// its TCP connection at once (SO_LINGER 0, so the application sees a
-/// reset, not an EOF)").
+/// Resets a TCP connection now, from any thread (R8.7, R8.8: reset at once,
+/// so that the peer sees a reset and not an end of file; the "Reset" of
+/// docs/protocol.md, "Conventions": SO_LINGER with a zero timeout).
 ///
 /// `connect(AF_UNSPEC)` makes Linux send RST, drop both queues and wake
 /// every thread blocked on the socket (read, write or connect) with an
@@ -39,14 +39,17 @@ pub fn gettid() -> i32 {
     unsafe { libc::gettid() }
 }
 
-/// The END reason for an I/O error on a stream's socket (protocol.md §8).
+/// The END reason for an I/O error on a stream's socket (the table of §8).
 pub fn end_reason_for(err: &io::Error) -> u8 {
     use halfpipe_proto::relay::end_reason;
     match err.kind() {
+        // R8.2: the TCP connection was reset.
         io::ErrorKind::ConnectionReset
         | io::ErrorKind::BrokenPipe
         | io::ErrorKind::ConnectionAborted => end_reason::CONNRESET,
+        // R8.3: a timeout.
         io::ErrorKind::TimedOut => end_reason::TIMEOUT,
+        // R8.6: any other error.
         _ => end_reason::MISC,
     }
 }
@@ -59,7 +62,8 @@ mod tests {
 
     #[test]
     fn reset_makes_the_peer_see_econnreset_and_wakes_a_blocked_reader() {
-        // protocol.md §8: the application sees a reset, not an EOF.
+        // R8.7, R8.8: the reset an abort does: the peer sees a reset, not
+        // an EOF.
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let mut app = TcpStream::connect(l.local_addr().unwrap()).unwrap();
         let (ours, _) = l.accept().unwrap();
@@ -82,5 +86,27 @@ mod tests {
         let mut buf = [0u8; 16];
         let err = app.read(&mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn io_errors_map_to_the_end_reasons_of_section_8() {
+        // R8.2: a reset (or a write to a connection the peer reset) is
+        // CONNRESET; R8.3: a timeout is TIMEOUT; R8.6: any other error is
+        // MISC.
+        use halfpipe_proto::relay::end_reason;
+        let reason = |kind| end_reason_for(&io::Error::from(kind));
+        for kind in [
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::BrokenPipe,
+            io::ErrorKind::ConnectionAborted,
+        ] {
+            assert_eq!(reason(kind), end_reason::CONNRESET, "{kind:?}");
+        }
+        assert_eq!(reason(io::ErrorKind::TimedOut), end_reason::TIMEOUT);
+        for kind in [io::ErrorKind::Other, io::ErrorKind::InvalidData] {
+            assert_eq!(reason(kind), end_reason::MISC, "{kind:?}");
+        }
+        let eio = io::Error::from_raw_os_error(libc::EIO);
+        assert_eq!(end_reason_for(&eio), end_reason::MISC);
     }
 }

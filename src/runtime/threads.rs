@@ -1,4 +1,5 @@
-//! Named threads and their owners (design.md, "Threads" and invariant 6).
+//! Named threads and their owners (docs/design.md, "Threads" and
+//! invariant 6).
 //!
 //! Every thread halfpipe starts has a name that `top -H` shows (Linux keeps
 //! 15 bytes) and an owner that joins it. A spawn that fails is an ordinary
@@ -27,7 +28,7 @@ where
 
 /// Joins a thread. A panic in it is a bug: it is logged with the thread's
 /// name and not re-raised, so that a bug in one stream's thread takes down
-/// that stream only (design.md, "What a user sees").
+/// that stream only.
 pub fn join(handle: JoinHandle<()>) {
     let name = handle.thread().name().unwrap_or("unnamed").to_owned();
     if let Err(panic) = handle.join() {

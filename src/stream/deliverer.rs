@@ -29,7 +29,11 @@ pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart
     let _notice = ExitNotice(&stream);
     let _tid = Tid::publish(&stream, Side::Deliverer);
     let sock = match start {
-        // The packager drops the sender if the connect fails or is aborted.
+        // R5.15: while the exit connects, the DATA and FIN that arrive wait
+        // in this thread's inbox, in arrival order, and are delivered once
+        // the socket is here. The packager drops the sender if the connect
+        // fails or is aborted: R5.16, what was held is discarded with the
+        // inbox.
         DeliverStart::Exit(socket_rx) => match socket_rx.recv() {
             Ok(s) => s,
             Err(_) => return,
@@ -44,7 +48,8 @@ pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart
     for msg in rx.iter() {
         match msg {
             DeliverMsg::Data(batch) => {
-                // §10: cells count as written once the kernel took their data.
+                // R6.4: written in arrival order; R10.7: cells count as
+                // written once the kernel took their data.
                 let written = batch.write_to(&*sock, |cells, bytes| stream.delivered(cells, bytes));
                 if let Err(e) = written {
                     if !stream.is_aborted() {
@@ -57,8 +62,8 @@ pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart
                 }
             }
             DeliverMsg::Fin => {
-                // §7: every DATA before the FIN is written; now shut our
-                // write side, and only that.
+                // R7.4, R7.5: every DATA before the FIN is written; now shut
+                // our write side, and only that.
                 if let Err(e) = sock.shutdown(Shutdown::Write) {
                     if !stream.is_aborted() {
                         let _ = stream.handle(Event::Error {
@@ -77,8 +82,9 @@ pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart
 }
 
 /// Client: waits for CONNECTED or the end of the stream and writes the
-/// SOCKS reply (protocol.md §11: only after CONNECTED or END). Returns
-/// whether the stream goes on.
+/// SOCKS reply (R11.5: only after CONNECTED or END; R8.10: an END before
+/// CONNECTED gets the failure its reason maps to). Returns whether the
+/// stream goes on.
 fn answer_socks(
     stream: &Stream,
     rx: &Inbox<DeliverMsg>,

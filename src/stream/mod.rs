@@ -1,13 +1,14 @@
 //! One stream: the state its packager and deliverer share, and what the
 //! circuit thread and both threads do to it (docs/design.md: `pk C.S`
 //! reads the socket into DATA cells ([`packager`]), `dl C.S` writes cells
-//! to the socket ([`deliverer`])).
+//! to the socket ([`deliverer`](mod@deliverer))).
 //!
 //! The rules are `halfpipe_proto::stream::StreamState`'s (docs/protocol.md
 //! §7, §8, §10): under the stream's lock a thread feeds it an event and it
 //! queues the cells decided on (queueing never blocks); after the lock the
-//! thread does the I/O (invariant 5). So the cells of a stream leave in the
-//! order they were decided: no DATA after our FIN, nothing after our END.
+//! thread does the I/O (docs/design.md, invariant 5). So the cells of a
+//! stream leave in the order they were decided: no DATA after our FIN,
+//! nothing after our END (invariant 8).
 
 pub mod deliverer;
 pub mod packager;
@@ -44,7 +45,7 @@ pub enum DeliverMsg {
     /// Client: the exit's CONNECTED arrived; answer the SOCKS request.
     Connected(Option<IpAddr>),
     /// Client: the stream ended before CONNECTED; answer the SOCKS request
-    /// with the failure for this END reason (protocol.md §11).
+    /// with the failure for this END reason (R8.10, R11.7 to R11.12).
     Refused(u8),
     /// The stream was aborted: stop at once.
     Abort,
@@ -94,7 +95,7 @@ impl DerefMut for Shared {
 pub struct Stream {
     pub id: u16,
     /// Unique within the circuit: tells a CLOSED stream whose threads are
-    /// still ending from a new stream on the same ID (protocol.md §5).
+    /// still ending from a new stream on the same ID (R5.14).
     pub serial: u64,
     /// "C.S": the circuit's short counter and the stream ID (thread names).
     pub name: String,
@@ -161,9 +162,11 @@ impl Stream {
         self.abort_io(socket.as_deref(), connected, reason);
     }
 
-    /// §8: reset the TCP connection and stop both threads. A client stream
-    /// that never got CONNECTED answers the SOCKS request instead (§8, §11):
-    /// its deliverer writes the failure and closes normally.
+    /// R8.7 (after our END) and R8.8 (after the peer's): reset the TCP
+    /// connection at once and stop both threads, which discards what they
+    /// hold queued for the stream. R8.10: a client stream that never got
+    /// CONNECTED answers the SOCKS request instead (§11): its deliverer
+    /// writes the failure and closes normally.
     fn abort_io(&self, socket: Option<&Socket>, connected: bool, reason: u8) {
         self.aborted.store(true, Ordering::Release);
         self.circuit_window.kick();
@@ -223,7 +226,8 @@ impl Outbound for Stream {
     }
 
     fn sendmes(&self, n: u32) {
-        // One queue message for all of them: one wake-up of the writer.
+        // R10.12: empty payloads. One queue message for all of them: one
+        // wake-up of the writer.
         let mut out = Vec::with_capacity(n as usize * CELL_LEN);
         for _ in 0..n {
             relay::encode(&mut out, self.wire_circ, relay_cmd::SENDME, self.id, &[]);
@@ -239,7 +243,7 @@ impl Outbound for Stream {
 }
 
 /// Tells the circuit a stream thread has ended, also if it panicked, so the
-/// circuit can join it (invariant 6).
+/// circuit can join it (docs/design.md, invariant 6).
 pub(super) struct ExitNotice<'a>(&'a Stream);
 
 impl Drop for ExitNotice<'_> {

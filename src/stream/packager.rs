@@ -19,8 +19,8 @@ use std::time::Instant;
 
 /// Offset of a DATA cell's data: link header [5] + relay header [11].
 const DATA_OFFSET: usize = 5 + relay::HEADER_LEN;
-/// Most cells one read() may fill (about 250 KiB: reads this large were
-/// what mattered for throughput in the prototype, issue 5).
+/// Most cells one read() may fill (about 250 KiB: reads this large keep a
+/// bulk stream's packager from spending its time in system calls).
 pub const MAX_READ_CELLS: u32 = 512;
 /// Cells a packager starts reading with; it doubles while reads come back
 /// full, so an idle stream holds a small buffer and a bulk one a large one.
@@ -38,6 +38,7 @@ enum Stop {
 pub fn client_packager(stream: Arc<Stream>, sock: Arc<Socket>, initial: Vec<u8>) {
     let _notice = ExitNotice(&stream);
     let _tid = Tid::publish(&stream, Side::Packager);
+    // R6.2: no bytes, no DATA cell.
     if !initial.is_empty() {
         let (mut buf, cells) = frame_bytes(&stream, &initial);
         if send_cells(&stream, &mut buf, cells).is_err() {
@@ -47,8 +48,8 @@ pub fn client_packager(stream: Arc<Stream>, sock: Arc<Socket>, initial: Vec<u8>)
     package_loop(&stream, &sock);
 }
 
-/// The exit's packager: connect to the target (protocol.md §5), answer
-/// CONNECTED or END, hand the socket to the deliverer, then package.
+/// The exit's packager: connect to the target (R5.3), answer CONNECTED or
+/// END, hand the socket to the deliverer, then package.
 pub fn exit_packager(stream: Arc<Stream>, ctx: Arc<Ctx>, give_socket: Sender<Arc<Socket>>) {
     let _notice = ExitNotice(&stream);
     let _tid = Tid::publish(&stream, Side::Packager);
@@ -57,7 +58,8 @@ pub fn exit_packager(stream: Arc<Stream>, ctx: Arc<Ctx>, give_socket: Sender<Arc
         Err(ConnectError::Aborted) => return,
         Err(ConnectError::Refused(reason)) => {
             tracing::debug!(stream = %stream.name, target = %stream.target, "connect failed: END({})", end_reason::name(reason));
-            // §5: answer END with the reason; optimistic data is discarded.
+            // R5.5 to R5.12: answer END with the failure's reason; R5.16:
+            // the optimistic data held for the stream is discarded.
             let _ = stream.handle(Event::Error { reason });
             return;
         }
@@ -68,6 +70,7 @@ pub fn exit_packager(stream: Arc<Stream>, ctx: Arc<Ctx>, give_socket: Sender<Arc
             return; // aborted while connecting; the abort reset the socket
         }
         st.connected = true;
+        // R5.4: CONNECTED with the address connected to and a TTL of 300.
         // Queued under the lock, so CONNECTED precedes the first DATA.
         stream.send_control(
             relay_cmd::CONNECTED,
@@ -107,7 +110,9 @@ impl Connecting for Stream {
 fn package_loop(stream: &Stream, sock: &Socket) {
     let mut read_cells = FIRST_READ_CELLS;
     loop {
-        // §10: a sender whose stream package window is 0 stops reading.
+        // R10.8: a sender whose stream package window is 0 stops reading;
+        // R10.9: a SENDME that opens it again wakes it (`Wake::Packager`).
+        // R7.1: once we may no longer package, the wait ends with 0.
         let window = stream
             .state
             .wait_until(&stream.aborted, |st| StreamState::read_window(st));
@@ -122,6 +127,8 @@ fn package_loop(stream: &Stream, sock: &Socket) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // R7.7: an error on the stream: END with the error's reason
+                // (R8.2, R8.3, R8.6) and a reset (R8.7).
                 if !stream.is_aborted() {
                     tracing::debug!(stream = %stream.name, "read error: {e}");
                     let _ = stream.handle(Event::Error {
@@ -131,8 +138,10 @@ fn package_loop(stream: &Stream, sock: &Socket) {
                 return;
             }
         };
+        // R6.2: a read of 0 bytes is the end of file, never an empty DATA.
         if n == 0 {
-            // §7: EOF → FIN after every DATA read before it (same queue).
+            // R7.2, R7.3: EOF → FIN after every DATA read before it (one
+            // FIFO queue).
             let _ = stream.handle(Event::ReadEof);
             return;
         }
@@ -149,7 +158,8 @@ fn package_loop(stream: &Stream, sock: &Socket) {
 }
 
 /// The packager cannot go on: its stream was aborted (nothing to do), or
-/// its circuit or link is gone, which is an error on the stream (§8).
+/// its circuit or link is gone, which is an error on the stream (R8.6:
+/// END(MISC)).
 fn stopped(stream: &Stream) {
     if !stream.is_aborted() {
         let _ = stream.handle(Event::Error {
@@ -160,12 +170,13 @@ fn stopped(stream: &Stream) {
 
 /// One readv() straight into the data slots of `want` cells in the spare
 /// capacity of the empty `buf`, which must hold them. On success `buf` holds
-/// the framed cells of the `n` bytes read (none on EOF), and `n` is returned.
+/// the framed cells of the `n` bytes read (none on EOF), and `n` is returned:
+/// R6.1, at most 498 bytes per cell, in the order they were read.
 ///
-/// The buffer is not zeroed first: zeroing ~250 KiB per read cost about 3%
-/// of a bulk transfer's CPU (issue 5). Every byte of the cells kept is
-/// written before `set_len`: the headers here, the data by the kernel, and
-/// the last cell's padding with zeros.
+/// The buffer is not zeroed first: zeroing a quarter MiB per read is CPU
+/// a bulk transfer can do without. Every byte of the
+/// cells kept is written before `set_len`: the headers here, the data by
+/// the kernel, and the last cell's padding with zeros.
 fn read_into_cells(
     stream: &Stream,
     sock: &Socket,
@@ -235,8 +246,9 @@ fn frame_bytes(stream: &Stream, data: &[u8]) -> (Vec<u8>, u32) {
 }
 
 /// Queues `cells` framed DATA cells, as the circuit package window and the
-/// link's queue allow (§10; invariant 3). The stream window was checked
-/// before reading, and only this thread takes from it.
+/// link's queue allow (R10.8: no circuit window, no sending; docs/design.md,
+/// invariant 3). The stream window was checked before reading, and only
+/// this thread takes from it (R10.4).
 fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop> {
     let mut sent = 0;
     while sent < cells {

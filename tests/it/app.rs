@@ -1,6 +1,6 @@
 //! End to end through the SOCKS port: real application sockets, real target
 //! servers, the real binary, all on 127.0.0.1. Each test names the
-//! protocol.md section (and, for §7, the table rows) it checks.
+//! requirements of docs/protocol.md it checks.
 //!
 //! In `halfpipe run` both edges log to the same debug log. A stream is
 //! called "C.S" there: the client edge logs "BEGIN sent stream=C.S
@@ -22,14 +22,14 @@ use std::time::{Duration, Instant};
 
 pub(crate) const MIB: usize = 1 << 20;
 
-// §7 event table, as the edges log the rows.
-/// Row 1: read() returns EOF in OPEN: send FIN.
+// The §7 event table, as the edges log its rows.
+/// R7.2: read() returns EOF in OPEN: send FIN.
 const ROW1: &str = "OPEN => DONE_PACKAGING (ReadEof)";
-/// Row 2: read() returns EOF in DONE_DELIVERING: send FIN.
+/// R7.3: read() returns EOF in DONE_DELIVERING: send FIN.
 const ROW2: &str = "DONE_DELIVERING => CLOSED (ReadEof)";
-/// Row 3: FIN received in OPEN: shutdown(SHUT_WR).
+/// R7.4: FIN received in OPEN: shutdown(SHUT_WR).
 const ROW3: &str = "OPEN => DONE_DELIVERING (FinReceived)";
-/// Row 4: FIN received in DONE_PACKAGING: shutdown(SHUT_WR).
+/// R7.5: FIN received in DONE_PACKAGING: shutdown(SHUT_WR).
 const ROW4: &str = "DONE_PACKAGING => CLOSED (FinReceived)";
 
 // ---------------------------------------------------------------- helpers
@@ -412,9 +412,10 @@ fn http_server(body: Vec<u8>) -> Server {
 
 // ------------------------------------------------------- §7 half-close
 
-/// protocol.md §7 rows 1 and 4 at the client edge, rows 3 and 2 at the
-/// exit edge: the application half-closes first (request, SHUT_WR, whole
-/// reply), as in smoke.rs, here checked at both edges.
+/// R7.2 and R7.5 at the client edge, R7.4 and R7.3 at the exit edge: the
+/// application half-closes first (request, SHUT_WR, whole reply), as in
+/// smoke.rs, here checked at both edges; R7.9: the application reads a
+/// normal end of file, not a reset.
 #[test]
 fn app_half_closes_first_rows_at_both_edges() {
     let server = Server::request_reply(|req| {
@@ -441,10 +442,10 @@ fn app_half_closes_first_rows_at_both_edges() {
     wait_row(&d, &exit, ROW2);
 }
 
-/// protocol.md §7 rows 1 and 4 at the exit edge, rows 3 and 2 at the
-/// client edge (the mirror image): the target sends a greeting and shuts
-/// its write side; the application reads EOF, then sends 1 MB, which the
-/// target still receives whole before the application shuts down.
+/// R7.2 and R7.5 at the exit edge, R7.4 and R7.3 at the client edge (the
+/// mirror image): the target sends a greeting and shuts its write side;
+/// the application reads EOF, then sends 1 MB, which the target still
+/// receives whole before the application shuts down (R7.9: a normal EOF).
 #[test]
 fn target_half_closes_first_and_still_receives_everything() {
     let (tx, rx) = mpsc::channel();
@@ -527,24 +528,24 @@ fn both_half_close(app_first: bool) {
     }
 }
 
-/// protocol.md §7 (all four rows): the application half-closes first, the
-/// target right after, before either has seen the other's EOF.
+/// R7.2, R7.3, R7.4, R7.5: the application half-closes first, the target
+/// right after, before either has seen the other's EOF.
 #[test]
 fn both_half_close_application_first() {
     both_half_close(true);
 }
 
-/// protocol.md §7 (all four rows): the target half-closes first, the
-/// application right after, before either has seen the other's EOF.
+/// R7.2, R7.3, R7.4, R7.5: the target half-closes first, the application
+/// right after, before either has seen the other's EOF.
 #[test]
 fn both_half_close_target_first() {
     both_half_close(false);
 }
 
-/// protocol.md §7 "a half-closed stream lives on": the application has
-/// half-closed; the stream stays in DONE_PACKAGING (client) and
-/// DONE_DELIVERING (exit) with its threads alive, and the target keeps
-/// sending, piece by piece, until it finishes.
+/// R7.10: a half-closed stream lives on: the application has half-closed;
+/// the stream stays in DONE_PACKAGING (client) and DONE_DELIVERING (exit)
+/// with its threads alive, and the target keeps sending, piece by piece,
+/// until it finishes.
 #[test]
 fn stream_half_closed_by_the_application_lives_on() {
     const CHUNKS: u8 = 10;
@@ -590,10 +591,9 @@ fn stream_half_closed_by_the_application_lives_on() {
     wait_row(&d, &client, ROW4);
 }
 
-/// protocol.md §7 "a half-closed stream lives on", mirrored: the target
-/// has half-closed; the stream stays in DONE_DELIVERING (client) and
-/// DONE_PACKAGING (exit), and the application keeps sending, piece by
-/// piece, until it finishes.
+/// R7.10, mirrored: the target has half-closed; the stream stays in
+/// DONE_DELIVERING (client) and DONE_PACKAGING (exit), and the application
+/// keeps sending, piece by piece, until it finishes.
 #[test]
 fn stream_half_closed_by_the_target_lives_on() {
     const CHUNKS: u8 = 10;
@@ -634,8 +634,9 @@ fn stream_half_closed_by_the_target_lives_on() {
 
 // ---------------------------------------------------- §8 abortive close
 
-/// protocol.md §8: a target that resets (SO_LINGER 0, close) makes the
-/// application see ECONNRESET, not EOF (END(CONNRESET) crosses the link).
+/// R8.2: a target that resets (SO_LINGER 0, close) makes the exit send
+/// END(CONNRESET); R8.8: the client resets the application's connection,
+/// which sees ECONNRESET, not EOF.
 #[test]
 fn target_reset_reaches_the_application_as_a_reset() {
     let server = Server::start(|mut s| {
@@ -655,8 +656,8 @@ fn target_reset_reaches_the_application_as_a_reset() {
     d.wait_for_log("END(CONNRESET) received");
 }
 
-/// protocol.md §8, the other way: an application that resets makes the
-/// target see ECONNRESET.
+/// R8.2, R8.8, the other way: an application that resets makes the client
+/// send END(CONNRESET), and the target see ECONNRESET.
 #[test]
 fn application_reset_reaches_the_target_as_a_reset() {
     let (got_tx, got_rx) = mpsc::channel();
@@ -682,9 +683,9 @@ fn application_reset_reaches_the_target_as_a_reset() {
     d.wait_for_log("END(CONNRESET) received");
 }
 
-/// protocol.md §8 mid-transfer: the target resets while the application
-/// is receiving a large reply. The application gets an intact prefix and
-/// then ECONNRESET, never a clean EOF.
+/// R8.2, R8.8 mid-transfer: the target resets while the application is
+/// receiving a large reply. The application gets an intact prefix and then
+/// ECONNRESET, never a clean EOF.
 #[test]
 fn target_reset_mid_transfer_is_a_reset_not_a_short_reply() {
     const TOTAL: usize = 64 * MIB;
@@ -728,9 +729,9 @@ fn target_reset_mid_transfer_is_a_reset_not_a_short_reply() {
     assert_same(&received, &want, "prefix before the reset");
 }
 
-/// protocol.md §8 mid-transfer, the other way: the application resets
-/// while the target is sending it a large reply; the target's next write
-/// fails with a reset (or EPIPE once the reset has been seen), never blocks.
+/// R8.2, R8.8 mid-transfer, the other way: the application resets while
+/// the target is sending it a large reply; the target's next write fails
+/// with a reset (or EPIPE once the reset has been seen), never blocks.
 #[test]
 fn application_reset_mid_transfer_reaches_the_target() {
     let (tx, rx) = mpsc::channel();
@@ -767,8 +768,9 @@ fn application_reset_mid_transfer_reaches_the_target() {
 
 // ------------------------------------------- §5 and §11: SOCKS replies
 
-/// protocol.md §5 and §11: END(EXITPOLICY) → SOCKS5 0x02, while the same
-/// exit still serves a port its policy accepts.
+/// R5.6: the exit policy refuses → END(EXITPOLICY); R8.10, R11.7: the
+/// client answers SOCKS5 0x02, while the same exit still serves a port its
+/// policy accepts.
 #[test]
 fn exit_policy_refusal_is_socks5_0x02() {
     let refused = Server::echo();
@@ -785,8 +787,8 @@ fn exit_policy_refusal_is_socks5_0x02() {
     exit.wait_for_log("END(EXITPOLICY)");
 }
 
-/// protocol.md §5 and §11: END(CONNECTREFUSED) → 0x05 (a closed port),
-/// END(RESOLVEFAILED) → 0x04 (a name that does not resolve).
+/// R5.8, R11.10: END(CONNECTREFUSED) → 0x05 (a closed port); R5.7,
+/// R11.9: END(RESOLVEFAILED) → 0x04 (a name that does not resolve).
 #[test]
 fn refused_and_unresolvable_are_socks5_0x05_and_0x04() {
     let (_exit, client) = split("accept *:*", &[]);
@@ -800,9 +802,9 @@ fn refused_and_unresolvable_are_socks5_0x05_and_0x04() {
     );
 }
 
-/// protocol.md §5 and §11: a connect with no answer before the exit's
-/// connect timeout → END(TIMEOUT) → 0x06. The target's accept queue is
-/// full, so Linux drops the exit's SYN and the connect hangs.
+/// R5.9, R11.11: a connect with no answer before the exit's connect
+/// timeout → END(TIMEOUT) → 0x06. The target's accept queue is full, so
+/// Linux drops the exit's SYN and the connect hangs.
 #[test]
 fn connect_timeout_is_socks5_0x06() {
     let (_listener, addr, _fill) = hanging_listener();
@@ -814,7 +816,7 @@ fn connect_timeout_is_socks5_0x06() {
     );
 }
 
-/// protocol.md §11: BIND (2) and UDP ASSOCIATE (3) get 0x07.
+/// R11.13: BIND (2) and UDP ASSOCIATE (3) get 0x07.
 #[test]
 fn bind_and_udp_associate_are_socks5_0x07() {
     let server = Server::echo();
@@ -833,8 +835,9 @@ fn bind_and_udp_associate_are_socks5_0x07() {
     );
 }
 
-/// protocol.md §11: SOCKS4 replies 0x5B for any failure (policy, refused);
-/// SOCKS4a (DSTIP 0.0.0.x and a hostname) connects and carries data.
+/// R11.14: SOCKS4 replies 0x5B for any failure (policy, refused, a name
+/// that does not resolve); R11.3: SOCKS4 and SOCKS4a (DSTIP 0.0.0.x and a
+/// hostname) connect and carry data.
 #[test]
 fn socks4_failures_are_0x5b_and_socks4a_connects() {
     let refused = Server::echo();
@@ -865,8 +868,8 @@ fn socks4_failures_are_0x5b_and_socks4a_connects() {
     echo_round_trip(&mut s, "SOCKS4a");
 }
 
-/// protocol.md §11: with no link to the exit (nothing listens where the
-/// client dials), SOCKS requests get 0x01 (SOCKS4: 0x5B) at once rather
+/// R11.15: with no link to the exit (nothing listens where the client
+/// dials), SOCKS requests get 0x01 (R11.14, SOCKS4: 0x5B) at once rather
 /// than waiting.
 #[test]
 fn no_link_to_the_exit_is_socks5_0x01() {
@@ -880,8 +883,8 @@ fn no_link_to_the_exit_is_socks5_0x01() {
     assert_eq!(cd, 0x5B);
 }
 
-/// protocol.md §3 and §11: the exit dies: the client's open streams see a
-/// reset, new requests get 0x01 at once, and the client reconnects (with
+/// R3.13: the exit dies: the client's open streams see a reset; R11.15:
+/// new requests get 0x01 at once; R11.16: the client links again (with
 /// backoff) once an exit listens on the same address again.
 #[test]
 fn exit_killed_resets_streams_and_client_reconnects() {
@@ -912,9 +915,9 @@ fn exit_killed_resets_streams_and_client_reconnects() {
 
 // ------------------------------------------------- §5 optimistic data
 
-/// protocol.md §5 optimistic data: the SOCKS5 greeting, the request and
-/// the first application bytes go in one write, before any SOCKS reply is
-/// read; the bytes reach the target, in order, before the later ones.
+/// §5 optimistic data: the SOCKS5 greeting, the request and the first
+/// application bytes go in one write, before any SOCKS reply is read; R5.15,
+/// R6.4: the bytes reach the target, in order, before the later ones.
 #[test]
 fn optimistic_data_in_the_same_write_as_the_socks_request() {
     let server = Server::request_reply(|req| req.to_vec());
@@ -939,9 +942,9 @@ fn optimistic_data_in_the_same_write_as_the_socks_request() {
     assert_same(&echoed, &want, "what the target received");
 }
 
-/// protocol.md §5 optimistic FIN: the application sends its request and
-/// data and shuts its write side before the SOCKS reply (FIN before
-/// CONNECTED); it still gets the reply and the whole answer.
+/// §5 optimistic FIN: the application sends its request and data and
+/// shuts its write side before the SOCKS reply (FIN before CONNECTED,
+/// R5.15); it still gets the reply and the whole answer (R7.2, R7.5).
 #[test]
 fn fin_before_connected_still_gets_the_socks_reply_and_answer() {
     let server = Server::request_reply(|req| {
@@ -970,9 +973,9 @@ fn fin_before_connected_still_gets_the_socks_reply_and_answer() {
     wait_row(&d, &client, ROW4);
 }
 
-/// protocol.md §5 and §8: optimistic data and FIN for a stream the exit
-/// refuses are discarded, and the application gets the failure reply
-/// (0x05 for a closed port), then a closed connection.
+/// R5.16: optimistic data and FIN for a stream the exit refuses are
+/// discarded, and R8.10: the application gets the failure reply (R11.10:
+/// 0x05 for a closed port), then a closed connection.
 #[test]
 fn optimistic_data_for_a_refused_stream_gets_the_failure_reply() {
     let d = Daemon::run(&[]);
@@ -997,9 +1000,10 @@ fn optimistic_data_for_a_refused_stream_gets_the_failure_reply() {
 
 // ------------------------------------------------------ §11 isolation
 
-/// protocol.md §11 (IsolateSOCKSAuth): streams with different
-/// username/password use different circuits; the same credentials share
-/// one; streams without credentials use the general circuit.
+/// R11.4 (IsolateSOCKSAuth): streams with different username/password use
+/// different circuits; the same credentials share one; streams without
+/// credentials use the general circuit. R11.2: any credentials are
+/// accepted.
 #[test]
 fn socks_credentials_isolate_circuits() {
     let d = Daemon::run(&[]);
@@ -1036,10 +1040,10 @@ fn socks_credentials_isolate_circuits() {
 
 // -------------------------------------------------- §10 flow control
 
-/// protocol.md §10: a stream whose application stops reading (its target
-/// sends 20 MB) throttles only itself: four 8 MB streams on the same
-/// circuit complete intact while it is stalled; then the stalled reader
-/// reads all 20 MB intact.
+/// R10.3, R10.7: a stream whose application stops reading (its target
+/// sends 20 MB) holds back its own SENDMEs only, so it throttles only
+/// itself (R10.8): four 8 MB streams on the same circuit complete intact
+/// while it is stalled; then the stalled reader reads all 20 MB intact.
 #[test]
 fn stalled_reader_does_not_stop_other_streams() {
     const STALLED: usize = 20 * MIB;
@@ -1097,12 +1101,12 @@ fn stalled_reader_does_not_stop_other_streams() {
 
 // ------------------------------------------- §7 and §10 at scale
 
-/// protocol.md §7 and §10, design.md invariant 6: 200 concurrent streams
-/// on one circuit, 1 MiB each way: every application sends 1 MiB and
+/// §7 and §10, docs/design.md, invariant 6: 200 concurrent streams on one
+/// circuit, 1 MiB each way: every application sends 1 MiB and
 /// half-closes, every target answers with the request's SHA-256 and its
 /// own 1 MiB and half-closes. Both directions check out, every stream
-/// takes rows 1/4 at the client and 3/2 at the exit, and afterwards the
-/// daemon has exactly the threads it started with.
+/// takes R7.2 and R7.5 at the client and R7.4 and R7.3 at the exit, and
+/// afterwards the daemon has exactly the threads it started with.
 #[test]
 fn two_hundred_concurrent_half_closed_streams() {
     const STREAMS: u32 = 200;
@@ -1171,14 +1175,14 @@ fn two_hundred_concurrent_half_closed_streams() {
 
 // ------------------------------------------------------- real clients
 
-/// protocol.md §11 with a real client: curl --socks5-hostname (the exit
-/// resolves "localhost") fetching from a local HTTP server.
+/// R11.1 with a real client: curl --socks5-hostname (a DOMAINNAME; the
+/// exit resolves "localhost") fetching from a local HTTP server.
 #[test]
 fn curl_socks5_hostname() {
     curl_through("--socks5-hostname");
 }
 
-/// protocol.md §11 with a real client: curl --socks4a.
+/// R11.3 with a real client: curl --socks4a.
 #[test]
 fn curl_socks4a() {
     curl_through("--socks4a");
@@ -1200,9 +1204,9 @@ fn curl_through(flag: &str) {
     assert_same(&out, &body, "body fetched by curl");
 }
 
-/// protocol.md §7 with a real client: OpenBSD netcat through SOCKS5, -N
-/// shuts its write side at the end of stdin; the reply must come back
-/// whole after that.
+/// R7.2, R7.5 with a real client: OpenBSD netcat through SOCKS5, -N shuts
+/// its write side at the end of stdin; the reply must come back whole
+/// after that.
 #[test]
 fn netcat_half_closed_request_gets_the_whole_reply() {
     require("nc", "netcat-openbsd");
@@ -1242,11 +1246,11 @@ pub(crate) fn socks_refused(proxy: SocketAddr) -> bool {
     s.read_exact(&mut m).is_err()
 }
 
-/// design.md "What a user sees" and protocol.md §8 (shutdown deadline):
-/// after `sig`, new SOCKS connections are refused, a stream that finishes
-/// within the grace period completes normally, one still open after it is
-/// ended (END(HIBERNATING): the application and the target see a reset),
-/// and the process exits with status 0.
+/// docs/operations.md, "Signals and shutdown", and R8.5 (the shutdown
+/// deadline): after `sig`, new SOCKS connections are refused, a stream
+/// that finishes within the grace period completes normally, one still
+/// open after it is ended (END(HIBERNATING), and R8.7: the application
+/// and the target see a reset), and the process exits with status 0.
 fn graceful_shutdown(sig: i32) {
     let finishing_server = Server::request_reply(|req| {
         let mut r = sha(req).to_vec();
@@ -1292,20 +1296,22 @@ fn graceful_shutdown(sig: i32) {
     assert!(d.log().contains("END(HIBERNATING)"), "{}", d.log());
 }
 
-/// design.md "What a user sees", protocol.md §8: Ctrl-C (SIGINT).
+/// R8.5, R8.7 (and docs/operations.md, "Signals and shutdown"): Ctrl-C
+/// (SIGINT).
 #[test]
 fn sigint_lets_streams_finish_then_resets_the_rest_and_exits_0() {
     graceful_shutdown(libc::SIGINT);
 }
 
-/// design.md "What a user sees", protocol.md §8: SIGTERM.
+/// R8.5, R8.7 (and docs/operations.md, "Signals and shutdown"): SIGTERM.
 #[test]
 fn sigterm_lets_streams_finish_then_resets_the_rest_and_exits_0() {
     graceful_shutdown(libc::SIGTERM);
 }
 
-/// design.md "What a user sees": a second signal exits at once, even with
-/// a stream open and a grace period far longer than PATIENCE.
+/// docs/operations.md, "Signals and shutdown": a second signal exits at
+/// once, even with a stream open and a grace period far longer than
+/// PATIENCE.
 fn second_signal_exits_at_once(first: i32, second: i32) {
     let server = Server::echo();
     let mut d = Daemon::run(&["--grace", "300s"]);
@@ -1322,19 +1328,20 @@ fn second_signal_exits_at_once(first: i32, second: i32) {
     d.wait_for_log("second signal");
 }
 
-/// design.md "What a user sees": Ctrl-C twice.
+/// docs/operations.md, "Signals and shutdown": Ctrl-C twice.
 #[test]
 fn second_sigint_exits_at_once() {
     second_signal_exits_at_once(libc::SIGINT, libc::SIGINT);
 }
 
-/// design.md "What a user sees": SIGTERM, then SIGTERM again.
+/// docs/operations.md, "Signals and shutdown": SIGTERM, then SIGTERM
+/// again.
 #[test]
 fn second_sigterm_exits_at_once() {
     second_signal_exits_at_once(libc::SIGTERM, libc::SIGTERM);
 }
 
-/// design.md "Threads": while a stream is open, `top -H` shows the names
+/// docs/design.md, "Threads": while a stream is open, `top -H` shows the names
 /// of the thread table: pk C.S, dl C.S (both edges), circ L.C, link-rd N,
 /// link-wr N, socks-accept, link-accept.
 #[test]

@@ -1,9 +1,9 @@
-//! Issue 4, faults: targets and applications that reset mid-transfer, an
+//! Faults: targets and applications that reset mid-transfer, an
 //! exit killed with SIGKILL, a link cut under the daemons, and the default
 //! exit policy against every spelling of a private address. (A peer that
 //! exhausts the process's threads has a test binary of its own:
 //! `tests/exhaustion.rs`.) In each, the fault reaches exactly the
-//! streams it belongs to (protocol.md §8: as a reset, never as a short
+//! streams it belongs to (docs/protocol.md §8: as a reset, never as a short
 //! EOF), every other stream's bytes arrive intact (SHA-256), and nothing
 //! hangs: the daemons' stream threads end.
 
@@ -60,9 +60,9 @@ fn wait_no_stream_threads(d: &Daemon, what: &str) {
 
 #[test]
 fn target_reset_mid_transfer_reaches_only_its_application() {
-    // §8: the target resets after about 1 MiB of a 64 MiB reply; its
-    // application sees a reset; three bystanders on the same circuit get
-    // their 16 MiB intact.
+    // R8.2, R8.8: the target resets after about 1 MiB of a 64 MiB reply;
+    // its application sees a reset; three bystanders on the same circuit
+    // get their 16 MiB intact.
     let (stop_tx, stop_rx) = mpsc::channel::<()>();
     let stop_rx = Mutex::new(stop_rx);
     let faulty = Server::start(move |mut s| {
@@ -108,9 +108,9 @@ fn target_reset_mid_transfer_reaches_only_its_application() {
 
 #[test]
 fn application_reset_mid_transfer_reaches_only_its_target() {
-    // §8 the other way: the application resets while its target sends a
-    // large reply; the target's writes fail with a reset; the bystanders'
-    // bytes arrive intact.
+    // R8.2, R8.8 the other way: the application resets while its target
+    // sends a large reply; the target's writes fail with a reset; the
+    // bystanders' bytes arrive intact.
     let (tx, rx) = mpsc::channel();
     let faulty = Server::start(move |mut s| {
         let end = payload_chunks(8, 256 * MIB).try_for_each(|c| s.write_all(&c));
@@ -141,11 +141,12 @@ fn application_reset_mid_transfer_reaches_only_its_target() {
 
 #[test]
 fn exit_killed_mid_transfer_resets_applications_and_the_client_recovers() {
-    // §3: losing the link aborts its streams as in §8. The exit gets
+    // R3.13: losing the link aborts its streams as in §8. The exit gets
     // SIGKILL while three streams are mid-transfer: each application sees
-    // a reset, a new SOCKS request is refused at once (0x01, §11), and the
-    // client links again when an exit listens again. The times are printed
-    // for the closing note, not asserted (shared, noisy machines).
+    // a reset, a new SOCKS request is refused at once (R11.15: 0x01), and
+    // the client links again when an exit listens again (R11.16). The
+    // times are printed for the closing note, not asserted (shared, noisy
+    // machines).
     let addr = format!("127.0.0.1:{}", free_port_below_ephemeral());
     let server = payload_server(Arc::new(AtomicUsize::new(0)));
     let exit = exit_on(&addr);
@@ -244,12 +245,12 @@ fn cutter(exit: std::net::SocketAddr) -> Cutter {
 
 #[test]
 fn a_cut_link_resets_streams_and_the_client_links_again() {
-    // §3: "Losing the link tears down all its circuits, and their streams
-    // are aborted as in section 8". The TCP connection under the link is
-    // cut, first both ways (shutdown of both directions), then only from
-    // the client towards the exit (the exit reads EOF but could still
-    // write): both edges must see the link as lost, reset every stream,
-    // end its threads, and the client must link again.
+    // R3.13: when a link is lost, each side tears down every circuit that
+    // was on it, aborting their streams as in §8. The TCP connection under
+    // the link is cut, first both ways (shutdown of both directions), then
+    // only from the client towards the exit (the exit reads EOF but could
+    // still write): both edges must see the link as lost, reset every
+    // stream, end its threads, and the client must link again.
     let server = payload_server(Arc::new(AtomicUsize::new(0)));
     let exit = Daemon::exit(&["--exit-policy", "accept *:*"]);
     let cut = cutter(exit.link());
@@ -303,8 +304,9 @@ fn a_cut_link_resets_streams_and_the_client_links_again() {
 
 #[test]
 fn default_exit_policy_refuses_private_addresses_in_every_spelling() {
-    // protocol.md §5 END table, "exit policy refuses | EXITPOLICY": the
-    // default `reject private:*,accept *:*` refuses loopback, RFC 1918,
+    // R5.6: the exit policy refuses → END(EXITPOLICY); R5.3: checked
+    // against the addresses a name resolves to. The default
+    // `reject private:*,accept *:*` refuses loopback, RFC 1918,
     // carrier-grade NAT, link-local, "this network", unique-local IPv6,
     // IPv4-mapped IPv6 forms of them, and hostnames that resolve to them,
     // including the numeric spellings getaddrinfo accepts without DNS

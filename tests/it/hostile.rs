@@ -1,9 +1,9 @@
-//! Issue 4, hostile peers: each test attacks a running daemon over raw
-//! loopback sockets while a *bystander* (a healthy link, circuit and stream
-//! of another user) carries data. Every case checks four things:
+//! Hostile peers: each test attacks a running daemon over raw loopback
+//! sockets while a *bystander* (a healthy link, circuit and stream of
+//! another user) carries data. Every case checks four things:
 //!
-//! 1. the offending link, circuit or stream gets the answer protocol.md
-//!    prescribes (the section is cited at each case);
+//! 1. the offending link, circuit or stream gets the answer
+//!    docs/protocol.md prescribes (the requirement is cited at each case);
 //! 2. the bystander's bytes arrive intact, both ways, before and after;
 //! 3. once the attacker is gone the daemon's threads return to baseline;
 //! 4. memory stays bounded: RSS after the attack is within `RSS_SLACK_KIB`
@@ -212,10 +212,11 @@ fn tally(cells: &[RawCell]) -> HashMap<String, usize> {
     t
 }
 
-/// protocol.md §3: once the exit has sent DESTROY for a circuit it sends
-/// nothing more on that CircID until it answers a new CREATE_FAST there;
-/// and every RELAY cell it sends decodes (§4). A stale packager queueing
-/// DATA after the DESTROY would hand a reused CircID another user's bytes.
+/// docs/protocol.md §3: once the exit has sent DESTROY for a circuit it sends
+/// nothing more on that CircID until it answers a new CREATE_FAST there
+/// (docs/design.md, invariant 9); and every RELAY cell it sends decodes (R4.1).
+/// A stale packager queueing DATA after the DESTROY would hand a reused CircID
+/// another user's bytes.
 fn assert_nothing_after_destroy(cells: &[RawCell]) {
     let mut destroyed = HashSet::new();
     for (i, c) in cells.iter().enumerate() {
@@ -244,8 +245,9 @@ fn assert_nothing_after_destroy(cells: &[RawCell]) {
 
 #[test]
 fn random_bytes_before_the_handshake_close_only_that_link() {
-    // protocol.md §1: a first cell that is not VERSIONS closes the link
-    // without an answer. 40 links of 64 KiB of random bytes each.
+    // R1.5: a first cell that is not VERSIONS closes the link, R1.7:
+    // without an answer; R1.8: nothing else is affected. 40 links of 64 KiB
+    // of random bytes each.
     let mut d = open_exit(&[]);
     let mut by = Bystander::new(&d);
     let before = Baseline::take(&d);
@@ -393,7 +395,7 @@ fn a_peer_that_stops_mid_cell_holds_only_its_own_link() {
     // A truncated cell is not an error until the link ends (TCP may deliver
     // the rest later); meanwhile the stream's earlier DATA was delivered,
     // and other links are served. When the peer goes, its circuit and
-    // stream go with it (§3: the target sees a reset, §8).
+    // stream go with it (R3.13: the target sees a reset).
     let mut d = open_exit(&[]);
     let mut by = Bystander::new(&d);
     let before = Baseline::take(&d);
@@ -424,8 +426,8 @@ fn a_peer_that_stops_mid_cell_holds_only_its_own_link() {
 
 #[test]
 fn a_handshake_dribbled_one_byte_per_second_is_closed_at_the_timeout() {
-    // protocol.md §1: the handshake must be *complete* within the timeout;
-    // bytes trickling in do not extend it. The dribbler would take 40 s to
+    // R1.6: the handshake must be *complete* within the timeout; bytes
+    // trickling in do not extend it. The dribbler would take 40 s to
     // finish its VERSIONS cell; the link is closed at 2 s, unanswered.
     let mut d = open_exit(&["--handshake-timeout", "2s"]);
     let mut by = Bystander::new(&d);
@@ -458,7 +460,7 @@ fn a_handshake_dribbled_one_byte_per_second_is_closed_at_the_timeout() {
         dribbled < 39,
         "the link stayed open while all {dribbled} bytes dribbled in"
     );
-    // A lower bound only: closing earlier would break §1.
+    // A lower bound only: closing earlier would break R1.6.
     assert!(at >= Duration::from_millis(1_900), "closed after {at:?}");
     eprintln!("dribbled handshake closed after {at:?} and {dribbled} bytes");
     d.wait_for_log("no complete VERSIONS within 2s");
@@ -469,11 +471,11 @@ fn a_handshake_dribbled_one_byte_per_second_is_closed_at_the_timeout() {
 
 #[test]
 fn silent_connections_past_the_link_limit_are_closed_and_others_served() {
-    // The exit holds at most 128 links (two threads each, limits.rs); a
-    // flood of connections that never handshake takes the free slots until
-    // the handshake timeout (§1) and nothing more: connections past the
-    // limit are closed at once, links already up are untouched, and once
-    // the flood times out new links are accepted again.
+    // The exit holds at most 128 links (two threads each,
+    // src/process/limits.rs); a flood of connections that never handshake takes
+    // the free slots until the handshake timeout (§1) and nothing more:
+    // connections past the limit are closed at once, links already up are
+    // untouched, and once the flood times out new links are accepted again.
     let mut d = open_exit(&["--handshake-timeout", "2s"]);
     let mut by = Bystander::new(&d);
     let before = Baseline::take(&d);
@@ -496,8 +498,8 @@ fn silent_connections_past_the_link_limit_are_closed_and_others_served() {
 
 #[test]
 fn variable_cells_announcing_65535_bytes_are_read_and_dropped() {
-    // protocol.md §1: variable-length cells after the handshake are read in
-    // full and ignored. 1,000 of the largest (64 MiB) must not be kept.
+    // R1.10: variable-length cells after the handshake are read in full and
+    // ignored. 1,000 of the largest (64 MiB) must not be kept.
     let mut d = open_exit(&[]);
     let mut by = Bystander::new(&d);
     let before = Baseline::take(&d);
@@ -523,7 +525,7 @@ fn variable_cells_announcing_65535_bytes_are_read_and_dropped() {
 
 #[test]
 fn create_fast_beyond_the_circuit_limits_is_destroy_resourcelimit() {
-    // protocol.md §3: past the circuit limit, DESTROY(RESOURCELIMIT). Per
+    // R3.8: past the circuit limit, DESTROY(RESOURCELIMIT). Per
     // link (--max-circuits-per-link 20: 1,000 CREATE_FASTs on one link),
     // and per process (512 circuits: 30 links of 20 asking for 600).
     let mut d = open_exit(&["--max-circuits-per-link", "20"]);
@@ -576,7 +578,7 @@ fn create_fast_beyond_the_circuit_limits_is_destroy_resourcelimit() {
 
 #[test]
 fn thousands_of_begins_beyond_the_stream_limit_are_end_resourcelimit() {
-    // protocol.md §5 END table, "stream limit reached | RESOURCELIMIT":
+    // R5.11: the stream limit is reached → END(RESOURCELIMIT):
     // 3,000 BEGINs on one circuit with --max-streams-per-circuit 10.
     let mut d = open_exit(&["--max-streams-per-circuit", "10"]);
     let mut by = Bystander::new(&d);
@@ -612,11 +614,11 @@ fn thousands_of_begins_beyond_the_stream_limit_are_end_resourcelimit() {
 
 #[test]
 fn window_overruns_and_sendme_floods_destroy_only_their_circuit() {
-    // protocol.md §10: DATA beyond the deliver window, and SENDMEs that
+    // R10.10: DATA beyond the deliver window, and R10.11: SENDMEs that
     // would raise a window above its start, are violations: DESTROY
-    // (PROTOCOL) for that circuit (§4), the stream's target sees a reset
-    // (§8), the rest of the flood is dropped as cells for an unknown
-    // circuit (§3), and the link lives on.
+    // (PROTOCOL) for that circuit (R3.12), the stream's target sees a reset
+    // (R3.10), the rest of the flood is dropped as cells for a destroyed
+    // circuit (R3.11), and the link lives on.
     let mut d = open_exit(&[]);
     let mut by = Bystander::new(&d);
     let before = Baseline::take(&d);
@@ -662,8 +664,8 @@ fn window_overruns_and_sendme_floods_destroy_only_their_circuit() {
 
 #[test]
 fn floods_for_unknown_circuits_and_streams_are_dropped_silently() {
-    // protocol.md §3: RELAY and DESTROY for unknown circuits are dropped
-    // silently; §9: cells for streams never opened are dropped. 10,000 of
+    // R3.14: RELAY and DESTROY for unknown circuits are dropped silently;
+    // R9.5: cells for streams never opened are dropped. 10,000 of
     // each, then the link and the circuit answer as before.
     let mut d = open_exit(&[]);
     let mut by = Bystander::new(&d);
@@ -693,7 +695,7 @@ fn floods_for_unknown_circuits_and_streams_are_dropped_silently() {
 
 #[test]
 fn begin_with_hostile_addresses_is_end_torprotocol() {
-    // protocol.md §5 END table, "malformed BEGIN payload | TORPROTOCOL":
+    // R5.5: a malformed BEGIN payload → END(TORPROTOCOL):
     // a body of 498 bytes with no NUL, a 497-byte name, bytes that are not
     // UTF-8, NULs only, a NUL inside the name. The circuit carries on, and
     // nothing is connected. RESOLVE with the same names gets END too.
@@ -778,9 +780,9 @@ fn echo_check(s: &mut TcpStream, round: u8) {
 
 #[test]
 fn hostile_socks_clients_are_contained() {
-    // protocol.md §11: garbage gets the connection closed (a SOCKS5 failure
-    // reply at most); a client that stalls mid-handshake is closed at the
-    // SOCKS timeout; BIND and UDP ASSOCIATE get 0x07; past 256 stalled
+    // §11: garbage gets the connection closed (a SOCKS5 failure reply at
+    // most); a client that stalls mid-handshake is closed at the SOCKS
+    // timeout; R11.13: BIND and UDP ASSOCIATE get 0x07; past 256 stalled
     // handshakes new connections wait in the listen backlog until a slot
     // frees (they are not closed). The SOCKS bystander's stream carries on
     // throughout.

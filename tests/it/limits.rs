@@ -1,6 +1,7 @@
-//! Limits and timeouts from the command line (issue 3): `--handshake-timeout`,
-//! `--socks-timeout`, `--idle-timeout` (protocol.md §8: END(TIMEOUT) and a
-//! reset) and `--max-streams` for the whole process (§5: END(RESOURCELIMIT)).
+//! Limits and timeouts from the command line: `--handshake-timeout`,
+//! `--socks-timeout`, `--idle-timeout` (docs/protocol.md §8: END(TIMEOUT)
+//! and a reset) and `--max-streams` for the whole process (§5:
+//! END(RESOURCELIMIT)).
 //! Waits are liveness waits (`PATIENCE`); no assertion depends on timing.
 
 use crate::util::*;
@@ -19,7 +20,8 @@ use crate::wire::{expect_relay, expect_reset, next, open_stream, read_until_clos
 
 #[test]
 fn handshake_timeout_flag_closes_a_silent_link() {
-    // protocol.md §1 with `--handshake-timeout 1s` instead of 10 s.
+    // R1.6 with `--handshake-timeout 1s` instead of 10 s (R1.7: closed
+    // without VERSIONS; R1.8: other links are unaffected).
     let d = Daemon::exit(&["--handshake-timeout", "1s"]);
     let mut silent = TcpStream::connect(d.link()).unwrap();
     assert!(
@@ -47,9 +49,9 @@ fn socks_timeout_flag_closes_a_silent_socks_client() {
 
 #[test]
 fn idle_timeout_resets_idle_streams_and_spares_active_ones() {
-    // protocol.md §8: an idle stream is an error on the stream: END(TIMEOUT)
-    // and a reset at both ends. `halfpipe run` has both edges; whichever
-    // notices first sends END, the other resets on receipt.
+    // R8.3: an idle stream is an error on the stream: END(TIMEOUT); R8.7,
+    // R8.8: and a reset at both ends. `halfpipe run` has both edges;
+    // whichever notices first sends END, the other resets on receipt.
     let d = Daemon::run(&["--exit-policy", "accept *:*", "--idle-timeout", "1s"]);
     let t = Targets::new();
     let mut idle = socks5(d.socks(), "127.0.0.1", t.addr.port(), None).expect("CONNECT");
@@ -95,7 +97,7 @@ fn idle_timeout_resets_idle_streams_and_spares_active_ones() {
 
 #[test]
 fn max_streams_is_process_wide_end_resourcelimit() {
-    // protocol.md §5: "stream limit reached | RESOURCELIMIT (11)", here
+    // R5.11: the stream limit is reached → END(RESOURCELIMIT = 11), here
     // `--max-streams 2` over the whole process: two circuits, one stream
     // each, and a third BEGIN on either circuit is refused.
     let d = Daemon::exit(&["--exit-policy", "accept *:*", "--max-streams", "2"]);
@@ -138,7 +140,7 @@ fn max_streams_is_process_wide_end_resourcelimit() {
 
 #[test]
 fn keepalive_sends_padding_on_an_idle_link() {
-    // protocol.md §2: PADDING (0) is a keepalive, ignored on receipt.
+    // R2.2: PADDING (0) is a keepalive, ignored on receipt.
     let d = Daemon::exit(&["--keepalive", "200ms"]);
     let mut l = RawLink::connect(d.link());
     for _ in 0..2 {

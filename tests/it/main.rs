@@ -1,7 +1,8 @@
 //! Integration tests: the real binary over real loopback sockets. Each test
-//! names the protocol.md section it checks.
+//! names the requirements of docs/protocol.md it checks.
 
 mod app;
+mod client;
 mod faults;
 mod hostile;
 mod limits;

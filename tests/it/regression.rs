@@ -9,7 +9,7 @@ use std::net::{Shutdown, TcpListener};
 use std::thread;
 use std::time::Duration;
 
-/// protocol.md §3 and §8: a stream that reached CLOSED (both FINs) while its
+/// R3.13: a stream that reached CLOSED (both FINs) while its
 /// deliverer is still blocked writing to a target that does not read must
 /// not hold up circuit teardown (it once waited forever to join that
 /// deliverer), nor shutdown.
@@ -57,7 +57,7 @@ fn teardown_does_not_hang_on_a_closed_stream_still_writing() {
         assert!(sent < 1_000_000, "the target absorbed 500 MB?");
     }
     let _parked = parked_rx.recv().unwrap();
-    // Our FIN: the exit's stream is now CLOSED (§7 row 4), its deliverer
+    // Our FIN: the exit's stream is now CLOSED (R7.5), its deliverer
     // still blocked behind hundreds of cells.
     link.send_relay(circ, relay_cmd::FIN, 1, &[]);
     d.wait_for_log("DONE_PACKAGING => CLOSED (FinReceived)");
@@ -69,9 +69,10 @@ fn teardown_does_not_hang_on_a_closed_stream_still_writing() {
     assert!(d.wait_exit(PATIENCE).success(), "{}", d.log());
 }
 
-/// protocol.md §3 and design invariant 1: an exit that answers one
-/// CREATE_FAST with several CREATED_FAST cells must not wedge the client's
-/// link reader (it once blocked on a full channel while holding a lock).
+/// docs/protocol.md §3 and docs/design.md, invariant 1: an exit that
+/// answers one CREATE_FAST with several CREATED_FAST cells must not wedge
+/// the client's link reader (it once blocked on a full channel while
+/// holding a lock).
 #[test]
 fn duplicate_created_fast_does_not_wedge_the_client() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -100,9 +101,10 @@ fn duplicate_created_fast_does_not_wedge_the_client() {
     assert!(!d.log().contains("panicked"));
 }
 
-/// protocol.md §9: after the client aborts a stream before CONNECTED, the
-/// exit's CONNECTED, DATA and FIN for it are late cells, dropped silently;
-/// they once destroyed the whole circuit as "DATA before CONNECTED".
+/// R9.3: after the client aborts a stream before CONNECTED, the exit's
+/// DATA and FIN for it are late cells, dropped silently (and so is its
+/// CONNECTED); they once destroyed the whole circuit as "DATA before
+/// CONNECTED".
 #[test]
 fn late_cells_after_an_abort_before_connected_are_dropped() {
     let (d, mut link, circ) = client_with_raw_exit();
@@ -197,14 +199,14 @@ fn peer_that_never_reads_is_cut_off() {
     good.create_circuit(0x8000_0001);
 }
 
-/// protocol.md §3: "A CircID is free again once its circuit has been
-/// destroyed". A peer that destroys a circuit and creates a new one on the
-/// same CircID at once must see nothing of the old circuit after the new
-/// CREATED_FAST: the old stream's packager, busy sending DATA, once queued
-/// cells after the CircID was freed, so the new circuit got the old one's
-/// DATA. (Found by `hostile::random_well_framed_cells_*`; so was the
-/// circuit-initiated variant, a DESTROY(PROTOCOL) queued after the new
-/// circuit's CREATED_FAST.)
+/// R3.7: a CircID is free again once its circuit has been destroyed; R3.11:
+/// nothing of the old circuit may pass for the new one's. A peer that destroys
+/// a circuit and creates a new one on the same CircID at once must see nothing
+/// of the old circuit after the new CREATED_FAST: the old stream's packager,
+/// busy sending DATA, once queued cells after the CircID was freed, so the new
+/// circuit got the old one's DATA. (Found by
+/// `hostile::random_well_framed_cells_*`; so was the circuit-initiated variant,
+/// a DESTROY(PROTOCOL) queued after the new circuit's CREATED_FAST.)
 #[test]
 fn nothing_of_a_destroyed_circuit_follows_a_new_one_on_its_circid() {
     // A target that sends as fast as the exit reads.
@@ -276,11 +278,12 @@ fn nothing_of_a_destroyed_circuit_follows_a_new_one_on_its_circid() {
     }
 }
 
-/// protocol.md §5: the exit answers a BEGIN with CONNECTED (or END) before
-/// anything else of the stream, so DATA first is a protocol violation that
-/// destroys the circuit; after CONNECTED the same DATA is delivered. (The
-/// circuit thread remembers CONNECTED per stream to skip the stream's lock
-/// for each DATA cell: this checks both sides of that shortcut.)
+/// docs/protocol.md §5: the exit answers a BEGIN with CONNECTED (or END) before
+/// anything else of the stream, and halfpipe's client treats DATA first as a
+/// protocol violation that destroys the circuit (a rule of its own:
+/// docs/protocol.md does not declare it); after CONNECTED the same DATA is
+/// delivered. (The circuit thread remembers CONNECTED per stream to skip the
+/// stream's lock for each DATA cell: this checks both sides of that shortcut.)
 #[test]
 fn data_before_connected_destroys_the_circuit_and_after_it_is_delivered() {
     let (d, mut link, circ) = client_with_raw_exit();
@@ -342,10 +345,10 @@ fn client_with_raw_exit() -> (Daemon, RawLink, u32) {
     (d, link, circ)
 }
 
-/// R10.8, R10.9 at the client edge: a held-out check found that after the
-/// packager stopped at a stream package window of 0, one SENDME (50 cells)
-/// did not resume it (it waited for 250). The application sends far more
-/// than a window; the raw exit sees exactly 500 DATA cells, then after
+/// R10.8, R10.9 at the client edge: once the packager has stopped at a
+/// stream package window of 0, one SENDME (50 cells) must let it go on (a
+/// held-out check once found that it did not). The application sends far
+/// more than a window; the raw exit sees exactly 500 DATA cells, then after
 /// each single SENDME exactly 50 more.
 #[test]
 fn the_client_resumes_after_one_stream_sendme_at_a_window_of_zero() {

@@ -1,5 +1,5 @@
 //! Tor's SOCKS RESOLVE extension (command 0xF0) through the client, which
-//! becomes RELAY_RESOLVE / RESOLVED on the wire (protocol.md §5, §11). The
+//! becomes RELAY_RESOLVE / RESOLVED on the wire (docs/protocol.md §5, §11). The
 //! client resolves nothing itself, so an answer proves the round trip; the
 //! exit's side of RESOLVE is checked cell by cell in wire.rs.
 
@@ -29,8 +29,8 @@ fn socks5_resolve(proxy: std::net::SocketAddr, name: &str) -> (u8, Vec<u8>) {
     (head[1], addr)
 }
 
-/// protocol.md §5: RESOLVE of a name that exists answers its address;
-/// §11 (Tor's extension): the SOCKS reply carries it in BND.ADDR.
+/// R5.17, R5.18: RESOLVE of a name that exists is answered with its
+/// address; §11 (Tor's extension): the SOCKS reply carries it in BND.ADDR.
 #[test]
 fn socks_resolve_answers_the_address() {
     let d = Daemon::run(&[]);
@@ -42,8 +42,8 @@ fn socks_resolve_answers_the_address() {
     );
 }
 
-/// protocol.md §5: a name that does not exist gets RESOLVED 0xF1, which the
-/// client answers with a SOCKS failure (§11: host unreachable).
+/// R5.19: a name that does not exist gets RESOLVED 0xF1, which the client
+/// answers with a SOCKS failure (host unreachable).
 #[test]
 fn socks_resolve_of_a_missing_name_fails() {
     let d = Daemon::run(&[]);

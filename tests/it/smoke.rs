@@ -1,10 +1,11 @@
-//! The two scenarios that motivate halfpipe (protocol.md §7), end to end.
+//! The two scenarios that motivate halfpipe (docs/protocol.md §7), end to
+//! end.
 
 use crate::util::*;
 use std::io::{Read, Write};
 use std::net::Shutdown;
 
-/// §7 rows 1 and 4 at the client, 3 and 2 at the exit: the application
+/// R7.2, R7.5 at the client and R7.4, R7.3 at the exit: the application
 /// writes a request, calls shutdown(SHUT_WR), then reads the whole reply.
 /// Tor and Arti lose this reply today.
 #[test]

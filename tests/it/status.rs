@@ -1,7 +1,8 @@
 //! The status endpoint (`--status`: GET /streams, GET /metrics), the
-//! `halfpipe status` table, the SIGUSR1 table and the thread names of
-//! design.md ("Threads", "What a user sees"), checked against a live
-//! `halfpipe run` with half-closed streams (protocol.md §7 state names).
+//! `halfpipe status` table, the SIGUSR1 table (docs/operations.md, "Live
+//! state: status, metrics, SIGUSR1") and the thread names of
+//! docs/design.md ("Threads"), checked against a live `halfpipe run` with
+//! half-closed streams (docs/protocol.md §7 state names).
 
 use crate::util::*;
 use serde_json::Value;
@@ -120,9 +121,9 @@ fn comm(pid: u32, tid: &Value) -> String {
         .to_owned()
 }
 
-/// design.md's thread table, plus the README's additions (`link-dial`,
-/// `socks N`, `rslv C.S`, `status-http`, `signals`) and the two threads
-/// halfpipe does not name itself: the main thread and ctrlc's.
+/// docs/design.md's thread table (`link-dial`, `socks N`, `rslv C.S`,
+/// `status-http` and `signals` included) and the two threads halfpipe does
+/// not name itself: the main thread and ctrlc's.
 fn known_thread_name(name: &str) -> bool {
     let num = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
     let dotted = |s: &str| matches!(s.split_once('.'), Some((a, b)) if num(a) && num(b));
@@ -171,7 +172,7 @@ fn entry<'a>(doc: &'a Value, role: &str, port: u16) -> Option<&'a Value> {
 /// application, one by the target, one open. /streams shows each edge in
 /// its §7 state with TIDs that /proc names "pk C.S" and "dl C.S"; /metrics
 /// parses and moves; `halfpipe status` and SIGUSR1 print the table; every
-/// thread has a name from design.md's table.
+/// thread has a name from docs/design.md's table.
 #[test]
 fn status_shows_half_closed_streams_with_their_threads() {
     const REQUEST: usize = 3000;
@@ -309,7 +310,7 @@ fn status_shows_half_closed_streams_with_their_threads() {
     for n in &names {
         assert!(
             known_thread_name(n),
-            "thread {n:?} is not in design.md's table: {names:?}"
+            "thread {n:?} is not in docs/design.md's table: {names:?}"
         );
     }
     for want in ["link-accept", "socks-accept", "status-http", "signals"] {
@@ -487,7 +488,7 @@ fn status_shows_half_closed_streams_with_their_threads() {
     }
 }
 
-/// A protocol violation (protocol.md §4: DATA on stream 0) is counted by
+/// A protocol violation (R4.8: DATA on stream 0) is counted by
 /// kind, and so is the DESTROY(PROTOCOL) it earns.
 #[test]
 fn metrics_count_violations_and_destroys_by_kind_and_reason() {

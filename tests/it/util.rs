@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: the real binary on loopback
 //! ports, a SOCKS client, target servers, and a raw link peer that speaks
-//! protocol.md cell by cell.
+//! docs/protocol.md cell by cell.
 #![allow(dead_code)]
 
 use halfpipe_proto::cell::{self, cmd};
@@ -369,7 +369,7 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 // ---------------------------------------------------------- raw link peer
 
-/// A hand-driven peer that speaks protocol.md on one link, cell by cell.
+/// A hand-driven peer that speaks docs/protocol.md on one link, cell by cell.
 pub struct RawLink {
     pub sock: TcpStream,
     buf: Vec<u8>,
@@ -393,7 +393,7 @@ impl RawCell {
 }
 
 impl RawLink {
-    /// Connects and completes the VERSIONS handshake (protocol.md §1).
+    /// Connects and completes the VERSIONS handshake (docs/protocol.md §1).
     pub fn connect(addr: SocketAddr) -> RawLink {
         let mut l = RawLink::connect_raw(addr);
         let mut v = Vec::new();
@@ -406,7 +406,7 @@ impl RawLink {
     }
 
     /// Plays the exit: accepts one link on `listener` and answers the
-    /// client's VERSIONS (protocol.md §1).
+    /// client's VERSIONS (docs/protocol.md §1).
     pub fn accept(listener: &TcpListener) -> RawLink {
         let (sock, _) = listener.accept().unwrap();
         sock.set_read_timeout(Some(PATIENCE)).unwrap();
@@ -457,7 +457,7 @@ impl RawLink {
         self.sock.write_all(&out).unwrap();
     }
 
-    /// CREATE_FAST on `circ`, checking KH in CREATED_FAST (protocol.md §3).
+    /// CREATE_FAST on `circ`, checking KH in CREATED_FAST (docs/protocol.md §3).
     pub fn create_circuit(&mut self, circ: u32) {
         let x = halfpipe::link::nonce();
         self.send_cell(circ, cmd::CREATE_FAST, &x);
@@ -559,7 +559,7 @@ impl RawLink {
     }
 }
 
-/// BEGIN payload for `target` (protocol.md §5).
+/// BEGIN payload for `target` (docs/protocol.md §5).
 pub fn begin_body(target: &str) -> Vec<u8> {
     let mut b = target.as_bytes().to_vec();
     b.push(0);

@@ -1,6 +1,6 @@
-//! protocol.md on the wire: a hand-driven link peer (`RawLink`) against the
-//! real `halfpipe exit` process over loopback. Every test names the section
-//! (and table row) of protocol.md it checks.
+//! docs/protocol.md on the wire: a hand-driven link peer (`RawLink`)
+//! against the real `halfpipe exit` process over loopback. Every test names
+//! the requirements of docs/protocol.md it checks.
 //!
 //! Ordering arguments used below: the exit's link reader hands cells to a
 //! circuit thread in arrival order, and that thread answers a malformed
@@ -261,7 +261,7 @@ pub(crate) fn read_to_eof(s: &mut TcpStream) -> Vec<u8> {
 
 /// §8: the application sees a reset, not an EOF.
 ///
-/// A target that already read EOF (the exit had sent FIN, §7 row 3) keeps
+/// A target that already read EOF (the exit had shut its write side, R7.4) keeps
 /// reading EOF on Linux after a reset arrives (the socket is in
 /// CLOSE_WAIT). There the reset shows as POLLHUP/POLLERR and as the socket
 /// error (EPIPE); a normal close by the exit shows neither, since the
@@ -379,13 +379,14 @@ pub(crate) fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
 
 #[test]
 fn handshake_versions_answered_with_4_then_cells_flow() {
-    // protocol.md §1: the client sends VERSIONS listing 4; the exit answers
-    // VERSIONS listing 4 (highest common version), then link-v4 framing.
+    // R1.2: the exit reads our VERSIONS, then answers with its own listing
+    // 4; R1.11: nothing else (no CERTS, AUTH_CHALLENGE or NETINFO, no TLS):
+    // the next cell answers our CREATE_FAST; R1.9: in link-v4 framing.
     let d = Daemon::exit(&[]);
     let mut l = RawLink::connect(d.link()); // asserts the answer [0,0,7,0,2,0,4]
     l.create_circuit(fresh_circ());
-    // protocol.md §1: "Both use the highest common version": offering 3, 4
-    // and 5 still gets exactly 4 back.
+    // R1.3: the highest version in both lists: offering 3, 4 and 5 still
+    // gets exactly 4 back.
     let mut s = TcpStream::connect(d.link()).unwrap();
     let mut v = Vec::new();
     cell::encode_versions(&mut v, &[3, 4, 5]);
@@ -396,8 +397,8 @@ fn handshake_versions_answered_with_4_then_cells_flow() {
     assert_eq!(reply, [0, 0, 7, 0, 2, 0, 4]);
 }
 
-/// protocol.md §1: a bad first cell closes the link without a VERSIONS of
-/// the exit's own, logs why, and affects nothing else.
+/// R1.7: a bad first cell closes the link without a VERSIONS of the exit's
+/// own; R1.8: one log line says why, and nothing else is affected.
 fn bad_handshake(bytes: &[u8], log_says: &str) {
     let d = Daemon::exit(&[]);
     let mut good = RawLink::connect(d.link());
@@ -422,7 +423,7 @@ fn bad_handshake(bytes: &[u8], log_says: &str) {
 
 #[test]
 fn handshake_garbage_first_cell_closes_link() {
-    // protocol.md §1: "a first cell that is not VERSIONS" → closed, no VERSIONS.
+    // R1.5: a first cell that is not VERSIONS → closed; R1.7, R1.8.
     bad_handshake(
         &[0xde, 0xad, 0xbe, 0xef, 0x01, 0x02, 0x03, 0x04],
         "first cell is not VERSIONS",
@@ -431,35 +432,36 @@ fn handshake_garbage_first_cell_closes_link() {
 
 #[test]
 fn handshake_http_request_closes_link() {
-    // protocol.md §1: a first cell that is not VERSIONS (an HTTP client on
-    // the link port); the log line says what it looks like.
+    // R1.5: a first cell that is not VERSIONS (an HTTP client on the link
+    // port); R1.8: the log line says what it looks like; R1.7.
     bad_handshake(b"GET / HTTP/1.1\r\n\r\n", "looks like an HTTP client");
 }
 
 #[test]
 fn handshake_odd_versions_length_closes_link() {
-    // protocol.md §1: "an odd Length" → closed without VERSIONS.
+    // R1.4: an odd Length → closed; R1.7: without VERSIONS; R1.8.
     bad_handshake(&[0, 0, 7, 0, 3, 0, 4, 0], "odd length 3");
 }
 
 #[test]
 fn handshake_without_version_4_closes_link() {
-    // protocol.md §1: "No common version" → closed without VERSIONS.
+    // R1.3: no common version → closed; R1.7: without VERSIONS; R1.8.
     bad_handshake(&[0, 0, 7, 0, 4, 0, 3, 0, 5], "no common link version");
 }
 
 #[test]
 fn handshake_with_empty_version_list_closes_link() {
-    // protocol.md §1: an empty list has no common version either.
+    // R1.3: an empty list has no common version either; R1.7, R1.8.
     bad_handshake(&[0, 0, 7, 0, 0], "no common link version");
 }
 
 #[test]
 fn handshake_timeout_closes_silent_and_partial_links() {
-    // protocol.md §1: "no complete VERSIONS within 10 seconds of the TCP
-    // connection being accepted" → closed without VERSIONS. There is no
-    // flag for the timeout, so this test takes the full 10 s (once, for a
-    // silent peer and a peer that stalls in the middle of VERSIONS).
+    // R1.6: no complete VERSIONS 10 seconds after the TCP connection was
+    // accepted → closed (R1.7: without VERSIONS; R1.8: one log line each).
+    // The default timeout is what is checked, so this test takes the full
+    // 10 s (once, for a silent peer and a peer that stalls in the middle of
+    // VERSIONS).
     let d = Daemon::exit(&[]);
     let mut silent = TcpStream::connect(d.link()).unwrap();
     let mut partial = TcpStream::connect(d.link()).unwrap();
@@ -472,7 +474,7 @@ fn handshake_timeout_closes_silent_and_partial_links() {
     assert!(read_until_closed(&mut silent).is_empty());
     assert!(waiter.join().unwrap().is_empty());
     // A lower bound only: the exit's clock starts after our connect
-    // returned, so closing earlier than 10 s would break §1.
+    // returned, so closing earlier than 10 s would break R1.6.
     assert!(
         since.elapsed() >= Duration::from_millis(9_900),
         "closed after {:?}, before the 10 s handshake timeout",
@@ -489,9 +491,10 @@ fn handshake_timeout_closes_silent_and_partial_links() {
 
 #[test]
 fn variable_cells_padding_and_other_commands_are_ignored() {
-    // protocol.md §1: variable-length cells after the handshake (VPADDING,
-    // a repeated VERSIONS) are read in full and ignored. §2: PADDING is
-    // ignored; "Any other fixed-length command is dropped".
+    // R1.10: variable-length cells after the handshake (VPADDING, a
+    // repeated VERSIONS) are read in full and ignored. R2.2: PADDING is
+    // ignored; R2.6: fixed-length commands not in the table of §2 are
+    // dropped.
     let d = Daemon::exit(&[]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -514,9 +517,10 @@ fn variable_cells_padding_and_other_commands_are_ignored() {
 
 #[test]
 fn create_fast_answers_created_fast_with_y_and_kh() {
-    // protocol.md §3: CREATED_FAST = Y [20] | KH [20], KH the first 20 bytes
-    // of KDF-TOR(X | Y) = SHA1(X | Y | 0x00) (tor-spec 5.2.1), computed here
-    // independently of halfpipe's kdf module.
+    // R3.3: CREATED_FAST on the same CircID = Y [20] | KH [20], Y fresh
+    // and random, KH the first 20 bytes of KDF-TOR(X | Y) = SHA1(X | Y |
+    // 0x00) (tor-spec 5.2.1), computed here independently of halfpipe's kdf
+    // module.
     use sha1::{Digest, Sha1};
     let d = Daemon::exit(&[]);
     let mut l = RawLink::connect(d.link());
@@ -546,9 +550,9 @@ fn create_fast_answers_created_fast_with_y_and_kh() {
 
 #[test]
 fn create_and_create2_are_answered_destroy_protocol() {
-    // protocol.md §2: "CREATE (1) and CREATE2 (10) are answered with
-    // DESTROY(PROTOCOL = 1)". The link carries on, and the CircIDs were
-    // never taken.
+    // R2.5: CREATE (1) and CREATE2 (10) are answered with DESTROY(PROTOCOL
+    // = 1) on the same CircID; R2.4: the reason is the first payload byte.
+    // The link carries on, and the CircIDs were never taken.
     let d = Daemon::exit(&[]);
     let mut l = RawLink::connect(d.link());
     let (a, b) = (fresh_circ(), fresh_circ());
@@ -564,14 +568,15 @@ fn create_and_create2_are_answered_destroy_protocol() {
 
 #[test]
 fn create_fast_with_circid_top_bit_clear_is_destroy_protocol() {
-    // protocol.md §3: a CREATE_FAST "with a CircID whose top bit is clear,
-    // is a protocol violation" → DESTROY(PROTOCOL); the link carries on.
+    // R3.6: a CREATE_FAST on a CircID whose most significant bit is clear
+    // is a protocol violation → DESTROY(PROTOCOL) (R3.12); the link
+    // carries on.
     let d = Daemon::exit(&[]);
     let mut l = RawLink::connect(d.link());
     for circ in [0x0000_0042, 0x7fff_ffff, 0] {
         l.send_cell(circ, cmd::CREATE_FAST, &[1; 20]);
         expect_destroy(&mut l, circ, destroy_reason::PROTOCOL);
-        // No circuit was made: a relay cell for it is dropped silently (§3).
+        // No circuit was made: a relay cell for it is dropped silently (R3.14).
         l.send_relay(circ, relay_cmd::BEGIN, 1, b"ping");
     }
     link_alive(&mut l);
@@ -579,10 +584,10 @@ fn create_fast_with_circid_top_bit_clear_is_destroy_protocol() {
 
 #[test]
 fn create_fast_on_a_circid_in_use_destroys_that_circuit() {
-    // protocol.md §3: "A CREATE_FAST on a CircID already in use ... is a
-    // protocol violation": that circuit gets DESTROY(PROTOCOL), its streams
-    // are aborted (§3 → §8: the target sees a reset), the link and the other
-    // circuits carry on, and the CircID is free again.
+    // R3.6: a CREATE_FAST on a CircID already in use is a protocol
+    // violation; R3.12: that circuit gets DESTROY(PROTOCOL), its streams
+    // are aborted (R3.10, R8.7: the target sees a reset), the link and the
+    // other circuits carry on, and the CircID is free again (R3.7).
     let d = open_exit(&[]);
     let t = Targets::new();
     let (a, b) = (fresh_circ(), fresh_circ());
@@ -599,9 +604,10 @@ fn create_fast_on_a_circid_in_use_destroys_that_circuit() {
 
 #[test]
 fn circuits_past_the_limit_get_destroy_resourcelimit() {
-    // protocol.md §3: "Past the exit's circuit limit per link the exit
-    // answers DESTROY(RESOURCELIMIT = 5)". The limit is per link, and a
-    // destroyed circuit no longer counts.
+    // R3.8: an exit at its per-link circuit limit answers a further
+    // CREATE_FAST with DESTROY(RESOURCELIMIT = 5); R3.9: the limit is
+    // configurable. The limit is per link, and a destroyed circuit no
+    // longer counts.
     let d = Daemon::exit(&["--max-circuits-per-link", "2"]);
     let (a, b, c) = (fresh_circ(), fresh_circ(), fresh_circ());
     let mut l = linked(&d, a);
@@ -622,8 +628,9 @@ fn circuits_past_the_limit_get_destroy_resourcelimit() {
 
 #[test]
 fn destroy_and_relay_for_unknown_circuits_are_dropped_silently() {
-    // protocol.md §3: "RELAY and DESTROY cells for a CircID that was never
-    // created, or was already destroyed, are dropped silently".
+    // R3.14: RELAY and DESTROY cells for a CircID that was never created
+    // are dropped silently; R3.11: so are those for a circuit already
+    // destroyed, by either side.
     let d = Daemon::exit(&[]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -650,8 +657,8 @@ fn destroy_and_relay_for_unknown_circuits_are_dropped_silently() {
 
 #[test]
 fn circid_is_reusable_after_destroy() {
-    // protocol.md §3: "A CircID is free again once its circuit has been
-    // destroyed", whichever side destroyed it.
+    // R3.7: a CircID is free again once its circuit has been destroyed,
+    // whichever side destroyed it.
     let d = open_exit(&[]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -665,7 +672,7 @@ fn circid_is_reusable_after_destroy() {
 
 #[test]
 fn relay_early_is_treated_as_relay() {
-    // protocol.md §2: RELAY_EARLY (9) "treated exactly as RELAY".
+    // R2.3: RELAY_EARLY (9) is handled exactly as RELAY.
     let d = Daemon::exit(&[]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -688,9 +695,9 @@ fn patched_relay(circ: u32, command: u8, stream: u16, patch: impl Fn(&mut [u8]))
 
 #[test]
 fn relay_header_violations_destroy_only_that_circuit() {
-    // protocol.md §4: "Recognized != 0 or Length > 498 is a protocol
-    // violation" → DESTROY(PROTOCOL) (§3), "the link and every other
-    // circuit carry on".
+    // R4.4: Recognized != 0 or Length > 498 is a protocol violation →
+    // R3.12: DESTROY(PROTOCOL), and the link and every other circuit carry
+    // on. R4.3: padding that is not zero is ignored.
     let d = open_exit(&[]);
     let sibling = fresh_circ();
     let mut l = linked(&d, sibling);
@@ -715,7 +722,7 @@ fn relay_header_violations_destroy_only_that_circuit() {
             describe(&c)
         );
     }
-    // Length = 498 with padding that is not zero is fine (§4).
+    // Length = 498, and padding that is not zero, are fine (R4.3).
     let padded = patched_relay(sibling, relay_cmd::DROP, 0, |p| {
         p[9..11].copy_from_slice(&498u16.to_be_bytes())
     });
@@ -729,7 +736,7 @@ fn relay_header_violations_destroy_only_that_circuit() {
 
 #[test]
 fn a_bad_relay_header_inside_a_run_of_data_destroys_the_circuit() {
-    // protocol.md §4 applies to every relay cell, also to one that follows
+    // R4.4 applies to every relay cell, also to one that follows
     // DATA cells of the same stream in the same read (the circuit takes
     // such a run at once): the good DATA, then a DATA cell with
     // Recognized = 1 or Length = 499, in one write.
@@ -752,7 +759,7 @@ fn a_bad_relay_header_inside_a_run_of_data_destroys_the_circuit() {
         l.sock.write_all(&out).unwrap();
         eprintln!("{what} after DATA");
         expect_destroy(&mut l, circ, destroy_reason::PROTOCOL);
-        // §3: the destroyed circuit's stream is aborted (§8).
+        // R3.12: the destroyed circuit's stream is aborted (R3.10, R8.7).
         expect_reset(&mut target);
     }
     echo_works(&mut l, sibling);
@@ -760,10 +767,10 @@ fn a_bad_relay_header_inside_a_run_of_data_destroys_the_circuit() {
 
 #[test]
 fn wrong_way_commands_and_stream_zero_destroy_only_that_circuit() {
-    // protocol.md §4: "A relay command sent the wrong way (CONNECTED or
-    // RESOLVED to the exit ...), or DATA/FIN/END on stream 0, is a protocol
-    // violation whatever the stream ID." Circuit B, with a stream open,
-    // carries on through all of it.
+    // R4.6: CONNECTED or RESOLVED received by the exit is a protocol
+    // violation whatever its StreamID; R4.8: so is DATA, FIN or END on
+    // stream 0. R3.12: circuit B, with a stream open, carries on through
+    // all of it.
     let d = open_exit(&[]);
     let t = Targets::new();
     let b = fresh_circ();
@@ -812,8 +819,8 @@ fn wrong_way_commands_and_stream_zero_destroy_only_that_circuit() {
 
 #[test]
 fn drop_and_unknown_relay_commands_are_ignored() {
-    // protocol.md §4: DROP (10) "ignored"; "Unknown relay commands are
-    // dropped" — on stream 0, on an open stream and on an unused ID.
+    // R4.9: DROP (10), and relay commands not in the table of §4, are
+    // dropped: on stream 0, on an open stream and on an unused ID.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -835,8 +842,9 @@ fn drop_and_unknown_relay_commands_are_ignored() {
 
 #[test]
 fn begin_to_ipv4_target_answers_connected_with_its_address() {
-    // protocol.md §5: CONNECTED for IPv4 is address [4] | TTL [4]; data
-    // then flows both ways.
+    // R5.3: a well-formed BEGIN is connected; R5.4: CONNECTED for IPv4 is
+    // address [4] | TTL [4]; data then flows. R3.5: the raw peer reads and
+    // writes every relay cell in the clear.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -858,8 +866,7 @@ fn begin_to_ipv4_target_answers_connected_with_its_address() {
 
 #[test]
 fn begin_to_ipv6_target_answers_connected_with_its_address() {
-    // protocol.md §5: CONNECTED for IPv6 is 0 [4] | 6 [1] | address [16] |
-    // TTL [4].
+    // R5.4: CONNECTED for IPv6 is 0 [4] | 6 [1] | address [16] | TTL [4].
     let d = open_exit(&[]);
     let t = Targets::on("[::1]:0");
     let circ = fresh_circ();
@@ -874,9 +881,10 @@ fn begin_to_ipv6_target_answers_connected_with_its_address() {
 
 #[test]
 fn malformed_begin_is_end_torprotocol() {
-    // protocol.md §5 END table, row "malformed BEGIN payload | TORPROTOCOL
-    // (13)": no NUL, other bytes, a bad port, an unclosed bracket. The
-    // circuit is not destroyed, and nothing is connected.
+    // R5.5: a malformed BEGIN payload is answered END(TORPROTOCOL = 13),
+    // R8.1: the reason as END's first byte: no NUL, other bytes, a bad
+    // port, an unclosed bracket. The circuit is not destroyed, and nothing
+    // is connected.
     let d = open_exit(&[]);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -923,10 +931,11 @@ fn malformed_begin_is_end_torprotocol() {
 
 #[test]
 fn default_exit_policy_refuses_loopback_with_end_exitpolicy() {
-    // protocol.md §5 END table, row "exit policy refuses | EXITPOLICY (4)":
-    // the default policy `reject private:*,accept *:*` refuses loopback,
-    // whether named by IPv4, by a hostname resolving to it, as an
-    // IPv4-mapped IPv6 address, or as ::1. Nothing is connected.
+    // R5.6: the exit policy refuses → END(EXITPOLICY = 4); R5.3: checked
+    // against the address resolved, not the name. The default policy
+    // `reject private:*,accept *:*` refuses loopback, whether named by
+    // IPv4, by a hostname resolving to it, as an IPv4-mapped IPv6 address,
+    // or as ::1. Nothing is connected.
     let d = Daemon::exit(&[]);
     let v4 = TcpListener::bind("127.0.0.1:0").unwrap();
     let v6 = TcpListener::bind("[::1]:0").unwrap();
@@ -962,7 +971,7 @@ fn default_exit_policy_refuses_loopback_with_end_exitpolicy() {
 
 #[test]
 fn closed_port_is_end_connectrefused() {
-    // protocol.md §5 END table, row "connection refused | CONNECTREFUSED (3)".
+    // R5.8: the target refuses the connection → END(CONNECTREFUSED = 3).
     let d = open_exit(&[]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -974,8 +983,8 @@ fn closed_port_is_end_connectrefused() {
 
 #[test]
 fn unresolvable_name_is_end_resolvefailed() {
-    // protocol.md §5 END table, row "name does not resolve | RESOLVEFAILED
-    // (2)" (.invalid never resolves, RFC 6761).
+    // R5.7: the name does not resolve → END(RESOLVEFAILED = 2) (.invalid
+    // never resolves, RFC 6761).
     let d = open_exit(&[]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -991,8 +1000,8 @@ fn unresolvable_name_is_end_resolvefailed() {
 
 #[test]
 fn connect_timeout_is_end_timeout() {
-    // protocol.md §5 END table, row "no answer before the connect timeout |
-    // TIMEOUT (7)": a target whose accept queue is full drops our SYNs.
+    // R5.9: no answer before the connect timeout → END(TIMEOUT = 7): a
+    // target whose accept queue is full drops our SYNs.
     let quiet = unanswering();
     let d = open_exit(&["--connect-timeout", "1s"]);
     let circ = fresh_circ();
@@ -1009,8 +1018,8 @@ fn connect_timeout_is_end_timeout() {
 
 #[test]
 fn stream_limit_is_end_resourcelimit() {
-    // protocol.md §5 END table, row "stream limit reached | RESOURCELIMIT
-    // (11)"; the limit is per circuit and counts open streams only.
+    // R5.11: the stream limit is reached → END(RESOURCELIMIT = 11); R3.9:
+    // the limit is configurable, per circuit, and counts open streams only.
     let d = open_exit(&["--max-streams-per-circuit", "2"]);
     let t = Targets::new();
     let (a, b) = (fresh_circ(), fresh_circ());
@@ -1051,8 +1060,8 @@ fn stream_limit_is_end_resourcelimit() {
 
 #[test]
 fn begin_reusing_an_open_stream_id_destroys_the_circuit() {
-    // protocol.md §5: "A BEGIN reusing an open stream ID is a protocol
-    // violation" → DESTROY(PROTOCOL); the stream is aborted (§3, §8).
+    // R5.13: a BEGIN whose stream ID is open is a protocol violation →
+    // DESTROY(PROTOCOL); the stream is aborted (R3.10, R8.7).
     let d = open_exit(&[]);
     let t = Targets::new();
     let (a, b) = (fresh_circ(), fresh_circ());
@@ -1074,10 +1083,10 @@ fn begin_reusing_an_open_stream_id_destroys_the_circuit() {
 
 #[test]
 fn begin_on_a_recently_closed_stream_id_opens_a_new_stream() {
-    // protocol.md §5: "A BEGIN on an ID in the exit's recently-closed set
-    // opens a new stream"; §7/§9: a stream is CLOSED (and its ID recently
-    // closed) once END was sent or received, or FIN went both ways. The
-    // BEGIN comes right after the close, as a (careless) client may send it.
+    // R5.14: a BEGIN on an ID in the exit's recently-closed set opens a new
+    // stream; R9.1: a stream's ID is recently closed once END was sent or
+    // received, or FIN went both ways. The BEGIN comes right after the
+    // close, as a (careless) client may send it.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1089,7 +1098,7 @@ fn begin_on_a_recently_closed_stream_id_opens_a_new_stream() {
         assert_eq!(read_n(&mut target, 3), b"new");
         target
     };
-    // The new streams' targets stay open: a close would send FIN (§7).
+    // The new streams' targets stay open: a close would send FIN (R7.2).
     let mut keep = Vec::new();
 
     // 1. We sent END: BEGIN in the same write.
@@ -1150,10 +1159,10 @@ fn begin_on_a_recently_closed_stream_id_opens_a_new_stream() {
 
 #[test]
 fn optimistic_data_and_fin_are_delivered_once_connected() {
-    // protocol.md §5, optimistic data: "the client may send DATA and even FIN
-    // right after BEGIN. The exit queues them while it connects, delivers
-    // them in order once connected". The target reads the data, then EOF
-    // (§7 row 3), and its reply comes back after CONNECTED.
+    // R5.15: DATA and FIN sent right after BEGIN are held while the exit
+    // connects, and delivered in the order they arrived once connected.
+    // The target reads the data, then EOF (R7.4), and its reply comes back
+    // after CONNECTED.
     let d = open_exit(&[]);
     let server = Server::request_reply(|req| req.to_vec());
     let circ = fresh_circ();
@@ -1181,9 +1190,9 @@ fn optimistic_data_and_fin_are_delivered_once_connected() {
 
 #[test]
 fn optimistic_data_after_a_refused_begin_is_discarded_silently() {
-    // protocol.md §5: the exit "discards them if it answers END": no
-    // DESTROY, the circuit stays usable. Refusals from the parser, the
-    // policy and the connect.
+    // R5.16: the exit discards the held DATA and FIN if it answers END: no
+    // DESTROY, the circuit stays usable (R9.3 for what comes later).
+    // Refusals from the parser, the policy and the connect.
     let d = Daemon::exit(&["--exit-policy", "reject 127.0.0.2:*,accept *:*"]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -1212,9 +1221,10 @@ fn optimistic_data_after_a_refused_begin_is_discarded_silently() {
 
 #[test]
 fn resolve_answers_resolved_without_a_stream() {
-    // protocol.md §5: "RESOLVE (payload: hostname NUL) is answered by
-    // RESOLVED with tor-spec 6.4 answers; no stream is created. A name that
-    // does not exist gets one answer of type 0xF1".
+    // R5.17: RESOLVE (payload: hostname NUL) is answered by one RESOLVED on
+    // the same ID, and no stream is created; R5.18: its payload is a
+    // sequence of tor-spec 6.4 answers; R5.19: a name that does not exist
+    // gets one answer of type 0xF1.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1248,15 +1258,88 @@ fn resolve_answers_resolved_without_a_stream() {
     t.accept();
 }
 
+// ------------------------------------------------------------------ §6 data
+
+#[test]
+fn the_exit_never_sends_an_empty_data_cell() {
+    // R6.2: every DATA cell the exit sends carries at least one byte, for
+    // small reads as for large ones, and the end of file is a FIN (R7.2),
+    // not an empty DATA; R6.1: at most 498 bytes a cell, in order.
+    let d = open_exit(&[]);
+    let t = Targets::new();
+    let circ = fresh_circ();
+    let mut l = linked(&d, circ);
+    let mut target = open_stream(&mut l, circ, 1, &t);
+    let mut sent = Vec::new();
+    let mut got = Vec::new();
+    for i in 0..12u8 {
+        // One write at a time, each read back before the next, so that the
+        // exit's reads come in every size from 1 byte to a few cells.
+        let piece = pattern(1 + usize::from(i) * 211, i);
+        target.write_all(&piece).unwrap();
+        sent.extend_from_slice(&piece);
+        while got.len() < sent.len() {
+            let body = expect_relay(&mut l, circ, relay_cmd::DATA, 1);
+            assert!(
+                (1..=relay::DATA_MAX).contains(&body.len()),
+                "a DATA cell of {} bytes",
+                body.len()
+            );
+            got.extend(body);
+        }
+    }
+    assert_eq!(got, sent);
+    target.shutdown(Shutdown::Write).unwrap();
+    expect_relay(&mut l, circ, relay_cmd::FIN, 1);
+    ping(&mut l, circ);
+}
+
+#[test]
+fn empty_data_cells_are_accepted_counted_and_write_nothing() {
+    // R6.3: DATA cells with Length 0 are accepted: nothing is written to
+    // the target for them, and they count against the deliver windows like
+    // any DATA cell: with a one-byte marker after them, 101 DATA cells earn
+    // one circuit SENDME (R10.2) and, written, two stream SENDMEs (R10.3).
+    // Every empty cell is counted as written before the marker's byte is
+    // written (runtime/batch.rs), so once the target has the marker both
+    // stream SENDMEs are queued, and a ping sees them.
+    let d = open_exit(&[]);
+    let t = Targets::new();
+    let circ = fresh_circ();
+    let mut l = linked(&d, circ);
+    let mut target = open_stream(&mut l, circ, 1, &t);
+    let mut out = Vec::new();
+    for _ in 0..100 {
+        relay::encode(&mut out, circ, relay_cmd::DATA, 1, &[]);
+    }
+    relay::encode(&mut out, circ, relay_cmd::DATA, 1, b"x");
+    l.sock.write_all(&out).unwrap();
+    assert_eq!(read_n(&mut target, 1), b"x");
+    let seen = ping_collect(&mut l, circ);
+    assert_eq!(count_sendmes(&seen, circ, 0), 1, "circuit SENDMEs");
+    assert_eq!(count_sendmes(&seen, circ, 1), 2, "stream SENDMEs");
+    assert_eq!(
+        seen.len(),
+        3,
+        "{:?}",
+        seen.iter().map(describe).collect::<Vec<_>>()
+    );
+    // Nothing but the marker was written: after our FIN the target reads
+    // EOF at once.
+    l.send_relay(circ, relay_cmd::FIN, 1, &[]);
+    assert!(read_to_eof(&mut target).is_empty());
+    ping(&mut l, circ);
+}
+
 // ---------------------------------------------------- §7 half-close, §8 abort
 
 #[test]
 fn target_eof_sends_fin_then_our_fin_gives_the_target_eof() {
-    // protocol.md §7 event table, row 1: "read() on the TCP connection
-    // returns EOF | OPEN | send FIN after every DATA read before the EOF |
-    // DONE_PACKAGING"; first table: DONE_PACKAGING still delivers; row 4:
-    // "FIN received | DONE_PACKAGING | write every DATA received before it,
-    // then shutdown(SHUT_WR) | CLOSED", and CLOSED closes normally.
+    // R7.2: read() on the TCP connection returns EOF | OPEN | send FIN
+    // after every DATA read before the EOF | DONE_PACKAGING; first table:
+    // DONE_PACKAGING still delivers; R7.5: FIN received | DONE_PACKAGING |
+    // write every DATA received before it, then shutdown(SHUT_WR) | CLOSED;
+    // R7.9: and CLOSED closes normally (the target reads EOF, no reset).
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1280,10 +1363,10 @@ fn target_eof_sends_fin_then_our_fin_gives_the_target_eof() {
 
 #[test]
 fn our_fin_gives_the_target_eof_and_the_target_can_still_send() {
-    // protocol.md §7 event table, row 3: "FIN received | OPEN | write every
-    // DATA received before it, then shutdown(SHUT_WR) | DONE_DELIVERING";
-    // first table: DONE_DELIVERING still packages; row 2: "read() returns
-    // EOF | DONE_DELIVERING | send FIN | CLOSED".
+    // R7.4: FIN received | OPEN | write every DATA received before it, then
+    // shutdown(SHUT_WR) | DONE_DELIVERING; first table: DONE_DELIVERING
+    // still packages; R7.3: read() returns EOF | DONE_DELIVERING | send FIN
+    // | CLOSED.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1306,9 +1389,9 @@ fn our_fin_gives_the_target_eof_and_the_target_can_still_send() {
 
 #[test]
 fn data_or_fin_after_our_fin_destroys_the_circuit() {
-    // protocol.md §7 event table, row 5: "DATA or FIN received |
-    // DONE_DELIVERING | protocol violation | (circuit destroyed)"; the
-    // stream's target sees a reset (§3), other circuits carry on.
+    // R7.6: DATA or FIN received | DONE_DELIVERING | protocol violation
+    // (the circuit is destroyed, R3.12); the stream's target sees a reset
+    // (R3.10), other circuits carry on.
     let d = open_exit(&[]);
     let t = Targets::new();
     let sibling = fresh_circ();
@@ -1328,8 +1411,8 @@ fn data_or_fin_after_our_fin_destroys_the_circuit() {
 
 #[test]
 fn end_right_after_data_discards_the_data() {
-    // protocol.md §8: END aborts the stream and what was queued for the
-    // application is discarded. DATA and END in one write reach the exit in
+    // R8.8: END aborts the stream and what was queued for the application
+    // is discarded. DATA and END in one write reach the exit in
     // one read (2 KB on loopback), so the data is still queued in the
     // circuit thread when END comes: the target sees a reset or an EOF,
     // never the data.
@@ -1357,9 +1440,9 @@ fn end_right_after_data_discards_the_data() {
 
 #[test]
 fn end_received_resets_the_target_in_every_state() {
-    // protocol.md §7 event table, row 7: "END received | any | abort without
-    // sending | CLOSED"; §8: the edge resets its TCP connection (the
-    // application sees a reset, not an EOF) and sends nothing more.
+    // R7.8: END received | any | abort without sending | CLOSED; R8.8: the
+    // edge resets its TCP connection (the target sees a reset, not an EOF);
+    // R8.9: and sends nothing more on the stream.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1388,9 +1471,9 @@ fn end_received_resets_the_target_in_every_state() {
 
 #[test]
 fn target_reset_sends_end_connreset() {
-    // protocol.md §7 event table, row 6: "error on the stream | any | abort |
-    // CLOSED"; §8: a reset on the TCP connection → END(CONNRESET = 12). In
-    // OPEN, and in DONE_DELIVERING after our FIN.
+    // R7.7: error on the stream | any | abort | CLOSED; R8.2: a reset on the
+    // TCP connection → END(CONNRESET = 12), R8.1: the reason as END's first
+    // byte. In OPEN, and in DONE_DELIVERING after our FIN.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1408,7 +1491,7 @@ fn target_reset_sends_end_connreset() {
 
 // ---------------------------------------------------------- §9 late cells
 
-/// Sends every cell §9 says is dropped silently for a closed stream, in
+/// Sends every cell R9.3 says is dropped silently for a closed stream, in
 /// one write after `first` (our cell that closes the stream, if any), so
 /// that they reach the exit while it still tracks the CLOSED stream.
 fn send_late_cells(l: &mut RawLink, circ: u32, sid: u16, first: Option<u8>) {
@@ -1432,8 +1515,9 @@ fn send_late_cells(l: &mut RawLink, circ: u32, sid: u16, first: Option<u8>) {
 
 #[test]
 fn late_cells_for_closed_streams_are_dropped_silently() {
-    // protocol.md §9: after END, or CLOSED, the side "silently drops SENDME,
-    // DATA, FIN and END" for that stream; the circuit keeps working.
+    // R9.3: after END, or CLOSED, SENDME, DATA, FIN and END for the stream
+    // (its ID recently closed, R9.1) are dropped silently; the circuit keeps
+    // working.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1473,8 +1557,8 @@ fn late_cells_for_closed_streams_are_dropped_silently() {
 
 #[test]
 fn cells_for_never_opened_streams_are_dropped_silently() {
-    // protocol.md §9: "Cells for a stream ID that is neither open nor
-    // recently closed are dropped."
+    // R9.5: cells for a stream ID that is neither open nor recently closed
+    // are dropped.
     let d = open_exit(&[]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -1496,11 +1580,11 @@ fn send_cells(l: &mut RawLink, circ: u32, stream: u16, n: usize, seed: u8) -> Ve
 
 #[test]
 fn exit_sends_a_circuit_sendme_every_100_data_cells() {
-    // protocol.md §10, row "circuit": the receiver sends a circuit SENDME
-    // (StreamID 0) when "its deliver window falls to 900 on receipt of
-    // DATA", counting "every DATA cell on the circuit, also for unknown or
-    // recently-closed streams". The circuit thread sends it on receipt, so
-    // a ping after the DATA sees exactly the SENDMEs due.
+    // R10.2: the receiver sends a circuit SENDME (StreamID 0) when a DATA
+    // cell brings its deliver window down to 900; R10.5: counting every
+    // DATA cell on the circuit, also for unknown streams; R10.4: each
+    // SENDME sent raises the window by 100 again. The circuit thread sends
+    // it on receipt, so a ping after the DATA sees exactly the SENDMEs due.
     let d = open_exit(&[]);
     let circ = fresh_circ();
     let mut l = linked(&d, circ);
@@ -1532,9 +1616,10 @@ fn exit_sends_a_circuit_sendme_every_100_data_cells() {
 
 #[test]
 fn exit_sends_stream_sendmes_as_it_writes_50_cells() {
-    // protocol.md §10, row "stream": a stream SENDME when the receiver "has
-    // written to the TCP connection 50 more cells' data since its last
-    // stream SENDME, and its deliver window is at most 450".
+    // R10.3: a stream SENDME when the receiver has written to the TCP
+    // connection 50 more cells' data since its last stream SENDME, and its
+    // deliver window is at most 450 (R10.6: each DATA lowered it; R10.7:
+    // written means accepted by the kernel).
     //
     // Sync: the deliverer writes cells in arrival order and sends the
     // SENDMEs a write earned before writing the next batch. So once the
@@ -1626,9 +1711,9 @@ fn assert_no_data(l: &mut RawLink, why: &str) {
 
 #[test]
 fn exit_stops_at_its_stream_package_window_until_our_sendme() {
-    // R10.3, R10.8, R10.9: stream window start 500, SENDME adds 50; a
-    // sender whose package window is 0 stops reading, and one SENDME lets
-    // it send the 50 cells it opens.
+    // R10.3, R10.4, R10.8, R10.9: stream window start 500, SENDME adds 50;
+    // a sender whose package window is 0 stops reading, and one SENDME lets
+    // it send the 50 cells it opens; R6.1: the bytes come in order.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1685,9 +1770,9 @@ fn exit_stops_at_its_stream_package_window_until_our_sendme() {
 
 #[test]
 fn exit_stops_at_its_circuit_package_window_across_streams() {
-    // protocol.md §10, row "circuit": start 1000, SENDME adds 100; the
-    // window is shared by the circuit's streams, each of which also has its
-    // own window of 500.
+    // R10.2, R10.4: start 1000, SENDME adds 100; R10.8: the window is
+    // shared by the circuit's streams, which all stop at 0, and each also
+    // has its own window of 500.
     let d = open_exit(&[]);
     let t = Targets::new();
     let circ = fresh_circ();
@@ -1726,8 +1811,8 @@ fn exit_stops_at_its_circuit_package_window_across_streams() {
 
 #[test]
 fn sendme_above_the_start_window_destroys_the_circuit() {
-    // protocol.md §10: "a SENDME that lifts a package window above its start
-    // value, is a protocol violation" → DESTROY(PROTOCOL), for the circuit
+    // R10.11: a SENDME that would raise a package window beyond its start
+    // value is a protocol violation → DESTROY(PROTOCOL), for the circuit
     // window (StreamID 0) and for a stream window.
     let d = open_exit(&[]);
     let t = Targets::new();
@@ -1751,11 +1836,50 @@ fn sendme_above_the_start_window_destroys_the_circuit() {
 }
 
 #[test]
+fn sendme_payloads_are_ignored_and_the_exits_sendmes_are_empty() {
+    // R10.12: a SENDME with a version-0 payload, or with any other payload,
+    // is a SENDME all the same (its payload ignored), at the stream and at
+    // the circuit level; the SENDMEs the exit sends have an empty payload.
+    let d = open_exit(&[]);
+    let t = Targets::new();
+    let circ = fresh_circ();
+    let mut l = linked(&d, circ);
+    let target = open_stream(&mut l, circ, 1, &t);
+    let _writer = target_writes(target, 2_000_000, 11);
+    let mut counts = Default::default();
+    recv_data_cells(&mut l, circ, 500, &mut counts);
+    assert_no_data(&mut l, "the stream package window is 0");
+    let mut version_1 = vec![1, 0, 20];
+    version_1.extend_from_slice(&[0xAB; 20]);
+    for payload in [&[0u8, 0, 0][..], &version_1, &[0xFF; 100]] {
+        l.send_relay(circ, relay_cmd::SENDME, 1, payload);
+        recv_data_cells(&mut l, circ, 50, &mut counts);
+        assert_no_data(&mut l, "the stream package window is 0 again");
+    }
+    // 650 of the circuit's 1000 cells are out: a circuit SENDME with a
+    // payload is no violation either.
+    l.send_relay(circ, relay_cmd::SENDME, 0, &[0, 0, 0]);
+    ping(&mut l, circ);
+    // The exit's own SENDMEs: 100 DATA cells for the stream earn one
+    // circuit SENDME and, once written, two stream SENDMEs.
+    send_cells(&mut l, circ, 1, 100, 12);
+    let mut sendmes = 0;
+    while sendmes < 3 {
+        let c = l.recv_cell().expect("the exit closed the link");
+        if let Some((relay_cmd::SENDME, stream, body)) = relay_of(&c) {
+            assert!(stream == 0 || stream == 1, "{}", describe(&c));
+            assert!(body.is_empty(), "{}", describe(&c));
+            sendmes += 1;
+        }
+    }
+}
+
+#[test]
 fn data_beyond_the_stream_deliver_window_destroys_the_circuit() {
-    // protocol.md §10: "A DATA cell that drives a deliver window below 0 ...
-    // is a protocol violation". The target never answers the connect, so
-    // the exit can write nothing and sends no stream SENDME: 500 cells are
-    // fine (§5 optimistic data), the 501st is a violation.
+    // R10.10: a DATA cell that would take a deliver window below 0 is a
+    // protocol violation. The target never answers the connect, so the exit
+    // can write nothing and sends no stream SENDME: 500 cells are fine
+    // (R5.15: held while connecting), the 501st is a violation.
     let quiet = unanswering();
     let d = open_exit(&[]);
     let sibling = fresh_circ();
@@ -1782,14 +1906,14 @@ fn data_beyond_the_stream_deliver_window_destroys_the_circuit() {
     ping(&mut l, sibling);
 }
 
-// ------------------------------------------------------ threads (design.md)
+// ---------------------------------------------- threads (docs/design.md)
 
 #[test]
 fn losing_the_link_resets_streams_and_threads_return_to_baseline() {
-    // protocol.md §3: "Losing the link tears down all its circuits, and their
-    // streams are aborted as in section 8 (applications see a reset)";
-    // design.md invariant 6: after all streams close, the thread count
-    // returns to what it was before.
+    // R3.13: when the link is lost, every circuit on it is torn down and
+    // their streams aborted as in §8, so the targets see a reset (in every
+    // §7 state); docs/design.md, invariant 6: after all streams close, the
+    // thread count returns to what it was before.
     let d = open_exit(&[]);
     let baseline = d.thread_count();
     let t = Targets::new();

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 pub const SCHEMA: &str = "halfpipe-bench/1";
 pub const COMPARE_SCHEMA: &str = "halfpipe-compare/1";
 
-/// The stream window (protocol.md §10) and a DATA cell's payload (§4).
+/// The stream window (docs/protocol.md §10) and a DATA cell's payload (§4).
 pub const WINDOW_CELLS: u64 = 500;
 pub const CELL_DATA_BYTES: u64 = 498;
 

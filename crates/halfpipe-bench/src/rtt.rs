@@ -2,7 +2,7 @@
 //! link passes through a delay relay, against the stream window's limit.
 //!
 //! A sender may have at most 500 DATA cells of a stream unacknowledged
-//! (protocol.md §10), each with 498 bytes, so one stream cannot go faster
+//! (docs/protocol.md §10), each with 498 bytes, so one stream cannot go faster
 //! than 500 x 498 bytes per round trip. The bench starts `halfpipe exit`
 //! and `halfpipe client` itself (this executable, ephemeral ports), puts a
 //! [`DelayRelay`] between them, and measures one stream each way. Measured

@@ -1,5 +1,6 @@
 //! The scenarios that go through the route under test: bulk, parallel,
-//! setup, hold and slow (README, "Benchmarks"; rtt is in `rtt.rs`).
+//! setup, hold and slow (docs/performance.md, "`halfpipe-bench`"; rtt is
+//! in `rtt.rs`).
 //!
 //! Bulk, parallel and slow are built on [`run_flows`]: N streams are opened
 //! (connect plus SOCKS handshake, not timed), then started together, and

@@ -1,11 +1,11 @@
-//! `halfpipe-bench soak` (issue 4): many half-closed request/response
+//! `halfpipe-bench soak`: many half-closed request/response
 //! streams at once for a long time, every byte checked at both ends, and
 //! the daemons' threads, descriptors and memory compared before and after.
 //!
-//! Read first: protocol.md §7 (half-close: what each order below
+//! Read first: docs/protocol.md §7 (half-close: what each order below
 //! exercises), §8 (abortive close: how a failed stream looks to the
-//! application), design.md invariants 6 (threads return to their count) and
-//! 7 (memory per stream is bounded by the windows).
+//! application), docs/design.md, invariants 6 (threads return to their
+//! count) and 7 (memory per stream is bounded by the windows).
 //!
 //! `--streams N` worker threads each run one stream at a time and start the
 //! next as soon as one ends, so N streams are in flight for the whole run.
@@ -181,7 +181,7 @@ impl Rng {
     }
 }
 
-/// Who half-closes first (protocol.md §7). See the module's table.
+/// Who half-closes first (docs/protocol.md §7). See the module's table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Order {
@@ -840,7 +840,7 @@ fn app_side(
 
 /// The application's side of reply-first: part of the request, then wait
 /// until the target's FIN has arrived (the client edge is then in
-/// DONE_DELIVERING, protocol.md §7), then the rest of the request and our
+/// DONE_DELIVERING, docs/protocol.md §7), then the rest of the request and our
 /// own FIN.
 fn reply_first(
     s: &mut TcpStream,

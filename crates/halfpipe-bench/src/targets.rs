@@ -39,8 +39,8 @@ use std::time::{Duration, Instant};
 
 pub const MAGIC: [u8; 4] = *b"HPB1";
 pub const HEADER_LEN: usize = 21;
-/// The unit of reads, writes and the data pattern: 256 KiB, the read size
-/// that mattered in the prototype (issue 5).
+/// The unit of reads, writes and the data pattern: 256 KiB, a read size
+/// large enough that system calls are not what is measured.
 pub const BLOCK: usize = 256 * 1024;
 /// A source's `len` meaning "until the peer goes away".
 pub const ENDLESS: u64 = u64::MAX;

@@ -1,23 +1,24 @@
-//! Link cells: the framing of protocol.md §1 (handshake) and §2 (commands),
-//! taken from tor-spec 3 and 4.1.
+//! Link cells: the framing of docs/protocol.md §1 (handshake) and §2
+//! (commands), taken from tor-spec 3 and 4.1.
 //!
 //! This module knows bytes, not rules: it encodes and decodes cells and
 //! leaves every decision about them to `link`, `circuit` and `relay`.
 
 use std::fmt;
 
-/// Link protocol version halfpipe speaks (protocol.md §1).
+/// Link protocol version halfpipe speaks (R1.1: the only one it lists).
 pub const LINK_VERSION: u16 = 4;
 /// Payload of a fixed-length cell.
 pub const PAYLOAD_LEN: usize = 509;
-/// CircID [4] | Command [1] | Payload [509] (link version 4).
+/// R1.9: `CircID [4] | Command [1] | Payload [509]` (link version 4).
 pub const CELL_LEN: usize = 4 + 1 + PAYLOAD_LEN;
-/// Header of a variable-length cell: CircID [4] | Command [1] | Length [2].
+/// Header of a variable-length cell: `CircID [4] | Command [1] | Length [2]`.
 pub const VAR_HEADER_LEN: usize = 7;
 /// Header of the VERSIONS cell, which uses 2-byte CircIDs (tor-spec 4.1).
 pub const VERSIONS_HEADER_LEN: usize = 5;
 
-/// Cell commands (protocol.md §2).
+/// Cell commands (R2.1: the values of the §2 table; VERSIONS and VPADDING
+/// are the variable-length commands of §1).
 pub mod cmd {
     pub const PADDING: u8 = 0;
     pub const CREATE: u8 = 1;
@@ -65,8 +66,8 @@ pub mod destroy_reason {
     }
 }
 
-/// Variable-length commands are VERSIONS and everything from 128 up
-/// (tor-spec 3).
+/// R1.9: variable-length commands are VERSIONS and everything from 128 up
+/// (tor-spec 3); every other command is fixed-length.
 pub fn is_var_cmd(command: u8) -> bool {
     command == cmd::VERSIONS || command >= 128
 }
@@ -149,13 +150,14 @@ pub fn encode_var(out: &mut Vec<u8>, circ_id: u32, command: u8, payload: &[u8]) 
     out.extend_from_slice(payload);
 }
 
-/// A DESTROY cell (protocol.md §3).
+/// A DESTROY cell (§3).
 pub fn encode_destroy(out: &mut Vec<u8>, circ_id: u32, reason: u8) {
+    // R2.4: the reason is the first payload byte; the rest is padding.
     encode_fixed(out, circ_id, cmd::DESTROY, &[reason]);
 }
 
-/// Appends the VERSIONS cell of the handshake (protocol.md §1): CircID [2] = 0,
-/// Command [1] = 7, Length [2], then each version as u16.
+/// Appends the VERSIONS cell of the handshake (§1): `CircID [2] = 0`,
+/// `Command [1] = 7`, `Length [2]`, then each version as u16.
 pub fn encode_versions(out: &mut Vec<u8>, versions: &[u16]) {
     out.extend_from_slice(&0u16.to_be_bytes());
     out.push(cmd::VERSIONS);
@@ -165,7 +167,7 @@ pub fn encode_versions(out: &mut Vec<u8>, versions: &[u16]) {
     }
 }
 
-/// Why a handshake failed (protocol.md §1). Each one closes only its link.
+/// Why a handshake failed (§1). Each one closes only its link (R1.8).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum HandshakeError {
     #[error("first cell is not VERSIONS (command byte {command}){hint}")]
@@ -218,6 +220,7 @@ pub fn decode_versions(buf: &[u8]) -> Result<Option<(Vec<u16>, usize)>, Handshak
     if buf.len() < 3 {
         return Ok(None);
     }
+    // R1.5: the first cell must be VERSIONS.
     if buf[2] != cmd::VERSIONS {
         return Err(HandshakeError::NotVersions {
             command: buf[2],
@@ -228,6 +231,7 @@ pub fn decode_versions(buf: &[u8]) -> Result<Option<(Vec<u16>, usize)>, Handshak
         return Ok(None);
     }
     let len = u16::from_be_bytes([buf[3], buf[4]]);
+    // R1.4: an odd Length closes the link.
     if len % 2 != 0 {
         return Err(HandshakeError::OddLength(len));
     }
@@ -242,7 +246,8 @@ pub fn decode_versions(buf: &[u8]) -> Result<Option<(Vec<u16>, usize)>, Handshak
     Ok(Some((versions, total)))
 }
 
-/// The highest version both sides speak (protocol.md §1): we speak only 4.
+/// R1.3: the highest version both sides speak; we speak only 4, so an offer
+/// without 4 has no version in common and the link is closed.
 pub fn negotiate(offered: &[u16]) -> Result<u16, HandshakeError> {
     if offered.contains(&LINK_VERSION) {
         Ok(LINK_VERSION)
@@ -258,7 +263,7 @@ mod tests {
 
     #[test]
     fn fixed_cell_layout_is_514_bytes() {
-        // protocol.md §1: CircID [4] | Command [1] | Payload [509].
+        // R1.9: CircID [4] | Command [1] | Payload [509], 514 bytes in all.
         let mut out = Vec::new();
         encode_fixed(&mut out, 0x8000_0001, cmd::CREATE_FAST, &[1, 2, 3]);
         assert_eq!(out.len(), 514);
@@ -274,7 +279,8 @@ mod tests {
 
     #[test]
     fn variable_cells_are_framed_by_length() {
-        // protocol.md §1: variable-length cells (7 or >= 128) carry Length.
+        // R1.9: variable-length cells (7 or >= 128) carry Length; the rest
+        // are fixed-length.
         let mut out = Vec::new();
         encode_var(&mut out, 9, cmd::VPADDING, &[7; 1000]);
         let (cell, used) = decode(&out).unwrap();
@@ -296,7 +302,8 @@ mod tests {
 
     #[test]
     fn versions_handshake() {
-        // protocol.md §1: VERSIONS uses a 2-byte CircID.
+        // R1.1: our VERSIONS (2-byte CircID) is exactly 00 00 07 00 02 00 04;
+        // R1.3: the highest common version is adopted, none in common fails.
         let mut out = Vec::new();
         encode_versions(&mut out, &[4]);
         assert_eq!(out, vec![0, 0, 7, 0, 2, 0, 4]);
@@ -312,7 +319,7 @@ mod tests {
 
     #[test]
     fn versions_errors() {
-        // protocol.md §1: odd Length, or a first cell that is not VERSIONS.
+        // R1.4: an odd Length; R1.5: a first cell that is not VERSIONS.
         assert_eq!(
             decode_versions(&[0, 0, 7, 0, 3, 0, 4, 0]),
             Err(HandshakeError::OddLength(3))
@@ -334,6 +341,46 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn command_values_are_those_of_section_2() {
+        // R2.1: the command values of the §2 table, and the variable-length
+        // commands of §1.
+        let table = [
+            (cmd::PADDING, 0),
+            (cmd::CREATE, 1),
+            (cmd::RELAY, 3),
+            (cmd::DESTROY, 4),
+            (cmd::CREATE_FAST, 5),
+            (cmd::CREATED_FAST, 6),
+            (cmd::RELAY_EARLY, 9),
+            (cmd::CREATE2, 10),
+            (cmd::VERSIONS, 7),
+            (cmd::VPADDING, 128),
+        ];
+        for (ours, spec) in table {
+            assert_eq!(ours, spec);
+        }
+        let mut out = Vec::new();
+        encode_fixed(&mut out, 1, cmd::CREATE_FAST, &[]);
+        assert_eq!(out[4], 5, "the command byte on the wire");
+    }
+
+    #[test]
+    fn destroy_carries_its_reason_first() {
+        // R2.4: Payload[0] is the reason (tor-spec 5.4 values); the rest is
+        // padding.
+        assert_eq!(destroy_reason::PROTOCOL, 1);
+        assert_eq!(destroy_reason::HIBERNATING, 4);
+        assert_eq!(destroy_reason::RESOURCELIMIT, 5);
+        assert_eq!(destroy_reason::FINISHED, 9);
+        let mut out = Vec::new();
+        encode_destroy(&mut out, 0x8000_0007, destroy_reason::RESOURCELIMIT);
+        let (cell, used) = decode(&out).unwrap();
+        assert_eq!((used, cell.command), (CELL_LEN, cmd::DESTROY));
+        assert_eq!(cell.payload[0], 5);
+        assert!(cell.payload[1..].iter().all(|&b| b == 0));
     }
 
     proptest! {

@@ -1,20 +1,21 @@
-//! Flow-control windows: protocol.md §10 (tor-spec 7.3, 7.4). Windows count
-//! DATA cells only. Pure counters; the shell decides where they live (the
-//! circuit thread for circuit deliver windows, the stream's lock for stream
-//! windows, a shared gate for the circuit package window).
+//! Flow-control windows: docs/protocol.md §10 (tor-spec 7.3, 7.4). R10.1:
+//! windows count DATA cells only; nothing here is ever fed another cell.
+//! Pure counters; the shell decides where they live (the circuit thread for
+//! circuit deliver windows, the stream's lock for stream windows, a shared
+//! gate for the circuit package window).
 
-/// Circuit window: start, SENDME increment, and the deliver window level at
-/// which the receiver sends a circuit SENDME (§10).
+/// Circuit window (R10.2): start 1000, a SENDME adds 100, and the receiver
+/// sends a circuit SENDME when its deliver window comes down to 900.
 pub const CIRCUIT_WINDOW_START: u32 = 1000;
 pub const CIRCUIT_SENDME_INCREMENT: u32 = 100;
 pub const CIRCUIT_SENDME_AT: u32 = CIRCUIT_WINDOW_START - CIRCUIT_SENDME_INCREMENT;
-/// Stream window: start, increment, and the highest deliver window at which
-/// a stream SENDME may be sent (§10).
+/// Stream window (R10.3): start 500, a SENDME adds 50, and the highest
+/// deliver window at which a stream SENDME may be sent, 450.
 pub const STREAM_WINDOW_START: u32 = 500;
 pub const STREAM_SENDME_INCREMENT: u32 = 50;
 pub const STREAM_SENDME_AT_MOST: u32 = STREAM_WINDOW_START - STREAM_SENDME_INCREMENT;
 
-/// A peer broke the window rules: a protocol violation (§10).
+/// A peer broke the window rules: a protocol violation (R10.10, R10.11).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum FlowViolation {
     #[error("DATA beyond the {0} deliver window")]
@@ -78,7 +79,8 @@ impl PackageWindow {
         }
     }
 
-    /// Takes up to `wanted` cells of window; returns how many were taken.
+    /// Takes up to `wanted` cells of window; returns how many were taken
+    /// (R10.4: each DATA cell sent lowers the package window by one).
     pub fn take(&mut self, wanted: u32) -> u32 {
         let n = wanted.min(self.value);
         self.value -= n;
@@ -94,8 +96,9 @@ impl PackageWindow {
         self.value = (self.value + n).min(self.start());
     }
 
-    /// A SENDME arrived (§10: "SENDME adds"); lifting the window above its
-    /// start value is a protocol violation.
+    /// A SENDME arrived: R10.4, it raises the package window by the
+    /// window's increment; R10.11, lifting the window above its start value
+    /// is a protocol violation.
     pub fn on_sendme(&mut self) -> Result<(), FlowViolation> {
         let next = self.value + self.increment();
         if next > self.start() {
@@ -106,8 +109,8 @@ impl PackageWindow {
     }
 }
 
-/// The circuit deliver window (§10): drops by one for every DATA cell that
-/// arrives on the circuit, for any stream, known or not.
+/// The circuit deliver window: drops by one for every DATA cell that
+/// arrives on the circuit, for any stream, known or not (R10.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CircuitDeliverWindow {
     value: u32,
@@ -127,8 +130,9 @@ impl CircuitDeliverWindow {
     }
 
     /// A DATA cell arrived. Returns whether to send a circuit SENDME now
-    /// (the window fell to 900; sending it adds 100 back).
+    /// (R10.2: the window fell to 900; R10.4: sending it adds 100 back).
     pub fn on_data(&mut self) -> Result<bool, FlowViolation> {
+        // R10.10: DATA that would take the window below 0.
         if self.value == 0 {
             return Err(FlowViolation::DeliverWindowOverrun(Level::Circuit));
         }
@@ -141,9 +145,9 @@ impl CircuitDeliverWindow {
     }
 }
 
-/// A stream's deliver window (§10): drops when DATA arrives; SENDMEs follow
-/// what was *written to the TCP connection*, so a slow reader throttles only
-/// its own stream.
+/// A stream's deliver window (§10): drops when DATA arrives (R10.6);
+/// SENDMEs follow what was *written to the TCP connection* (R10.3, R10.7),
+/// so a slow reader throttles only its own stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StreamDeliverWindow {
     value: u32,
@@ -165,8 +169,9 @@ impl StreamDeliverWindow {
         self.value
     }
 
-    /// A DATA cell arrived for this stream.
+    /// A DATA cell arrived for this open stream (R10.6).
     pub fn on_data(&mut self) -> Result<(), FlowViolation> {
+        // R10.10: DATA that would take the window below 0.
         if self.value == 0 {
             return Err(FlowViolation::DeliverWindowOverrun(Level::Stream));
         }
@@ -174,9 +179,10 @@ impl StreamDeliverWindow {
         Ok(())
     }
 
-    /// `cells` more cells' data were accepted by the kernel. Returns how many
-    /// stream SENDMEs to send now (§10: 50 more cells written since the last
-    /// one, and the deliver window at most 450).
+    /// `cells` more cells' data were accepted by the kernel (R10.7). Returns
+    /// how many stream SENDMEs to send now (R10.3: 50 more cells written
+    /// since the last one, and the deliver window at most 450); each raises
+    /// the deliver window by 50 (R10.4).
     pub fn on_written(&mut self, cells: u32) -> u32 {
         self.written_since_sendme += cells;
         let mut sendmes = 0;
@@ -198,7 +204,8 @@ mod tests {
 
     #[test]
     fn circuit_sendme_every_100_cells() {
-        // §10 row "circuit": start 1000, SENDME when the deliver window falls to 900.
+        // R10.2: start 1000, SENDME when the deliver window falls to 900;
+        // R10.4: sending it raises the deliver window by 100.
         let mut w = CircuitDeliverWindow::default();
         for i in 1..=99 {
             assert_eq!(w.on_data(), Ok(false), "cell {i}");
@@ -210,7 +217,7 @@ mod tests {
 
     #[test]
     fn circuit_deliver_overrun_is_violation() {
-        // §10: a DATA cell that drives a deliver window below 0. Since the
+        // R10.10: a DATA cell that drives a deliver window below 0. Since the
         // circuit SENDME leaves on receipt, the window never falls below 900
         // in practice; the check guards the rule all the same.
         let mut w = CircuitDeliverWindow { value: 0 };
@@ -222,7 +229,8 @@ mod tests {
 
     #[test]
     fn stream_sendme_follows_writes() {
-        // §10 row "stream": SENDME after 50 more cells written and window <= 450.
+        // R10.3: SENDME after 50 more cells written and window <= 450; R10.6:
+        // DATA lowers the window; R10.4: each SENDME sent adds 50 to it.
         let mut w = StreamDeliverWindow::default();
         for _ in 0..120 {
             w.on_data().unwrap();
@@ -239,6 +247,7 @@ mod tests {
 
     #[test]
     fn stream_sendme_needs_window_at_most_450() {
+        // R10.3: 50 cells written are not enough while the window is 451.
         let mut w = StreamDeliverWindow::default();
         for _ in 0..49 {
             w.on_data().unwrap();
@@ -251,6 +260,7 @@ mod tests {
 
     #[test]
     fn stream_deliver_overrun_is_violation() {
+        // R10.10: the 501st DATA cell without a SENDME.
         let mut w = StreamDeliverWindow::default();
         for _ in 0..500 {
             w.on_data().unwrap();
@@ -263,8 +273,9 @@ mod tests {
 
     #[test]
     fn package_windows() {
-        // §10: package windows start at 1000 / 500; SENDME adds 100 / 50;
-        // above the start is a violation.
+        // R10.2, R10.3: package windows start at 1000 / 500; R10.4: sending
+        // takes one per cell, a SENDME adds 100 / 50; R10.11: above the
+        // start is a violation.
         let mut c = PackageWindow::circuit();
         assert_eq!(c.value(), 1000);
         assert_eq!(
@@ -342,7 +353,8 @@ mod tests {
                 prop_assert!(pkg.value() <= STREAM_WINDOW_START);
                 // With instant delivery both ends count the same cells.
                 prop_assert_eq!(pkg.value(), dlv.value());
-                // Memory bound (design.md invariant 7): never more than 500 cells queued.
+                // Memory bound (docs/design.md, invariant 7): never more
+                // than 500 cells queued.
                 prop_assert!(in_flight <= STREAM_WINDOW_START);
             }
         }

@@ -1,10 +1,10 @@
-//! The half-close state machine of protocol.md §7 (normative) with the abort
-//! rules of §8. Read this file beside §7: each arm of `HalfClose::handle` is
-//! one row of its event table.
+//! The half-close state machine of docs/protocol.md §7 (normative) with the
+//! abort rules of §8. Read this file beside §7: each arm of
+//! `HalfClose::handle` is one row of its event table, R7.2 to R7.8.
 //!
 //! Pure logic: an event goes in, the new state and one action come out. The
 //! stream's packager, deliverer and circuit thread feed it under the stream's
-//! lock and carry out the action after releasing the lock (design.md,
+//! lock and carry out the action after releasing the lock (docs/design.md,
 //! invariant 5).
 
 use std::fmt;
@@ -16,12 +16,12 @@ pub enum CloseCause {
     Finished,
     /// We saw an error and sent END with this reason (§8).
     EndSent(u8),
-    /// The peer sent END with this reason, or the circuit went away (§3:
-    /// "as if an END with reason DESTROY had arrived").
+    /// The peer sent END with this reason, or the circuit went away (R3.10:
+    /// as though END(DESTROY) had arrived).
     EndReceived(u8),
 }
 
-/// The four states of protocol.md §7. Data that belongs to CLOSED only (why
+/// The four states of docs/protocol.md §7. Data that belongs to CLOSED only (why
 /// it closed) lives inside that variant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -70,9 +70,9 @@ pub enum Action {
     Deliver,
     /// Write every DATA received before the FIN, then shutdown(SHUT_WR) (§7).
     DeliverThenShutdownWrite,
-    /// Send END(reason), reset the TCP connection, discard queued data (§8).
+    /// Send END(reason), reset the TCP connection, discard queued data (R8.7).
     SendEndAndReset(u8),
-    /// Reset the TCP connection and discard queued data; send nothing (§8).
+    /// Reset the TCP connection and discard queued data; send nothing (R8.8).
     Reset,
     /// Nothing: the event comes after the stream closed (a late cell, §9, or
     /// a socket woken by our own reset).
@@ -110,7 +110,7 @@ impl Default for HalfClose {
 }
 
 impl HalfClose {
-    /// A stream starts OPEN, also while the exit is still connecting (§5:
+    /// A stream starts OPEN, also while the exit is still connecting (R5.15:
     /// optimistic DATA and FIN are accepted before CONNECTED).
     pub fn new() -> Self {
         HalfClose { state: State::Open }
@@ -120,7 +120,8 @@ impl HalfClose {
         self.state
     }
 
-    /// May we still package (read TCP, send DATA)? §7, first table.
+    /// May we still package (read TCP, send DATA)? §7, first table: R7.1,
+    /// no DATA in DONE_PACKAGING or CLOSED.
     pub fn may_package(&self) -> bool {
         matches!(self.state, State::Open | State::DoneDelivering)
     }
@@ -134,56 +135,58 @@ impl HalfClose {
         matches!(self.state, State::Closed(_))
     }
 
-    /// Applies one event: the rows of protocol.md §7's event table, plus what
+    /// Applies one event: the rows of docs/protocol.md §7's event table, plus what
     /// each event means once CLOSED (§9: late cells are dropped silently).
     pub fn handle(&mut self, event: Event) -> Result<Step, Violation> {
         use Action::*;
         use State::*;
         let from = self.state;
         let (to, action) = match (from, event) {
-            // §7: "read() returns EOF | OPEN | send FIN after every DATA read
-            // before the EOF | DONE_PACKAGING".
+            // R7.2: read() returns EOF | OPEN | send FIN after every DATA
+            // read before the EOF | DONE_PACKAGING.
             (Open, Event::ReadEof) => (DonePackaging, SendFin),
-            // §7: "read() returns EOF | DONE_DELIVERING | send FIN | CLOSED".
+            // R7.3: read() returns EOF | DONE_DELIVERING | send FIN | CLOSED
+            // (R7.9: both directions complete, a normal close).
             (DoneDelivering, Event::ReadEof) => (Closed(CloseCause::Finished), SendFin),
             // The packager stops at its first EOF; a second one changes nothing.
             (DonePackaging, Event::ReadEof) => (DonePackaging, Nothing),
             // A read woken by our own reset after the stream closed.
             (Closed(c), Event::ReadEof) => (Closed(c), Nothing),
 
-            // §7: "FIN received | OPEN | write every DATA received before it,
-            // then shutdown(SHUT_WR) | DONE_DELIVERING".
+            // R7.4: FIN received | OPEN | write every DATA received before
+            // it, then shutdown(SHUT_WR) | DONE_DELIVERING.
             (Open, Event::FinReceived) => (DoneDelivering, DeliverThenShutdownWrite),
-            // §7: "FIN received | DONE_PACKAGING | ... | CLOSED".
+            // R7.5: FIN received | DONE_PACKAGING | ... | CLOSED (R7.9).
             (DonePackaging, Event::FinReceived) => {
                 (Closed(CloseCause::Finished), DeliverThenShutdownWrite)
             }
-            // §7: "DATA or FIN received | DONE_DELIVERING | protocol violation".
+            // R7.6: DATA or FIN received | DONE_DELIVERING | protocol violation.
             (DoneDelivering, Event::FinReceived) => return Err(Violation::FinAfterFin),
-            // §9: a late FIN for a closed stream is dropped silently.
+            // R9.3: a late FIN for a closed stream is dropped silently.
             (Closed(c), Event::FinReceived) => (Closed(c), Nothing),
 
             // §7, first table: OPEN and DONE_PACKAGING still deliver.
             (Open, Event::DataReceived) => (Open, Deliver),
             (DonePackaging, Event::DataReceived) => (DonePackaging, Deliver),
-            // §7: "DATA or FIN received | DONE_DELIVERING | protocol violation".
+            // R7.6: DATA or FIN received | DONE_DELIVERING | protocol violation.
             (DoneDelivering, Event::DataReceived) => return Err(Violation::DataAfterFin),
-            // §9: late DATA for a closed stream is dropped silently.
+            // R9.3: late DATA for a closed stream is dropped silently.
             (Closed(c), Event::DataReceived) => (Closed(c), Nothing),
 
-            // §7: "error on the stream | any | abort | CLOSED"; §8: send END
-            // with the reason and reset the TCP connection.
+            // R7.7: error on the stream | any | abort | CLOSED; R8.7: send
+            // END with the reason (R8.2 to R8.6) and reset the connection.
             (Open | DonePackaging | DoneDelivering, Event::Error { reason }) => {
                 (Closed(CloseCause::EndSent(reason)), SendEndAndReset(reason))
             }
-            // Already closed: nothing is left to abort, and nothing may be sent.
+            // Already closed: nothing is left to abort, and nothing may be
+            // sent (R8.9 after the peer's END).
             (Closed(c), Event::Error { .. }) => (Closed(c), Nothing),
 
-            // §7: "END received | any | abort without sending | CLOSED".
+            // R7.8: END received | any | abort without sending | CLOSED (R8.8).
             (Open | DonePackaging | DoneDelivering, Event::EndReceived { reason }) => {
                 (Closed(CloseCause::EndReceived(reason)), Reset)
             }
-            // §9: a late END for a closed stream is dropped silently.
+            // R9.3: a late END for a closed stream is dropped silently.
             (Closed(c), Event::EndReceived { .. }) => (Closed(c), Nothing),
         };
         self.state = to;
@@ -193,7 +196,7 @@ impl HalfClose {
 
 #[cfg(test)]
 mod tests {
-    //! One fixture per state; each test names the §7 row it checks.
+    //! One fixture per state; each test names the §7 rule it checks.
     use super::*;
     use proptest::prelude::*;
 
@@ -215,7 +218,7 @@ mod tests {
         use super::*;
         #[test]
         fn read_eof_sends_fin_and_is_done_packaging() {
-            // §7 row 1: read() returns EOF | OPEN | send FIN | DONE_PACKAGING
+            // R7.2: read() returns EOF | OPEN | send FIN | DONE_PACKAGING
             assert_eq!(
                 step(State::Open, Event::ReadEof),
                 Ok((State::DonePackaging, Action::SendFin))
@@ -223,7 +226,7 @@ mod tests {
         }
         #[test]
         fn fin_received_shuts_write_side() {
-            // §7 row 3: FIN received | OPEN | write, shutdown(SHUT_WR) | DONE_DELIVERING
+            // R7.4: FIN received | OPEN | write, shutdown(SHUT_WR) | DONE_DELIVERING
             assert_eq!(
                 step(State::Open, Event::FinReceived),
                 Ok((State::DoneDelivering, Action::DeliverThenShutdownWrite))
@@ -238,7 +241,7 @@ mod tests {
         }
         #[test]
         fn error_sends_end() {
-            // §7 row 6 / §8: error | any | abort | CLOSED
+            // R7.7: error | any | abort | CLOSED; R8.7: END and a reset
             assert_eq!(
                 step(State::Open, Event::Error { reason: 12 }),
                 Ok((
@@ -249,7 +252,7 @@ mod tests {
         }
         #[test]
         fn end_received_resets_without_sending() {
-            // §7 row 7: END received | any | abort without sending | CLOSED
+            // R7.8: END received | any | abort without sending | CLOSED
             assert_eq!(
                 step(State::Open, Event::EndReceived { reason: 3 }),
                 Ok((State::Closed(CloseCause::EndReceived(3)), Action::Reset))
@@ -257,7 +260,7 @@ mod tests {
         }
         #[test]
         fn may_package_and_deliver() {
-            // §7 first table, row OPEN: yes | yes
+            // §7 first table, row OPEN: yes | yes (R7.1 allows DATA)
             let hc = in_state(State::Open);
             assert!(hc.may_package() && hc.may_deliver() && !hc.is_closed());
             assert_eq!(HalfClose::new(), hc);
@@ -269,7 +272,7 @@ mod tests {
         const S: State = State::DonePackaging;
         #[test]
         fn fin_received_closes() {
-            // §7 row 4: FIN received | DONE_PACKAGING | write, shutdown(SHUT_WR) | CLOSED
+            // R7.5: FIN received | DONE_PACKAGING | write, shutdown(SHUT_WR) | CLOSED
             assert_eq!(
                 step(S, Event::FinReceived),
                 Ok((FINISHED, Action::DeliverThenShutdownWrite))
@@ -286,7 +289,7 @@ mod tests {
         }
         #[test]
         fn error_and_end() {
-            // §7 rows 6, 7 in DONE_PACKAGING.
+            // R7.7, R7.8 in DONE_PACKAGING.
             assert_eq!(
                 step(S, Event::Error { reason: 1 }),
                 Ok((
@@ -301,7 +304,7 @@ mod tests {
         }
         #[test]
         fn may_deliver_only() {
-            // §7 first table, row DONE_PACKAGING: no (we sent FIN) | yes
+            // R7.1: no DATA in DONE_PACKAGING (we sent FIN); it still delivers
             let hc = in_state(S);
             assert!(!hc.may_package() && hc.may_deliver());
         }
@@ -312,21 +315,22 @@ mod tests {
         const S: State = State::DoneDelivering;
         #[test]
         fn read_eof_sends_fin_and_closes() {
-            // §7 row 2: read() returns EOF | DONE_DELIVERING | send FIN | CLOSED
+            // R7.3: read() returns EOF | DONE_DELIVERING | send FIN | CLOSED
             assert_eq!(step(S, Event::ReadEof), Ok((FINISHED, Action::SendFin)));
         }
         #[test]
         fn data_is_a_violation() {
-            // §7 row 5: DATA received | DONE_DELIVERING | protocol violation
+            // R7.6: DATA received | DONE_DELIVERING | protocol violation
             assert_eq!(step(S, Event::DataReceived), Err(Violation::DataAfterFin));
         }
         #[test]
         fn fin_is_a_violation() {
-            // §7 row 5: FIN received | DONE_DELIVERING | protocol violation
+            // R7.6: FIN received | DONE_DELIVERING | protocol violation
             assert_eq!(step(S, Event::FinReceived), Err(Violation::FinAfterFin));
         }
         #[test]
         fn error_and_end() {
+            // R7.7, R7.8 in DONE_DELIVERING.
             assert_eq!(
                 step(S, Event::Error { reason: 9 }),
                 Ok((
@@ -357,7 +361,8 @@ mod tests {
         use super::*;
         #[test]
         fn everything_after_close_is_dropped() {
-            // §9: late cells after CLOSED are dropped; nothing is sent after END.
+            // R9.3: late cells after CLOSED are dropped; R8.9 and R7.1:
+            // nothing is sent after END (or once CLOSED).
             for cause in [
                 CloseCause::Finished,
                 CloseCause::EndSent(1),
@@ -398,8 +403,8 @@ mod tests {
     }
 
     proptest! {
-        /// Random event sequences against an independent model of §7: two
-        /// flags for the two directions plus "aborted".
+        /// R7.1 to R7.8: random event sequences against an independent
+        /// model of §7: two flags for the two directions plus "aborted".
         #[test]
         fn random_events_follow_the_table(events in proptest::collection::vec(event(), 0..40)) {
             let mut hc = HalfClose::new();

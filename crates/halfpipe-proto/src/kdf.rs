@@ -1,7 +1,8 @@
-//! CREATE_FAST / CREATED_FAST (protocol.md §3, tor-spec 5.1.3 and 5.2.1).
+//! CREATE_FAST / CREATED_FAST (docs/protocol.md §3, tor-spec 5.1.3 and
+//! 5.2.1).
 //!
-//! Version 1 derives nothing from the shared secret but KH, the proof that
-//! the exit saw the client's X: relay cells are not encrypted (§12).
+//! R3.5: version 1 derives nothing from the shared secret but KH, the proof
+//! that the exit saw the client's X: relay cells are not encrypted (§12).
 
 use sha1::{Digest, Sha1};
 
@@ -24,7 +25,7 @@ pub fn kdf_tor(k0: &[u8], len: usize) -> Vec<u8> {
     out
 }
 
-/// KH: the first 20 bytes of KDF-TOR(X | Y).
+/// KH: the first 20 bytes of KDF-TOR(X | Y) (R3.3).
 pub fn key_hash(x: &[u8; HASH_LEN], y: &[u8; HASH_LEN]) -> [u8; HASH_LEN] {
     let mut k0 = [0u8; 2 * HASH_LEN];
     k0[..HASH_LEN].copy_from_slice(x);
@@ -35,8 +36,8 @@ pub fn key_hash(x: &[u8; HASH_LEN], y: &[u8; HASH_LEN]) -> [u8; HASH_LEN] {
     kh
 }
 
-/// The exit's CREATED_FAST payload for the client's X and its own random
-/// Y (the caller draws Y: this crate reads no random source): Y | KH.
+/// R3.3: the exit's CREATED_FAST payload for the client's X and its own
+/// random Y (the caller draws Y: this crate reads no random source): Y | KH.
 pub fn created_fast_payload(x: &[u8; HASH_LEN], y: &[u8; HASH_LEN]) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 * HASH_LEN);
     out.extend_from_slice(y);
@@ -44,7 +45,8 @@ pub fn created_fast_payload(x: &[u8; HASH_LEN], y: &[u8; HASH_LEN]) -> Vec<u8> {
     out
 }
 
-/// The client's check of CREATED_FAST: is KH right for our X and their Y?
+/// R3.4: the client's check of CREATED_FAST: is KH right for our X and
+/// their Y?
 pub fn check_created_fast(x: &[u8; HASH_LEN], payload: &[u8]) -> bool {
     if payload.len() < 2 * HASH_LEN {
         return false;
@@ -60,7 +62,8 @@ mod tests {
 
     #[test]
     fn kdf_tor_is_sha1_of_k0_and_counter() {
-        // tor-spec 5.2.1: K = H(K0 | [00]) | H(K0 | [01]) | ...
+        // R3.3: KH is KDF-TOR(X | Y) cut to 20 bytes, and KDF-TOR is
+        // tor-spec 5.2.1's K = H(K0 | [00]) | H(K0 | [01]) | ...
         let k = kdf_tor(b"abc", 45);
         assert_eq!(k.len(), 45);
         let first: [u8; 20] = Sha1::digest(b"abc\x00").into();
@@ -80,7 +83,8 @@ mod tests {
 
     #[test]
     fn created_fast_round_trip() {
-        // protocol.md §3: the client checks KH.
+        // R3.3: CREATED_FAST is Y | KH; R3.4: the client checks KH, and a
+        // wrong one (or a short payload) fails the check.
         let x = [7u8; HASH_LEN];
         let y: [u8; HASH_LEN] = std::array::from_fn(|i| i as u8);
         let payload = created_fast_payload(&x, &y);

@@ -1,7 +1,8 @@
-//! Exit policy: which targets an exit may connect to (protocol.md §5: a
-//! refused BEGIN is answered with END reason EXITPOLICY).
+//! Exit policy: which targets an exit may connect to (docs/protocol.md §5:
+//! R5.3 checks the target against it, and R5.6 answers a refused BEGIN with
+//! END reason EXITPOLICY).
 //!
-//! Read first: protocol.md §5; Tor's `ExitPolicy` option in the torrc manual
+//! Read first: docs/protocol.md §5; Tor's `ExitPolicy` option in the torrc manual
 //! and dir-spec 2.1.3 (`accept`/`reject` exitpattern), whose syntax this
 //! module takes:
 //!
@@ -74,8 +75,8 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Whether the exit may connect to `addr:port`. The first entry that
-    /// matches decides; if none does, the target is refused.
+    /// Whether the exit may connect to `addr:port` (R5.3). The first entry
+    /// that matches decides; if none does, the target is refused (R5.6).
     pub fn allows(&self, addr: IpAddr, port: u16) -> bool {
         self.deciding_entry(addr, port)
             .is_some_and(|(_, rule)| rule.action == Action::Accept)

@@ -1,5 +1,5 @@
-//! Relay cells and relay messages: protocol.md §4 (layout and commands),
-//! §5 (BEGIN, CONNECTED, END, RESOLVE, RESOLVED) and tor-spec 6.
+//! Relay cells and relay messages: docs/protocol.md §4 (layout and
+//! commands), §5 (BEGIN, CONNECTED, END, RESOLVE, RESOLVED) and tor-spec 6.
 //!
 //! Bytes only: whether a message is allowed here and now is decided by
 //! `circuit` and `halfclose`.
@@ -7,12 +7,13 @@
 use crate::cell::{self, PAYLOAD_LEN};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// Relay command [1] | Recognized [2] | StreamID [2] | Digest [4] | Length [2].
+/// R4.1: `Relay command [1] | Recognized [2] | StreamID [2] | Digest [4] |
+/// Length [2]`.
 pub const HEADER_LEN: usize = 11;
-/// Most data one relay cell carries (protocol.md §4).
+/// Most data one relay cell carries (§4: 498 bytes).
 pub const DATA_MAX: usize = PAYLOAD_LEN - HEADER_LEN;
 
-/// Relay commands (protocol.md §4).
+/// Relay commands (R4.5: the values of the §4 table).
 pub mod relay_cmd {
     pub const BEGIN: u8 = 1;
     pub const DATA: u8 = 2;
@@ -22,7 +23,7 @@ pub mod relay_cmd {
     pub const DROP: u8 = 10;
     pub const RESOLVE: u8 = 11;
     pub const RESOLVED: u8 = 12;
-    /// halfpipe's RELAY_FIN: tor-spec has no number for it (protocol.md §4).
+    /// halfpipe's RELAY_FIN: tor-spec has no number for it (R4.5: 31).
     pub const FIN: u8 = 31;
 
     /// The spec name of a relay command, for logs and metrics.
@@ -42,7 +43,8 @@ pub mod relay_cmd {
     }
 }
 
-/// END reasons (tor-spec 6.3, protocol.md §5 and §8).
+/// END reasons (R8.1: the values of tor-spec 6.3, as §8's table lists them;
+/// the rows of §5 and §8 name which one each failure or error gets).
 pub mod end_reason {
     pub const MISC: u8 = 1;
     pub const RESOLVEFAILED: u8 = 2;
@@ -89,7 +91,7 @@ pub struct RelayCell<'a> {
     pub body: &'a [u8],
 }
 
-/// Relay header faults: each is a protocol violation (protocol.md §4).
+/// Relay header faults: each is a protocol violation (R4.4).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RelayError {
     #[error("relay cell with Recognized = {0:#06x} (must be 0: version 1 has no relay crypto)")]
@@ -100,11 +102,14 @@ pub enum RelayError {
     Truncated(usize),
 }
 
-/// Decodes the relay header of a RELAY or RELAY_EARLY payload (509 bytes).
+/// Decodes the relay header of a RELAY or RELAY_EARLY payload (509 bytes),
+/// read in the clear (R3.5: there is no relay cryptography).
 pub fn decode(payload: &[u8]) -> Result<RelayCell<'_>, RelayError> {
     if payload.len() != PAYLOAD_LEN {
         return Err(RelayError::Truncated(payload.len()));
     }
+    // R4.4: Recognized must be zero and Length at most 498. (Digest is not
+    // looked at.)
     let recognized = u16::from_be_bytes([payload[1], payload[2]]);
     if recognized != 0 {
         return Err(RelayError::Recognized(recognized));
@@ -113,6 +118,7 @@ pub fn decode(payload: &[u8]) -> Result<RelayCell<'_>, RelayError> {
     if length as usize > DATA_MAX {
         return Err(RelayError::Length(length));
     }
+    // R4.3: the padding after Data is ignored, whatever it holds.
     Ok(RelayCell {
         command: payload[0],
         stream_id: u16::from_be_bytes([payload[3], payload[4]]),
@@ -120,12 +126,13 @@ pub fn decode(payload: &[u8]) -> Result<RelayCell<'_>, RelayError> {
     })
 }
 
-/// Appends a whole RELAY cell (514 bytes) to `out`. Recognized and Digest
-/// are zero (protocol.md §12); padding is zero.
+/// Appends a whole RELAY cell (514 bytes) to `out`, unencrypted (R3.5), laid
+/// out as R4.1 says. Recognized and Digest are zero (R4.2); padding is zero.
 ///
 /// # Panics
 /// If `body` is longer than 498 bytes (a bug in the caller).
 pub fn encode(out: &mut Vec<u8>, circ_id: u32, command: u8, stream_id: u16, body: &[u8]) {
+    // R4.2: never a Length above 498.
     assert!(body.len() <= DATA_MAX, "relay body too long");
     let start = out.len();
     out.resize(start + cell::CELL_LEN, 0);
@@ -140,6 +147,7 @@ pub fn encode(out: &mut Vec<u8>, circ_id: u32, command: u8, stream_id: u16, body
 /// frame data it has read straight into a cell's data slot.
 pub fn write_header(header: &mut [u8], command: u8, stream_id: u16, length: usize) {
     debug_assert!(length <= DATA_MAX);
+    // R4.1 layout; R4.2: Recognized and Digest are zero.
     header[0] = command;
     header[1..3].copy_from_slice(&[0, 0]);
     header[3..5].copy_from_slice(&stream_id.to_be_bytes());
@@ -147,7 +155,7 @@ pub fn write_header(header: &mut [u8], command: u8, stream_id: u16, length: usiz
     header[9..11].copy_from_slice(&(length as u16).to_be_bytes());
 }
 
-/// The host part of a BEGIN target (protocol.md §5).
+/// The host part of a BEGIN target (§5).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Host {
     Name(String),
@@ -177,14 +185,14 @@ impl std::fmt::Display for Target {
     }
 }
 
-/// A BEGIN payload that does not follow protocol.md §5: answered with
-/// END(TORPROTOCOL).
+/// A BEGIN payload that does not follow the grammar of §5 (malformed):
+/// answered with END(TORPROTOCOL) (R5.5).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed BEGIN: {0}")]
 pub struct MalformedBegin(pub &'static str);
 
-/// Is `name` a hostname protocol.md §5 accepts: 1-255 bytes of ASCII
-/// letters, digits, '-', '_' and '.'?
+/// Is `name` a hostname §5 accepts: 1-255 bytes of ASCII letters, digits,
+/// '-', '_' and '.'?
 pub fn valid_hostname(name: &[u8]) -> bool {
     (1..=255).contains(&name.len())
         && name
@@ -192,7 +200,8 @@ pub fn valid_hostname(name: &[u8]) -> bool {
             .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
-/// Parses `ADDRESS ":" PORT NUL [FLAGS u32]` (protocol.md §5, tor-spec 6.2).
+/// Parses `ADDRESS ":" PORT NUL [FLAGS u32]` (the BEGIN grammar of §5,
+/// tor-spec 6.2); what does not match it is malformed (R5.5).
 pub fn parse_begin(body: &[u8]) -> Result<Target, MalformedBegin> {
     let nul = body
         .iter()
@@ -243,15 +252,16 @@ fn parse_port(text: &[u8]) -> Result<u16, MalformedBegin> {
     }
 }
 
-/// Encodes a BEGIN payload for `target` (no FLAGS).
+/// Encodes a BEGIN payload for `target` (no FLAGS), in the grammar of §5
+/// (R5.2): `Display` gives `name:port`, `a.b.c.d:port` or `[v6]:port`.
 pub fn encode_begin(target: &Target) -> Vec<u8> {
     let mut body = format!("{target}").into_bytes();
     body.push(0);
     body
 }
 
-/// CONNECTED payload (protocol.md §5): IPv4 address [4] | TTL [4], or
-/// 0 [4] | 6 [1] | IPv6 address [16] | TTL [4].
+/// CONNECTED payload (R5.4): `IPv4 address [4] | TTL [4]`, or
+/// `0 [4] | 6 [1] | IPv6 address [16] | TTL [4]`.
 pub fn encode_connected(addr: IpAddr, ttl: u32) -> Vec<u8> {
     let mut body = Vec::with_capacity(25);
     match addr {
@@ -280,7 +290,8 @@ pub fn parse_connected(body: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// The reason of an END payload; an empty payload means MISC (tor-spec 6.3).
+/// The reason of an END payload (R8.1: its first byte); an empty payload
+/// means MISC (tor-spec 6.3).
 pub fn parse_end(body: &[u8]) -> u8 {
     body.first().copied().unwrap_or(end_reason::MISC)
 }
@@ -296,7 +307,8 @@ pub enum Answer {
     NontransientError,
 }
 
-/// Encodes RESOLVED answers, each with `ttl`.
+/// Encodes RESOLVED answers, each with `ttl` (R5.18: a sequence of
+/// `Type [1] | Length [1] | Value [Length] | TTL [4]`).
 pub fn encode_resolved(answers: &[Answer], ttl: u32) -> Vec<u8> {
     let mut body = Vec::new();
     for answer in answers {
@@ -355,7 +367,7 @@ pub fn parse_resolved(mut body: &[u8]) -> Vec<Answer> {
     answers
 }
 
-/// RESOLVE payload: hostname NUL (protocol.md §5).
+/// RESOLVE payload: `hostname NUL` (R5.17).
 pub fn parse_resolve(body: &[u8]) -> Result<&str, MalformedBegin> {
     let nul = body
         .iter()
@@ -379,7 +391,8 @@ mod tests {
 
     #[test]
     fn relay_layout() {
-        // protocol.md §4: command, Recognized, StreamID, Digest, Length, Data.
+        // R4.1: command, Recognized, StreamID, Digest, Length, Data; R4.2:
+        // Recognized and Digest zero; R3.5: the data is there in the clear.
         let mut out = Vec::new();
         encode(&mut out, 0x8000_0002, relay_cmd::DATA, 0x0102, b"hello");
         assert_eq!(out.len(), 514);
@@ -400,7 +413,8 @@ mod tests {
 
     #[test]
     fn recognized_and_length_are_checked() {
-        // protocol.md §4: Recognized != 0 or Length > 498 is a violation.
+        // R4.4: Recognized != 0 or Length > 498 is a violation; R4.3: the
+        // padding may hold anything.
         let mut out = Vec::new();
         encode(&mut out, 1, relay_cmd::DATA, 1, &[0; 498]);
         assert!(decode(cell_payload(&out)).is_ok());
@@ -410,7 +424,7 @@ mod tests {
         let mut bad = out.clone();
         bad[5 + 9..5 + 11].copy_from_slice(&499u16.to_be_bytes());
         assert_eq!(decode(cell_payload(&bad)), Err(RelayError::Length(499)));
-        // Padding may be anything (protocol.md §4).
+        // Padding may be anything (R4.3).
         let mut padded = Vec::new();
         encode(&mut padded, 1, relay_cmd::DATA, 1, b"x");
         for b in &mut padded[5 + 12..] {
@@ -421,7 +435,8 @@ mod tests {
 
     #[test]
     fn begin_payloads() {
-        // protocol.md §5: ADDRESS ":" PORT NUL [FLAGS].
+        // R5.5: what the grammar of §5 (ADDRESS ":" PORT NUL [FLAGS]) does
+        // not match is malformed; FLAGS are ignored.
         let t = parse_begin(b"example.com:80\0").unwrap();
         assert_eq!(t.host, Host::Name("example.com".into()));
         assert_eq!(t.port, 80);
@@ -459,6 +474,8 @@ mod tests {
 
     #[test]
     fn begin_round_trip_display() {
+        // R5.2: what we send parses back under the grammar, for a name, an
+        // IPv4 and a bracketed IPv6 address.
         for t in ["host.example:443", "10.1.2.3:8080", "[2001:db8::1]:53"] {
             let body = {
                 let mut b = t.as_bytes().to_vec();
@@ -473,7 +490,7 @@ mod tests {
 
     #[test]
     fn connected_payloads() {
-        // protocol.md §5: IPv4: address [4] | TTL [4]; IPv6: 0 [4] | 6 | address [16] | TTL [4].
+        // R5.4: IPv4: address [4] | TTL [4]; IPv6: 0 [4] | 6 | address [16] | TTL [4].
         let v4: IpAddr = "192.0.2.7".parse().unwrap();
         let body = encode_connected(v4, 300);
         assert_eq!(body, vec![192, 0, 2, 7, 0, 0, 1, 44]);
@@ -487,13 +504,15 @@ mod tests {
 
     #[test]
     fn end_reason_defaults_to_misc() {
+        // R8.1: the reason is the first byte; an empty END reads as MISC.
         assert_eq!(parse_end(&[]), end_reason::MISC);
         assert_eq!(parse_end(&[12]), end_reason::CONNRESET);
     }
 
     #[test]
     fn resolved_answers() {
-        // protocol.md §5 / tor-spec 6.4.
+        // R5.18: RESOLVED is a sequence of Type | Length | Value | TTL
+        // answers (tor-spec 6.4); R5.17: RESOLVE is hostname NUL.
         let answers = vec![
             Answer::Ip("127.0.0.1".parse().unwrap()),
             Answer::Ip("::1".parse().unwrap()),
@@ -530,6 +549,50 @@ mod tests {
             parse_resolved(&encode_resolved(std::slice::from_ref(&max), 0)),
             vec![max]
         );
+    }
+
+    #[test]
+    fn relay_command_values_are_those_of_section_4() {
+        // R4.5: the relay command table; FIN is 31.
+        let table = [
+            (relay_cmd::BEGIN, 1),
+            (relay_cmd::DATA, 2),
+            (relay_cmd::END, 3),
+            (relay_cmd::CONNECTED, 4),
+            (relay_cmd::SENDME, 5),
+            (relay_cmd::DROP, 10),
+            (relay_cmd::RESOLVE, 11),
+            (relay_cmd::RESOLVED, 12),
+            (relay_cmd::FIN, 31),
+        ];
+        for (ours, spec) in table {
+            assert_eq!(ours, spec);
+        }
+        let mut out = Vec::new();
+        encode(&mut out, 1, relay_cmd::FIN, 1, &[]);
+        assert_eq!(out[5], 31, "the relay command byte on the wire");
+    }
+
+    #[test]
+    fn end_reason_values_are_those_of_tor_spec() {
+        // R8.1: END reasons from tor-spec 6.3, as the table of §8 lists
+        // them.
+        let table = [
+            (end_reason::MISC, 1),
+            (end_reason::RESOLVEFAILED, 2),
+            (end_reason::CONNECTREFUSED, 3),
+            (end_reason::EXITPOLICY, 4),
+            (end_reason::DESTROY, 5),
+            (end_reason::TIMEOUT, 7),
+            (end_reason::NOROUTE, 8),
+            (end_reason::HIBERNATING, 9),
+            (end_reason::RESOURCELIMIT, 11),
+            (end_reason::CONNRESET, 12),
+            (end_reason::TORPROTOCOL, 13),
+        ];
+        for (ours, spec) in table {
+            assert_eq!(ours, spec);
+        }
     }
 
     proptest! {

@@ -1,8 +1,8 @@
 //! SOCKS front end: the server side of the SOCKS4, SOCKS4a and SOCKS5
 //! handshakes, with no sockets and no threads.
 //!
-//! Read first: protocol.md §11 (what halfpipe accepts and how it answers),
-//! protocol.md §5 (what a BEGIN can carry as ADDRESS), RFC 1928 (SOCKS5),
+//! Read first: docs/protocol.md §11 (what halfpipe accepts and how it
+//! answers), §5 (what a BEGIN can carry as ADDRESS), RFC 1928 (SOCKS5),
 //! RFC 1929 (username/password), the SOCKS4 and SOCKS4a memos, and Tor's
 //! socks-extensions.txt §2 (RESOLVE 0xF0, RESOLVE_PTR 0xF1).
 //!
@@ -35,7 +35,7 @@
 //! consumes a byte past the request: what follows belongs to the stream.
 //!
 //! Once the request is known the daemon opens the stream and, after
-//! CONNECTED or END (protocol.md §11), writes [`connect_reply`] (with
+//! CONNECTED or END (R11.5), writes [`connect_reply`] (with
 //! [`reply_for_end_reason`] for an END) or, for [`Command::Resolve`],
 //! [`resolve_reply`].
 //!
@@ -124,7 +124,7 @@ impl fmt::Display for SocksVersion {
 pub enum Target {
     /// An IP address, given as such or as a literal in place of a hostname.
     Addr(SocketAddr),
-    /// A hostname valid for BEGIN (protocol.md §5), resolved by the exit.
+    /// A hostname valid for BEGIN (§5), resolved by the exit.
     Name { host: String, port: u16 },
 }
 
@@ -138,8 +138,8 @@ impl Target {
     }
 }
 
-/// Prints `ADDRESS ":" PORT` as BEGIN carries it (protocol.md §5): IPv6
-/// addresses come out in brackets.
+/// Prints `ADDRESS ":" PORT` as BEGIN carries it (§5): IPv6 addresses come
+/// out in brackets.
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -165,13 +165,12 @@ pub struct Request {
     pub version: SocksVersion,
     pub command: Command,
     pub target: Target,
-    /// Stream isolation key (protocol.md §11): streams with different keys
-    /// never share a circuit. With SOCKS5 username/password it is
-    /// `ULEN UNAME PLEN PASSWD` as in RFC 1929 §2 (length-prefixed, so
-    /// unambiguous, and present even if both are empty); a non-empty SOCKS4
-    /// USERID is encoded the same way, as a username with an empty password,
-    /// so a SOCKS4 client isolates like a SOCKS5 client with that username.
-    /// `None` without credentials.
+    /// Stream isolation key (R11.4): streams with different keys never share a
+    /// circuit. With SOCKS5 username/password it is `ULEN UNAME PLEN PASSWD` as
+    /// in RFC 1929 §2 (length-prefixed, so unambiguous, and present even if
+    /// both are empty); a non-empty SOCKS4 USERID is encoded the same way, as a
+    /// username with an empty password, so a SOCKS4 client isolates like a
+    /// SOCKS5 client with that username. `None` without credentials.
     pub isolation: Option<Vec<u8>>,
 }
 
@@ -405,8 +404,9 @@ fn socks5_greeting(buf: &[u8]) -> Result<Advance, Stop> {
     r.u8()?; // VER, 5: how we got here
     let n = r.u8()?;
     let methods = r.take(usize::from(n))?;
-    // protocol.md §11: prefer username/password when offered, because the
-    // credentials are the stream isolation key.
+    // R11.2: both methods are offered; username/password is preferred when
+    // the client offers it, because the credentials are the stream
+    // isolation key (R11.4).
     let (method, next) = if methods.contains(&METHOD_USERPASS) {
         (METHOD_USERPASS, State::Socks5Auth)
     } else if methods.contains(&METHOD_NO_AUTH) {
@@ -426,7 +426,7 @@ fn socks5_greeting(buf: &[u8]) -> Result<Advance, Stop> {
 }
 
 /// RFC 1929 §2: `VER ULEN UNAME PLEN PASSWD`; any credentials are accepted
-/// (protocol.md §11).
+/// (R11.2).
 fn socks5_auth(buf: &[u8]) -> Result<Advance, Stop> {
     let mut r = Reader::new(buf);
     let version = r.u8()?;
@@ -465,8 +465,8 @@ fn socks5_request(buf: &[u8], isolation: Option<&[u8]>) -> Result<Advance, Stop>
     let command = match code {
         CMD_CONNECT => Command::Connect,
         CMD_RESOLVE => Command::Resolve,
-        // protocol.md §11: BIND and UDP ASSOCIATE get 0x07; so do
-        // RESOLVE_PTR and anything unknown (RFC 1928 §6).
+        // R11.13: BIND and UDP ASSOCIATE get 0x07; so do RESOLVE_PTR and
+        // anything unknown (RFC 1928 §6).
         _ => {
             return Err(fail5(
                 ErrorKind::UnsupportedCommand {
@@ -479,7 +479,7 @@ fn socks5_request(buf: &[u8], isolation: Option<&[u8]>) -> Result<Advance, Stop>
     };
     r.u8()?; // RSV: no meaning in RFC 1928 §4; ignored.
     let atyp = r.u8()?;
-    // RFC 1928 §5.
+    // R11.1: IPv4, DOMAINNAME and IPv6 (RFC 1928 §5).
     let host = match atyp {
         ATYP_IPV4 => Host::Ip(Ipv4Addr::from(r.array::<4>()?).into()),
         ATYP_IPV6 => Host::Ip(Ipv6Addr::from(r.array::<16>()?).into()),
@@ -501,7 +501,7 @@ fn socks5_request(buf: &[u8], isolation: Option<&[u8]>) -> Result<Advance, Stop>
     }
     Ok(Advance {
         len: r.pos,
-        // protocol.md §11: the reply waits for CONNECTED or END.
+        // R11.5: the reply waits for CONNECTED or END.
         reply: Vec::new(),
         next: Next::Finished(Request {
             version: SocksVersion::V5,
@@ -513,7 +513,7 @@ fn socks5_request(buf: &[u8], isolation: Option<&[u8]>) -> Result<Advance, Stop>
 }
 
 /// SOCKS4: `VN CD DSTPORT DSTIP USERID NUL`; SOCKS4a: DSTIP 0.0.0.x with
-/// x != 0 and `HOSTNAME NUL` after the USERID.
+/// x != 0 and `HOSTNAME NUL` after the USERID (R11.3: both accepted).
 fn socks4_request(buf: &[u8]) -> Result<Advance, Stop> {
     let mut r = Reader::new(buf);
     r.u8()?; // VN, 4: how we got here
@@ -522,7 +522,7 @@ fn socks4_request(buf: &[u8]) -> Result<Advance, Stop> {
         CMD_CONNECT => Command::Connect,
         // Tor socks-extensions.txt §2: RESOLVE in SOCKS4 and 4a.
         CMD_RESOLVE => Command::Resolve,
-        // protocol.md §11: 0x5B for any failure, BIND included.
+        // R11.14: 0x5B for any failure, BIND included.
         _ => {
             return Err(fail4(ErrorKind::UnsupportedCommand {
                 version: SocksVersion::V4,
@@ -561,7 +561,7 @@ fn socks4_request(buf: &[u8]) -> Result<Advance, Stop> {
 }
 
 /// `ULEN UNAME PLEN PASSWD` (RFC 1929 §2 without VER): length-prefixed, so
-/// two different pairs never give the same key.
+/// two different pairs never give the same key (R11.4).
 fn isolation_key(user: &[u8], pass: &[u8]) -> Vec<u8> {
     // Callers hold both to 255 bytes (one-byte lengths in RFC 1929,
     // MAX_FIELD for SOCKS4), so the casts are exact.
@@ -589,10 +589,10 @@ impl Host {
     }
 }
 
-/// A hostname from the client, checked as protocol.md §5 checks BEGIN's
-/// ADDRESS. A dotted IPv4 or an IPv6 literal (bracketed or not) becomes an
-/// address, so a `Target::Name` is always a real name and an IPv6 address
-/// never reaches BEGIN without its brackets.
+/// A hostname from the client, checked as §5 checks BEGIN's ADDRESS. A
+/// dotted IPv4 or an IPv6 literal (bracketed or not) becomes an address,
+/// so a `Target::Name` is always a real name and an IPv6 address never
+/// reaches BEGIN without its brackets.
 fn parse_host(raw: &[u8]) -> Result<Host, ErrorKind> {
     if let Some(ip) = ip_literal(raw) {
         return Ok(Host::Ip(ip));
@@ -677,22 +677,23 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// protocol.md §11: the SOCKS5 reply for an END received before CONNECTED.
+/// The SOCKS5 reply for an END received before CONNECTED: the table of
+/// §11, R11.7 to R11.12.
 #[must_use]
 pub fn reply_for_end_reason(reason: u8) -> Reply {
-    // END reasons, protocol.md §5 and tor-spec 6.3.
+    // END reasons, §8 and tor-spec 6.3.
     const RESOLVEFAILED: u8 = 2;
     const CONNECTREFUSED: u8 = 3;
     const EXITPOLICY: u8 = 4;
     const TIMEOUT: u8 = 7;
     const NOROUTE: u8 = 8;
     match reason {
-        EXITPOLICY => Reply::NotAllowed,
-        NOROUTE => Reply::NetworkUnreachable,
-        RESOLVEFAILED => Reply::HostUnreachable,
-        CONNECTREFUSED => Reply::ConnectionRefused,
-        TIMEOUT => Reply::TtlExpired,
-        _ => Reply::GeneralFailure,
+        EXITPOLICY => Reply::NotAllowed,            // R11.7
+        NOROUTE => Reply::NetworkUnreachable,       // R11.8
+        RESOLVEFAILED => Reply::HostUnreachable,    // R11.9
+        CONNECTREFUSED => Reply::ConnectionRefused, // R11.10
+        TIMEOUT => Reply::TtlExpired,               // R11.11
+        _ => Reply::GeneralFailure,                 // R11.12
     }
 }
 
@@ -700,7 +701,7 @@ pub fn reply_for_end_reason(reason: u8) -> Reply {
 ///
 /// SOCKS5 (RFC 1928 §6): `05 REP 00 ATYP BND.ADDR BND.PORT`, with
 /// 0.0.0.0:0 when `bound` is `None`. SOCKS4: `00 CD DSTPORT DSTIP` with CD
-/// 0x5A for `Succeeded` and 0x5B for anything else (protocol.md §11); an
+/// 0x5A for `Succeeded` (R11.5) and 0x5B for anything else (R11.14); an
 /// IPv6 `bound` cannot be carried and is sent as 0.0.0.0:0.
 #[must_use]
 pub fn connect_reply(version: SocksVersion, reply: Reply, bound: Option<SocketAddr>) -> Vec<u8> {
@@ -961,9 +962,8 @@ mod tests {
 
     #[test]
     fn first_byte_neither_4_nor_5_fails_without_reply() {
-        // protocol.md §11 accepts only SOCKS4/4a/5; anything else gets no
-        // reply bytes. 0x16 is a TLS ClientHello; 0x01 is an RFC 1929
-        // message out of place.
+        // §11 accepts only SOCKS4/4a/5; anything else gets no reply bytes. 0x16
+        // is a TLS ClientHello; 0x01 is an RFC 1929 message out of place.
         for first in [0x00, 0x01, 0x03, 0x06, 0x16, 0xFF, b'x', b'G'] {
             let input = [first, 0x20, 0x20];
             assert_eq!(run(&input), failed(ErrorKind::NotSocks(first), &[]));
@@ -972,8 +972,9 @@ mod tests {
 
     #[test]
     fn http_request_is_its_own_error() {
-        // Brief + Tor socks-extensions.txt §4: an HTTP client pointed at
-        // the SOCKS port gets a distinct error, and no reply bytes.
+        // Tor socks-extensions.txt §4: an HTTP client pointed at the SOCKS
+        // port gets a distinct error (so the log says what it is), and no
+        // reply bytes.
         for line in [
             &b"GET / HTTP/1.1\r\nHost: example.com\r\n\r\n"[..],
             b"CONNECT example.com:443 HTTP/1.1\r\n\r\n",
@@ -1029,7 +1030,8 @@ mod tests {
 
     #[test]
     fn no_auth_is_chosen_when_it_is_all_there_is() {
-        // RFC 1928 §3: answer VER METHOD.
+        // R11.2: "no authentication" is offered (RFC 1928 §3: answer VER
+        // METHOD).
         assert_eq!(run(&greeting(&[0x00])), pending(&NO_AUTH_OK, &[]));
         assert_eq!(
             run(&greeting(&[0x01, 0x00, 0x80])),
@@ -1039,7 +1041,8 @@ mod tests {
 
     #[test]
     fn username_password_is_preferred_when_offered() {
-        // protocol.md §11: credentials are the isolation key, so ask for them.
+        // R11.2: username/password is offered; the credentials are the
+        // isolation key (R11.4), so it is chosen whenever offered.
         for methods in [
             &[0x02][..],
             &[0x00, 0x02],
@@ -1106,7 +1109,7 @@ mod tests {
 
     #[test]
     fn any_credentials_are_accepted_and_become_the_isolation_key() {
-        // protocol.md §11 (accept anything), RFC 1929 §2 (STATUS 0).
+        // R11.2 (accept any credentials), RFC 1929 §2 (STATUS 0).
         let expected = request(
             SocksVersion::V5,
             Command::Connect,
@@ -1131,8 +1134,9 @@ mod tests {
 
     #[test]
     fn isolation_keys_are_unambiguous() {
-        // protocol.md §11: different credentials, different circuits; the
-        // length prefixes keep ("ab","c") apart from ("a","bc").
+        // R11.4: different credentials, different keys (so different
+        // circuits); the length prefixes keep ("ab","c") apart from
+        // ("a","bc").
         let key = |user: &[u8], pass: &[u8]| match run(&with_auth(user, pass)) {
             Outcome::Done { request, .. } => request.isolation,
             other => panic!("not done: {other:?}"),
@@ -1182,7 +1186,7 @@ mod tests {
 
     #[test]
     fn connect_ipv4() {
-        // RFC 1928 §5 ATYP 1.
+        // R11.1: CONNECT with RFC 1928 §5 ATYP 1 (IPv4).
         let input = s5(&req5(CMD_CONNECT, &atyp4([192, 0, 2, 7]), 8080));
         assert_eq!(
             run(&input),
@@ -1192,7 +1196,7 @@ mod tests {
 
     #[test]
     fn connect_ipv6() {
-        // RFC 1928 §5 ATYP 4.
+        // R11.1: CONNECT with RFC 1928 §5 ATYP 4 (IPv6).
         let ip: Ipv6Addr = "2001:db8::1".parse().expect("test address");
         let input = s5(&req5(CMD_CONNECT, &atyp6(ip), 443));
         assert_eq!(
@@ -1203,8 +1207,8 @@ mod tests {
 
     #[test]
     fn connect_domainname() {
-        // RFC 1928 §5 ATYP 3; protocol.md §5 allows letters, digits, '-',
-        // '_' and '.'.
+        // R11.1: CONNECT with RFC 1928 §5 ATYP 3 (DOMAINNAME); §5 allows
+        // letters, digits, '-', '_' and '.'.
         let host = "Foo-bar_1.example.COM.";
         let input = s5(&req5(CMD_CONNECT, &atyp_name(host.as_bytes()), 80));
         assert_eq!(run(&input), done(connect5(name(host, 80)), &NO_AUTH_OK));
@@ -1212,7 +1216,7 @@ mod tests {
 
     #[test]
     fn domainname_of_255_bytes_is_accepted() {
-        // RFC 1928 §5 and protocol.md §5: up to 255 bytes.
+        // RFC 1928 §5 and docs/protocol.md §5: up to 255 bytes.
         let host = "a".repeat(255);
         let input = s5(&req5(CMD_CONNECT, &atyp_name(host.as_bytes()), 80));
         assert_eq!(run(&input), done(connect5(name(&host, 80)), &NO_AUTH_OK));
@@ -1220,8 +1224,8 @@ mod tests {
 
     #[test]
     fn domainname_that_is_an_ip_literal_becomes_an_address() {
-        // Brief: dotted IPv4 and IPv6 literals (bracketed or not) are IP
-        // targets, so BEGIN never carries an unbracketed IPv6 (protocol.md §5).
+        // Dotted IPv4 and IPv6 literals (bracketed or not) are IP targets,
+        // so BEGIN never carries an unbracketed IPv6 (§5).
         for (host, expected) in [
             ("10.1.2.3", "10.1.2.3:80"),
             ("::1", "[::1]:80"),
@@ -1243,7 +1247,7 @@ mod tests {
 
     #[test]
     fn almost_ip_literals_are_names_or_errors() {
-        // protocol.md §5: "1.2.3.4.5" is hostname characters, so a name;
+        // docs/protocol.md §5: "1.2.3.4.5" is hostname characters, so a name;
         // brackets around IPv4 or an unclosed bracket are malformed.
         let input = s5(&req5(CMD_CONNECT, &atyp_name(b"1.2.3.4.5"), 80));
         assert_eq!(
@@ -1262,7 +1266,7 @@ mod tests {
 
     #[test]
     fn empty_domainname_is_general_failure() {
-        // Brief: DOMAINNAME must not be empty; reply 0x01.
+        // An empty DOMAINNAME is no hostname (§5); reply 0x01.
         let input = s5(&req5(CMD_CONNECT, &atyp_name(b""), 80));
         let expected = failed(
             ErrorKind::BadHostname(Vec::new()),
@@ -1273,7 +1277,7 @@ mod tests {
 
     #[test]
     fn domainname_with_forbidden_bytes_is_general_failure() {
-        // protocol.md §5: only ASCII letters, digits, '-', '_' and '.'.
+        // docs/protocol.md §5: only ASCII letters, digits, '-', '_' and '.'.
         for host in [
             &b"exa mple.com"[..],
             b"example.com:80",
@@ -1294,7 +1298,7 @@ mod tests {
 
     #[test]
     fn unsupported_commands_get_07() {
-        // protocol.md §11: BIND and UDP ASSOCIATE get 0x07; RESOLVE_PTR
+        // R11.13: BIND and UDP ASSOCIATE get 0x07; RESOLVE_PTR
         // (socks-extensions.txt §2) and unknown commands too (RFC 1928 §6).
         for code in [
             CMD_BIND,
@@ -1368,7 +1372,8 @@ mod tests {
 
     #[test]
     fn connect_to_port_zero_is_general_failure() {
-        // Brief: port 0 is an error, reply 0x01 for SOCKS5.
+        // A CONNECT to port 0 is an error (BEGIN's PORT is 1 to 65535, §5),
+        // reply 0x01 for SOCKS5.
         for atyp in [
             atyp4([1, 2, 3, 4]),
             atyp_name(b"example.com"),
@@ -1410,7 +1415,7 @@ mod tests {
     fn whole_pipelined_handshake_in_one_buffer() {
         // A client may send greeting, credentials, request and data without
         // waiting; all answers come back from one feed, data is left alone
-        // (socks-extensions.txt §5, protocol.md §5 optimistic data).
+        // (socks-extensions.txt §5, docs/protocol.md §5 optimistic data).
         let input = cat(&[&with_auth(b"u", b"p"), b"GET / HTTP/1.1\r\n\r\n"]);
         let step = Handshake::new().feed(&input).expect("valid handshake");
         assert_eq!(step.reply, [5, 2, 1, 0]);
@@ -1423,8 +1428,8 @@ mod tests {
 
     #[test]
     fn optimistic_data_is_never_consumed() {
-        // Brief: bytes after the request belong to the stream, even if they
-        // look like SOCKS.
+        // Module doc: bytes after the request belong to the stream, even if
+        // they look like SOCKS.
         let data = cat(&[&[5, 1, 0], b"\0\0\0 and more"]);
         let input = cat(&[&s5(&req5(CMD_CONNECT, &atyp4([1, 2, 3, 4]), 80)), &data]);
         assert_eq!(
@@ -1459,14 +1464,15 @@ mod tests {
 
     #[test]
     fn socks4_connect() {
-        // SOCKS4 memo: VN CD DSTPORT DSTIP USERID NUL; empty USERID, no key.
+        // R11.3: SOCKS4 CONNECT (memo: VN CD DSTPORT DSTIP USERID NUL);
+        // empty USERID, no key.
         let input = req4(CMD_CONNECT, 443, [198, 51, 100, 1], b"", None);
         assert_eq!(run(&input), done(connect4(addr("198.51.100.1:443")), &[]));
     }
 
     #[test]
     fn socks4_userid_is_the_isolation_key() {
-        // Brief: a non-empty USERID isolates; encoded as a username with an
+        // R11.4: a non-empty USERID isolates; encoded as a username with an
         // empty password, equal to SOCKS5 with the same username.
         let input = req4(CMD_CONNECT, 80, [1, 2, 3, 4], b"alice", None);
         let expected = request(
@@ -1485,7 +1491,8 @@ mod tests {
 
     #[test]
     fn socks4a_hostname() {
-        // SOCKS4a memo: DSTIP 0.0.0.x (x != 0), hostname NUL after USERID.
+        // R11.3: SOCKS4a CONNECT (memo: DSTIP 0.0.0.x (x != 0), hostname
+        // NUL after USERID).
         let input = req4(CMD_CONNECT, 80, [0, 0, 0, 1], b"bob", Some(b"example.org"));
         let expected = request(
             SocksVersion::V4,
@@ -1500,7 +1507,7 @@ mod tests {
 
     #[test]
     fn socks4a_ip_literal_becomes_an_address() {
-        // Brief: IP literals in place of a hostname are IP targets.
+        // IP literals in place of a hostname are IP targets (as in SOCKS5).
         let input = req4(CMD_CONNECT, 80, [0, 0, 0, 1], b"", Some(b"10.0.0.1"));
         assert_eq!(run(&input), done(connect4(addr("10.0.0.1:80")), &[]));
         let input = req4(CMD_CONNECT, 80, [0, 0, 0, 1], b"", Some(b"[::1]"));
@@ -1522,7 +1529,7 @@ mod tests {
 
     #[test]
     fn socks4_other_commands_get_5b() {
-        // protocol.md §11: SOCKS4 replies 0x5B for any failure (BIND too).
+        // R11.14: SOCKS4 replies 0x5B for any failure (BIND too).
         for code in [CMD_BIND, 0x00, CMD_UDP_ASSOCIATE, CMD_RESOLVE_PTR, 0xFF] {
             let input = req4(code, 80, [1, 2, 3, 4], b"", None);
             let kind = ErrorKind::UnsupportedCommand {
@@ -1535,7 +1542,7 @@ mod tests {
 
     #[test]
     fn socks4_connect_to_port_zero_gets_5b() {
-        // Brief: port 0 is an error, 0x5B for SOCKS4.
+        // R11.14: a CONNECT to port 0 is an error, 0x5B for SOCKS4.
         let input = req4(CMD_CONNECT, 0, [1, 2, 3, 4], b"", None);
         assert_eq!(run(&input), failed(ErrorKind::ZeroPort, &R4_REJECTED));
         let input = req4(CMD_CONNECT, 0, [0, 0, 0, 1], b"", Some(b"example.org"));
@@ -1551,8 +1558,8 @@ mod tests {
 
     #[test]
     fn socks4_userid_is_capped_at_255_bytes() {
-        // Brief: 255 bytes is fine; the 256th byte without a NUL fails at
-        // once instead of buffering forever.
+        // 255 bytes is fine; the 256th byte without a NUL fails at once
+        // instead of buffering forever (R11.14: with 0x5B).
         let input = req4(CMD_CONNECT, 80, [1, 2, 3, 4], &[b'u'; 255], None);
         assert!(matches!(run(&input), Outcome::Done { .. }));
         let header = [SOCKS4, CMD_CONNECT, 0, 80, 1, 2, 3, 4];
@@ -1564,7 +1571,7 @@ mod tests {
 
     #[test]
     fn socks4a_hostname_is_capped_at_255_bytes() {
-        // Brief: same cap for the 4a hostname.
+        // The same cap for the 4a hostname.
         let host = "h".repeat(255);
         let input = req4(CMD_CONNECT, 80, [0, 0, 0, 1], b"", Some(host.as_bytes()));
         assert_eq!(run(&input), done(connect4(name(&host, 80)), &[]));
@@ -1574,7 +1581,7 @@ mod tests {
 
     #[test]
     fn socks4a_bad_hostnames_get_5b() {
-        // protocol.md §5 hostname rules; must not be empty.
+        // docs/protocol.md §5 hostname rules; must not be empty.
         for host in [&b""[..], b"exa mple", b"a:b", b"\xff"] {
             let input = req4(CMD_CONNECT, 80, [0, 0, 0, 1], b"", Some(host));
             let expected = failed(ErrorKind::BadHostname(host.to_vec()), &R4_REJECTED);
@@ -1617,7 +1624,9 @@ mod tests {
 
     #[test]
     fn end_reasons_map_as_in_the_table() {
-        // protocol.md §11 table; every other reason is 0x01.
+        // The table of §11: R11.7 EXITPOLICY, R11.8 NOROUTE, R11.9
+        // RESOLVEFAILED, R11.10 CONNECTREFUSED, R11.11 TIMEOUT; R11.12:
+        // every other reason is 0x01.
         for reason in 0..=u8::MAX {
             let expected = match reason {
                 4 => Reply::NotAllowed,
@@ -1637,7 +1646,8 @@ mod tests {
 
     #[test]
     fn socks5_connect_replies() {
-        // RFC 1928 §6: VER REP RSV ATYP BND.ADDR BND.PORT.
+        // RFC 1928 §6: VER REP RSV ATYP BND.ADDR BND.PORT; R11.5: success
+        // is 0x00.
         use SocksVersion::V5;
         assert_eq!(connect_reply(V5, Reply::Succeeded, None), r5(0));
         assert_eq!(
@@ -1662,7 +1672,7 @@ mod tests {
 
     #[test]
     fn socks4_connect_replies() {
-        // SOCKS4 memo: VN 0, CD 0x5A granted; protocol.md §11: 0x5B for
+        // SOCKS4 memo: VN 0, CD 0x5A granted (R11.5); R11.14: 0x5B for
         // every failure; IPv6 cannot be carried.
         use SocksVersion::V4;
         let bound = Some("10.0.0.2:4660".parse().expect("addr"));
@@ -1733,7 +1743,7 @@ mod tests {
 
     #[test]
     fn target_prints_as_begin_address() {
-        // protocol.md §5: ADDRESS ":" PORT, IPv6 in brackets.
+        // docs/protocol.md §5: ADDRESS ":" PORT, IPv6 in brackets.
         assert_eq!(addr("1.2.3.4:80").to_string(), "1.2.3.4:80");
         assert_eq!(addr("[2001:db8::1]:443").to_string(), "[2001:db8::1]:443");
         assert_eq!(name("example.com", 8080).to_string(), "example.com:8080");
@@ -1742,7 +1752,7 @@ mod tests {
 
     #[test]
     fn errors_print_on_one_line() {
-        // Brief: one line, even for hostile hostnames.
+        // Each error is one log line, even for hostile hostnames.
         let kinds = [
             ErrorKind::NotSocks(0x16),
             ErrorKind::HttpRequest,

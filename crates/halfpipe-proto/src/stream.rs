@@ -6,7 +6,7 @@
 //! a thread takes under the stream's lock: it decides, and queues the cells
 //! decided on through an [`Outbound`] (queueing never blocks), so the cells
 //! of a stream leave in the order they were decided: no DATA after our FIN,
-//! nothing after our END (docs/design.md, invariant 5).
+//! nothing after our END (docs/design.md, invariant 8).
 
 use crate::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
 use crate::halfclose::{Action, Event, HalfClose, Step, Violation};
@@ -15,7 +15,7 @@ use std::time::Instant;
 
 /// Where a stream's cells go: the link's outbound queue in the daemon, a
 /// record in tests. Queueing never blocks, so it may be done with the
-/// stream's lock held (docs/design.md, invariant 4).
+/// stream's lock held (docs/design.md, invariants 4 and 5).
 pub trait Outbound {
     /// Queues one control cell of the stream (FIN, END, CONNECTED).
     fn control(&self, command: u8, body: &[u8]);
@@ -115,8 +115,11 @@ impl StreamState {
     /// the lock.
     pub fn step(&mut self, event: Event, out: &impl Outbound) -> Result<Step, Violation> {
         let step = self.hc.handle(event)?;
+        // R10.1: FIN and END take no window, in either direction.
         match step.action {
             Action::SendFin => out.control(relay_cmd::FIN, &[]),
+            // R8.1: END's data is the one-byte reason; R8.7: the caller
+            // resets the connection after the lock.
             Action::SendEndAndReset(reason) => out.control(relay_cmd::END, &[reason]),
             Action::Deliver
             | Action::DeliverThenShutdownWrite
@@ -202,7 +205,8 @@ impl StreamState {
     /// `cells` cells' data (`bytes` bytes) were accepted by the kernel at
     /// `now` (R10.7): count them and queue the stream SENDMEs they earn
     /// (R10.3). Once the peer's FIN has arrived no more DATA can come, so
-    /// no SENDME is needed.
+    /// no SENDME is needed; once the stream is CLOSED none may be sent
+    /// (R8.9 after the peer's END).
     pub fn delivered(&mut self, cells: u32, bytes: usize, now: Instant, out: &impl Outbound) {
         self.counters.bytes_delivered += bytes as u64;
         self.counters.cells_delivered += u64::from(cells);
@@ -328,6 +332,89 @@ mod tests {
             st.accept_data(1),
             Err(StreamViolation::FlowControl(_))
         ));
+    }
+
+    /// What a stream queued, in order: (command, body); DATA as (DATA, []).
+    #[derive(Default)]
+    struct Record(std::cell::RefCell<Vec<(u8, Vec<u8>)>>);
+
+    impl Outbound for Record {
+        fn control(&self, command: u8, body: &[u8]) {
+            self.0.borrow_mut().push((command, body.to_vec()));
+        }
+        fn sendmes(&self, n: u32) {
+            for _ in 0..n {
+                self.0.borrow_mut().push((relay_cmd::SENDME, Vec::new()));
+            }
+        }
+        fn data(&self, _: Vec<u8>, count: u32) -> Result<(), Gone> {
+            for _ in 0..count {
+                self.0.borrow_mut().push((relay_cmd::DATA, Vec::new()));
+            }
+            Ok(())
+        }
+    }
+
+    // R7.7, R8.1: an error on the stream sends END whose data is the
+    // one-byte reason, and nothing after it.
+    #[test]
+    fn an_error_sends_end_with_its_reason_as_its_only_byte() {
+        let out = Record::default();
+        let mut st = fresh();
+        let step = st
+            .step(
+                Event::Error {
+                    reason: crate::relay::end_reason::CONNRESET,
+                },
+                &out,
+            )
+            .unwrap();
+        assert_eq!(step.action, Action::SendEndAndReset(12));
+        st.step(Event::ReadEof, &out).unwrap();
+        assert_eq!(*out.0.borrow(), [(relay_cmd::END, vec![12])]);
+    }
+
+    // R10.1: FIN and END neither lower nor raise a window, sent or
+    // received; only DATA does.
+    #[test]
+    fn only_data_uses_the_windows() {
+        let out = Record::default();
+        let mut st = fresh();
+        st.accept_data(3).unwrap();
+        take(&mut st, 7);
+        let windows = |st: &StreamState| (st.package.value(), st.deliver.value());
+        assert_eq!(
+            windows(&st),
+            (STREAM_WINDOW_START - 7, STREAM_WINDOW_START - 3)
+        );
+        st.step(Event::ReadEof, &out).unwrap(); // our FIN
+        st.step(Event::FinReceived, &out).unwrap(); // the peer's FIN
+        assert_eq!(
+            windows(&st),
+            (STREAM_WINDOW_START - 7, STREAM_WINDOW_START - 3)
+        );
+        let mut st = fresh();
+        st.step(Event::EndReceived { reason: 1 }, &out).unwrap();
+        assert_eq!(windows(&st), (STREAM_WINDOW_START, STREAM_WINDOW_START));
+        let mut st = fresh();
+        st.step(Event::Error { reason: 1 }, &out).unwrap(); // our END
+        assert_eq!(windows(&st), (STREAM_WINDOW_START, STREAM_WINDOW_START));
+    }
+
+    // R8.9: after the peer's END nothing more is sent on the stream: no
+    // DATA, no SENDME for data written meanwhile, no END for a later error.
+    #[test]
+    fn nothing_is_sent_after_the_peers_end() {
+        let out = Record::default();
+        let mut st = fresh();
+        st.accept_data(100).unwrap();
+        st.step(Event::EndReceived { reason: 3 }, &out).unwrap();
+        st.delivered(100, 100 * 498, Instant::now(), &out);
+        let queued = st.queue_data(Vec::new(), 1, 1, Instant::now(), &out);
+        assert_eq!(queued, Ok(Queued::MayNotPackage));
+        st.step(Event::Error { reason: 12 }, &out).unwrap();
+        st.step(Event::ReadEof, &out).unwrap();
+        assert!(out.0.borrow().is_empty(), "{:?}", out.0.borrow());
     }
 
     // R10.3, R10.7: SENDMEs follow what the kernel accepted, 50 cells each.

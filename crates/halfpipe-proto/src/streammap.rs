@@ -39,8 +39,9 @@ pub enum CircuitViolation {
     /// R4.6, R4.7: a relay command sent the wrong way.
     #[error("{} sent the wrong way", relay_cmd::name(*.0))]
     WrongDirection(u8),
-    /// R4.8: DATA, FIN or END (or a command that opens a stream) on
-    /// stream 0.
+    /// R4.8: DATA, FIN or END on stream 0; halfpipe also refuses BEGIN,
+    /// CONNECTED, RESOLVE and RESOLVED there, which docs/protocol.md does
+    /// not declare a violation.
     #[error("{} on stream 0", relay_cmd::name(*.0))]
     StreamZero(u8),
     /// R10.10 on the circuit window.
@@ -49,10 +50,13 @@ pub enum CircuitViolation {
     /// §7 or §10 on one stream.
     #[error(transparent)]
     Stream(#[from] StreamViolation),
-    /// Client: DATA or FIN for a stream before its CONNECTED (§5).
+    /// Client: DATA or FIN for a stream before its CONNECTED. Stricter than
+    /// docs/protocol.md, which declares no such violation (§5 has the exit
+    /// answer a BEGIN with CONNECTED or END before anything else).
     #[error("{} before CONNECTED", relay_cmd::name(*.0))]
     BeforeConnected(u8),
-    /// Client: a second CONNECTED for a stream (§5).
+    /// Client: a second CONNECTED for a stream. Stricter than
+    /// docs/protocol.md, which declares no such violation.
     #[error("second CONNECTED for a stream")]
     SecondConnected,
     /// R5.13: BEGIN or RESOLVE on a stream ID that is open.
@@ -151,7 +155,9 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
     /// direction (R4.6, R4.7) and stream 0 (R4.8). (R4.4 is the decoder's.)
     pub fn check(&self, cell: &RelayCell<'_>) -> Result<(), CircuitViolation> {
         let wrong_way = match self.role {
+            // R4.6: CONNECTED or RESOLVED to the exit.
             Role::Exit => matches!(cell.command, relay_cmd::CONNECTED | relay_cmd::RESOLVED),
+            // R4.7: BEGIN or RESOLVE to the client.
             Role::Client => matches!(cell.command, relay_cmd::BEGIN | relay_cmd::RESOLVE),
         };
         if wrong_way {
@@ -167,6 +173,7 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
                 | relay_cmd::RESOLVE
                 | relay_cmd::RESOLVED
         );
+        // R4.8 (and the stricter extras of `StreamZero`).
         if needs_stream && cell.stream_id == 0 {
             return Err(CircuitViolation::StreamZero(cell.command));
         }
@@ -179,6 +186,8 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
     /// (R9.3, R9.5).
     pub fn on_data(&mut self, id: u16, cells: u32) -> Result<DataOutcome, CircuitViolation> {
         let mut circuit_sendmes = 0;
+        // R10.5: every DATA cell counts for the circuit, before anything is
+        // known of its stream; R10.2: a SENDME each time 900 is reached.
         for _ in 0..cells {
             let due = self
                 .deliver
@@ -193,6 +202,7 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
                 }
                 entry.with_state(|st| st.accept_data(cells))?
             }
+            // R9.3, R9.5: no open stream: dropped.
             Some(Slot::Resolve(_)) | None => Delivery::Drop,
         };
         Ok(DataOutcome {
@@ -283,6 +293,7 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
         match relay::parse_begin(body) {
             Ok(target) => Ok(Begin::Open(target)),
             Err(why) => {
+                // R5.5: answered with END, so the ID is recently closed (R9.1).
                 self.recent.insert(id);
                 Ok(Begin::Malformed(why))
             }
@@ -319,9 +330,11 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
                 self.retired.push(entry);
             }
         }
+        // R5.13: an open ID is a violation.
         if self.slots.contains_key(&id) {
             return Err(CircuitViolation::IdInUse(command));
         }
+        // R5.14: a recently closed ID opens a new stream and leaves the set.
         self.recent.remove(id);
         Ok(())
     }
@@ -334,6 +347,7 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
         for _ in 0..u16::MAX {
             let id = self.next_id;
             self.next_id = self.next_id.checked_add(1).unwrap_or(1);
+            // R5.1: not 0, not open; R9.4: not recently closed.
             if id != 0 && !self.slots.contains_key(&id) && !self.recent.contains(id) {
                 return Some(id);
             }

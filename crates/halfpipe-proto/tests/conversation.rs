@@ -364,9 +364,7 @@ fn wrong_way_and_stream_zero_are_violations() {
 }
 
 // R10.10: DATA beyond a stream's deliver window (a peer that ignores the
-// window while our reader is stopped) destroys the circuit; R10.5: DATA
-// for a stream the exit never heard of still counts for the circuit, and
-// earns circuit SENDMEs (R10.2), but is not delivered (R9.5).
+// window while our reader is stopped) destroys the circuit.
 #[test]
 fn data_beyond_the_stream_window_is_a_violation() {
     let (mut p, id) = opened(&[], &[]);
@@ -388,6 +386,8 @@ fn data_beyond_the_stream_window_is_a_violation() {
     ));
 }
 
+// R10.5: DATA for a stream the exit never heard of still counts for the
+// circuit, and earns circuit SENDMEs (R10.2), but is not delivered (R9.5).
 #[test]
 fn data_for_unknown_streams_counts_for_the_circuit_only() {
     let mut p = Pair::default();
@@ -402,4 +402,53 @@ fn data_for_unknown_streams_counts_for_the_circuit_only() {
         "three circuit SENDMEs sent"
     );
     assert_eq!(p.client.circuit_package.value(), 1000, "and received");
+}
+
+// R5.1, R9.4: the client never gives a stream an ID that is 0, open or
+// recently closed; once every ID is taken it opens nothing.
+#[test]
+fn stream_ids_are_never_zero_open_or_recently_closed() {
+    let mut p = Pair::default();
+    let mut seen = std::collections::HashSet::new();
+    while let Some(id) = p.client.map.allocate_id() {
+        assert_ne!(id, 0, "R5.1: stream ID 0 is the circuit");
+        assert!(seen.insert(id), "R5.1: {id} handed out while open");
+        let s = p.client.new_stream(id);
+        p.client.map.insert_stream(id, s);
+    }
+    assert_eq!(seen.len(), usize::from(u16::MAX), "every other ID was used");
+    // Stream 1234 closes: its ID is recently closed, and still not free.
+    assert!(p.client.map.remove_stream(1234).is_some());
+    assert!(p.client.map.is_recently_closed(1234));
+    assert_eq!(p.client.map.allocate_id(), None, "R9.4");
+}
+
+// R10.1: only DATA uses window. DROP, and FIN and END for streams the exit
+// does not know, leave its circuit deliver window at 1000; a stream closed
+// by a FIN each way ends with all four of its windows where they started.
+#[test]
+fn only_data_cells_use_the_windows() {
+    let (mut p, id) = opened(&[], &[]);
+    p.drive();
+    for i in 0..300 {
+        p.client_sends(relay_cmd::DROP, id, b"x");
+        p.client_sends(relay_cmd::FIN, 9_000 + i, &[]);
+        p.client_sends(relay_cmd::END, 9_000 + i, &[end_reason::DONE]);
+    }
+    p.drive();
+    assert!(p.exit.violation.is_none(), "{:?}", p.exit.violation);
+    assert_eq!(p.exit.map.deliver_window(), 1000);
+    for s in [p.client_stream(id), p.exit_stream(id)] {
+        s.app.borrow_mut().eof = true;
+    }
+    p.drive();
+    for s in [p.client_stream(id), p.exit_stream(id)] {
+        assert_eq!(state(&s), State::Closed(CloseCause::Finished));
+        let st = s.state.borrow();
+        assert_eq!(st.package.value(), STREAM_WINDOW_START, "FIN sent");
+        assert_eq!(st.deliver.value(), STREAM_WINDOW_START, "FIN received");
+    }
+    assert_eq!(p.client.circuit_package.value(), 1000);
+    assert_eq!(p.exit.circuit_package.value(), 1000);
+    assert_eq!(p.client.map.deliver_window(), 1000);
 }

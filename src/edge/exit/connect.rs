@@ -1,7 +1,7 @@
-//! How the exit reaches a stream's target (docs/protocol.md §5): resolve
-//! the name, apply the exit policy to every address (the address actually
-//! connected to), connect within the timeout, and name the END reason of
-//! each failure. Also the answers to RESOLVE.
+//! How the exit reaches a stream's target (docs/protocol.md §5, R5.3):
+//! resolve the name, apply the exit policy to every address (the address
+//! actually connected to), connect within the timeout, and name the END
+//! reason of each failure (R5.6 to R5.12). Also the answers to RESOLVE.
 
 use crate::process::Config;
 use halfpipe_proto::relay::{end_reason, Answer, Host, Target};
@@ -40,6 +40,7 @@ pub fn connect(
     let port = target.port;
     let addrs = match &target.host {
         Host::Ip(ip) => vec![*ip],
+        // R5.7: a name that does not resolve is END(RESOLVEFAILED).
         Host::Name(name) => resolve(name).map_err(ConnectError::Refused)?,
     };
     let addrs: Vec<IpAddr> = addrs.into_iter().map(canonical).collect();
@@ -60,9 +61,12 @@ pub fn connect(
                 why.join("; ")
             );
         }
+        // R5.6: the exit policy refuses every address.
         return Err(ConnectError::Refused(end_reason::EXITPOLICY));
     }
+    // R5.9: one connect timeout for all the addresses tried.
     let deadline = Instant::now() + cfg.connect_timeout;
+    // R5.12: a failure no row names is MISC.
     let mut last = end_reason::MISC;
     for ip in allowed {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -70,6 +74,7 @@ pub fn connect(
             return Err(ConnectError::Refused(end_reason::TIMEOUT));
         }
         let addr = SocketAddr::new(ip, port);
+        // R5.11: no descriptor for the stream is RESOURCELIMIT.
         let sock =
             new_socket(&addr).map_err(|_| ConnectError::Refused(end_reason::RESOURCELIMIT))?;
         let sock = Arc::new(sock);
@@ -105,17 +110,22 @@ fn new_socket(addr: &SocketAddr) -> io::Result<Socket> {
     )
 }
 
-/// §5 table: the END reason for a failed connect.
+/// The table of §5: the END reason for a failed connect.
 fn connect_error_reason(e: &io::Error) -> u8 {
     match e.raw_os_error() {
+        // R5.8: the target refuses the connection.
         Some(libc::ECONNREFUSED) => end_reason::CONNECTREFUSED,
+        // R5.9: no answer before the connect timeout (SO_SNDTIMEO).
         Some(libc::EINPROGRESS | libc::EAGAIN | libc::ETIMEDOUT) => end_reason::TIMEOUT,
+        // R5.10: the target's host or network is unreachable.
         Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ENETDOWN | libc::EHOSTDOWN) => {
             end_reason::NOROUTE
         }
+        // R5.11: no descriptor or buffer for the stream.
         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => {
             end_reason::RESOURCELIMIT
         }
+        // R5.12: any other failure.
         _ => end_reason::MISC,
     }
 }
@@ -138,7 +148,7 @@ fn special_use_invalid(name: &str) -> bool {
     tld.eq_ignore_ascii_case("invalid")
 }
 
-/// Resolves a hostname; the error is the END reason (§5: RESOLVEFAILED).
+/// Resolves a hostname; the error is the END reason (R5.7: RESOLVEFAILED).
 pub fn resolve(name: &str) -> Result<Vec<IpAddr>, u8> {
     if special_use_invalid(name) {
         return Err(end_reason::RESOLVEFAILED);
@@ -157,14 +167,22 @@ pub fn resolve(name: &str) -> Result<Vec<IpAddr>, u8> {
     }
 }
 
-/// RESOLVED answers for a RESOLVE (§5): the addresses, 0xF1 when the name
-/// does not exist, 0xF0 when the lookup failed otherwise.
+/// RESOLVED answers for a RESOLVE (R5.17): the addresses, 0xF1 when the
+/// name does not exist, 0xF0 when the lookup failed otherwise (R5.19).
 pub fn resolve_answers(name: &str) -> Vec<Answer> {
-    use dns_lookup::LookupErrorKind;
     if special_use_invalid(name) {
         return vec![Answer::NontransientError];
     }
-    match dns_lookup::lookup_host(name) {
+    answers_for(dns_lookup::lookup_host(name))
+}
+
+/// The answers for the outcome of a lookup: its addresses, or the error
+/// answer that fits the failure (R5.19).
+fn answers_for(
+    lookup: Result<impl Iterator<Item = IpAddr>, dns_lookup::LookupError>,
+) -> Vec<Answer> {
+    use dns_lookup::LookupErrorKind;
+    match lookup {
         Ok(addrs) => {
             let mut v: Vec<Answer> = Vec::new();
             for ip in addrs {
@@ -180,7 +198,9 @@ pub fn resolve_answers(name: &str) -> Vec<Answer> {
             }
         }
         Err(e) => match e.kind() {
+            // R5.19: the name does not exist: one 0xF1 answer.
             LookupErrorKind::NoName | LookupErrorKind::NoData => vec![Answer::NontransientError],
+            // R5.19: any other failure (a timeout, a server failure): 0xF0.
             _ => vec![Answer::TransientError],
         },
     }
@@ -192,7 +212,9 @@ mod tests {
 
     #[test]
     fn invalid_names_fail_without_a_lookup() {
-        // RFC 6761 §6.4; no name server is asked (tests stay on loopback).
+        // R5.7 (RESOLVEFAILED) and R5.19 (0xF1) for names that cannot
+        // exist: RFC 6761 §6.4; no name server is asked (tests stay on
+        // loopback).
         for name in ["nonexistent.invalid", "a.b.INVALID.", "invalid"] {
             assert!(special_use_invalid(name), "{name}");
             assert_eq!(resolve(name), Err(end_reason::RESOLVEFAILED));
@@ -205,9 +227,9 @@ mod tests {
 
     #[test]
     fn connect_errors_map_to_the_end_reasons_of_section_5() {
-        // protocol.md §5 table: refused → CONNECTREFUSED, no answer before the
-        // timeout → TIMEOUT, unreachable → NOROUTE, no descriptor → RESOURCELIMIT,
-        // anything else → MISC.
+        // The table of §5: R5.8 refused → CONNECTREFUSED, R5.9 no answer
+        // before the timeout → TIMEOUT, R5.10 unreachable → NOROUTE, R5.11
+        // no descriptor → RESOURCELIMIT, R5.12 anything else → MISC.
         let e = |code| io::Error::from_raw_os_error(code);
         assert_eq!(
             connect_error_reason(&e(libc::ECONNREFUSED)),
@@ -234,6 +256,32 @@ mod tests {
             end_reason::RESOURCELIMIT
         );
         assert_eq!(connect_error_reason(&e(libc::EACCES)), end_reason::MISC);
+    }
+
+    #[test]
+    fn lookup_failures_are_answered_f1_for_no_such_name_and_f0_otherwise() {
+        // R5.19: a name that does not exist gets one 0xF1 answer; a timeout,
+        // a server failure or any other failure gets one 0xF0 answer;
+        // addresses are answered as such.
+        use dns_lookup::LookupError;
+        let failed = |code| answers_for(Err::<std::iter::Empty<IpAddr>, _>(LookupError::new(code)));
+        assert_eq!(failed(libc::EAI_NONAME), vec![Answer::NontransientError]);
+        assert_eq!(failed(libc::EAI_NODATA), vec![Answer::NontransientError]);
+        for code in [libc::EAI_AGAIN, libc::EAI_FAIL, libc::EAI_MEMORY] {
+            assert_eq!(failed(code), vec![Answer::TransientError], "{code}");
+        }
+        let found = ["127.0.0.1", "::1", "127.0.0.1"].map(|a| a.parse::<IpAddr>().unwrap());
+        assert_eq!(
+            answers_for(Ok::<_, LookupError>(found.into_iter())),
+            vec![
+                Answer::Ip("127.0.0.1".parse().unwrap()),
+                Answer::Ip("::1".parse().unwrap())
+            ]
+        );
+        assert_eq!(
+            answers_for(Ok::<_, LookupError>(std::iter::empty())),
+            vec![Answer::NontransientError]
+        );
     }
 
     #[test]

@@ -56,8 +56,12 @@ pub fn spawn_acceptor(
 /// One accepted link: handshake, then this thread is its reader.
 fn serve_link(ctx: Arc<Ctx>, registry: &Arc<Links>, id: u32, sock: TcpStream) {
     let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    // R1.6: the handshake clock starts now, right after the accept.
     if let Err(e) = link::accept_handshake(&sock, ctx.cfg.handshake_timeout) {
-        // §1: close without sending VERSIONS; only this link is affected.
+        // R1.7: close without sending VERSIONS; R1.8: one log line that
+        // says why, and only this connection is affected. (The line is
+        // rate-limited: under a flood, a count of the suppressed ones
+        // stands in for them.)
         if crate::runtime::ratelimit::violation_warning() {
             tracing::warn!(link = id, %peer, "link handshake failed, closing: {e}");
         }

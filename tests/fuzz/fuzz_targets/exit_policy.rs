@@ -1,5 +1,6 @@
-//! The exit policy (protocol.md §5: a refused BEGIN gets END(EXITPOLICY);
-//! syntax in `policy.rs`, taken from Tor's ExitPolicy).
+//! The exit policy (docs/protocol.md §5: a refused BEGIN gets END(EXITPOLICY);
+//! syntax in crates/halfpipe-proto/src/policy.rs, taken from Tor's
+//! ExitPolicy).
 //!
 //! Input: byte 0 picks the mode.
 //! - Text (even): the bytes up to the first NUL are the policy text (UTF-8,

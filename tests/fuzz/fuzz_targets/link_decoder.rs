@@ -1,5 +1,6 @@
-//! The link byte stream (protocol.md §1, §2, §4), read the way `link.rs`
-//! reads it: first the peer's VERSIONS cell, byte-exact, with the requests
+//! The link byte stream (docs/protocol.md §1, §2, §4), read the way the
+//! daemon's link reads it (src/link/handshake.rs, src/link/reader.rs):
+//! first the peer's VERSIONS cell, byte-exact, with the requests
 //! `read_versions` makes; then cells, decoded from a buffer that reads
 //! append to and `dispatch` drains. Bytes arrive in arbitrary chunks.
 //!
@@ -36,7 +37,7 @@ use halfpipe_proto::kdf;
 use halfpipe_proto::relay::{self, RelayError, DATA_MAX};
 use libfuzzer_sys::fuzz_target;
 
-/// What `link.rs` asks of one `read()`: its link reader reads up to
+/// What `src/link/reader.rs` asks of one `read()`: its link reader reads up to
 /// 256 KiB at a time.
 const READ_BUF: usize = 256 * 1024;
 
@@ -119,7 +120,8 @@ fn check_cell(bytes: &[u8], c: cell::CellRef<'_>, used: usize) {
     match c.command {
         cmd::RELAY | cmd::RELAY_EARLY => check_relay(raw),
         cmd::CREATE_FAST => {
-            // What link.rs does with it: X is the first 20 payload bytes.
+            // What src/link/reader.rs does with it: X is the first 20 payload
+            // bytes.
             let mut x = [0u8; kdf::HASH_LEN];
             x.copy_from_slice(&c.payload[..kdf::HASH_LEN]);
             let mut y = [0u8; kdf::HASH_LEN];
@@ -152,7 +154,7 @@ fn check_relay(raw: &[u8]) {
             let circ = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]);
             relay::encode(&mut again, circ, rc.command, rc.stream_id, rc.body);
             let end = 5 + relay::HEADER_LEN + rc.body.len();
-            // Digest is not checked (protocol.md §12) and RELAY_EARLY reads
+            // Digest is not checked (docs/protocol.md §12) and RELAY_EARLY reads
             // as RELAY, so compare command, Recognized, StreamID, Length, Data.
             assert_eq!(again[5..10], raw[5..10]);
             assert_eq!(again[14..end], raw[14..end]);

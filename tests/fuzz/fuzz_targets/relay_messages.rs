@@ -1,4 +1,4 @@
-//! Relay message bodies (protocol.md §4, §5, §8, §10): BEGIN, CONNECTED,
+//! Relay message bodies (docs/protocol.md §4, §5, §8, §10): BEGIN, CONNECTED,
 //! END, SENDME, RESOLVE and RESOLVED, plus the relay header around them.
 //!
 //! Input: byte 0 picks the relay command (and the stream ID with byte 1);

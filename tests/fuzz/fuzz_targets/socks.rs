@@ -1,4 +1,4 @@
-//! The SOCKS4/4a/5 handshake parser (protocol.md §11, `socks::Handshake`),
+//! The SOCKS4/4a/5 handshake parser (docs/protocol.md §11, `socks::Handshake`),
 //! driven the way the client's connection thread drives it: bytes are read
 //! into a buffer, `feed` gets the whole buffer, consumed bytes are dropped.
 //!

@@ -1,12 +1,14 @@
-//! One stream's state machine (protocol.md §7 half-close, §8 abort, §9 late
-//! cells, §10 windows), driven by random sequences of the things that
-//! happen to a stream, fed as `stream.rs` and `circuit.rs` feed them. The
-//! lock-held steps are the real ones: `StreamState::step`, `read_window`,
-//! `queue_data`, `accept_data`, `on_sendme` and `delivered` (on the
-//! `HalfClose`, `PackageWindow` and `StreamDeliverWindow` inside it), with
-//! an `Outbound` that records what they queue; the circuit's windows are
-//! the real `PackageWindow` (take, give_back) and `CircuitDeliverWindow`. What the threads do around those calls (waits,
-//! reads, writes, abort I/O, the circuit thread's checks) is mirrored here.
+//! One stream's state machine (docs/protocol.md §7 half-close, §8 abort,
+//! §9 late cells, §10 windows), driven by random sequences of the things
+//! that happen to a stream, fed as the daemon's src/stream/ and
+//! src/circuit/ feed them. The lock-held steps are the real ones:
+//! `StreamState::step`, `read_window`, `queue_data`, `accept_data`,
+//! `on_sendme` and `delivered` (on the `HalfClose`, `PackageWindow` and
+//! `StreamDeliverWindow` inside it), with an `Outbound` that records what
+//! they queue; the circuit's windows are the real `PackageWindow` (take,
+//! give_back) and `CircuitDeliverWindow`. What the threads do around those
+//! calls (waits, reads, writes, abort I/O, the circuit thread's checks) is
+//! mirrored here.
 //! The threads are replaced by explicit steps, so any interleaving of
 //! packager, deliverer and circuit thread can be chosen, e.g. an END
 //! arriving between the packager taking circuit window and queueing its

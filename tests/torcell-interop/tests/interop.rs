@@ -18,7 +18,7 @@
 //! Directions that tor-cell's API cannot express are stated where they occur
 //! (search for "NOT POSSIBLE").
 //!
-//! Relay crypto (protocol.md §12): halfpipe has none, so its Recognized and
+//! Relay crypto (docs/protocol.md §12): halfpipe has none, so its Recognized and
 //! Digest fields are always zero. tor-cell's V0 encoder also writes zero in
 //! both fields; in Arti it is the crypto layer (tor-proto), run *after*
 //! tor-cell's encoding, that fills in the digest and encrypts. So the
@@ -26,7 +26,7 @@
 //! puts on the wire, and the 11-byte header plus body must be byte-identical
 //! to halfpipe's. Only the padding after the body differs: tor-cell leaves 4
 //! zero bytes and then fills the rest of the cell with random bytes (a seeded
-//! RNG here); halfpipe pads with zeros. protocol.md §4 says padding may be
+//! RNG here); halfpipe pads with zeros. docs/protocol.md §4 says padding may be
 //! anything and is ignored, and the tor-cell -> halfpipe checks prove that
 //! halfpipe does ignore it. In the other direction tor-cell's V0 decoder skips
 //! Recognized and Digest (checking them is the crypto layer's job), so the
@@ -53,9 +53,9 @@ use tor_cell::relaycell::{
     UnparsedRelayMsg,
 };
 
-/// Link protocol version of every post-handshake cell (protocol.md §1).
+/// Link protocol version of every post-handshake cell (docs/protocol.md §1).
 const LINK_V4: u16 = 4;
-/// A client-chosen CircID: most significant bit set (protocol.md §3).
+/// A client-chosen CircID: most significant bit set (docs/protocol.md §3).
 const CIRC: u32 = 0x8000_0001;
 
 // ---------------------------------------------------------------------------
@@ -150,7 +150,7 @@ fn hp_relay_to_tc(
     let mut wire = Vec::new();
     relay::encode(&mut wire, CIRC, command, stream, body);
     assert_eq!(wire.len(), cell::CELL_LEN);
-    // protocol.md §12: no relay crypto, so Recognized and Digest are zero.
+    // docs/protocol.md §12: no relay crypto, so Recognized and Digest are zero.
     let p = &wire[5..];
     assert_eq!(&p[1..3], &[0, 0], "halfpipe's Recognized is not zero");
     assert_eq!(&p[5..9], &[0, 0, 0, 0], "halfpipe's Digest is not zero");
@@ -402,7 +402,7 @@ fn end_and_destroy_reasons_match_tor_cell() {
 }
 
 // ---------------------------------------------------------------------------
-// RELAY_FIN (31): halfpipe's own command, unknown to Tor (protocol.md §4)
+// RELAY_FIN (31): halfpipe's own command, unknown to Tor (docs/protocol.md §4)
 // ---------------------------------------------------------------------------
 
 #[test]
@@ -423,8 +423,9 @@ fn relay_fin_31_is_unrecognized_by_tor_cell() {
     // An unrecognized command carries no stream-ID requirement in V0.
     assert!(c.accepts_streamid_val(StreamId::new(7)));
 
-    // halfpipe -> tor-cell: FIN (empty body, as stream.rs sends it) decodes
-    // to tor-cell's Unrecognized message, keeping command and stream ID.
+    // halfpipe -> tor-cell: FIN (empty body, as `StreamState::step` sends
+    // it) decodes to tor-cell's Unrecognized message, keeping command and
+    // stream ID.
     for stream in [1u16, 7, 0xFFFF] {
         let (wire, msg) = hp_relay_to_tc_ok(relay_cmd::FIN, stream, &[]);
         match &msg {
@@ -500,7 +501,7 @@ fn check_versions(versions: &[u16]) {
     );
 
     // Link-version-4 framing (a repeated VERSIONS after the handshake, which
-    // halfpipe reads and ignores, protocol.md §1): ChannelCodec both ways.
+    // halfpipe reads and ignores, docs/protocol.md §1): ChannelCodec both ways.
     let mut hp4 = Vec::new();
     let payload: Vec<u8> = versions.iter().flat_map(|v| v.to_be_bytes()).collect();
     cell::encode_var(&mut hp4, 0, cmd::VERSIONS, &payload);
@@ -524,7 +525,7 @@ fn check_versions(versions: &[u16]) {
 
 #[test]
 fn versions_cases() {
-    check_versions(&[4]); // what halfpipe sends (link.rs)
+    check_versions(&[4]); // what halfpipe sends (src/link/handshake.rs)
     check_versions(&[3, 4, 5]); // what Arti/Tor send today
     check_versions(&[3, 5]); // no common version
     check_versions(&[]);
@@ -533,7 +534,7 @@ fn versions_cases() {
 
 #[test]
 fn versions_odd_length_rejected_by_both() {
-    // protocol.md §1: an odd Length closes the link. tor-cell's Versions
+    // docs/protocol.md §1: an odd Length closes the link. tor-cell's Versions
     // reader also refuses a body with half a version.
     let wire = [0, 0, cmd::VERSIONS, 0, 3, 0, 4, 0];
     assert_eq!(
@@ -550,8 +551,9 @@ fn versions_odd_length_rejected_by_both() {
 
 #[test]
 fn padding_both_ways() {
-    // halfpipe never sends PADDING (it only drops it, link.rs), but the codec
-    // must frame it the way tor-cell does: CircID 0, 509 zero bytes.
+    // halfpipe sends PADDING as a keepalive (src/link/writer.rs) and drops
+    // what it receives (src/link/reader.rs); the codec must frame it the
+    // way tor-cell does: CircID 0, 509 zero bytes.
     let mut hp = Vec::new();
     cell::encode_fixed(&mut hp, 0, cmd::PADDING, &[]);
     let tc = tc_encode_chan(0, AnyChanMsg::Padding(chanmsg::Padding::new()));
@@ -611,7 +613,7 @@ fn vpadding_both_ways() {
 #[test]
 fn create_fast_and_created_fast_both_ways() {
     for circ in [CIRC, 0x8000_0000 | 0x7FFF_FFFF, 0x8123_4567] {
-        // CREATE_FAST: 20 bytes X, zero-padded (client.rs).
+        // CREATE_FAST: 20 bytes X, zero-padded (src/edge/client.rs).
         let x: [u8; kdf::HASH_LEN] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0xC3);
         let mut hp = Vec::new();
         cell::encode_fixed(&mut hp, circ, cmd::CREATE_FAST, &x);
@@ -627,7 +629,8 @@ fn create_fast_and_created_fast_both_ways() {
         assert_eq!((c.circ_id, c.command), (circ, cmd::CREATE_FAST));
         assert_eq!(&c.payload[..20], &x);
 
-        // CREATED_FAST: Y [20] | KH [20], as the exit builds it (kdf.rs).
+        // CREATED_FAST: Y [20] | KH [20], as the exit builds it
+        // (crates/halfpipe-proto/src/kdf.rs).
         let y: [u8; kdf::HASH_LEN] = std::array::from_fn(|i| (i as u8).wrapping_mul(11) ^ 0x5A);
         let y_kh = kdf::created_fast_payload(&x, &y);
         assert_eq!(y_kh.len(), 40);
@@ -653,8 +656,9 @@ fn create_fast_and_created_fast_both_ways() {
 
 #[test]
 fn destroy_with_every_reason_both_ways() {
-    // All tor-spec reasons; halfpipe itself sends PROTOCOL, RESOURCELIMIT and
-    // HIBERNATING (circuit.rs, link.rs, client.rs).
+    // All tor-spec reasons; halfpipe itself sends PROTOCOL, RESOURCELIMIT,
+    // HIBERNATING and FINISHED (src/circuit/mod.rs, src/link/reader.rs,
+    // src/edge/client.rs).
     for reason in 0..=12u8 {
         let mut hp = Vec::new();
         cell::encode_destroy(&mut hp, CIRC, reason);
@@ -835,10 +839,11 @@ fn begin_cases() {
 
 #[test]
 fn begin_mixed_case_hostname() {
-    // halfpipe's client forwards the SOCKS hostname as typed (socks.rs), so it
-    // can send upper case; tor-cell's Begin::new lowercases. Not a wire
-    // incompatibility (DNS names are case-insensitive and both decoders keep
-    // or lowercase consistently), but the bytes differ:
+    // halfpipe's client forwards the SOCKS hostname as typed
+    // (crates/halfpipe-proto/src/socks.rs), so it can send upper case;
+    // tor-cell's Begin::new lowercases. Not a wire incompatibility (DNS names
+    // are case-insensitive and both decoders keep or lowercase consistently),
+    // but the bytes differ:
     let t = target(Host::Name("Example.COM".into()), 80);
     let (_, msg) = hp_relay_to_tc_ok(relay_cmd::BEGIN, 3, &relay::encode_begin(&t));
     match msg {
@@ -859,7 +864,7 @@ fn begin_mixed_case_hostname() {
 
 #[test]
 fn begin_strictness_differences() {
-    // Payloads halfpipe's exit must refuse (protocol.md §5: END TORPROTOCOL),
+    // Payloads halfpipe's exit must refuse (docs/protocol.md §5: END TORPROTOCOL),
     // with tor-cell's verdict on each. halfpipe is stricter; a BEGIN that
     // tor-cell's *encoder* produces for a valid target always passes
     // halfpipe (begin_cases, proptests). Recorded so a change in either
@@ -899,7 +904,7 @@ fn check_data(data: &[u8], stream: u16, seed: u64) {
         AnyRelayMsg::Data(d) => assert_eq!(d.as_ref(), data),
         other => panic!("tor-cell decoded DATA as {other:?}"),
     }
-    // The packager's path (stream.rs frame_cells): write_header over a cell
+    // The packager's path (src/stream/packager.rs): write_header over a cell
     // whose data slot already holds the bytes. Must equal relay::encode.
     let mut framed = vec![0u8; cell::CELL_LEN];
     framed[..4].copy_from_slice(&CIRC.to_be_bytes());
@@ -938,7 +943,7 @@ fn data_cases() {
 
 #[test]
 fn data_empty_is_a_documented_difference() {
-    // protocol.md §6: senders never send an empty DATA; a receiver accepts
+    // docs/protocol.md §6: senders never send an empty DATA; a receiver accepts
     // one. halfpipe's encoder can frame it and halfpipe's decoder accepts it;
     // tor-cell's decoder REJECTS it ("Empty DATA message"). Since halfpipe
     // never sends one, this cannot hurt interop.
@@ -965,7 +970,7 @@ fn data_empty_is_a_documented_difference() {
 
 #[test]
 fn data_too_long_rejected_by_both() {
-    // Length 499 in a V0 cell: protocol.md §4 violation for halfpipe; tor-cell
+    // Length 499 in a V0 cell: docs/protocol.md §4 violation for halfpipe; tor-cell
     // finds too few bytes in the cell.
     let mut wire = Vec::new();
     relay::encode(&mut wire, CIRC, relay_cmd::DATA, 1, &[1; 498]);
@@ -982,7 +987,7 @@ fn data_too_long_rejected_by_both() {
 #[test]
 fn recognized_nonzero_is_a_documented_difference() {
     // halfpipe (no relay crypto) treats Recognized != 0 as a protocol
-    // violation (protocol.md §4). tor-cell's V0 decoder skips the field: in
+    // violation (docs/protocol.md §4). tor-cell's V0 decoder skips the field: in
     // Arti the crypto layer decides whether a cell is recognized before
     // tor-cell sees it.
     let mut wire = Vec::new();
@@ -1000,8 +1005,8 @@ fn recognized_nonzero_is_a_documented_difference() {
 
 #[test]
 fn end_every_reason_both_ways() {
-    // The reasons halfpipe sends (protocol.md §5, §8, and circuit.rs), then
-    // the rest of tor-spec 6.3 for completeness.
+    // The reasons halfpipe sends (docs/protocol.md §5, §8, and
+    // src/circuit/mod.rs), then the rest of tor-spec 6.3 for completeness.
     let used = [
         end_reason::MISC,
         end_reason::RESOLVEFAILED,
@@ -1019,7 +1024,8 @@ fn end_every_reason_both_ways() {
     assert_eq!(used[..8], [1, 2, 3, 4, 5, 7, 8, 9]);
     let rest = [end_reason::DONE, end_reason::NOTDIRECTORY];
     for (i, &reason) in used.iter().chain(&rest).enumerate() {
-        // halfpipe sends END as a one-byte body (stream.rs, circuit.rs).
+        // halfpipe sends END as a one-byte body (`StreamState::step`,
+        // src/circuit/mod.rs).
         let (wire, msg) = hp_relay_to_tc_ok(relay_cmd::END, 9, &[reason]);
         match &msg {
             AnyRelayMsg::End(m) => assert_eq!(u8::from(m.reason()), reason),
@@ -1078,7 +1084,8 @@ fn check_connected(addr: IpAddr, ttl: u32, seed: u64) {
 
 #[test]
 fn connected_cases() {
-    // halfpipe's exit sends the target's address with TTL 300 (stream.rs).
+    // halfpipe's exit sends the target's address with TTL 300
+    // (src/stream/packager.rs).
     check_connected(ip("192.0.2.7"), 300, 0);
     check_connected(ip("127.0.0.1"), 0, 1);
     check_connected(ip("255.255.255.255"), u32::MAX, 2);
@@ -1118,8 +1125,9 @@ fn connected_unspecified_ipv4_is_ambiguous() {
 
 #[test]
 fn sendme_both_ways() {
-    // halfpipe sends empty SENDMEs: stream-level (stream.rs) and circuit-level
-    // on stream 0 (circuit.rs). V0 lets SENDME use either (tor-cell agrees).
+    // halfpipe sends empty SENDMEs: stream-level (src/stream/mod.rs) and
+    // circuit-level on stream 0 (src/circuit/mod.rs). V0 lets SENDME use
+    // either (tor-cell agrees).
     assert!(RelayCmd::SENDME.accepts_streamid_val(None));
     assert!(RelayCmd::SENDME.accepts_streamid_val(StreamId::new(3)));
     for stream in [0u16, 3] {
@@ -1142,7 +1150,7 @@ fn sendme_both_ways() {
         }
     }
     // tor-cell -> halfpipe: an authenticated (v1) SENDME from a real Tor peer.
-    // halfpipe ignores SENDME payloads (protocol.md §10) but must frame it.
+    // halfpipe ignores SENDME payloads (docs/protocol.md §10) but must frame it.
     let tc = relaymsg::Sendme::new_tag([0xA5; 20]);
     let (_, hp) = tc_relay_to_hp(0, AnyRelayMsg::Sendme(tc), false, 8);
     assert_eq!(hp.command, relay_cmd::SENDME);
@@ -1174,7 +1182,8 @@ fn drop_both_ways() {
 // --- RESOLVE ---
 
 fn check_resolve(name: &str, stream: u16) {
-    // halfpipe's client builds RESOLVE as name NUL (circuit.rs start_resolve);
+    // halfpipe's client builds RESOLVE as name NUL (src/circuit/mod.rs,
+    // start_resolve);
     // there is no encode_resolve function, so this mirrors that code.
     let mut hp_body = name.as_bytes().to_vec();
     hp_body.push(0);
@@ -1228,8 +1237,8 @@ fn check_resolved(answers: &[Answer], ttl: u32, seed: u64) {
 
 #[test]
 fn resolved_cases() {
-    // What halfpipe's exit sends (circuit.rs): addresses with TTL 60, or a
-    // single 0xF1 / 0xF0 answer with TTL 0.
+    // What halfpipe's exit sends (src/circuit/mod.rs): addresses with TTL
+    // 60, or a single 0xF1 / 0xF0 answer with TTL 0.
     check_resolved(&[Answer::Ip(ip("192.0.2.1"))], 60, 0);
     check_resolved(&[Answer::Ip(ip("2001:db8::53"))], 60, 1);
     check_resolved(&[Answer::Hostname("host.example".into())], 60, 2);
@@ -1296,7 +1305,7 @@ proptest! {
     #[test]
     fn prop_begin_hostname(name in arb_hostname(), port in 1u16.., stream in 1u16..) {
         // A name that happens to be a dotted quad parses back as an IPv4
-        // target (protocol.md §5); compare through Display.
+        // target (docs/protocol.md §5); compare through Display.
         let host = match name.parse::<Ipv4Addr>() {
             Ok(a) => Host::Ip(IpAddr::V4(a)),
             Err(_) => Host::Name(name.clone()),

@@ -173,7 +173,8 @@ impl Edge {
         self.violation.is_some() || self.destroyed
     }
 
-    fn new_stream(&self, id: u16) -> Entry {
+    /// A stream of this edge on `id`, not yet in its map.
+    pub fn new_stream(&self, id: u16) -> Entry {
         Entry(Rc::new(TestStream {
             id,
             state: RefCell::new(StreamState::new(Instant::now())),
