@@ -498,10 +498,10 @@ impl Circuit {
                 return Ok(());
             }
         };
-        // While shutting down: END(HIBERNATING). docs/protocol.md has no row
-        // for this refusal (R5.12 would make it MISC).
+        // R5.12: while shutting down, no new stream: "any other failure".
         if self.ctx.shutting_down() {
-            self.refuse_begin(id, end_reason::HIBERNATING);
+            tracing::info!(circuit = %self.name, stream = id, "shutting down: END(MISC)");
+            self.refuse_begin(id, end_reason::MISC);
             return Ok(());
         }
         let Some(slot) = self.take_slot() else {

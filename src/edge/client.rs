@@ -26,7 +26,7 @@ use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Longest wait between reconnection attempts (R11.16: never more than
 /// 30 s).
@@ -39,6 +39,9 @@ fn next_backoff(backoff: Duration) -> Duration {
 }
 /// How long a circuit of isolated credentials lives without streams.
 const ISOLATED_IDLE: Duration = Duration::from_secs(60);
+/// How long a link we give up on may take to write what it has queued
+/// before it is closed.
+const LINGER: Duration = Duration::from_secs(2);
 /// How long a SOCKS RESOLVE waits for RESOLVED.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -121,6 +124,14 @@ impl Client {
                         }
                         Err(e) => {
                             tracing::warn!(exit = %self.exit, "cannot create circuits: {e}");
+                            // Close after what is queued (a DESTROY for a
+                            // wrong KH, R3.4) has been written; a peer that
+                            // does not close its side is cut off.
+                            link.finish();
+                            let deadline = Instant::now() + LINGER;
+                            while !reader.is_finished() && Instant::now() < deadline {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
                             link.close();
                         }
                     }

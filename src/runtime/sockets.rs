@@ -49,6 +49,10 @@ pub fn end_reason_for(err: &io::Error) -> u8 {
         | io::ErrorKind::ConnectionAborted => end_reason::CONNRESET,
         // R8.3: a timeout.
         io::ErrorKind::TimedOut => end_reason::TIMEOUT,
+        // R8.4: a local resource failure (no buffer space, no memory).
+        _ if matches!(err.raw_os_error(), Some(libc::ENOBUFS | libc::ENOMEM)) => {
+            end_reason::RESOURCELIMIT
+        }
         // R8.6: any other error.
         _ => end_reason::MISC,
     }

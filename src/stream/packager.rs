@@ -71,7 +71,7 @@ pub fn exit_packager(stream: Arc<Stream>, ctx: Arc<Ctx>, give_socket: Sender<Arc
         }
         st.connected = true;
         // R5.4: CONNECTED with the address connected to and a TTL of 300.
-        // Queued under the lock, so CONNECTED precedes the first DATA.
+        // R5.20: queued under the lock, so CONNECTED precedes the first DATA.
         stream.send_control(
             relay_cmd::CONNECTED,
             &relay::encode_connected(addr.ip(), 300),

@@ -214,6 +214,39 @@ fn a_wrong_kh_is_answered_with_destroy_protocol() {
 }
 
 #[test]
+fn a_wrong_kh_on_the_links_first_circuit_is_answered_before_the_link_closes() {
+    // R3.4 on the circuit the client creates as the link comes up: the
+    // client gives the link up, but only after its DESTROY(PROTOCOL) went
+    // out. (It once closed the link at once, which lost the DESTROY when
+    // the link writer had not written it yet: a race this test catches
+    // only when it loses.)
+    let (addr, fake) = raw_exit(|mut link| {
+        let c = link.recv_non_sendme().expect("CREATE_FAST");
+        assert_eq!(c.command, cmd::CREATE_FAST, "{c:?}");
+        let x: [u8; 20] = c.payload[..20].try_into().unwrap();
+        let mut answer = kdf::created_fast_payload(&x, &[0x5a; 20]);
+        answer[30] ^= 1; // a bit of KH
+        link.send_cell(c.circ, cmd::CREATED_FAST, &answer);
+        let d = link
+            .recv_non_sendme()
+            .expect("DESTROY before the link closes");
+        (c.circ, d)
+    });
+    let exit = addr.to_string();
+    let d = Daemon::start(
+        &["client", "--socks", "127.0.0.1:0", "--exit", &exit],
+        false,
+        false,
+    );
+    let (circ, destroy) = fake.join().unwrap();
+    assert_eq!(
+        (destroy.command, destroy.circ, destroy.payload[0]),
+        (cmd::DESTROY, circ, destroy_reason::PROTOCOL)
+    );
+    d.wait_for_log("wrong KH");
+}
+
+#[test]
 fn begin_or_resolve_sent_to_the_client_destroys_the_circuit() {
     // R4.7: BEGIN or RESOLVE received by the client is a protocol
     // violation whatever its StreamID: DESTROY(PROTOCOL) (R3.12). A stream

@@ -278,11 +278,9 @@ fn nothing_of_a_destroyed_circuit_follows_a_new_one_on_its_circid() {
     }
 }
 
-/// docs/protocol.md §5: the exit answers a BEGIN with CONNECTED (or END) before
-/// anything else of the stream, and halfpipe's client treats DATA first as a
-/// protocol violation that destroys the circuit (a rule of its own:
-/// docs/protocol.md does not declare it); after CONNECTED the same DATA is
-/// delivered. (The circuit thread remembers CONNECTED per stream to skip the
+/// R5.20: the exit answers a BEGIN with CONNECTED (or END) before anything
+/// else of the stream, so DATA first is a protocol violation that destroys
+/// the circuit; after CONNECTED the same DATA is delivered. (The circuit thread remembers CONNECTED per stream to skip the
 /// stream's lock for each DATA cell: this checks both sides of that shortcut.)
 #[test]
 fn data_before_connected_destroys_the_circuit_and_after_it_is_delivered() {

@@ -769,8 +769,8 @@ fn a_bad_relay_header_inside_a_run_of_data_destroys_the_circuit() {
 fn wrong_way_commands_and_stream_zero_destroy_only_that_circuit() {
     // R4.6: CONNECTED or RESOLVED received by the exit is a protocol
     // violation whatever its StreamID; R4.8: so is DATA, FIN or END on
-    // stream 0. R3.12: circuit B, with a stream open, carries on through
-    // all of it.
+    // stream 0, and R4.10 BEGIN or RESOLVE on stream 0. R3.12: circuit B,
+    // with a stream open, carries on through all of it.
     let d = open_exit(&[]);
     let t = Targets::new();
     let b = fresh_circ();
@@ -785,6 +785,8 @@ fn wrong_way_commands_and_stream_zero_destroy_only_that_circuit() {
         (relay_cmd::DATA, 0, "DATA on stream 0"),
         (relay_cmd::FIN, 0, "FIN on stream 0"),
         (relay_cmd::END, 0, "END on stream 0"),
+        (relay_cmd::BEGIN, 0, "BEGIN on stream 0"),
+        (relay_cmd::RESOLVE, 0, "RESOLVE on stream 0"),
     ];
     for (command, stream, what) in cases {
         let a = fresh_circ();

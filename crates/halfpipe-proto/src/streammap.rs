@@ -18,7 +18,7 @@ use crate::halfclose::{Event, Step};
 use crate::relay::{self, relay_cmd, MalformedBegin, RelayCell, RelayError, Target};
 use crate::stream::{Delivery, StreamState, StreamViolation, Wake};
 use crate::Role;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 /// How the map reaches one stream's state.
 pub trait StreamEntry {
@@ -39,9 +39,7 @@ pub enum CircuitViolation {
     /// R4.6, R4.7: a relay command sent the wrong way.
     #[error("{} sent the wrong way", relay_cmd::name(*.0))]
     WrongDirection(u8),
-    /// R4.8: DATA, FIN or END on stream 0; halfpipe also refuses BEGIN,
-    /// CONNECTED, RESOLVE and RESOLVED there, which docs/protocol.md does
-    /// not declare a violation.
+    /// R4.8: DATA, FIN or END on stream 0; R4.10: BEGIN or RESOLVE there.
     #[error("{} on stream 0", relay_cmd::name(*.0))]
     StreamZero(u8),
     /// R10.10 on the circuit window.
@@ -50,13 +48,10 @@ pub enum CircuitViolation {
     /// §7 or §10 on one stream.
     #[error(transparent)]
     Stream(#[from] StreamViolation),
-    /// Client: DATA or FIN for a stream before its CONNECTED. Stricter than
-    /// docs/protocol.md, which declares no such violation (§5 has the exit
-    /// answer a BEGIN with CONNECTED or END before anything else).
+    /// R5.20: client, DATA or FIN for a stream before its CONNECTED.
     #[error("{} before CONNECTED", relay_cmd::name(*.0))]
     BeforeConnected(u8),
-    /// Client: a second CONNECTED for a stream. Stricter than
-    /// docs/protocol.md, which declares no such violation.
+    /// R5.20: client, a second CONNECTED for a stream.
     #[error("second CONNECTED for a stream")]
     SecondConnected,
     /// R5.13: BEGIN or RESOLVE on a stream ID that is open.
@@ -123,7 +118,9 @@ enum Slot<S, R> {
 #[derive(Debug)]
 pub struct StreamMap<S, R> {
     role: Role,
-    slots: HashMap<u16, Slot<S, R>>,
+    /// Looked up for every cell: a fast hash (stream IDs are bounded per
+    /// circuit, so a peer that floods one bucket slows its own circuit).
+    slots: FxHashMap<u16, Slot<S, R>>,
     /// CLOSED streams whose ID a new stream took before their shell let
     /// them go (R5.14: a CLOSED stream no longer owns its ID).
     retired: Vec<S>,
@@ -137,7 +134,7 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
     pub fn new(role: Role) -> Self {
         StreamMap {
             role,
-            slots: HashMap::new(),
+            slots: FxHashMap::default(),
             retired: Vec::new(),
             recent: RecentlyClosed::default(),
             deliver: CircuitDeliverWindow::default(),
@@ -163,17 +160,17 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
         if wrong_way {
             return Err(CircuitViolation::WrongDirection(cell.command));
         }
+        // R4.8: DATA, FIN, END on stream 0; R4.10: BEGIN, RESOLVE on
+        // stream 0 (at the exit: at the client they went the wrong way).
+        // CONNECTED and RESOLVED on stream 0 are for no stream (R9.5).
         let needs_stream = matches!(
             cell.command,
             relay_cmd::DATA
                 | relay_cmd::FIN
                 | relay_cmd::END
                 | relay_cmd::BEGIN
-                | relay_cmd::CONNECTED
                 | relay_cmd::RESOLVE
-                | relay_cmd::RESOLVED
         );
-        // R4.8 (and the stricter extras of `StreamZero`).
         if needs_stream && cell.stream_id == 0 {
             return Err(CircuitViolation::StreamZero(cell.command));
         }

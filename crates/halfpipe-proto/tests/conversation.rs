@@ -452,3 +452,21 @@ fn only_data_cells_use_the_windows() {
     assert_eq!(p.exit.circuit_package.value(), 1000);
     assert_eq!(p.client.map.deliver_window(), 1000);
 }
+
+// R9.5, R4.10: CONNECTED or RESOLVED with StreamID 0 reach the client for
+// no open stream and are dropped; BEGIN on stream 0 at the exit is a
+// violation.
+#[test]
+fn connected_on_stream_zero_is_dropped_and_begin_on_it_is_a_violation() {
+    let mut p = Pair::default();
+    p.exit_sends(relay_cmd::CONNECTED, 0, &[127, 0, 0, 1, 0, 0, 0, 60]);
+    p.exit_sends(relay_cmd::RESOLVED, 0, &[0xF1, 0, 0, 0, 0, 0]);
+    p.drive();
+    assert_eq!(p.client.violation, None);
+    p.client_sends(relay_cmd::BEGIN, 0, b"a.example:80\0");
+    p.drive();
+    assert_eq!(
+        p.exit.violation,
+        Some(CircuitViolation::StreamZero(relay_cmd::BEGIN))
+    );
+}
