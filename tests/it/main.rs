@@ -9,6 +9,7 @@ mod limits;
 mod regression;
 mod resolve;
 mod smoke;
+mod startup;
 mod status;
 mod util;
 mod wire;

@@ -47,8 +47,12 @@ impl Daemon {
 
     /// `halfpipe client` linked to `exit`.
     pub fn client(exit: SocketAddr, extra: &[&str]) -> Daemon {
-        let exit = exit.to_string();
-        let mut args = vec!["client", "--socks", "127.0.0.1:0", "--exit", &exit];
+        Daemon::client_to(&exit.to_string(), extra)
+    }
+
+    /// `halfpipe client` linked to `exit`, given as HOST:PORT.
+    pub fn client_to(exit: &str, extra: &[&str]) -> Daemon {
+        let mut args = vec!["client", "--socks", "127.0.0.1:0", "--exit", exit];
         args.extend_from_slice(extra);
         Daemon::start(&args, true, false)
     }
