@@ -95,8 +95,8 @@ mod tests {
     #[test]
     fn io_errors_map_to_the_end_reasons_of_section_8() {
         // R8.2: a reset (or a write to a connection the peer reset) is
-        // CONNRESET; R8.3: a timeout is TIMEOUT; R8.6: any other error is
-        // MISC.
+        // CONNRESET; R8.3: a timeout is TIMEOUT; R8.4: no buffer space or
+        // memory is RESOURCELIMIT; R8.6: any other error is MISC.
         use halfpipe_proto::relay::end_reason;
         let reason = |kind| end_reason_for(&io::Error::from(kind));
         for kind in [
@@ -112,5 +112,9 @@ mod tests {
         }
         let eio = io::Error::from_raw_os_error(libc::EIO);
         assert_eq!(end_reason_for(&eio), end_reason::MISC);
+        for code in [libc::ENOBUFS, libc::ENOMEM] {
+            let e = io::Error::from_raw_os_error(code);
+            assert_eq!(end_reason_for(&e), end_reason::RESOURCELIMIT, "{e}");
+        }
     }
 }
