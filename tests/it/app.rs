@@ -221,15 +221,6 @@ pub(crate) fn payload_request(id: u32, len: usize) -> Vec<u8> {
     r
 }
 
-/// A port nobody listens on.
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A free port below the kernel's ephemeral range, so that a client dialing
 /// it while nothing listens can never connect to itself.
 pub(crate) fn free_port_below_ephemeral() -> u16 {

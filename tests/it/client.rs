@@ -83,12 +83,7 @@ fn expect_destroy(link: &mut RawLink, circ: u32, reason: u8) {
 /// An application's SOCKS5 CONNECT to `host:port`, sent without waiting for
 /// the reply (the method reply is read).
 fn socks5_request_only(proxy: SocketAddr, host: &str, port: u16) -> TcpStream {
-    let mut s = TcpStream::connect(proxy).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    s.write_all(&[5, 1, 0]).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 0]);
+    let mut s = socks5_greeted(proxy);
     s.write_all(&socks5_request(1, host, port)).unwrap();
     s
 }
@@ -380,13 +375,4 @@ fn the_client_links_again_with_doubling_waits() {
     for wait in ["250ms", "500ms", "1s", "2s"] {
         d.wait_for_log(&format!("(retrying in {wait})"));
     }
-}
-
-/// A port nothing listens on.
-fn closed_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

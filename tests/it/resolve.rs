@@ -5,16 +5,10 @@
 
 use crate::util::*;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 
 /// Sends a SOCKS5 RESOLVE for `name`; returns (REP, BND.ADDR bytes).
 fn socks5_resolve(proxy: std::net::SocketAddr, name: &str) -> (u8, Vec<u8>) {
-    let mut s = TcpStream::connect(proxy).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    s.write_all(&[5, 1, 0]).unwrap();
-    let mut m = [0u8; 2];
-    s.read_exact(&mut m).unwrap();
-    assert_eq!(m, [5, 0]);
+    let mut s = socks5_greeted(proxy);
     s.write_all(&socks5_request(0xF0, name, 0)).unwrap();
     let mut head = [0u8; 4];
     s.read_exact(&mut head).unwrap();

@@ -364,6 +364,27 @@ impl Server {
     }
 }
 
+/// A port nothing listens on (bound, read and released: the kernel does
+/// not hand an ephemeral port out again at once).
+pub fn closed_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A SOCKS5 connection to `proxy` past the greeting (no authentication).
+pub fn socks5_greeted(proxy: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).expect("connect to SOCKS port");
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    s.write_all(&[5, 1, 0]).unwrap();
+    let mut m = [0u8; 2];
+    s.read_exact(&mut m).unwrap();
+    assert_eq!(m, [5, 0]);
+    s
+}
+
 /// Deterministic test data.
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
     (0..len)

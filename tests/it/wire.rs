@@ -305,12 +305,6 @@ fn reset(s: TcpStream) {
     drop(s);
 }
 
-/// A port nothing listens on.
-pub(crate) fn closed_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// Fails if anything connected to `listener`. A connect completes in the
 /// kernel before connect() returns, so a connection the exit made before
 /// answering is already queued here.
