@@ -237,11 +237,14 @@ fn config_args(
     let mut args = Vec::new();
     for e in entries {
         let at = |why: String| format!("{file} line {}: {} = {}: {why}", e.line, e.key, e.shown);
+        if e.key == "config" {
+            return Err(at("a config file cannot name another one".into()));
+        }
         let arg = sub
             .get_arguments()
-            .find(|a| a.get_long() == Some(e.key.as_str()) && e.key != "config");
+            .find(|a| a.get_long() == Some(e.key.as_str()));
         let Some(arg) = arg else {
-            if known_elsewhere(&e.key) && e.key != "config" {
+            if known_elsewhere(&e.key) {
                 continue;
             }
             return Err(at(format!(
@@ -265,25 +268,32 @@ fn config_args(
         if e.kind == Kind::Switch {
             return Err(at("expected a value, not true or false".into()));
         }
-        // The flag's own parser judges the value: parse it alone.
+        // The flag's own parser judges the value: parse it alone. One
+        // argument, `--key=value`, so a value that starts with '-' is
+        // still a value.
+        let arg = format!("{flag}={}", e.value);
         Cli::command()
-            .try_get_matches_from(["halfpipe", sub.get_name(), &flag, &e.value])
+            .try_get_matches_from(["halfpipe", sub.get_name(), &arg])
             .map_err(|err| at(first_line(&err.to_string())))?;
-        args.push(flag.into());
-        args.push(e.value.clone().into());
+        args.push(arg.into());
     }
     Ok(args)
 }
 
-/// The message of a clap error, without its "error: " and its usage lines.
+/// The message of a clap error, without its "error: ", its usage lines
+/// and, for a bad value, the "invalid value 'V' for '--flag <F>': " that
+/// the config file's error line says in its own words.
 fn first_line(s: &str) -> String {
     let line = s.lines().next().unwrap_or("");
     let line = line.strip_prefix("error: ").unwrap_or(line);
-    // "invalid value 'x' for '--grace <GRACE>': why" -> "why"
-    match line.rsplit_once(": ") {
-        Some((_, why)) if line.starts_with("invalid value") => why.to_owned(),
-        _ => line.to_owned(),
+    if line.starts_with("invalid value") {
+        if let Some(at) = line.find(" for '") {
+            if let Some(end) = line[at..].find("': ") {
+                return line[at + end + 3..].to_owned();
+            }
+        }
     }
+    line.to_owned()
 }
 
 /// Parses the command line and applies `--config FILE` under it: the
@@ -304,11 +314,11 @@ where
         Some((name, m)) => (Some(name.to_owned()), m),
         None => (None, &matches),
     };
-    let path = sub_matches
-        .try_get_one::<PathBuf>("config")
-        .ok()
-        .flatten()
-        .cloned();
+    // Every command but `status` takes --config (the `Common` options).
+    let path = match name.as_deref() {
+        Some("status") => None,
+        _ => sub_matches.get_one::<PathBuf>("config").cloned(),
+    };
     let Some(path) = path else {
         return command_of(&matches).map_err(CliError::Clap);
     };
@@ -588,8 +598,8 @@ mod tests {
         let msg = config_error(&["exit", "--config", path.to_str().unwrap()]);
         std::fs::remove_file(&path).unwrap();
         assert!(
-            msg.contains("line 3: exit-policy = \"allow everything\""),
-            "{msg}"
+            msg.contains("line 3: exit-policy = \"allow everything\": exit policy entry 1"),
+            "the policy parser's whole message: {msg}"
         );
         assert!(!msg.contains('\n'), "one line: {msg}");
         // A bad value for a key given on the command line is not checked:

@@ -4,8 +4,9 @@
 //!
 //! A requirement is defined where its ID stands in bold (`**R7.3**`). A
 //! citation is the ID anywhere in a Rust file (`// R7.3`, `R7.3, R7.4`).
-//! Code is what `src/` and `crates/*/src/` hold before their first
-//! `#[cfg(test)]`; tests are the rest of those files, `tests/` and
+//! Code is what `src/` and `crates/*/src/` hold before their test module
+//! (the first `#[cfg(test)]` or `#[cfg(all(test, ...))]` that stands on a
+//! `mod`); tests are the rest of those files, `tests/` and
 //! `crates/*/tests/`.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -73,6 +74,25 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// Where a source file's test module starts: the first `#[cfg(test)]` or
+/// `#[cfg(all(test, ...))]` line whose next line declares a `mod` (a
+/// `#[cfg(test)]` on a helper function is code's). The end if none.
+fn test_module_start(text: &str) -> usize {
+    let mut at = 0;
+    let mut lines = text.split_inclusive('\n').peekable();
+    while let Some(line) = lines.next() {
+        let t = line.trim_start();
+        if t.starts_with("#[cfg(test)]") || t.starts_with("#[cfg(all(test") {
+            let next = lines.peek().map(|l| l.trim_start()).unwrap_or("");
+            if next.starts_with("mod ") || next.starts_with("pub mod ") {
+                return at;
+            }
+        }
+        at += line.len();
+    }
+    text.len()
+}
+
 /// Citations in code and in tests: ID -> files citing it.
 type Cited = BTreeMap<String, BTreeSet<String>>;
 
@@ -96,9 +116,7 @@ fn citations(root: &Path) -> (Cited, Cited) {
         let split = if text.contains("#![cfg(") || path.ends_with("loom_check.rs") {
             0
         } else {
-            text.find("#[cfg(test)]")
-                .or_else(|| text.find("#[cfg(all(test"))
-                .unwrap_or(text.len())
+            test_module_start(&text)
         };
         for (at, id) in ids(&text) {
             let into = if at < split { &mut code } else { &mut tests };
@@ -153,6 +171,16 @@ fn every_requirement_is_applied_and_tested_and_every_citation_exists() {
          requirements no test cites: {no_test:?}\n\
          citations of IDs docs/protocol.md does not define: {unknown:?}"
     );
+}
+
+#[test]
+fn the_test_module_starts_at_its_mod_not_at_a_test_helper() {
+    let text =
+        "fn a() {} // R1.1\n#[cfg(test)]\nfn helper() {}\n// R2.2\n#[cfg(test)]\nmod tests {\n}\n";
+    let at = test_module_start(text);
+    assert_eq!(&text[at..at + 12], "#[cfg(test)]");
+    assert!(text[..at].contains("R2.2") && text[at..].contains("mod tests"));
+    assert_eq!(test_module_start("fn a() {}\n"), "fn a() {}\n".len());
 }
 
 #[test]

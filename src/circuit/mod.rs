@@ -30,7 +30,7 @@ use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Targ
 use halfpipe_proto::stream::{Delivery, StreamState};
 use halfpipe_proto::streammap::{Begin, CircuitViolation, Ended, Resolve, StreamEntry, StreamMap};
 use halfpipe_proto::Role;
-pub use msg::{CircMsg, OpenRequest, ResolveRequest};
+pub use msg::{CircMsg, OpenRequest, ResolveRequest, RESOLVE_WAIT};
 use socket2::Socket;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -45,7 +45,8 @@ enum End {
     /// A cell broke the circuit's rules (the link's, for `Create`).
     Violation(ViolationKind, String),
     Hibernate,
-    /// An isolation circuit without streams for its idle timeout.
+    /// An isolation circuit without streams for its idle timeout, or a
+    /// circuit the client does not need.
     Idle,
 }
 
@@ -83,8 +84,9 @@ impl StreamEntry for Entry {
 enum Resolving {
     /// Exit: the resolver thread, with its stream slot.
     Lookup(JoinHandle<()>, StreamSlot),
-    /// Client: where the SOCKS handshake waits for the answers.
-    Waiting(Sender<Vec<Answer>>),
+    /// Client: where the SOCKS handshake waits for the answers, and until
+    /// when it waits.
+    Waiting(Sender<Vec<Answer>>, Instant),
 }
 
 /// DATA gathered for a stream: the arrival buffer, and (start, length) of
@@ -315,6 +317,7 @@ impl Circuit {
             CircMsg::Violation(why) => Err(End::Violation(ViolationKind::Create, why)),
             CircMsg::LinkClosed => Err(End::LinkClosed),
             CircMsg::Hibernate => Err(End::Hibernate),
+            CircMsg::Unneeded => Err(End::Idle),
         }
     }
 
@@ -395,7 +398,7 @@ impl Circuit {
             relay_cmd::BEGIN => self.on_begin(id, rc.body),
             relay_cmd::RESOLVE => self.on_resolve(id, rc.body),
             relay_cmd::RESOLVED => {
-                if let Some(Resolving::Waiting(reply)) = self.map.on_resolved(id) {
+                if let Some(Resolving::Waiting(reply, _)) = self.map.on_resolved(id) {
                     let _ = reply.send(relay::parse_resolved(rc.body));
                 }
                 Ok(())
@@ -459,7 +462,7 @@ impl Circuit {
                 tracing::debug!(stream = %entry.stream.name, "END({}) received", end_reason::name(reason));
                 entry.stream.carry_out(step, Event::EndReceived { reason });
             }
-            Ended::Resolve(Resolving::Waiting(reply)) => {
+            Ended::Resolve(Resolving::Waiting(reply, _)) => {
                 let _ = reply.send(vec![Answer::TransientError]);
             }
             Ended::Resolve(Resolving::Lookup(..)) => unreachable!("exits wait for no RESOLVED"),
@@ -607,9 +610,32 @@ impl Circuit {
         Ok(())
     }
 
+    /// Client: RESOLVEs whose SOCKS request has given up waiting and that
+    /// the exit never answered: their IDs are over (recently closed), so
+    /// they do not pile up on a circuit whose exit ignores RESOLVE.
+    fn forget_stale_resolves(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<u16> = self
+            .map
+            .resolves()
+            .filter(|(_, r)| matches!(r, Resolving::Waiting(_, until) if *until <= now))
+            .map(|(id, _)| id)
+            .collect();
+        for id in stale {
+            self.map.finish_resolve(id);
+        }
+    }
+
     /// A stream slot, within the circuit's and the process's limits (R3.9).
+    /// An exit's RESOLVE holds one (it holds a resolver thread); a client's
+    /// RESOLVE waiting for its answer does not.
     fn take_slot(&self) -> Option<StreamSlot> {
-        if self.map.in_use() >= self.ctx.cfg.max_streams_per_circuit {
+        let waiting = self
+            .map
+            .resolves()
+            .filter(|(_, r)| matches!(r, Resolving::Waiting(..)))
+            .count();
+        if self.map.in_use() - waiting >= self.ctx.cfg.max_streams_per_circuit {
             self.ctx.metrics.refused(Limit::Circuit);
             return None;
         }
@@ -704,6 +730,7 @@ impl Circuit {
 
     /// Client: a SOCKS RESOLVE becomes RELAY_RESOLVE (§5).
     fn start_resolve(&mut self, req: ResolveRequest) {
+        self.forget_stale_resolves();
         let Some(id) = self.map.allocate_id() else {
             let _ = req.reply.send(vec![Answer::TransientError]);
             return;
@@ -711,7 +738,10 @@ impl Circuit {
         let mut body = req.name.into_bytes();
         body.push(0);
         self.queue_relay(relay_cmd::RESOLVE, id, &body);
-        self.map.insert_resolve(id, Resolving::Waiting(req.reply));
+        self.map.insert_resolve(
+            id,
+            Resolving::Waiting(req.reply, Instant::now() + RESOLVE_WAIT),
+        );
         self.flush();
     }
 
@@ -772,7 +802,7 @@ impl Circuit {
             }
             End::LinkClosed => "link closed".to_string(),
             End::Hibernate => "shutdown, DESTROY(HIBERNATING) sent".to_string(),
-            End::Idle => "no streams for the idle timeout, DESTROY(FINISHED) sent".to_string(),
+            End::Idle => "not needed (no streams), DESTROY(FINISHED) sent".to_string(),
         };
         // R3.10: whatever ends the circuit, every stream on it is aborted
         // as though it had received END(DESTROY), except at shutdown (R8.5).
@@ -830,16 +860,21 @@ impl Circuit {
         // dropped (R3.11).
         self.link.circuit_ended(self.wire, self.local, destroy);
         self.package.close();
+        // Waiting SOCKS resolves get their failure at once, when their
+        // senders drop here; exit resolvers are joined with the streams.
+        let lookups: Vec<(JoinHandle<()>, StreamSlot)> = resolves
+            .into_iter()
+            .filter_map(|r| match r {
+                Resolving::Lookup(handle, slot) => Some((handle, slot)),
+                Resolving::Waiting(..) => None,
+            })
+            .collect();
         let count = streams.len();
         for entry in streams {
             entry.threads.into_iter().for_each(threads::join);
         }
-        for resolve in resolves {
-            match resolve {
-                Resolving::Lookup(handle, _slot) => threads::join(handle),
-                // A waiting SOCKS resolve gets a failure when its sender drops.
-                Resolving::Waiting(_) => {}
-            }
+        for (handle, _slot) in lookups {
+            threads::join(handle);
         }
         // Requests that reached the inbox after the loop ended: answer
         // them (R11.6: SOCKS 0x01) rather than drop their sockets.
@@ -849,6 +884,7 @@ impl Circuit {
             }
         }
         self.view.clear_streams();
+        self.link.forget_view(self.local);
         tracing::info!(
             circuit = %self.name,
             streams = count,

@@ -5,6 +5,11 @@ use crossbeam_channel::Sender;
 use halfpipe_proto::relay::{Answer, Target};
 use halfpipe_proto::socks::SocksVersion;
 use socket2::Socket;
+use std::time::Duration;
+
+/// How long a client's RESOLVE waits for its RESOLVED: the SOCKS request
+/// that asked gives up then, and the circuit forgets the RESOLVE.
+pub const RESOLVE_WAIT: Duration = Duration::from_secs(30);
 
 /// The circuit thread's inbox.
 pub enum CircMsg {
@@ -18,6 +23,9 @@ pub enum CircMsg {
     LinkClosed,
     /// Shutdown deadline: END(HIBERNATING) every stream, then DESTROY.
     Hibernate,
+    /// Client: a circuit that was created but is not needed (another
+    /// request created the same isolation circuit first): DESTROY(FINISHED).
+    Unneeded,
     /// A stream thread has ended and can be joined.
     ThreadDone { stream_id: u16, serial: u64 },
     /// Client: open a stream for a SOCKS CONNECT.

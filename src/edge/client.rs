@@ -5,7 +5,7 @@
 //! hands the socket to a circuit, which starts the stream's packager and
 //! deliverer.
 
-use crate::circuit::{CircMsg, OpenRequest, ResolveRequest};
+use crate::circuit::{CircMsg, OpenRequest, ResolveRequest, RESOLVE_WAIT};
 use crate::link::{self, Link, Links};
 use crate::process::limits::MAX_HANDSHAKES;
 use crate::process::metrics::{Metrics, ViolationKind};
@@ -42,8 +42,6 @@ const ISOLATED_IDLE: Duration = Duration::from_secs(60);
 /// How long a link we give up on may take to write what it has queued
 /// before it is closed.
 const LINGER: Duration = Duration::from_secs(2);
-/// How long a SOCKS RESOLVE waits for RESOLVED.
-const RESOLVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A circuit as the client uses it.
 #[derive(Clone)]
@@ -233,7 +231,7 @@ impl Client {
         match circuits.get(&key) {
             Some(h) if cl.link.circuit_alive(h.wire, h.local) => {
                 // Another request created it first; ours is not needed.
-                let _ = fresh.tx.send(CircMsg::Hibernate);
+                let _ = fresh.tx.send(CircMsg::Unneeded);
                 Ok(h.clone())
             }
             _ => {
@@ -399,10 +397,7 @@ fn resolve(
                 name: host,
                 reply: tx,
             }));
-            match sent
-                .ok()
-                .and_then(|_| rx.recv_timeout(RESOLVE_TIMEOUT).ok())
-            {
+            match sent.ok().and_then(|_| rx.recv_timeout(RESOLVE_WAIT).ok()) {
                 Some(answers) => answers
                     .iter()
                     .find_map(|a| match a {

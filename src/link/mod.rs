@@ -58,6 +58,9 @@ pub struct Link {
     socket: Arc<TcpStream>,
     writer: Mutex<Option<JoinHandle<()>>>,
     table: Mutex<CircTable>,
+    /// What status shows of each circuit thread of the link, by its local
+    /// counter, from its start to the end of its teardown.
+    views: Mutex<HashMap<u32, Arc<CircuitView>>>,
     closed: AtomicBool,
     opened: Instant,
     /// TIDs of `link-rd` and `link-wr` (0 until they run), for status.
@@ -110,6 +113,7 @@ impl Link {
             socket,
             writer: Mutex::new(Some(writer)),
             table: Mutex::new(CircTable::default()),
+            views: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
             opened: Instant::now(),
             reader_tid: AtomicI32::new(0),
@@ -127,7 +131,8 @@ impl Link {
         self.close();
         self.tx.room.close();
         let _ = self.tx.tx.send(WriterMsg::Close);
-        if let Some(w) = self.writer.lock().take() {
+        let writer = self.writer.lock().take();
+        if let Some(w) = writer {
             threads::join(w);
         }
         self.registry.unregister(self.id);
@@ -156,17 +161,17 @@ impl Link {
         self.table.lock().live_count()
     }
 
-    /// The views of the link's live circuits (for a status snapshot).
+    /// The views of the link's circuits whose threads run, also while they
+    /// end (for a status snapshot: a circuit stuck joining its streams is
+    /// what a person wants to see).
     pub fn circuit_views(&self) -> Vec<Arc<CircuitView>> {
-        let table = self.table.lock();
-        table
-            .by_wire_id
-            .values()
-            .filter_map(|slot| match slot {
-                CircSlot::Live { view, .. } => Some(view.clone()),
-                CircSlot::Pending(_) => None,
-            })
-            .collect()
+        self.views.lock().values().cloned().collect()
+    }
+
+    /// Called by a circuit thread at the very end of its teardown, after
+    /// every join: it no longer shows in status.
+    pub fn forget_view(&self, local: u32) {
+        self.views.lock().remove(&local);
     }
 
     /// Sends `msg()` to every live circuit of the link.
@@ -246,7 +251,7 @@ impl Link {
                 if let Some(reason) = destroy {
                     self.send_destroy(wire, reason);
                 }
-                table.finished.extend(thread);
+                table.finished.push(thread);
             }
             table.reap();
         }

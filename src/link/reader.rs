@@ -195,7 +195,7 @@ impl Link {
                 // circuit may follow a new circuit's CREATED_FAST.
                 gate.close();
                 let _ = tx.send(CircMsg::Destroyed { reason });
-                table.finished.extend(thread);
+                table.finished.push(thread);
                 table.reap();
             }
             Some(CircSlot::Pending(tx)) => {
@@ -313,16 +313,17 @@ impl Link {
             idle_timeout,
             slot,
         );
-        let view = circuit.view();
-        let handle = threads::spawn(format!("circ {}.{}", self.id, local), move || circuit.run())?;
+        // Shown from before the thread starts: it removes its view as it ends.
+        self.views.lock().insert(local, circuit.view());
+        let handle = threads::spawn(format!("circ {}.{}", self.id, local), move || circuit.run())
+            .inspect_err(|_| self.forget_view(local))?;
         table.by_wire_id.insert(
             wire,
             CircSlot::Live {
                 tx,
                 local,
                 gate,
-                view,
-                thread: Some(handle),
+                thread: handle,
             },
         );
         Ok(())
@@ -367,7 +368,7 @@ impl Link {
             match slot {
                 CircSlot::Live { tx, thread, .. } => {
                     let _ = tx.send(CircMsg::LinkClosed);
-                    handles.extend(thread);
+                    handles.push(thread);
                 }
                 // Dropping the sender tells the waiting creator.
                 CircSlot::Pending(_) => {}
@@ -375,7 +376,8 @@ impl Link {
         }
         handles.into_iter().for_each(threads::join);
         let _ = self.tx.tx.send(WriterMsg::Close);
-        if let Some(w) = self.writer.lock().take() {
+        let writer = self.writer.lock().take();
+        if let Some(w) = writer {
             threads::join(w);
         }
         self.registry.unregister(self.id);

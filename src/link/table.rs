@@ -3,7 +3,6 @@
 
 use super::tx::Gate;
 use crate::circuit::msg::CircMsg;
-use crate::circuit::view::CircuitView;
 use crate::runtime::inbox::InboxTx;
 use crate::runtime::threads;
 use crossbeam_channel::Sender;
@@ -23,10 +22,7 @@ pub(super) enum CircSlot {
         tx: InboxTx<CircMsg>,
         local: u32,
         gate: Arc<Gate>,
-        /// What the status endpoint shows of the circuit.
-        view: Arc<CircuitView>,
-        /// None for the moment between spawn and the handle being stored.
-        thread: Option<JoinHandle<()>>,
+        thread: JoinHandle<()>,
     },
 }
 

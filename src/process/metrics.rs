@@ -40,8 +40,7 @@ pub enum ViolationKind {
     FlowControl,
     /// §7: DATA or FIN after the peer's FIN.
     HalfClose,
-    /// DATA or FIN before CONNECTED, or a second CONNECTED (halfpipe's own
-    /// rules: docs/protocol.md declares neither a violation).
+    /// R5.20: DATA or FIN before CONNECTED, or a second CONNECTED.
     Connected,
     /// §5: BEGIN or RESOLVE on a stream ID that is open.
     StreamIdReuse,

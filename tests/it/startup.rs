@@ -67,16 +67,23 @@ fn logs_have_no_colour_when_stderr_is_not_a_terminal() {
         .env_remove("NO_COLOR")
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The daemon logs at start; let it, then stop it (SIGTERM) and read.
-    std::thread::sleep(Duration::from_millis(500));
+    // Once it is up (its listening line), stop it (SIGTERM) and read what
+    // it logged from start to stop.
+    // (stdout stays open until it has exited: its lines must not hit a
+    // closed pipe.)
+    let mut stdout = std::io::BufReader::new(d.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert!(line.starts_with("capacity:"), "{line}");
     unsafe { libc::kill(d.id() as i32, libc::SIGTERM) };
     let mut log = String::new();
     d.stderr.take().unwrap().read_to_string(&mut log).unwrap();
     d.wait().unwrap();
+    drop(stdout);
     assert!(log.contains("halfpipe stopped"), "{log}");
     assert!(
         !log.contains('\u{1b}'),
@@ -86,9 +93,10 @@ fn logs_have_no_colour_when_stderr_is_not_a_terminal() {
 
 #[test]
 fn the_readmes_two_daemons_reach_a_local_target() {
-    // The README's example: an exit whose policy admits 127.0.0.1 only,
-    // a client linked to it by a name (resolved when it dials), and a
-    // request through the client's SOCKS port to a local server.
+    // The README's example: an exit whose policy admits 127.0.0.1 only, a
+    // client linked to it, and a request through the client's SOCKS port
+    // to a local server. (The client names the exit by a name here, which
+    // it resolves when it dials.)
     let target = Server::request_reply(|req: &[u8]| {
         let mut r = b"reply to ".to_vec();
         r.extend_from_slice(req);

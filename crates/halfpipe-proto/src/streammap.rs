@@ -434,10 +434,17 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
         &mut self.retired
     }
 
-    /// Streams and RESOLVEs holding an ID (what a circuit's stream limit
-    /// counts).
+    /// Streams and RESOLVEs holding an ID.
     pub fn in_use(&self) -> usize {
         self.slots.len()
+    }
+
+    /// The RESOLVEs holding an ID, for `retain_resolves`.
+    pub fn resolves(&self) -> impl Iterator<Item = (u16, &R)> {
+        self.slots.iter().filter_map(|(&id, s)| match s {
+            Slot::Resolve(r) => Some((id, r)),
+            Slot::Stream { .. } => None,
+        })
     }
 
     /// Nothing in use and nothing retired.
@@ -479,4 +486,141 @@ fn awaiting_connected(entry: &impl StreamEntry, command: u8) -> Result<bool, Cir
         return Err(CircuitViolation::BeforeConnected(command));
     }
     Ok(connected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stream::Discard;
+    use std::cell::{Cell, RefCell};
+    use std::time::Instant;
+
+    /// A stream as a test holds it: its state, and how often it was woken.
+    #[derive(Default)]
+    struct Entry {
+        state: RefCell<Option<StreamState>>,
+        woken: Cell<u32>,
+    }
+
+    impl StreamEntry for Entry {
+        fn with_state<T>(&self, f: impl FnOnce(&mut StreamState) -> T) -> T {
+            let mut st = self.state.borrow_mut();
+            f(st.get_or_insert_with(|| StreamState::new(Instant::now())))
+        }
+
+        fn wake_packager(&self) {
+            self.woken.set(self.woken.get() + 1);
+        }
+    }
+
+    fn begin(target: &str) -> Vec<u8> {
+        let mut b = target.as_bytes().to_vec();
+        b.push(0);
+        b
+    }
+
+    fn open_exit_stream(map: &mut StreamMap<Entry, ()>, id: u16) {
+        assert!(matches!(
+            map.on_begin(id, &begin("a.example:80")),
+            Ok(Begin::Open(_))
+        ));
+        map.insert_stream(id, Entry::default());
+    }
+
+    // R5.13, R5.14: a BEGIN on an open ID is a violation; once the stream
+    // is CLOSED (its threads may still run), the ID is free again and the
+    // old stream is retired, not forgotten.
+    #[test]
+    fn a_closed_stream_is_retired_when_a_begin_takes_its_id() {
+        let mut map = StreamMap::new(Role::Exit);
+        open_exit_stream(&mut map, 7);
+        assert_eq!(
+            map.on_begin(7, &begin("b.example:80")),
+            Err(CircuitViolation::IdInUse(relay_cmd::BEGIN))
+        );
+        let ended = map.on_end(7, 1);
+        assert!(
+            matches!(ended, Ended::Stream(step) if matches!(step.to, crate::halfclose::State::Closed(_)))
+        );
+        assert!(matches!(
+            map.on_begin(7, &begin("b.example:80")),
+            Ok(Begin::Open(_))
+        ));
+        assert_eq!(map.retired_mut().len(), 1, "the CLOSED stream is retired");
+        assert!(map.stream(7).is_none(), "the new stream is not entered yet");
+    }
+
+    // R5.17, R9.1: a RESOLVE holds its ID until it is answered; then the ID
+    // is recently closed. At the client an END answers it too.
+    #[test]
+    fn a_resolve_holds_its_id_until_answered() {
+        let mut exit: StreamMap<Entry, &str> = StreamMap::new(Role::Exit);
+        assert_eq!(
+            exit.on_resolve(3, b"name.example\0"),
+            Ok(Resolve::Lookup("name.example".into()))
+        );
+        exit.insert_resolve(3, "lookup");
+        assert_eq!(
+            exit.on_resolve(3, b"again.example\0"),
+            Err(CircuitViolation::IdInUse(relay_cmd::RESOLVE))
+        );
+        assert!(
+            matches!(exit.on_end(3, 1), Ended::Dropped),
+            "the exit's RESOLVE goes on"
+        );
+        assert_eq!(exit.resolves().count(), 1);
+        assert_eq!(exit.finish_resolve(3), Some("lookup"));
+        assert!(exit.is_recently_closed(3) && exit.is_idle());
+
+        let mut client: StreamMap<Entry, &str> = StreamMap::new(Role::Client);
+        let id = client.allocate_id().unwrap();
+        client.insert_resolve(id, "waiting");
+        assert!(matches!(client.on_end(id, 1), Ended::Resolve("waiting")));
+        assert!(client.is_recently_closed(id));
+        let id = client.allocate_id().unwrap();
+        client.insert_resolve(id, "waiting");
+        assert_eq!(client.on_resolved(id), Some("waiting"));
+        assert_eq!(client.on_resolved(id), None, "a second RESOLVED is dropped");
+    }
+
+    // R5.1, R9.4: the client's IDs are never 0, never open and never
+    // recently closed; a refused BEGIN's ID counts as closed (R9.1).
+    #[test]
+    fn allocated_ids_skip_open_and_recently_closed_ones() {
+        let mut map: StreamMap<Entry, ()> = StreamMap::new(Role::Client);
+        let a = map.allocate_id().unwrap();
+        map.insert_stream(a, Entry::default());
+        let b = map.allocate_id().unwrap();
+        map.refuse(b);
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..u16::MAX - 2 {
+            let id = map.allocate_id().unwrap();
+            assert!(id != 0 && id != a && id != b, "{id}");
+            assert!(seen.insert(id), "{id} twice");
+            map.insert_stream(id, Entry::default());
+        }
+        assert_eq!(map.allocate_id(), None, "every ID taken");
+        assert!(map.remove_stream(a).is_some());
+        assert!(map.is_recently_closed(a));
+    }
+
+    // R10.9 through the map: a SENDME wakes the packager exactly when the
+    // stream's window was 0.
+    #[test]
+    fn a_stream_sendme_wakes_a_stopped_packager_only() {
+        let mut map = StreamMap::new(Role::Exit);
+        open_exit_stream(&mut map, 1);
+        let e = map.stream(1).unwrap();
+        e.with_state(|st| st.queue_data(Vec::new(), 450, 0, Instant::now(), &Discard))
+            .unwrap();
+        map.on_stream_sendme(1).unwrap();
+        assert_eq!(map.stream(1).unwrap().woken.get(), 0, "window was 50");
+        let e = map.stream(1).unwrap();
+        e.with_state(|st| st.queue_data(Vec::new(), 100, 0, Instant::now(), &Discard))
+            .unwrap();
+        map.on_stream_sendme(1).unwrap();
+        assert_eq!(map.stream(1).unwrap().woken.get(), 1, "window was 0");
+        // Dropped for no open stream (R9.5).
+        assert_eq!(map.on_stream_sendme(9), Ok(()));
+    }
 }

@@ -230,11 +230,6 @@ fn the_circuit_window_bounds_all_streams_together() {
     }
     p.drive();
     assert_eq!(p.exit.data_sent, 1000, "the circuit window");
-    let sent: Vec<u32> = ids
-        .iter()
-        .map(|&id| STREAM_WINDOW_START - p.exit_stream(id).state.borrow().package.value())
-        .collect();
-    assert!(sent.iter().all(|&n| n <= STREAM_WINDOW_START), "{sent:?}");
     // Once the client reads its link again, all of it arrives.
     p.client_link_stalled = false;
     p.drive();
@@ -313,8 +308,10 @@ fn a_refused_begin_ends_the_stream_and_retires_its_id() {
     );
     assert!(!c.state.borrow().connected);
     assert!(p.exit.map.is_recently_closed(id));
-    let next = p.open();
-    assert_ne!(next, id, "R9.4: not reused while recently closed");
+    assert!(
+        p.client.map.is_recently_closed(id),
+        "R9.1 at the client too"
+    );
 }
 
 // R4.6, R4.7, R4.8: commands the wrong way and stream 0.
