@@ -3,4 +3,5 @@
 //! now ([`status`]: the status endpoint, `halfpipe status`, SIGUSR1).
 
 pub mod config;
+pub mod http;
 pub mod status;

@@ -11,6 +11,7 @@
 
 use crate::circuit::view::CircuitView;
 use crate::link::Links;
+use crate::ops::http;
 use crate::process::metrics::Gauges;
 use crate::process::Ctx;
 use crate::runtime::threads;
@@ -24,7 +25,6 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -416,12 +416,9 @@ pub fn table(s: &Snapshot) -> String {
 
 // --------------------------------------------------------- the HTTP server
 
-/// `--status ADDR`: the HTTP server on `status-http`, joined at shutdown.
-pub struct StatusServer {
-    http: Arc<tiny_http::Server>,
-    stopping: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
-}
+/// `--status ADDR`: the HTTP server on `status-http` (`ops::http`), joined
+/// at shutdown.
+pub struct StatusServer(http::Server);
 
 /// Why the status server did not start.
 #[derive(Debug, thiserror::Error)]
@@ -457,100 +454,47 @@ impl StatusServer {
         let local = listener
             .local_addr()
             .map_err(|e| StartError::Bind(addr, e))?;
-        let stopping = Arc::new(AtomicBool::new(false));
-        let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
-        let stop = stopping.clone();
-        // tiny_http starts its own acceptor and worker threads: created from
-        // this thread, they inherit its name, so `top -H` shows them as
-        // `status-http` too. They are tiny_http's: they end within seconds
-        // of the server being dropped, which is when this thread ends.
-        let thread = threads::spawn("status-http".into(), move || {
-            let http = match tiny_http::Server::from_listener(listener, None) {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    let _ = ready_tx.send(Err(io::Error::other(e.to_string())));
-                    return;
-                }
-            };
-            if ready_tx.send(Ok(http.clone())).is_err() {
-                return;
-            }
-            serve(&watched, &http, &stop);
-        })
-        .map_err(StartError::Thread)?;
-        match ready_rx.recv() {
-            Ok(Ok(http)) => Ok((
-                StatusServer {
-                    http,
-                    stopping,
-                    thread,
-                },
-                local,
-            )),
-            Ok(Err(e)) => {
-                threads::join(thread);
-                Err(StartError::Bind(addr, e))
-            }
-            Err(_) => {
-                threads::join(thread);
-                Err(StartError::Thread(io::Error::other("status thread ended")))
-            }
-        }
+        let handler: http::Handler = Arc::new(move |path: &str| answer(&watched, path));
+        let server = http::Server::start(listener, handler).map_err(StartError::Thread)?;
+        Ok((StatusServer(server), local))
     }
 
-    /// Stops serving and joins `status-http` (tiny_http's `unblock`).
+    /// Stops serving and joins every `status-http` thread.
     pub fn stop(self) {
-        self.stopping.store(true, Ordering::Release);
-        self.http.unblock();
-        threads::join(self.thread);
+        self.0.stop();
     }
 }
 
-fn serve(watched: &Watched, http: &tiny_http::Server, stopping: &AtomicBool) {
-    loop {
-        let rq = match http.recv() {
-            Ok(rq) => rq,
-            Err(_) if stopping.load(Ordering::Acquire) => return,
-            Err(e) => {
-                // accept() failed (EMFILE and the like): back off, go on.
-                tracing::warn!("status endpoint: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+/// The answer to a `GET` of `path`. The snapshot is taken under the
+/// registries' locks; the body is built after they are released.
+fn answer(watched: &Watched, path: &str) -> http::Response {
+    match path {
+        "/streams" => {
+            let snap = snapshot(watched);
+            let mut body = serde_json::to_string(&snap).unwrap_or_else(|e| {
+                tracing::error!("bug: status document does not serialize: {e}");
+                "{}".into()
+            });
+            body.push('\n');
+            http::Response {
+                status: 200,
+                content_type: "application/json",
+                body,
             }
-        };
-        let path = rq.url().split('?').next().unwrap_or("").to_owned();
-        let get = *rq.method() == tiny_http::Method::Get;
-        // The snapshot is taken under the registries' locks; the body is
-        // built and written after they are released.
-        let (status, body, content_type) = match (get, path.as_str()) {
-            (true, "/streams") => {
-                let snap = snapshot(watched);
-                let mut body = serde_json::to_string(&snap).unwrap_or_else(|e| {
-                    tracing::error!("bug: status document does not serialize: {e}");
-                    "{}".into()
-                });
-                body.push('\n');
-                (200, body, "application/json")
-            }
-            (true, "/metrics") => {
-                let snap = snapshot(watched);
-                let body = watched.ctx.metrics.render(&gauges(&snap));
-                (200, body, "text/plain; version=0.0.4; charset=utf-8")
-            }
-            _ => (
-                404,
-                "not found: try GET /streams or GET /metrics\n".to_owned(),
-                "text/plain; charset=utf-8",
-            ),
-        };
-        let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], content_type.as_bytes())
-            .expect("a valid header");
-        let response = tiny_http::Response::from_string(body)
-            .with_status_code(status)
-            .with_header(header);
-        if let Err(e) = rq.respond(response) {
-            tracing::debug!("status client went away: {e}");
         }
+        "/metrics" => {
+            let snap = snapshot(watched);
+            http::Response {
+                status: 200,
+                content_type: "text/plain; version=0.0.4; charset=utf-8",
+                body: watched.ctx.metrics.render(&gauges(&snap)),
+            }
+        }
+        _ => http::Response {
+            status: 404,
+            content_type: "text/plain; charset=utf-8",
+            body: "not found: try GET /streams or GET /metrics\n".to_owned(),
+        },
     }
 }
 

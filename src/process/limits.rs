@@ -20,8 +20,11 @@ pub const MAX_CIRCUITS: usize = 512;
 pub const MAX_LINKS: usize = 128;
 /// SOCKS handshakes in progress at once (each is a thread).
 pub const MAX_HANDSHAKES: usize = 256;
+/// Status endpoint connections served at once (each is a thread).
+pub const MAX_STATUS_CONNECTIONS: usize = 8;
 /// Threads kept for all of the above, plus acceptors and the like.
-const THREADS_RESERVED: u64 = (MAX_CIRCUITS + 2 * MAX_LINKS + MAX_HANDSHAKES + 64) as u64;
+const THREADS_RESERVED: u64 =
+    (MAX_CIRCUITS + 2 * MAX_LINKS + MAX_HANDSHAKES + MAX_STATUS_CONNECTIONS + 64) as u64;
 /// Descriptors kept for listeners, links and the process itself.
 const FDS_RESERVED: u64 = 256;
 /// Threads per stream in one process: packager and deliverer.

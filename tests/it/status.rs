@@ -542,3 +542,168 @@ fn status_refuses_a_remote_address_and_reports_a_missing_daemon() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert_eq!(err.lines().count(), 1, "{err}");
 }
+
+// ------------------------------------------- the endpoint under attack
+
+/// RSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+#[test]
+fn a_huge_request_is_answered_431_without_being_read() {
+    // A request whose header line never ends: the endpoint reads at most
+    // 8 KiB of it, answers 431 and closes; the daemon's memory does not
+    // follow what the client sends (it once grew by the gigabyte).
+    let d = Daemon::run(&["--status", "127.0.0.1:0"]);
+    let status = d.status.unwrap();
+    let before = rss_kib(d.pid());
+    let mut s = TcpStream::connect(status).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let writer = {
+        let mut w = s.try_clone().unwrap();
+        thread::spawn(move || {
+            let line = vec![b'a'; 1 << 20];
+            let _ = w.write_all(b"GET /streams HTTP/1.1\r\nX-Long: ");
+            // 64 MiB, or until the endpoint closes the connection.
+            for _ in 0..64 {
+                if w.write_all(&line).is_err() {
+                    break;
+                }
+            }
+        })
+    };
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 431 "), "{answer}");
+    writer.join().unwrap();
+    let after = rss_kib(d.pid());
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    // The endpoint still serves.
+    assert_eq!(http_get(status, "/streams").0, 200);
+}
+
+#[test]
+fn idle_connections_cannot_hold_the_endpoint_or_the_daemons_threads() {
+    // 50 connections that send nothing: at most 8 are served at once (the
+    // rest are closed at once), each is answered 408 at its deadline, and
+    // meanwhile the daemon's threads stay within the reserve and streams
+    // are served.
+    let d = Daemon::run(&["--status", "127.0.0.1:0"]);
+    let status = d.status.unwrap();
+    let baseline = d.thread_count();
+    let idle: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(status).unwrap())
+        .collect();
+    let peak = eventually("the idle connections to be taken", || {
+        let n = d.thread_count();
+        (n > baseline).then_some(n)
+    });
+    thread::sleep(Duration::from_millis(300));
+    let threads = d.thread_count().max(peak);
+    assert!(
+        threads <= baseline + 8,
+        "{threads} threads with 50 idle status connections (baseline {baseline})"
+    );
+    // A stream is served meanwhile.
+    let echo = Server::echo();
+    let mut s = socks5(d.socks(), "127.0.0.1", echo.addr.port(), None).expect("CONNECT");
+    s.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    drop(s);
+    // Every idle connection ends: closed at once, or 408 at its deadline.
+    let mut answered = 0;
+    for mut c in idle {
+        c.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        if out.starts_with("HTTP/1.1 408 ") {
+            answered += 1;
+        } else {
+            assert!(out.is_empty(), "{out}");
+        }
+    }
+    assert!((1..=8).contains(&answered), "{answered} answered 408");
+    assert_eq!(http_get(status, "/streams").0, 200);
+    d.wait_for_threads(baseline);
+}
+
+#[test]
+fn the_endpoint_survives_running_out_of_descriptors() {
+    // With few descriptors, connections to the status port exhaust them
+    // (accept() fails with EMFILE); once they are gone, the endpoint
+    // serves again: its listener does not die at the first EMFILE.
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_halfpipe"));
+    cmd.args(["exit", "--listen", "127.0.0.1:0", "--status", "127.0.0.1:0"])
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; nothing else runs here.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 20,
+                rlim_max: 20,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let log = {
+        let mut stderr = child.stderr.take().unwrap();
+        thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stderr.read_to_string(&mut s);
+            s
+        })
+    };
+    let stdout = child.stdout.take().unwrap();
+    let mut status = None;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line.unwrap();
+        if let Some(a) = line.strip_prefix("status listening on ") {
+            status = a.split_whitespace().next().and_then(|a| a.parse().ok());
+        }
+        if line.starts_with("link listening on ") {
+            break;
+        }
+    }
+    let status: SocketAddr = status.expect("status address");
+    // More connections than the daemon has descriptors for.
+    let flood: Vec<TcpStream> = (0..100)
+        .filter_map(|_| TcpStream::connect(status).ok())
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    drop(flood);
+    eventually("the endpoint to serve again", || {
+        let mut s = TcpStream::connect(status).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        out.starts_with("HTTP/1.1 200 ").then_some(())
+    });
+    assert!(child.try_wait().unwrap().is_none(), "the daemon died");
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = log.join().unwrap();
+    assert!(
+        log.contains("status endpoint: accept failed"),
+        "the flood never ran the daemon out of descriptors: {log}"
+    );
+}
