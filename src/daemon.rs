@@ -9,6 +9,7 @@ use crate::circuit::CircMsg;
 use crate::edge::client::Client;
 use crate::edge::exit;
 use crate::link::Links;
+use crate::ops::signals;
 use crate::ops::status::{self, StatusServer, Watched};
 use crate::process::Ctx;
 use crate::runtime::threads;
@@ -83,12 +84,24 @@ impl Daemon {
         Ok(local)
     }
 
-    /// Starts `signals`, which writes the stream table to the log on
-    /// SIGUSR1. `signals` should be registered before anything starts,
-    /// and this called before the edges, so that the thread exists by the
-    /// time anyone sees the listening lines.
-    pub fn start_signals(&mut self, signals: signal_hook::iterator::Signals) -> io::Result<()> {
-        self.signals = Some(status::spawn_signal_thread(signals, self.watched())?);
+    /// Starts `signals` (`ops::signals`): SIGTERM calls `terminate`,
+    /// SIGHUP `reload`, SIGUSR1 writes the stream table to the log.
+    /// `signals` should be registered before anything starts, and this
+    /// called before the edges, so that the thread exists by the time
+    /// anyone sees the listening lines.
+    pub fn start_signals(
+        &mut self,
+        signals: signal_hook::iterator::Signals,
+        terminate: Box<dyn Fn() + Send>,
+        reload: Box<dyn Fn() + Send>,
+    ) -> io::Result<()> {
+        let watched = self.watched();
+        let actions = signals::Actions {
+            terminate,
+            reload,
+            table: Box::new(move || status::table(&status::snapshot(&watched))),
+        };
+        self.signals = Some(signals::spawn(signals, actions)?);
         Ok(())
     }
 

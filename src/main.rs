@@ -21,6 +21,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tracing_subscriber::EnvFilter;
 
 /// Start-up errors are one line for a person, with exit status 2.
 fn fail(msg: impl std::fmt::Display) -> ExitCode {
@@ -28,7 +29,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(2)
 }
 
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(
     name = "halfpipe",
     version,
@@ -48,7 +49,7 @@ struct Cli {
     run: RunArgs,
 }
 
-#[derive(Subcommand, Debug)]
+#[derive(Subcommand, Debug, Clone)]
 enum Command {
     /// Both edges in one process (the default).
     Run(RunArgs),
@@ -60,7 +61,7 @@ enum Command {
     Status(status::StatusArgs),
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct RunArgs {
     /// SOCKS listen address.
     #[arg(long, default_value = "127.0.0.1:1080", value_parser = parse_listen)]
@@ -79,7 +80,7 @@ struct RunArgs {
     common: Common,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct ExitArgs {
     /// Link listen address.
     #[arg(long, default_value = "127.0.0.1:9001", value_parser = parse_listen)]
@@ -93,7 +94,7 @@ struct ExitArgs {
     common: Common,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct ClientArgs {
     /// SOCKS listen address.
     #[arg(long, default_value = "127.0.0.1:1080", value_parser = parse_listen)]
@@ -111,7 +112,7 @@ struct ClientArgs {
 }
 
 /// Options of the exit edge (`exit` and `run`).
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct ExitTimeouts {
     /// How long the exit waits for a target to accept.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
@@ -119,14 +120,14 @@ struct ExitTimeouts {
 }
 
 /// Options of the SOCKS front end (`client` and `run`).
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct SocksTimeouts {
     /// How long a SOCKS client has to send its request.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     socks_timeout: Duration,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 struct Common {
     /// Read settings from this TOML file (keys named like the long flags);
     /// flags given on the command line win.
@@ -400,25 +401,100 @@ fn config(
     (cfg, line)
 }
 
+/// What lets SIGHUP change the log filter of a running daemon.
+type LogFilter = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
 /// Logs go to stderr, with colour only on a terminal (never into a file or
-/// the journal) and never with NO_COLOR set.
-fn init_logging(filter: &str) {
+/// the journal) and never with NO_COLOR set. RUST_LOG, if set, wins over
+/// `--log`.
+fn init_logging(filter: &str) -> LogFilter {
+    use tracing_subscriber::prelude::*;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|e| {
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|e| {
         eprintln!("halfpipe: bad log filter {filter:?} ({e}); using info");
-        tracing_subscriber::EnvFilter::new("info")
+        EnvFilter::new("info")
     });
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_thread_names(true)
-        .with_ansi(colour)
-        .with_writer(std::io::stderr)
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_thread_names(true)
+                .with_ansi(colour)
+                .with_writer(std::io::stderr),
+        )
         .init();
+    handle
+}
+
+/// What SIGHUP can change in a running daemon: the exit policy and the
+/// log filter.
+fn live_settings(command: &Command) -> (Option<Policy>, &str) {
+    match command {
+        Command::Run(a) => (Some(a.exit_policy.clone()), &a.common.log),
+        Command::Exit(a) => (Some(a.exit_policy.clone()), &a.common.log),
+        Command::Client(a) => (None, &a.common.log),
+        Command::Status(_) => (None, ""),
+    }
+}
+
+/// Everything else, to tell a person that a change waits for a restart.
+fn fixed_settings(mut command: Command) -> String {
+    let blank: Policy = policy::RUN_POLICY.parse().expect("literal");
+    match &mut command {
+        Command::Run(a) => (a.exit_policy, a.common.log) = (blank, String::new()),
+        Command::Exit(a) => (a.exit_policy, a.common.log) = (blank, String::new()),
+        Command::Client(a) => a.common.log = String::new(),
+        Command::Status(_) => {}
+    }
+    format!("{command:?}")
+}
+
+/// SIGHUP: reads the command line and the config file again and applies
+/// what can change live; a bad file changes nothing.
+fn reload(args: &[OsString], running: &Command, ctx: &Ctx, log: &LogFilter) {
+    let new = match parse_command_line(args.iter().cloned()) {
+        Ok(c) => c,
+        Err(CliError::Config(msg)) => {
+            tracing::warn!("SIGHUP: {msg}; the settings in force stay");
+            return;
+        }
+        Err(CliError::Clap(e)) => {
+            tracing::warn!(
+                "SIGHUP: {}; the settings in force stay",
+                first_line(&e.to_string())
+            );
+            return;
+        }
+    };
+    let (policy, filter) = live_settings(&new);
+    if let Some(p) = policy {
+        tracing::info!("SIGHUP: exit policy now {p}");
+        ctx.set_exit_policy(Arc::new(p));
+    }
+    if std::env::var_os("RUST_LOG").is_some() {
+        tracing::info!("SIGHUP: RUST_LOG is set, so the log filter stays");
+    } else {
+        match EnvFilter::try_new(filter) {
+            Ok(f) => {
+                if log.reload(f).is_ok() {
+                    tracing::info!("SIGHUP: log filter now {filter}");
+                }
+            }
+            Err(e) => tracing::warn!("SIGHUP: bad log filter {filter:?} ({e}); it stays"),
+        }
+    }
+    if fixed_settings(new) != fixed_settings(running.clone()) {
+        tracing::warn!(
+            "SIGHUP: other settings changed too; they take effect when halfpipe restarts"
+        );
+    }
 }
 
 fn main() -> ExitCode {
-    let command = match parse_command_line(std::env::args_os()) {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    let command = match parse_command_line(args.iter().cloned()) {
         Ok(c) => c,
         // --help and --version print and exit 0.
         Err(CliError::Clap(e)) => e.exit(),
@@ -444,7 +520,7 @@ fn main() -> ExitCode {
             1,
         ),
     };
-    init_logging(&common.log);
+    let log_filter = init_logging(&common.log);
     let (status_addr, status_remote) = (common.status, common.status_allow_remote);
     if let Some(addr) = status_addr {
         if let Err(e) = status::check_addr(addr, status_remote) {
@@ -452,31 +528,38 @@ fn main() -> ExitCode {
         }
     }
     let (cfg, capacity_line) = config(common, exit_opts, socks_opts, policy, edges);
-    // SIGUSR1 writes the stream table to the log. Registered before
-    // anything starts, so that an early one is queued, not fatal.
-    let usr1 = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGUSR1]) {
+    // Registered before anything starts, so that an early signal is
+    // queued, not fatal (docs/operations.md, "Signals and shutdown").
+    let signals = match halfpipe::ops::signals::register() {
         Ok(s) => s,
-        Err(e) => return fail(format!("cannot install the SIGUSR1 handler: {e}")),
+        Err(e) => return fail(format!("cannot install the signal handlers: {e}")),
     };
-
-    // First signal: graceful shutdown; a second one exits at once.
-    let (sig_tx, sig_rx) = crossbeam_channel::bounded(1);
-    let signals = AtomicUsize::new(0);
-    let handler = ctrlc::set_handler(move || {
-        if signals.fetch_add(1, Ordering::SeqCst) == 0 {
-            let _ = sig_tx.try_send(());
-        } else {
-            eprintln!("halfpipe: second signal, exiting now");
-            std::process::exit(130);
+    // SIGINT (Ctrl-C) or SIGTERM: graceful shutdown; a second one exits at
+    // once.
+    let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+    let terminate = {
+        let count = Arc::new(AtomicUsize::new(0));
+        move || {
+            if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                let _ = stop_tx.try_send(());
+            } else {
+                eprintln!("halfpipe: second signal, exiting now");
+                std::process::exit(130);
+            }
         }
-    });
-    if let Err(e) = handler {
-        return fail(format!("cannot install the signal handler: {e}"));
+    };
+    if let Err(e) = ctrlc::set_handler(terminate.clone()) {
+        return fail(format!("cannot install the Ctrl-C handler: {e}"));
     }
 
-    let mut d = Daemon::new(Ctx::new(cfg));
+    let ctx = Ctx::new(cfg);
+    let mut d = Daemon::new(ctx.clone());
+    let reload = {
+        let running = command.clone();
+        move || reload(&args, &running, &ctx, &log_filter)
+    };
     // Before any listening line: who reads one sees every thread.
-    if let Err(e) = d.start_signals(usr1) {
+    if let Err(e) = d.start_signals(signals, Box::new(terminate), Box::new(reload)) {
         return fail(format!("cannot start the signals thread: {e}"));
     }
     // Every listener is bound before anything is announced: a port in use
@@ -525,7 +608,7 @@ fn main() -> ExitCode {
     for line in lines {
         println!("{line}");
     }
-    let _ = sig_rx.recv();
+    let _ = stop_rx.recv();
     d.shutdown();
     ExitCode::SUCCESS
 }

@@ -14,7 +14,6 @@ use crate::link::Links;
 use crate::ops::http;
 use crate::process::metrics::Gauges;
 use crate::process::Ctx;
-use crate::runtime::threads;
 use crate::stream::Stream;
 use halfpipe_proto::halfclose::{CloseCause, State};
 use halfpipe_proto::relay::end_reason;
@@ -26,7 +25,6 @@ use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// The conventional `--status` address, and where `halfpipe status` looks
@@ -498,31 +496,10 @@ fn answer(watched: &Watched, path: &str) -> http::Response {
     }
 }
 
-// ----------------------------------------------------------------- SIGUSR1
-
-/// `signals`: writes the stream table to the log on SIGUSR1. `signals`
-/// was registered at start-up (so an early SIGUSR1 is not fatal); closing
-/// the returned handle ends the thread.
-pub fn spawn_signal_thread(
-    mut signals: signal_hook::iterator::Signals,
-    watched: Watched,
-) -> io::Result<(signal_hook::iterator::Handle, JoinHandle<()>)> {
-    let handle = signals.handle();
-    let thread = threads::spawn("signals".into(), move || {
-        for sig in signals.forever() {
-            if sig == signal_hook::consts::SIGUSR1 {
-                let t = table(&snapshot(&watched));
-                tracing::info!("stream table (SIGUSR1):\n{}", t.trim_end());
-            }
-        }
-    })?;
-    Ok((handle, thread))
-}
-
 // ---------------------------------------------------------- halfpipe status
 
 /// `halfpipe status`: the stream table of a running daemon.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct StatusArgs {
     /// The daemon's status address (its --status).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADDR)]

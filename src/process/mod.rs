@@ -10,6 +10,7 @@ pub mod metrics;
 use halfpipe_proto::policy::Policy;
 use limits::MAX_CIRCUITS;
 use metrics::Metrics;
+use parking_lot::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +44,9 @@ pub struct Config {
     /// A link writer sends PADDING after this long without writing, and
     /// link sockets get TCP keepalive (`--keepalive`; off when `None`).
     pub keepalive: Option<Duration>,
-    /// Exit policy applied to the address actually connected to.
+    /// Exit policy applied to the address actually connected to, as the
+    /// process started with (`Ctx::exit_policy` is the one in force: a
+    /// SIGHUP may replace it).
     pub exit_policy: Arc<Policy>,
 }
 
@@ -76,6 +79,8 @@ pub struct Ctx {
     next_circuit: AtomicU32,
     next_socks: AtomicU32,
     shutting_down: AtomicBool,
+    /// The exit policy in force.
+    policy: RwLock<Arc<Policy>>,
     /// Process-wide counters for `GET /metrics`.
     pub metrics: Arc<Metrics>,
 }
@@ -111,6 +116,7 @@ fn take(count: &AtomicUsize, max: usize) -> bool {
 impl Ctx {
     pub fn new(cfg: Config) -> Arc<Ctx> {
         Arc::new(Ctx {
+            policy: RwLock::new(cfg.exit_policy.clone()),
             cfg,
             streams: AtomicUsize::new(0),
             circuits: AtomicUsize::new(0),
@@ -156,6 +162,16 @@ impl Ctx {
 
     pub fn next_socks_id(&self) -> u32 {
         self.next_socks.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The exit policy in force: what each new stream is checked against.
+    pub fn exit_policy(&self) -> Arc<Policy> {
+        self.policy.read().clone()
+    }
+
+    /// Replaces the exit policy (SIGHUP); streams already open keep going.
+    pub fn set_exit_policy(&self, policy: Arc<Policy>) {
+        *self.policy.write() = policy;
     }
 
     pub fn shutting_down(&self) -> bool {

@@ -53,7 +53,7 @@ pub fn client_packager(stream: Arc<Stream>, sock: Arc<Socket>, initial: Vec<u8>)
 pub fn exit_packager(stream: Arc<Stream>, ctx: Arc<Ctx>, give_socket: Sender<Arc<Socket>>) {
     let _notice = ExitNotice(&stream);
     let _tid = Tid::publish(&stream, Side::Packager);
-    let (sock, addr) = match connect::connect(&stream.target, &ctx.cfg, &*stream) {
+    let (sock, addr) = match connect::connect(&stream.target, &ctx, &*stream) {
         Ok(ok) => ok,
         Err(ConnectError::Aborted) => return,
         Err(ConnectError::Refused(reason)) => {

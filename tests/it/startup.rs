@@ -131,3 +131,46 @@ fn the_readmes_two_daemons_reach_a_local_target() {
         "{line}"
     );
 }
+
+#[test]
+fn sighup_reloads_the_exit_policy_and_no_signal_but_term_stops_the_daemon() {
+    // SIGHUP re-reads the config file and applies what can change live
+    // (the exit policy, the log filter); it never stops the daemon, nor
+    // does SIGUSR2. SIGTERM still stops it gracefully (exit status 0).
+    let target = Server::echo();
+    let path = std::env::temp_dir().join(format!("halfpipe-sighup-{}.toml", std::process::id()));
+    std::fs::write(&path, "exit-policy = \"reject *:*\"\n").unwrap();
+    let file = path.to_str().unwrap();
+    let mut exit = Daemon::exit(&["--config", file]);
+    let client = Daemon::client(exit.link(), &[]);
+    let port = target.addr.port();
+    assert_eq!(
+        socks5(client.socks(), "127.0.0.1", port, None).err(),
+        Some(0x02)
+    );
+    std::fs::write(
+        &path,
+        "exit-policy = \"accept 127.0.0.1:*\"\nlog = \"debug\"\n",
+    )
+    .unwrap();
+    exit.signal(libc::SIGHUP);
+    exit.wait_for_log("SIGHUP: exit policy now accept 127.0.0.1:*");
+    // (The tests set RUST_LOG, which wins over the file's filter.)
+    exit.wait_for_log("SIGHUP: RUST_LOG is set, so the log filter stays");
+    let mut s = socks5(client.socks(), "127.0.0.1", port, None).expect("allowed now");
+    s.write_all(b"hi").unwrap();
+    let mut got = [0u8; 2];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hi");
+    drop(s);
+    // A file that no longer parses changes nothing.
+    std::fs::write(&path, "exit-policy = \"allow all\"\n").unwrap();
+    exit.signal(libc::SIGHUP);
+    exit.wait_for_log("the settings in force stay");
+    exit.signal(libc::SIGUSR2);
+    exit.wait_for_log("SIGUSR2 ignored");
+    assert!(exit.is_running());
+    std::fs::remove_file(&path).unwrap();
+    exit.signal(libc::SIGTERM);
+    assert!(exit.wait_exit(PATIENCE).success());
+}

@@ -3,7 +3,7 @@
 //! actually connected to), connect within the timeout, and name the END
 //! reason of each failure (R5.6 to R5.12). Also the answers to RESOLVE.
 
-use crate::process::Config;
+use crate::process::Ctx;
 use halfpipe_proto::relay::{end_reason, Answer, Host, Target};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
@@ -34,10 +34,11 @@ pub enum ConnectError {
 /// address actually connected to), and connects within the timeout.
 pub fn connect(
     target: &Target,
-    cfg: &Config,
+    ctx: &Ctx,
     stream: &impl Connecting,
 ) -> Result<(Arc<Socket>, SocketAddr), ConnectError> {
     let port = target.port;
+    let policy = ctx.exit_policy();
     let addrs = match &target.host {
         Host::Ip(ip) => vec![*ip],
         // R5.7: a name that does not resolve is END(RESOLVEFAILED).
@@ -47,13 +48,13 @@ pub fn connect(
     let allowed: Vec<IpAddr> = addrs
         .iter()
         .copied()
-        .filter(|ip| cfg.exit_policy.allows(*ip, port))
+        .filter(|ip| policy.allows(*ip, port))
         .collect();
     if allowed.is_empty() {
         if crate::runtime::ratelimit::refusal_line() {
             let why: Vec<String> = addrs
                 .iter()
-                .filter_map(|ip| Some(format!("{ip}: {}", cfg.exit_policy.refusal(*ip, port)?)))
+                .filter_map(|ip| Some(format!("{ip}: {}", policy.refusal(*ip, port)?)))
                 .collect();
             tracing::info!(
                 stream = stream.name(),
@@ -65,7 +66,7 @@ pub fn connect(
         return Err(ConnectError::Refused(end_reason::EXITPOLICY));
     }
     // R5.9: one connect timeout for all the addresses tried.
-    let deadline = Instant::now() + cfg.connect_timeout;
+    let deadline = Instant::now() + ctx.cfg.connect_timeout;
     // R5.12: a failure no row names is MISC.
     let mut last = end_reason::MISC;
     for ip in allowed {
