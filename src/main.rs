@@ -122,7 +122,7 @@ struct ExitTimeouts {
 /// Options of the SOCKS front end (`client` and `run`).
 #[derive(Args, Debug, Clone)]
 struct SocksTimeouts {
-    /// How long a SOCKS client has to send its request.
+    /// How long a SOCKS client has for its whole handshake.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     socks_timeout: Duration,
 }

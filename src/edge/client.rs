@@ -11,7 +11,7 @@ use crate::process::limits::MAX_HANDSHAKES;
 use crate::process::metrics::{Metrics, ViolationKind};
 use crate::process::Ctx;
 use crate::runtime::inbox::InboxTx;
-use crate::runtime::threads::{self, Reaper};
+use crate::runtime::threads;
 use crossbeam_channel::{Receiver, Sender};
 use halfpipe_proto::cell::{self, cmd, destroy_reason};
 use halfpipe_proto::kdf;
@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use socket2::Socket;
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -248,19 +248,24 @@ impl Client {
     ) -> io::Result<JoinHandle<()>> {
         let client = self.clone();
         threads::spawn("socks-accept".into(), move || {
-            let mut sessions = Reaper::default();
+            let mut sessions: Vec<Session> = Vec::new();
             loop {
-                // All handshake slots busy: new connections wait in the
-                // kernel's listen backlog (not closed) until one frees;
-                // each handshake ends within --socks-timeout.
-                sessions.reap();
+                reap(&mut sessions);
                 if sessions.len() >= MAX_HANDSHAKES {
-                    tracing::warn!(
-                        "{MAX_HANDSHAKES} SOCKS handshakes in progress: new connections wait until one ends"
-                    );
+                    // All slots taken: the slowest handshake gives way to
+                    // the connection waiting, so that clients who dribble
+                    // their handshakes cannot keep a prompt one waiting.
+                    // If none is in its handshake any more (each is being
+                    // given a circuit), new connections wait in the
+                    // listen backlog for one to end.
+                    let pause = if evict_oldest_handshake(&sessions) {
+                        Duration::from_millis(1) // it ends at once
+                    } else {
+                        Duration::from_millis(5)
+                    };
                     while sessions.len() >= MAX_HANDSHAKES && !client.ctx.shutting_down() {
-                        std::thread::sleep(Duration::from_millis(5));
-                        sessions.reap();
+                        std::thread::sleep(pause);
+                        reap(&mut sessions);
                     }
                 }
                 if client.ctx.shutting_down() {
@@ -278,28 +283,56 @@ impl Client {
                         continue;
                     }
                 };
+                let Ok(watch) = sock.try_clone() else {
+                    continue; // no descriptor to spare: the client sees a close
+                };
+                let handshaking: Handshaking = Arc::new(Mutex::new(Some(watch)));
                 let id = client.ctx.next_socks_id();
-                let c = client.clone();
-                match threads::spawn(format!("socks {id}"), move || c.socks_session(sock)) {
-                    Ok(h) => sessions.push(h),
+                let (c, h) = (client.clone(), handshaking.clone());
+                match threads::spawn(format!("socks {id}"), move || c.socks_session(sock, &h)) {
+                    Ok(thread) => sessions.push(Session {
+                        thread,
+                        started: Instant::now(),
+                        handshaking,
+                    }),
                     // The socket went with the closure: the client sees a close.
                     Err(e) => {
                         tracing::warn!("cannot start a SOCKS thread ({e}): connection dropped")
                     }
                 }
             }
-            sessions.join_all();
+            for s in &sessions {
+                if let Some(sock) = s.handshaking.lock().take() {
+                    let _ = sock.shutdown(Shutdown::Both);
+                }
+            }
+            sessions.into_iter().for_each(|s| threads::join(s.thread));
         })
     }
 
-    /// One SOCKS connection up to the moment a circuit takes it over.
-    fn socks_session(&self, sock: TcpStream) {
+    /// One SOCKS connection up to the moment a circuit takes it over. The
+    /// whole handshake must end within --socks-timeout. `handshaking` holds
+    /// the acceptor's clone of the socket while the handshake runs; it is
+    /// emptied (the clone closed) when the handshake ends, however it ends.
+    fn socks_session(&self, sock: TcpStream, handshaking: &Mutex<Option<TcpStream>>) {
+        struct Done<'a>(&'a Mutex<Option<TcpStream>>);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.lock().take();
+            }
+        }
+        let done = Done(handshaking);
         let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-        let _ = sock.set_read_timeout(Some(self.ctx.cfg.socks_timeout));
+        let deadline = Instant::now() + self.ctx.cfg.socks_timeout;
         let mut hs = Handshake::new();
         let mut buf = Vec::new();
         let mut chunk = [0u8; 4096];
         let request = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || sock.set_read_timeout(Some(left)).is_err() {
+                tracing::debug!(%peer, "SOCKS handshake not complete within --socks-timeout");
+                return;
+            }
             let n = match (&sock).read(&mut chunk) {
                 Ok(0) => return,
                 Ok(n) => n,
@@ -327,6 +360,7 @@ impl Client {
                 }
             }
         };
+        drop(done); // from here on it cannot be evicted
         let _ = sock.set_read_timeout(None);
         let version = request.version;
         let circuit = match self.circuit_for(request.isolation.clone()) {
@@ -379,6 +413,43 @@ impl Client {
             let _ = (&socket).write_all(&reply);
         }
     }
+}
+
+/// While a SOCKS connection is in its handshake: a clone of its socket,
+/// with which `socks-accept` can end it; `None` once the handshake is over.
+type Handshaking = Arc<Mutex<Option<TcpStream>>>;
+
+/// A SOCKS connection's thread, as `socks-accept` keeps it.
+struct Session {
+    thread: JoinHandle<()>,
+    started: Instant,
+    handshaking: Handshaking,
+}
+
+/// Joins the sessions that have ended.
+fn reap(sessions: &mut Vec<Session>) {
+    let (done, running): (Vec<_>, Vec<_>) =
+        sessions.drain(..).partition(|s| s.thread.is_finished());
+    *sessions = running;
+    done.into_iter().for_each(|s| threads::join(s.thread));
+}
+
+/// Ends the handshake that has been going on longest, if any is: its
+/// thread sees the socket shut and ends. Returns whether one was ended.
+fn evict_oldest_handshake(sessions: &[Session]) -> bool {
+    let mut by_age: Vec<&Session> = sessions.iter().collect();
+    by_age.sort_by_key(|s| s.started);
+    for s in by_age {
+        if let Some(sock) = s.handshaking.lock().take() {
+            tracing::debug!(
+                "{MAX_HANDSHAKES} SOCKS handshakes in progress: closing the oldest ({:?} old)",
+                s.started.elapsed()
+            );
+            let _ = sock.shutdown(Shutdown::Both);
+            return true;
+        }
+    }
+    false
 }
 
 /// §11 with Tor's RESOLVE extension: answer with the first address.

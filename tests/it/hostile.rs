@@ -788,9 +788,8 @@ fn hostile_socks_clients_are_contained() {
     // §11: garbage gets the connection closed (a SOCKS5 failure reply at
     // most); a client that stalls mid-handshake is closed at the SOCKS
     // timeout; R11.13: BIND and UDP ASSOCIATE get 0x07; past 256 stalled
-    // handshakes new connections wait in the listen backlog until a slot
-    // frees (they are not closed). The SOCKS bystander's stream carries on
-    // throughout.
+    // handshakes the oldest gives way to a new connection. The SOCKS
+    // bystander's stream carries on throughout.
     let echo = Server::echo();
     let mut d = Daemon::run(&["--exit-policy", "accept *:*", "--socks-timeout", "2s"]);
     let mut by = socks_echo(&d, echo.addr);
@@ -858,10 +857,9 @@ fn hostile_socks_clients_are_contained() {
             s
         })
         .collect();
-    d.wait_for_log("SOCKS handshakes in progress: new connections wait");
+    d.wait_for_log("SOCKS handshakes in progress: closing the oldest");
     echo_check(&mut by, 3);
-    // A good client arriving now waits in the listen backlog, not closed,
-    // and is served once stalled handshakes time out.
+    // A good client arriving now is served.
     let latecomer = {
         let (socks, port) = (d.socks(), echo.addr.port());
         thread::spawn(move || {
@@ -877,4 +875,42 @@ fn hostile_socks_clients_are_contained() {
     latecomer.join().expect("the latecomer was served");
     echo_check(&mut by, 5);
     before.assert_recovered(&mut d, "hostile SOCKS clients");
+}
+
+// ------------------------------------------------------- SOCKS slowloris
+
+#[test]
+fn socks_clients_that_dribble_their_handshakes_cannot_keep_a_prompt_one_waiting() {
+    // 300 SOCKS connections that send the first byte of a greeting and
+    // then nothing, more than the 256 handshakes served at once, with a
+    // --socks-timeout far longer than the test waits: a prompt client is
+    // still served (the oldest dribbling handshake gives way to it), the
+    // daemon's threads stay bounded, and they come back when the
+    // dribblers go.
+    let d = Daemon::run(&["--socks-timeout", "120s"]);
+    let baseline = d.thread_count();
+    let echo = Server::echo();
+    let dribblers: Vec<TcpStream> = (0..300)
+        .map(|_| {
+            let mut s = TcpStream::connect(d.socks()).unwrap();
+            s.write_all(&[5]).unwrap();
+            s
+        })
+        .collect();
+    // Let the acceptor take them all in.
+    thread::sleep(Duration::from_millis(500));
+    let mut s = socks5(d.socks(), "127.0.0.1", echo.addr.port(), None)
+        .expect("a prompt client is served while 300 others dribble");
+    s.write_all(b"prompt").unwrap();
+    let mut got = [0u8; 6];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"prompt");
+    let threads = d.thread_count();
+    assert!(
+        threads <= baseline + 256 + 8,
+        "{threads} threads (baseline {baseline})"
+    );
+    drop(s);
+    drop(dribblers);
+    d.wait_for_threads(baseline);
 }

@@ -48,6 +48,38 @@ fn socks_timeout_flag_closes_a_silent_socks_client() {
 }
 
 #[test]
+fn socks_timeout_bounds_the_whole_handshake_not_each_read() {
+    // A client that sends its handshake a byte every 200 ms keeps every
+    // single read within --socks-timeout 1s, but not the whole handshake
+    // (a SOCKS5 greeting, username/password and a CONNECT: about 60
+    // bytes, 12 s at that pace): the connection is closed without a
+    // reply to its request.
+    let d = Daemon::run(&["--socks-timeout", "1s"]);
+    let mut s = TcpStream::connect(d.socks()).unwrap();
+    let mut handshake = vec![5, 1, 2, 1, 20];
+    handshake.extend_from_slice(b"a-long-user-name-xyz");
+    handshake.extend_from_slice(&[20]);
+    handshake.extend_from_slice(b"a-long-password-xyzw");
+    handshake.extend_from_slice(&socks5_request(1, "127.0.0.1", 80));
+    let mut closed_after = None;
+    for (i, b) in handshake.iter().enumerate() {
+        if s.write_all(&[*b]).is_err() {
+            closed_after = Some(i);
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Whatever the writes saw, the daemon closed it: what it sent is at
+    // most the method and authentication replies, never a CONNECT reply.
+    let got = read_until_closed(&mut s);
+    assert!(got.len() <= 4, "got {got:?}");
+    assert!(
+        closed_after.is_some(),
+        "the daemon kept a 12 s handshake open"
+    );
+}
+
+#[test]
 fn idle_timeout_resets_idle_streams_and_spares_active_ones() {
     // R8.3: an idle stream is an error on the stream: END(TIMEOUT); R8.7,
     // R8.8: and a reset at both ends. `halfpipe run` has both edges;
