@@ -114,7 +114,7 @@ struct ClientArgs {
 /// Options of the exit edge (`exit` and `run`).
 #[derive(Args, Debug, Clone)]
 struct ExitTimeouts {
-    /// How long the exit waits for a target to accept.
+    /// How long the exit waits for a target: the name lookup and the connect.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     connect_timeout: Duration,
 }

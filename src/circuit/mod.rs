@@ -595,8 +595,14 @@ impl Circuit {
             refuse(self);
             return Ok(());
         };
+        // One of the process's bounded lookups (`limits::MAX_LOOKUPS`).
+        let Some(permit) = self.ctx.lookups.try_acquire() else {
+            refuse(self);
+            return Ok(());
+        };
         let done = self.tx.clone();
         let spawned = threads::spawn(format!("rslv {}.{}", self.local, id), move || {
+            let _permit = permit;
             let answers = crate::edge::exit::connect::resolve_answers(&name);
             let _ = done.send(CircMsg::ResolverDone {
                 stream_id: id,

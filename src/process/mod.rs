@@ -7,6 +7,7 @@
 pub mod limits;
 pub mod metrics;
 
+use crate::runtime::semaphore::Semaphore;
 use halfpipe_proto::policy::Policy;
 use limits::MAX_CIRCUITS;
 use metrics::Metrics;
@@ -81,6 +82,8 @@ pub struct Ctx {
     shutting_down: AtomicBool,
     /// The exit policy in force.
     policy: RwLock<Arc<Policy>>,
+    /// Name lookups in flight (`limits::MAX_LOOKUPS`).
+    pub lookups: Arc<Semaphore>,
     /// Process-wide counters for `GET /metrics`.
     pub metrics: Arc<Metrics>,
 }
@@ -117,6 +120,7 @@ impl Ctx {
     pub fn new(cfg: Config) -> Arc<Ctx> {
         Arc::new(Ctx {
             policy: RwLock::new(cfg.exit_policy.clone()),
+            lookups: Semaphore::new(limits::MAX_LOOKUPS),
             cfg,
             streams: AtomicUsize::new(0),
             circuits: AtomicUsize::new(0),

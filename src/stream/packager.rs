@@ -53,7 +53,11 @@ pub fn client_packager(stream: Arc<Stream>, sock: Arc<Socket>, initial: Vec<u8>)
 pub fn exit_packager(stream: Arc<Stream>, ctx: Arc<Ctx>, give_socket: Sender<Arc<Socket>>) {
     let _notice = ExitNotice(&stream);
     let _tid = Tid::publish(&stream, Side::Packager);
-    let (sock, addr) = match connect::connect(&stream.target, &ctx, &*stream) {
+    // A lookup that outlived the connect timeout: joined once the stream
+    // has been answered.
+    let mut lookup = None;
+    let connected = connect::connect(&stream.target, &ctx, &*stream, &mut lookup);
+    let (sock, addr) = match connected {
         Ok(ok) => ok,
         Err(ConnectError::Aborted) => return,
         Err(ConnectError::Refused(reason)) => {
@@ -61,6 +65,9 @@ pub fn exit_packager(stream: Arc<Stream>, ctx: Arc<Ctx>, give_socket: Sender<Arc
             // R5.5 to R5.12: answer END with the failure's reason; R5.16:
             // the optimistic data held for the stream is discarded.
             let _ = stream.handle(Event::Error { reason });
+            if let Some(thread) = lookup {
+                crate::runtime::threads::join(thread);
+            }
             return;
         }
     };

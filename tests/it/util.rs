@@ -58,7 +58,28 @@ impl Daemon {
     }
 
     pub fn start(args: &[&str], want_socks: bool, want_link: bool) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_halfpipe"))
+        Daemon::start_under(&[], args, want_socks, want_link)
+    }
+
+    /// `halfpipe ARGS` run by `wrapper` (a command line that ends where
+    /// the daemon's program name goes: `unshare -m ...`), or directly if
+    /// `wrapper` is empty.
+    pub fn start_under(
+        wrapper: &[&str],
+        args: &[&str],
+        want_socks: bool,
+        want_link: bool,
+    ) -> Daemon {
+        let exe = env!("CARGO_BIN_EXE_halfpipe");
+        let mut cmd = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", "info,halfpipe=debug")
             .env("NO_COLOR", "1")

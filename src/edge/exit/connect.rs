@@ -4,11 +4,13 @@
 //! reason of each failure (R5.6 to R5.12). Also the answers to RESOLVE.
 
 use crate::process::Ctx;
+use crate::runtime::threads;
 use halfpipe_proto::relay::{end_reason, Answer, Host, Target};
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 /// What `connect` needs of the stream it connects for.
@@ -31,18 +33,25 @@ pub enum ConnectError {
 }
 
 /// Resolves `target`, applies the exit policy to every address (§5: the
-/// address actually connected to), and connects within the timeout.
+/// address actually connected to), and connects, all within the connect
+/// timeout (R5.9). A lookup that has not answered by then is left running
+/// in `lookup`, its thread, for the caller to join once it has answered
+/// the stream.
 pub fn connect(
     target: &Target,
     ctx: &Ctx,
     stream: &impl Connecting,
+    lookup: &mut Option<JoinHandle<()>>,
 ) -> Result<(Arc<Socket>, SocketAddr), ConnectError> {
     let port = target.port;
     let policy = ctx.exit_policy();
+    // R5.9: one connect timeout for the lookup and all the addresses tried.
+    let deadline = Instant::now() + ctx.cfg.connect_timeout;
     let addrs = match &target.host {
         Host::Ip(ip) => vec![*ip],
         // R5.7: a name that does not resolve is END(RESOLVEFAILED).
-        Host::Name(name) => resolve(name).map_err(ConnectError::Refused)?,
+        Host::Name(name) => resolve_until(name, ctx, deadline, stream.name(), lookup)
+            .map_err(ConnectError::Refused)?,
     };
     let addrs: Vec<IpAddr> = addrs.into_iter().map(canonical).collect();
     let allowed: Vec<IpAddr> = addrs
@@ -65,8 +74,6 @@ pub fn connect(
         // R5.6: the exit policy refuses every address.
         return Err(ConnectError::Refused(end_reason::EXITPOLICY));
     }
-    // R5.9: one connect timeout for all the addresses tried.
-    let deadline = Instant::now() + ctx.cfg.connect_timeout;
     // R5.12: a failure no row names is MISC.
     let mut last = end_reason::MISC;
     for ip in allowed {
@@ -147,6 +154,50 @@ fn special_use_invalid(name: &str) -> bool {
     let name = name.trim_end_matches('.');
     let tld = name.rsplit('.').next().unwrap_or(name);
     tld.eq_ignore_ascii_case("invalid")
+}
+
+/// Resolves `name` by `deadline` (R5.9: the lookup counts against the
+/// connect timeout): on a thread of its own (`getaddrinfo` blocks, and
+/// for as long as the system's resolver settings say), one of at most
+/// `limits::MAX_LOOKUPS` in flight. The error is the END reason: TIMEOUT
+/// when no answer (or no lookup slot) came in time, else RESOLVEFAILED. A
+/// lookup still running is left in `lookup` for the caller to join.
+fn resolve_until(
+    name: &str,
+    ctx: &Ctx,
+    deadline: Instant,
+    stream: &str,
+    lookup: &mut Option<JoinHandle<()>>,
+) -> Result<Vec<IpAddr>, u8> {
+    if special_use_invalid(name) {
+        return Err(end_reason::RESOLVEFAILED);
+    }
+    let Some(permit) = ctx.lookups.acquire_until(deadline) else {
+        tracing::debug!(stream, "no lookup slot free before the connect timeout");
+        return Err(end_reason::TIMEOUT);
+    };
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    let owned = name.to_owned();
+    let thread = threads::spawn(format!("dns {stream}"), move || {
+        let _permit = permit;
+        let _ = tx.send(resolve(&owned));
+    })
+    .map_err(|_| end_reason::RESOURCELIMIT)?;
+    match rx.recv_deadline(deadline) {
+        Ok(result) => {
+            threads::join(thread);
+            result
+        }
+        Err(_) => {
+            tracing::debug!(
+                stream,
+                name,
+                "no answer from the resolver before the connect timeout"
+            );
+            *lookup = Some(thread);
+            Err(end_reason::TIMEOUT)
+        }
+    }
 }
 
 /// Resolves a hostname; the error is the END reason (R5.7: RESOLVEFAILED).
