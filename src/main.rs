@@ -125,6 +125,10 @@ struct SocksTimeouts {
     /// How long a SOCKS client has for its whole handshake.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     socks_timeout: Duration,
+    /// How long a SOCKS request waits for the exit's CONNECTED (then SOCKS
+    /// 0x06, and a link that has said nothing since is dropped).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    begin_timeout: Duration,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -145,6 +149,10 @@ struct Common {
     /// byte read or written (off by default; 0s is off too).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
+    /// Tear a link down when its writer has made no progress for this long
+    /// while cells wait (the peer has stopped reading).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    stall_timeout: Duration,
     /// Send a PADDING cell on a link after this long without writing
     /// (and TCP keepalive on link sockets); 0 turns both off.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -393,6 +401,8 @@ fn config(
         connect_timeout: exit.map_or(defaults.connect_timeout, |e| e.connect_timeout),
         handshake_timeout: common.handshake_timeout,
         socks_timeout: socks.map_or(defaults.socks_timeout, |s| s.socks_timeout),
+        begin_timeout: socks.map_or(defaults.begin_timeout, |s| s.begin_timeout),
+        stall_timeout: common.stall_timeout,
         idle_timeout: common.idle_timeout.filter(|t| !t.is_zero()),
         keepalive: Some(common.keepalive).filter(|t| !t.is_zero()),
         grace: common.grace,

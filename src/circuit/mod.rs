@@ -698,8 +698,14 @@ impl Circuit {
         tracing::debug!(stream = %stream.name, target = %stream.target, "BEGIN sent");
         let dl = {
             let (s, sock, socks) = (stream.clone(), sock.clone(), req.socks);
+            let begin_timeout = self.ctx.cfg.begin_timeout;
             threads::spawn(format!("dl {}", stream.name), move || {
-                stream::deliverer(s, dl_rx, DeliverStart::Client { sock, socks })
+                let start = DeliverStart::Client {
+                    sock,
+                    socks,
+                    begin_timeout,
+                };
+                stream::deliverer(s, dl_rx, start)
             })
         };
         let dl = match dl {

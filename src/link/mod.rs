@@ -85,6 +85,9 @@ impl Link {
         let room = Arc::new(Monitor::new(QUEUE_CELLS));
         let control_queued = Arc::new(AtomicUsize::new(0));
         let writer_tid = Arc::new(AtomicI32::new(0));
+        // A writer that makes no progress for this long fails with
+        // EAGAIN and the link is torn down (its peer stopped reading).
+        socket.set_write_timeout(Some(ctx.cfg.stall_timeout))?;
         let keepalive = ctx.cfg.keepalive;
         if let Some(k) = keepalive {
             set_tcp_keepalive(&socket, k);
@@ -107,6 +110,7 @@ impl Link {
                 control_queued,
                 socket: socket.clone(),
                 gate: None,
+                heard: Arc::new(tx::Heard::new()),
             },
             ctx: ctx.clone(),
             registry: registry.clone(),

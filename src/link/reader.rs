@@ -54,6 +54,7 @@ impl Link {
             // capacity (socket2's contract for `recv` into MaybeUninit).
             unsafe { buf.set_len(buf.len() + n) };
             self.ctx.metrics.add_link_bytes(Dir::Received, n);
+            self.tx.heard.now();
             // Only a well-filled buffer is worth handing over: a small one
             // would pin READ_BUF bytes for a few cells in the circuit's inbox.
             let run = single_circuit_run(&buf).filter(|&(_, whole)| whole >= READ_BUF / 2);

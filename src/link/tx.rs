@@ -10,15 +10,22 @@ use crate::runtime::inbox::InboxTx;
 use crate::runtime::monitor::{Monitor, Stopped};
 use parking_lot::RwLock;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 /// DATA cells that may wait in a link's outbound queue (about 1 MiB).
 pub const QUEUE_CELLS: u32 = 2048;
 
 pub(super) enum WriterMsg {
-    Cells { bytes: Vec<u8>, data_cells: u32 },
+    Cells {
+        bytes: Vec<u8>,
+        data_cells: u32,
+    },
+    /// Write what came before, then shut the write side (FIN).
     Close,
+    /// Write what came before, then close the link both ways.
+    Cut,
 }
 
 /// Control bytes that may wait in a link's queue. Legitimate control
@@ -37,6 +44,30 @@ pub struct LinkTx {
     pub(super) socket: Arc<TcpStream>,
     /// On a circuit's copy: that circuit's gate (see `Gate`).
     pub(super) gate: Option<Arc<Gate>>,
+    /// When the link's reader last read something (see `heard_since`).
+    pub(super) heard: Arc<Heard>,
+}
+
+/// When a link last heard from its peer, for streams that wonder whether
+/// the peer is still there: milliseconds since the link opened.
+pub struct Heard {
+    opened: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Heard {
+    pub(super) fn new() -> Heard {
+        Heard {
+            opened: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// The reader read something now.
+    pub(super) fn now(&self) {
+        let ms = self.opened.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
 }
 
 /// Whether a circuit may still put cells on the link (docs/protocol.md §3;
@@ -129,6 +160,20 @@ impl LinkTx {
         self.tx
             .send(WriterMsg::Cells { bytes, data_cells })
             .map_err(|_| LinkGone)
+    }
+
+    /// Has the link read anything from its peer since `t`?
+    pub fn heard_since(&self, t: Instant) -> bool {
+        let ms = t.saturating_duration_since(self.heard.opened).as_millis() as u64;
+        self.heard.last_ms.load(Ordering::Relaxed) >= ms
+    }
+
+    /// Closes the link both ways once the cells queued so far are written:
+    /// its reader wakes and tears it down.
+    pub fn cut(&self) {
+        if self.tx.send(WriterMsg::Cut).is_err() {
+            let _ = self.socket.shutdown(Shutdown::Both);
+        }
     }
 
     /// Wakes packagers waiting for room so that they see their stream's

@@ -45,7 +45,7 @@ pub(super) fn writer_loop(
         loop {
             let mut data_cells = 0;
             let mut control_bytes = 0;
-            let mut close = false;
+            let mut close = None;
             let received = match keepalive {
                 Some(period) => rx.recv_deadline(Instant::now() + period),
                 None => rx
@@ -82,7 +82,11 @@ pub(super) fn writer_loop(
                         batch.push(bytes);
                     }
                     WriterMsg::Close => {
-                        close = true;
+                        close = Some(Shutdown::Write);
+                        break;
+                    }
+                    WriterMsg::Cut => {
+                        close = Some(Shutdown::Both);
                         break;
                     }
                 }
@@ -97,16 +101,28 @@ pub(super) fn writer_loop(
             if data_cells > 0 {
                 room.update(|r| *r += data_cells);
             }
-            if close {
-                // Everything queued before Close is written: say so with FIN.
-                sock.shutdown(Shutdown::Write)?;
+            if let Some(how) = close {
+                // Everything queued before Close (Cut) is written: say so
+                // with FIN (and stop reading too).
+                sock.shutdown(how)?;
                 return Ok(());
             }
         }
     })();
     room.close();
     if let Err(e) = result {
-        tracing::debug!("link writer stopped: {e}");
+        if matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ) {
+            // SO_SNDTIMEO: no byte taken for --stall-timeout.
+            tracing::warn!(
+                "link peer has taken nothing for {:?} while cells wait: closing the link",
+                sock.write_timeout().ok().flatten().unwrap_or_default()
+            );
+        } else {
+            tracing::debug!("link writer stopped: {e}");
+        }
         // Wake the reader so that it tears the link down.
         let _ = sock.shutdown(Shutdown::Both);
     }

@@ -36,6 +36,12 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// How long a SOCKS client has to send its request.
     pub socks_timeout: Duration,
+    /// Client: how long a stream waits for the exit's CONNECTED (then
+    /// END(TIMEOUT), and the link is dropped if nothing came on it since).
+    pub begin_timeout: Duration,
+    /// How long a link writer may make no progress while cells wait before
+    /// the link is torn down (its peer has stopped reading).
+    pub stall_timeout: Duration,
     /// How long streams may finish after Ctrl-C before END(HIBERNATING)
     /// (R8.5: the shutdown deadline).
     pub grace: Duration,
@@ -60,6 +66,8 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             socks_timeout: Duration::from_secs(10),
+            begin_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(60),
             grace: Duration::from_secs(10),
             idle_timeout: None,
             keepalive: Some(Duration::from_secs(300)),

@@ -7,21 +7,26 @@ use super::{DeliverMsg, ExitNotice, Side, Stream, Tid};
 use crate::runtime::inbox::Inbox;
 use crate::runtime::sockets;
 use crossbeam_channel::Receiver;
+use crossbeam_channel::RecvTimeoutError;
 use halfpipe_proto::halfclose::Event;
+use halfpipe_proto::relay::end_reason;
 use halfpipe_proto::socks;
 use socket2::Socket;
 use std::io::Write;
 use std::net::{Shutdown, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// How a deliverer gets its socket.
 pub enum DeliverStart {
     /// Exit: from the packager, once the target accepted.
     Exit(Receiver<Arc<Socket>>),
-    /// Client: the SOCKS socket; the first message answers the SOCKS request.
+    /// Client: the SOCKS socket; the first message answers the SOCKS request,
+    /// which waits for CONNECTED at most `begin_timeout` from the BEGIN.
     Client {
         sock: Arc<Socket>,
         socks: socks::SocksVersion,
+        begin_timeout: Duration,
     },
 }
 
@@ -38,8 +43,12 @@ pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart
             Ok(s) => s,
             Err(_) => return,
         },
-        DeliverStart::Client { sock, socks } => {
-            if !answer_socks(&stream, &rx, &sock, socks) {
+        DeliverStart::Client {
+            sock,
+            socks,
+            begin_timeout,
+        } => {
+            if !answer_socks(&stream, &rx, &sock, socks, begin_timeout) {
                 return;
             }
             sock
@@ -90,8 +99,34 @@ fn answer_socks(
     rx: &Inbox<DeliverMsg>,
     sock: &Socket,
     version: socks::SocksVersion,
+    begin_timeout: Duration,
 ) -> bool {
-    let (reply, go_on) = match rx.recv() {
+    let deadline = stream.opened + begin_timeout;
+    // Set when the exit has said nothing since our BEGIN: the link is
+    // dropped once the application has its answer.
+    let mut silent_exit = false;
+    let answer = match rx.recv_deadline(deadline) {
+        Err(RecvTimeoutError::Timeout) => {
+            // No CONNECTED (nor END) in time: an error on the stream
+            // (R8.3: END(TIMEOUT)), whose abort answers the request with
+            // the failure for TIMEOUT (R11.11) through this inbox.
+            tracing::info!(stream = %stream.name, target = %stream.target, "no CONNECTED within {begin_timeout:?}: END(TIMEOUT)");
+            let _ = stream.handle(Event::Error {
+                reason: end_reason::TIMEOUT,
+            });
+            silent_exit = !stream.link.heard_since(stream.opened);
+            // The abort's Refused(TIMEOUT) follows; a CONNECTED that came
+            // in just before it is for a stream that has ended.
+            loop {
+                match rx.recv() {
+                    Ok(DeliverMsg::Connected(_)) => continue,
+                    other => break other.map_err(|_| RecvTimeoutError::Disconnected),
+                }
+            }
+        }
+        other => other,
+    };
+    let (reply, go_on) = match answer {
         Ok(DeliverMsg::Connected(ip)) => {
             let bound = ip.map(|ip| SocketAddr::new(ip, 0));
             (
@@ -108,7 +143,15 @@ fn answer_socks(
     };
     stream.metrics.socks_reply(&reply);
     let mut s = sock;
-    if let Err(e) = s.write_all(&reply) {
+    let written = s.write_all(&reply);
+    if silent_exit {
+        // Nothing at all from the exit since our BEGIN: it has stopped
+        // answering. Drop the link (after the answer: its teardown resets
+        // the streams' sockets); the client dials again.
+        tracing::warn!("the exit has said nothing for {begin_timeout:?}: closing the link");
+        stream.link.cut();
+    }
+    if let Err(e) = written {
         if go_on && !stream.is_aborted() {
             let _ = stream.handle(Event::Error {
                 reason: sockets::end_reason_for(&e),

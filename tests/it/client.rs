@@ -381,3 +381,42 @@ fn the_client_links_again_with_doubling_waits() {
         d.wait_for_log(&format!("(retrying in {wait})"));
     }
 }
+
+#[test]
+fn a_frozen_exit_gets_socks_requests_answered_and_its_link_dropped() {
+    // The exit answers CREATE_FAST and then nothing (a stopped process
+    // whose kernel still holds the connection): a SOCKS request is
+    // answered 0x06 (END(TIMEOUT), R11.11) at --begin-timeout, not left
+    // waiting, and since nothing came on the link since its BEGIN, the
+    // client drops the link and dials again.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frozen = thread::spawn(move || {
+        let mut link = RawLink::accept(&listener);
+        link.answer_create_fast();
+        let mut seen = Vec::new();
+        // Until the client closes the link: what it sent after CREATED_FAST.
+        while let Some(c) = link.recv_cell() {
+            seen.push(c);
+        }
+        // The client dials again.
+        let again = RawLink::accept(&listener);
+        drop(again);
+        seen
+    });
+    let d = Daemon::client(addr, &["--begin-timeout", "1s"]);
+    let mut app = socks5_request_only(d.socks(), "192.0.2.1", 80);
+    assert_eq!(read_socks5_reply(&mut app), 0x06, "TTL expired (TIMEOUT)");
+    let seen = frozen.join().unwrap();
+    let relays: Vec<u8> = seen
+        .iter()
+        .filter(|c| c.command == cmd::RELAY)
+        .map(|c| c.relay().0)
+        .collect();
+    assert_eq!(relays, [relay_cmd::BEGIN, relay_cmd::END], "{seen:?}");
+    let end = seen
+        .iter()
+        .find(|c| c.command == cmd::RELAY && c.relay().0 == relay_cmd::END);
+    assert_eq!(end.unwrap().relay().2.first(), Some(&end_reason::TIMEOUT));
+    d.wait_for_log("the exit has said nothing");
+}

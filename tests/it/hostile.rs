@@ -914,3 +914,43 @@ fn socks_clients_that_dribble_their_handshakes_cannot_keep_a_prompt_one_waiting(
     drop(dribblers);
     d.wait_for_threads(baseline);
 }
+
+// ------------------------------------------------ a peer that stops reading
+
+#[test]
+fn a_link_peer_that_stops_reading_is_cut_off_at_the_stall_timeout() {
+    // 20 circuits with a stream each to targets that send, while the link
+    // peer reads nothing: the exit's link writer fills the kernel's buffers
+    // and then makes no progress; at --stall-timeout the exit tears the
+    // link down, the targets see their streams reset, and every thread the
+    // link held is freed.
+    let d = open_exit(&["--stall-timeout", "1s"]);
+    let baseline = d.thread_count();
+    let t = Targets::new();
+    let mut l = RawLink::connect(d.link());
+    // Every stream opens before any target sends.
+    let targets: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let circ = fresh_circ();
+            l.create_circuit(circ);
+            open_stream(&mut l, circ, 1, &t)
+        })
+        .collect();
+    let senders: Vec<_> = targets
+        .into_iter()
+        .map(|mut target| {
+            thread::spawn(move || {
+                let chunk = vec![7u8; 64 * 1024];
+                // Until the exit resets the stream.
+                while target.write_all(&chunk).is_ok() {}
+            })
+        })
+        .collect();
+    // From here on the peer reads nothing.
+    d.wait_for_log("link peer has taken nothing");
+    for s in senders {
+        s.join().unwrap();
+    }
+    d.wait_for_threads(baseline);
+    drop(l);
+}
