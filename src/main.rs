@@ -149,6 +149,10 @@ struct Common {
     /// byte read or written (off by default; 0s is off too).
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
+    /// End a half-closed stream whose open direction has been silent this
+    /// long (END(TIMEOUT) and a reset); 0s turns it off.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    half_closed_timeout: Duration,
     /// Tear a link down when its writer has made no progress for this long
     /// while cells wait (the peer has stopped reading).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
@@ -404,6 +408,7 @@ fn config(
         begin_timeout: socks.map_or(defaults.begin_timeout, |s| s.begin_timeout),
         stall_timeout: common.stall_timeout,
         idle_timeout: common.idle_timeout.filter(|t| !t.is_zero()),
+        half_closed_timeout: Some(common.half_closed_timeout).filter(|t| !t.is_zero()),
         keepalive: Some(common.keepalive).filter(|t| !t.is_zero()),
         grace: common.grace,
         exit_policy: Arc::new(policy),

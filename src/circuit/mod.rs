@@ -15,7 +15,7 @@ pub mod view;
 
 use crate::link::{Link, LinkTx};
 use crate::process::metrics::{Dir, Limit, Tally, ViolationKind};
-use crate::process::{CircuitSlot, Ctx, StreamSlot};
+use crate::process::{CircuitSlot, Ctx, NoSlot, Source, StreamSlot};
 use crate::runtime::batch::DataBatch;
 use crate::runtime::fairwindow::FairWindow;
 use crate::runtime::inbox::{self, Inbox, InboxTx};
@@ -25,7 +25,7 @@ use crate::stream::{self, DeliverMsg, DeliverStart, Shared, Stream, ThreadEnded}
 use crossbeam_channel::Sender;
 use halfpipe_proto::cell::{destroy_reason, CELL_LEN};
 use halfpipe_proto::flow::PackageWindow;
-use halfpipe_proto::halfclose::{Action, Event};
+use halfpipe_proto::halfclose::{Action, Event, State};
 use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
 use halfpipe_proto::stream::{Delivery, StreamState};
 use halfpipe_proto::streammap::{Begin, CircuitViolation, Ended, Resolve, StreamEntry, StreamMap};
@@ -37,6 +37,16 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 use view::CircuitView;
+
+/// How a circuit is to run, from its creator.
+pub struct CircuitOpts {
+    /// Client circuits for isolated credentials end after this long
+    /// without streams, so that they do not pile up at the exit's limit.
+    pub idle_timeout: Option<Duration>,
+    /// Where its streams come from, for their fair share of the process's
+    /// stream slots (a link at the exit, SOCKS credentials at the client).
+    pub source: Arc<Source>,
+}
 
 /// How a circuit ends.
 enum End {
@@ -121,6 +131,8 @@ pub struct Circuit {
     /// Client circuits for isolated credentials end after this long
     /// without streams, so that they do not pile up at the exit's limit.
     idle_timeout: Option<Duration>,
+    /// Where its streams come from (their fair share of the slots).
+    source: Arc<Source>,
     /// What the status endpoint sees of this circuit.
     view: Arc<CircuitView>,
     /// Relay cells received during one inbox message (metrics).
@@ -157,7 +169,7 @@ impl Circuit {
         wire: u32,
         local: u32,
         (tx, rx): (InboxTx<CircMsg>, Inbox<CircMsg>),
-        idle_timeout: Option<Duration>,
+        opts: CircuitOpts,
         slot: CircuitSlot,
     ) -> Circuit {
         let package = Arc::new(FairWindow::new(PackageWindow::circuit()));
@@ -193,7 +205,8 @@ impl Circuit {
             dirty: Vec::new(),
             out: Vec::new(),
             opened: Instant::now(),
-            idle_timeout,
+            idle_timeout: opts.idle_timeout,
+            source: opts.source,
             view,
             tally: Tally::default(),
             _slot: slot,
@@ -208,11 +221,16 @@ impl Circuit {
     pub fn run(mut self) {
         self.view.set_tid();
         tracing::info!(circuit = %self.name, "circuit opened (CircID {:#010x})", self.wire);
-        // `--idle-timeout`: streams are checked on a tick, so the loop
-        // never blocks longer than that (and never blocks on a stream).
-        let stream_idle = self.ctx.cfg.idle_timeout;
+        // `--idle-timeout` and `--half-closed-timeout`: streams are checked
+        // on a tick, so the loop never blocks longer than that (and never
+        // blocks on a stream).
+        let cfg = &self.ctx.cfg;
+        let shortest = match (cfg.idle_timeout, cfg.half_closed_timeout) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let tick =
-            stream_idle.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
+            shortest.map(|t| (t / 4).clamp(Duration::from_millis(10), Duration::from_secs(1)));
         let mut next_check = tick.map(|t| Instant::now() + t);
         // When the last inbox message was handled: the isolation idle
         // timeout counts from there (a tick does not restart it).
@@ -252,10 +270,10 @@ impl Circuit {
                     quiet_since = Instant::now();
                 }
             }
-            if let (Some(t), Some(check), Some(limit)) = (tick, next_check, stream_idle) {
+            if let (Some(t), Some(check)) = (tick, next_check) {
                 let now = Instant::now();
                 if now >= check {
-                    self.end_idle_streams(limit);
+                    self.end_idle_streams();
                     next_check = Some(now + t);
                 }
             }
@@ -264,17 +282,40 @@ impl Circuit {
     }
 
     /// `--idle-timeout`: a stream with no byte read from or written to its
-    /// TCP connection for `limit` is an error on the stream, R8.3:
-    /// END(TIMEOUT) and a reset. It applies to every stream alike; being
-    /// half-closed is never a reason to end one (R7.10). Streams still
+    /// TCP connection for that long is an error on the stream, R8.3:
+    /// END(TIMEOUT) and a reset. `--half-closed-timeout`: the same for a
+    /// half-closed stream whose open direction has been silent that long
+    /// (an application that closed its socket after a request nobody
+    /// answers would otherwise pin the stream for good). Being half-closed
+    /// alone is never a reason to end a stream (R7.10). Streams still
     /// connecting are left to the connect timeout.
-    fn end_idle_streams(&mut self, limit: Duration) {
+    fn end_idle_streams(&mut self) {
+        let cfg = &self.ctx.cfg;
         for entry in self.map.streams() {
-            let idle = entry.with_state(|st| {
-                st.connected && !st.hc.is_closed() && st.last_activity.elapsed() >= limit
+            let (limit, what) = entry.with_state(|st| {
+                if !st.connected || st.hc.is_closed() {
+                    return (None, "");
+                }
+                let half = matches!(st.hc.state(), State::DonePackaging | State::DoneDelivering);
+                let limit = match (
+                    cfg.idle_timeout,
+                    half.then_some(cfg.half_closed_timeout).flatten(),
+                ) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let silent = limit.filter(|l| st.last_activity.elapsed() >= *l);
+                (
+                    silent,
+                    if half {
+                        "half-closed and silent"
+                    } else {
+                        "idle"
+                    },
+                )
             });
-            if idle {
-                tracing::info!(stream = %entry.stream.name, "idle for {}: END(TIMEOUT)", humantime::format_duration(limit));
+            if let Some(limit) = limit {
+                tracing::info!(stream = %entry.stream.name, "{what} for {}: END(TIMEOUT)", humantime::format_duration(limit));
                 let _ = entry.stream.handle(Event::Error {
                     reason: end_reason::TIMEOUT,
                 });
@@ -645,11 +686,17 @@ impl Circuit {
             self.ctx.metrics.refused(Limit::Circuit);
             return None;
         }
-        let slot = self.ctx.take_stream_slot();
-        if slot.is_none() {
-            self.ctx.metrics.refused(Limit::Process);
+        match self.ctx.take_stream_slot(&self.source) {
+            Ok(slot) => Some(slot),
+            Err(NoSlot::Process) => {
+                self.ctx.metrics.refused(Limit::Process);
+                None
+            }
+            Err(NoSlot::Share) => {
+                self.ctx.metrics.refused(Limit::Share);
+                None
+            }
         }
-        slot
     }
 
     fn new_stream(
@@ -941,7 +988,10 @@ mod tests {
             wire,
             1,
             inbox::inbox(),
-            None,
+            CircuitOpts {
+                idle_timeout: None,
+                source: Source::new(),
+            },
             slot,
         );
         let target = Target {
@@ -955,7 +1005,7 @@ mod tests {
             threads: vec![first],
             alive: 1,
             batch: None,
-            _slot: ctx.take_stream_slot().unwrap(),
+            _slot: ctx.take_stream_slot(&Source::new()).unwrap(),
         };
         circuit.enter_stream(entry, Err(std::io::Error::other("no thread")));
         let mut cell = [0u8; CELL_LEN];

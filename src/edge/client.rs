@@ -5,11 +5,11 @@
 //! hands the socket to a circuit, which starts the stream's packager and
 //! deliverer.
 
-use crate::circuit::{CircMsg, OpenRequest, ResolveRequest, RESOLVE_WAIT};
+use crate::circuit::{CircMsg, CircuitOpts, OpenRequest, ResolveRequest, RESOLVE_WAIT};
 use crate::link::{self, Link, Links};
 use crate::process::limits::MAX_HANDSHAKES;
 use crate::process::metrics::{Metrics, ViolationKind};
-use crate::process::Ctx;
+use crate::process::{Ctx, Source};
 use crate::runtime::inbox::InboxTx;
 use crate::runtime::threads;
 use crossbeam_channel::{Receiver, Sender};
@@ -73,6 +73,8 @@ pub struct Client {
     exit: String,
     general_circuits: usize,
     current: Mutex<Option<Arc<ClientLink>>>,
+    /// The sources of streams, by SOCKS credentials (see `source_of`).
+    sources: Mutex<HashMap<Option<Vec<u8>>, Arc<Source>>>,
     stop_tx: Sender<()>,
     stop_rx: Receiver<()>,
 }
@@ -86,6 +88,7 @@ impl Client {
             exit,
             general_circuits: circuits.max(1),
             current: Mutex::new(None),
+            sources: Mutex::new(HashMap::new()),
             stop_tx,
             stop_rx,
         })
@@ -198,8 +201,26 @@ impl Client {
         link: &Arc<Link>,
     ) -> io::Result<HashMap<CircKey, CircHandle>> {
         (0..self.general_circuits)
-            .map(|i| Ok((CircKey::General(i), create_circuit(&self.ctx, link, None)?)))
+            .map(|i| {
+                let opts = CircuitOpts {
+                    idle_timeout: None,
+                    source: self.source_of(None),
+                };
+                Ok((CircKey::General(i), create_circuit(&self.ctx, link, opts)?))
+            })
             .collect()
+    }
+
+    /// The source of the streams with these SOCKS credentials (`None`: no
+    /// credentials), for their fair share of the stream slots. Sources
+    /// that hold no stream are forgotten as new ones come.
+    fn source_of(&self, credentials: Option<&Vec<u8>>) -> Arc<Source> {
+        let mut sources = self.sources.lock();
+        if let Some(s) = sources.get(&credentials.cloned()) {
+            return s.clone();
+        }
+        sources.retain(|k, s| k.is_none() || s.streams() > 0 || Arc::strong_count(s) > 1);
+        sources.entry(credentials.cloned()).or_default().clone()
     }
 
     /// The circuit for a new stream: round-robin over the general circuits,
@@ -223,8 +244,17 @@ impl Client {
             }
         }
         // Created without holding the lock: it waits for the exit.
-        let idle = matches!(key, CircKey::Isolated(_)).then_some(ISOLATED_IDLE);
-        let fresh = create_circuit(&self.ctx, &cl.link, idle)?;
+        let opts = match &key {
+            CircKey::General(_) => CircuitOpts {
+                idle_timeout: None,
+                source: self.source_of(None),
+            },
+            CircKey::Isolated(credentials) => CircuitOpts {
+                idle_timeout: Some(ISOLATED_IDLE),
+                source: self.source_of(Some(credentials)),
+            },
+        };
+        let fresh = create_circuit(&self.ctx, &cl.link, opts)?;
         let mut circuits = cl.circuits.lock();
         // Forget keys whose circuits have ended (idle, destroyed).
         circuits.retain(|_, h| cl.link.circuit_alive(h.wire, h.local));
@@ -500,11 +530,7 @@ fn relay_target(t: socks::Target) -> relay::Target {
 
 /// §3, client side: CREATE_FAST with X, check KH in CREATED_FAST, start the
 /// circuit thread.
-fn create_circuit(
-    ctx: &Ctx,
-    link: &Arc<Link>,
-    idle_timeout: Option<Duration>,
-) -> io::Result<CircHandle> {
+fn create_circuit(ctx: &Ctx, link: &Arc<Link>, opts: CircuitOpts) -> io::Result<CircHandle> {
     let (wire, rx) = link
         .begin_create()
         .map_err(|e| io::Error::other(e.to_string()))?;
@@ -522,7 +548,7 @@ fn create_circuit(
     };
     match rx.recv_timeout(ctx.cfg.handshake_timeout) {
         Ok(Ok(payload)) if kdf::check_created_fast(&x, &payload) => {
-            let (tx, local) = link.finish_create(wire, idle_timeout)?;
+            let (tx, local) = link.finish_create(wire, opts)?;
             Ok(CircHandle { tx, wire, local })
         }
         Ok(Ok(_)) => {

@@ -26,7 +26,7 @@ pub use tx::{LinkGone, LinkTx, QUEUE_CELLS};
 
 use crate::circuit::msg::CircMsg;
 use crate::circuit::view::CircuitView;
-use crate::process::Ctx;
+use crate::process::{Ctx, Source};
 use crate::runtime::inbox;
 use crate::runtime::monitor::Monitor;
 use crate::runtime::threads;
@@ -58,6 +58,9 @@ pub struct Link {
     socket: Arc<TcpStream>,
     writer: Mutex<Option<JoinHandle<()>>>,
     table: Mutex<CircTable>,
+    /// Exit: the streams of this link's circuits, for their fair share of
+    /// the process's stream slots.
+    source: Arc<Source>,
     /// What status shows of each circuit thread of the link, by its local
     /// counter, from its start to the end of its teardown.
     views: Mutex<HashMap<u32, Arc<CircuitView>>>,
@@ -118,6 +121,7 @@ impl Link {
             writer: Mutex::new(Some(writer)),
             table: Mutex::new(CircTable::default()),
             views: Mutex::new(HashMap::new()),
+            source: Source::new(),
             closed: AtomicBool::new(false),
             opened: Instant::now(),
             reader_tid: AtomicI32::new(0),

@@ -7,7 +7,7 @@ use super::table::{CircSlot, CircTable};
 use super::tx::{Gate, WriterMsg};
 use super::{nonce, Link};
 use crate::circuit::msg::CircMsg;
-use crate::circuit::Circuit;
+use crate::circuit::{Circuit, CircuitOpts};
 use crate::process::metrics::{Dir, ViolationKind};
 use crate::runtime::inbox::{self, InboxTx};
 use crate::runtime::threads;
@@ -18,7 +18,6 @@ use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// Bytes the link reader asks for per read(): large reads are what keeps
 /// a busy link's reader from spending its time in system calls.
@@ -262,7 +261,12 @@ impl Link {
         }
         let mut x = [0u8; kdf::HASH_LEN];
         x.copy_from_slice(&c.payload[..kdf::HASH_LEN]);
-        match self.spawn_circuit(&mut table, wire, None) {
+        // At the exit a link is one source of streams (their fair share).
+        let opts = CircuitOpts {
+            idle_timeout: None,
+            source: self.source.clone(),
+        };
+        match self.spawn_circuit(&mut table, wire, opts) {
             Ok(()) => {
                 drop(table);
                 // R3.3: CREATED_FAST on the same CircID: fresh random Y, then
@@ -293,7 +297,7 @@ impl Link {
         self: &Arc<Self>,
         table: &mut CircTable,
         wire: u32,
-        idle_timeout: Option<Duration>,
+        opts: CircuitOpts,
     ) -> io::Result<()> {
         let Some(slot) = self.ctx.take_circuit_slot() else {
             return Err(io::Error::other(format!(
@@ -311,7 +315,7 @@ impl Link {
             wire,
             local,
             (tx.clone(), rx),
-            idle_timeout,
+            opts,
             slot,
         );
         // Shown from before the thread starts: it removes its view as it ends.
@@ -332,12 +336,10 @@ impl Link {
 
     /// Client side of §3, step two: KH checked, start the circuit thread.
     /// Returns the circuit's inbox and its local id.
-    /// A circuit with an `idle_timeout` destroys itself once it has had no
-    /// stream for that long.
     pub fn finish_create(
         self: &Arc<Self>,
         wire: u32,
-        idle_timeout: Option<Duration>,
+        opts: CircuitOpts,
     ) -> io::Result<(InboxTx<CircMsg>, u32)> {
         let mut table = self.table.lock();
         if !matches!(table.by_wire_id.remove(&wire), Some(CircSlot::Pending(_))) {
@@ -345,7 +347,7 @@ impl Link {
                 "circuit was destroyed during its handshake",
             ));
         }
-        self.spawn_circuit(&mut table, wire, idle_timeout)?;
+        self.spawn_circuit(&mut table, wire, opts)?;
         match table.by_wire_id.get(&wire) {
             Some(CircSlot::Live { tx, local, .. }) => Ok((tx.clone(), *local)),
             _ => unreachable!("just inserted"),

@@ -107,12 +107,16 @@ pub enum Limit {
     Process = 1,
     /// A packager, deliverer or resolver thread could not be spawned.
     Threads = 2,
+    /// Few slots were left and the stream's source (a link at the exit,
+    /// SOCKS credentials at the client) held its share already.
+    Share = 3,
 }
 
-const LIMITS: [(Limit, &str); 3] = [
+const LIMITS: [(Limit, &str); 4] = [
     (Limit::Circuit, "circuit"),
     (Limit::Process, "process"),
     (Limit::Threads, "threads"),
+    (Limit::Share, "share"),
 ];
 
 /// Relay commands have one counter each below this; others share counter
@@ -139,7 +143,7 @@ pub struct Metrics {
     violations: [AtomicU64; ViolationKind::ALL.len()],
     /// SOCKS replies: index 0..256 SOCKS4 codes, 256..512 SOCKS5 codes.
     socks: [AtomicU64; 512],
-    refused: [AtomicU64; 3],
+    refused: [AtomicU64; 4],
 }
 
 impl Default for Metrics {

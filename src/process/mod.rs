@@ -48,6 +48,9 @@ pub struct Config {
     /// A stream with no byte read or written for this long is ended with
     /// END(TIMEOUT) and reset (`--idle-timeout`; off when `None`).
     pub idle_timeout: Option<Duration>,
+    /// A half-closed stream whose open direction is silent this long is
+    /// ended with END(TIMEOUT) (`--half-closed-timeout`; off when `None`).
+    pub half_closed_timeout: Option<Duration>,
     /// A link writer sends PADDING after this long without writing, and
     /// link sockets get TCP keepalive (`--keepalive`; off when `None`).
     pub keepalive: Option<Duration>,
@@ -70,6 +73,7 @@ impl Default for Config {
             stall_timeout: Duration::from_secs(60),
             grace: Duration::from_secs(10),
             idle_timeout: None,
+            half_closed_timeout: Some(Duration::from_secs(300)),
             keepalive: Some(Duration::from_secs(300)),
             exit_policy: Arc::new(
                 halfpipe_proto::policy::DEFAULT_EXIT_POLICY
@@ -96,13 +100,41 @@ pub struct Ctx {
     pub metrics: Arc<Metrics>,
 }
 
-/// One stream's share of `Config::max_streams`; released on drop.
-pub struct StreamSlot(Arc<Ctx>);
+/// One stream's share of `Config::max_streams`, counted for its process
+/// and for its source; released on drop.
+pub struct StreamSlot(Arc<Ctx>, Arc<Source>);
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
         self.0.streams.fetch_sub(1, Ordering::AcqRel);
+        self.1 .0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// Where streams come from, for the fair share of the stream slots: one
+/// link at the exit, one set of SOCKS credentials at the client. Counts
+/// the streams it holds.
+#[derive(Debug, Default)]
+pub struct Source(AtomicUsize);
+
+impl Source {
+    pub fn new() -> Arc<Source> {
+        Arc::new(Source::default())
+    }
+
+    /// Streams this source holds.
+    pub fn streams(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Why no stream slot was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// The process holds `max_streams` streams.
+    Process,
+    /// Few slots are left and this source holds its share already.
+    Share,
 }
 
 /// One circuit's share of `limits::MAX_CIRCUITS`, held by its thread for
@@ -140,9 +172,35 @@ impl Ctx {
         })
     }
 
-    /// Takes a stream slot, or `None` at the process-wide limit.
-    pub fn take_stream_slot(self: &Arc<Self>) -> Option<StreamSlot> {
-        take(&self.streams, self.cfg.max_streams).then(|| StreamSlot(self.clone()))
+    /// Takes a stream slot for `source`: refused at the process-wide limit,
+    /// and, once fewer than a quarter of the slots are free, refused to a
+    /// source that holds half of them or more, so that no one source can
+    /// take the slots others are waiting for.
+    pub fn take_stream_slot(self: &Arc<Self>, source: &Arc<Source>) -> Result<StreamSlot, NoSlot> {
+        let max = self.cfg.max_streams;
+        let share = max.div_ceil(2);
+        let mut refused = None;
+        let taken = self
+            .streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                if n >= max {
+                    refused = Some(NoSlot::Process);
+                    None
+                } else if (max - n) * 4 < max && source.streams() >= share {
+                    refused = Some(NoSlot::Share);
+                    None
+                } else {
+                    refused = None;
+                    Some(n + 1)
+                }
+            });
+        match taken {
+            Ok(_) => {
+                source.0.fetch_add(1, Ordering::AcqRel);
+                Ok(StreamSlot(self.clone(), source.clone()))
+            }
+            Err(_) => Err(refused.unwrap_or(NoSlot::Process)),
+        }
     }
 
     /// Streams open in this process (both edges in `run` mode).
@@ -194,5 +252,47 @@ impl Ctx {
     /// the registry's lock, so that no link registers after the sweep.
     pub fn begin_shutdown(&self) {
         self.shutting_down.store(true, Ordering::Release);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(max_streams: usize) -> Arc<Ctx> {
+        Ctx::new(Config {
+            max_streams,
+            ..Config::default()
+        })
+    }
+
+    // No source takes the last quarter of the slots once it holds half.
+    #[test]
+    fn a_source_holding_half_gets_none_of_the_last_quarter() {
+        let ctx = ctx(20);
+        let (a, b) = (Source::new(), Source::new());
+        let mut held: Vec<StreamSlot> = Vec::new();
+        while let Ok(s) = ctx.take_stream_slot(&a) {
+            held.push(s);
+        }
+        // 16 taken: 4 left, under a quarter, and `a` holds half or more.
+        assert_eq!(held.len(), 16);
+        assert_eq!(ctx.take_stream_slot(&a).err(), Some(NoSlot::Share));
+        let others: Vec<StreamSlot> = (0..4).map(|_| ctx.take_stream_slot(&b).unwrap()).collect();
+        assert_eq!(ctx.take_stream_slot(&b).err(), Some(NoSlot::Process));
+        assert_eq!((a.streams(), b.streams(), ctx.open_streams()), (16, 4, 20));
+        drop(others);
+        drop(held);
+        assert_eq!((a.streams(), b.streams(), ctx.open_streams()), (0, 0, 0));
+    }
+
+    // With a single slot in all, the share rule does not keep it back.
+    #[test]
+    fn the_share_rule_never_refuses_the_only_slot() {
+        let ctx = ctx(1);
+        let a = Source::new();
+        let s = ctx.take_stream_slot(&a).expect("the one slot");
+        assert_eq!(ctx.take_stream_slot(&a).err(), Some(NoSlot::Process));
+        drop(s);
     }
 }

@@ -954,3 +954,54 @@ fn a_link_peer_that_stops_reading_is_cut_off_at_the_stall_timeout() {
     d.wait_for_threads(baseline);
     drop(l);
 }
+
+// ----------------------------------------------- one source, many slots
+
+#[test]
+fn one_link_cannot_take_the_stream_slots_another_link_needs() {
+    // --max-streams 20: a link that asks for 20 streams gets 16 (once a
+    // quarter of the slots is left, a source holding half gets no more:
+    // END(RESOURCELIMIT), counted as limit "share"), and a second link is
+    // still served the remaining 4.
+    let d = open_exit(&["--max-streams", "20", "--status", "127.0.0.1:0"]);
+    let t = Targets::new();
+    let hold = |l: &mut RawLink, circ: u32, sid: u16| -> Option<TcpStream> {
+        l.send_relay(circ, relay_cmd::BEGIN, sid, &begin_body(&t.target()));
+        let c = next(l);
+        match relay_of(&c) {
+            Some((relay_cmd::CONNECTED, s, _)) if s == sid => Some(t.accept()),
+            Some((relay_cmd::END, s, body)) if s == sid => {
+                assert_eq!(body.first(), Some(&end_reason::RESOURCELIMIT));
+                None
+            }
+            _ => panic!("expected CONNECTED or END, got {}", describe(&c)),
+        }
+    };
+    let a_circ = fresh_circ();
+    let mut a = linked(&d, a_circ);
+    let a_held: Vec<TcpStream> = (1..=20)
+        .filter_map(|sid| hold(&mut a, a_circ, sid))
+        .collect();
+    assert_eq!(a_held.len(), 16);
+    let b_circ = fresh_circ();
+    let mut b = linked(&d, b_circ);
+    let b_held: Vec<TcpStream> = (1..=4)
+        .filter_map(|sid| hold(&mut b, b_circ, sid))
+        .collect();
+    assert_eq!(b_held.len(), 4, "the second link gets the last quarter");
+    let metrics = http_metrics(d.status.unwrap());
+    assert!(
+        metrics.contains("halfpipe_streams_refused_total{limit=\"share\"} 4"),
+        "{metrics}"
+    );
+}
+
+/// GET /metrics, the body.
+fn http_metrics(addr: SocketAddr) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}

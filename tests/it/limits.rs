@@ -8,7 +8,7 @@ use crate::util::*;
 use halfpipe_proto::cell::cmd;
 use halfpipe_proto::relay::{end_reason, relay_cmd};
 use std::io::{self, Read, Write};
-use std::net::TcpStream;
+use std::net::{Shutdown, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -292,4 +292,44 @@ fn protocol_violation_warnings_are_rate_limited() {
         sent += socks.len();
     }
     assert!(d.log_count("link handshake failed") < sent, "{}", d.log());
+}
+
+#[test]
+fn half_closed_streams_whose_answer_never_comes_are_reclaimed() {
+    // 50 applications send a request, half-close, and go away (close their
+    // sockets) while the target never answers: each stream stays half-
+    // closed, its open direction silent. At --half-closed-timeout they end
+    // with END(TIMEOUT) and every thread is freed. A half-closed stream
+    // whose answer keeps coming (a byte every 300 ms for 2 s) is not
+    // silent and gets its whole answer.
+    let d = Daemon::run(&["--half-closed-timeout", "1s"]);
+    let baseline = d.thread_count();
+    let never = Server::start(|mut s| {
+        let mut req = Vec::new();
+        let _ = s.read_to_end(&mut req);
+        thread::sleep(Duration::from_secs(3600)); // the answer never comes
+    });
+    for _ in 0..50 {
+        let mut s = socks5(d.socks(), "127.0.0.1", never.addr.port(), None).expect("CONNECT");
+        s.write_all(b"request").unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+    } // and gone
+    let slow = Server::start(|mut s| {
+        let mut req = Vec::new();
+        let _ = s.read_to_end(&mut req);
+        for i in 0..7u8 {
+            thread::sleep(Duration::from_millis(300));
+            if s.write_all(&[b'0' + i]).is_err() {
+                return;
+            }
+        }
+    });
+    let mut s = socks5(d.socks(), "127.0.0.1", slow.addr.port(), None).expect("CONNECT");
+    s.write_all(b"request").unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    s.read_to_end(&mut answer).unwrap();
+    assert_eq!(answer, b"0123456", "the slow answer arrives whole");
+    d.wait_for_log("half-closed and silent for 1s: END(TIMEOUT)");
+    d.wait_for_threads(baseline);
 }
