@@ -30,7 +30,7 @@ use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Targ
 use halfpipe_proto::stream::{Delivery, StreamState};
 use halfpipe_proto::streammap::{Begin, CircuitViolation, Ended, Resolve, StreamEntry, StreamMap};
 use halfpipe_proto::Role;
-pub use msg::{CircMsg, OpenRequest, ResolveRequest, RESOLVE_WAIT};
+pub use msg::{CircMsg, OpenRequest, Refused, ResolveRequest, RESOLVE_WAIT};
 use socket2::Socket;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -40,8 +40,9 @@ use view::CircuitView;
 
 /// How a circuit is to run, from its creator.
 pub struct CircuitOpts {
-    /// Client circuits for isolated credentials end after this long
-    /// without streams, so that they do not pile up at the exit's limit.
+    /// Client circuits beyond the general ones (those of credentials, and
+    /// those opened because others were full) end after this long without
+    /// streams, so that they do not pile up at the exit's limit.
     pub idle_timeout: Option<Duration>,
     /// Where its streams come from, for their fair share of the process's
     /// stream slots (a link at the exit, SOCKS credentials at the client).
@@ -548,7 +549,7 @@ impl Circuit {
             self.refuse_begin(id, end_reason::MISC);
             return Ok(());
         }
-        let Some(slot) = self.take_slot() else {
+        let Some(slot) = self.take_counted_slot() else {
             tracing::info!(circuit = %self.name, stream = id, "stream limit reached: END(RESOURCELIMIT)");
             self.refuse_begin(id, end_reason::RESOURCELIMIT); // R5.11
             return Ok(());
@@ -632,7 +633,7 @@ impl Circuit {
             c.queue_relay(relay_cmd::RESOLVED, id, &body);
             c.map.refuse(id);
         };
-        let Some(slot) = self.take_slot() else {
+        let Some(slot) = self.take_counted_slot() else {
             refuse(self);
             return Ok(());
         };
@@ -673,30 +674,32 @@ impl Circuit {
         }
     }
 
-    /// A stream slot, within the circuit's and the process's limits (R3.9).
-    /// An exit's RESOLVE holds one (it holds a resolver thread); a client's
-    /// RESOLVE waiting for its answer does not.
-    fn take_slot(&self) -> Option<StreamSlot> {
+    /// A stream slot, within the circuit's and the process's limits (R3.9),
+    /// or the limit that refused it. An exit's RESOLVE holds one (it holds
+    /// a resolver thread); a client's RESOLVE waiting for its answer does
+    /// not.
+    fn take_slot(&self) -> std::result::Result<StreamSlot, Limit> {
         let waiting = self
             .map
             .resolves()
             .filter(|(_, r)| matches!(r, Resolving::Waiting(..)))
             .count();
         if self.map.in_use() - waiting >= self.ctx.cfg.max_streams_per_circuit {
-            self.ctx.metrics.refused(Limit::Circuit);
-            return None;
+            return Err(Limit::Circuit);
         }
-        match self.ctx.take_stream_slot(&self.source) {
-            Ok(slot) => Some(slot),
-            Err(NoSlot::Process) => {
-                self.ctx.metrics.refused(Limit::Process);
-                None
-            }
-            Err(NoSlot::Share) => {
-                self.ctx.metrics.refused(Limit::Share);
-                None
-            }
-        }
+        self.ctx
+            .take_stream_slot(&self.source)
+            .map_err(|e| match e {
+                NoSlot::Process => Limit::Process,
+                NoSlot::Share => Limit::Share,
+            })
+    }
+
+    /// `take_slot` for a stream the peer asked for: a refusal is counted.
+    fn take_counted_slot(&self) -> Option<StreamSlot> {
+        self.take_slot()
+            .inspect_err(|limit| self.ctx.metrics.refused(*limit))
+            .ok()
     }
 
     fn new_stream(
@@ -727,13 +730,26 @@ impl Circuit {
     }
 
     /// Client, §5 and §11: a SOCKS CONNECT becomes BEGIN and two threads.
+    /// A circuit that is full gives the request back for the client to
+    /// try another circuit; a process limit refuses it (SOCKS 0x01).
     fn open_stream(&mut self, req: OpenRequest) {
-        let slot = self.take_slot();
-        let id = self.map.allocate_id(); // R5.1, R9.4
-        let (Some(slot), Some(id)) = (slot, id) else {
-            tracing::info!(circuit = %self.name, "stream limit reached: refusing SOCKS request");
-            let _ = req.refused.send(req.socket);
-            return;
+        // R5.1, R9.4: no stream ID left is this circuit being full too.
+        let taken = self
+            .take_slot()
+            .and_then(|slot| Ok((slot, self.map.allocate_id().ok_or(Limit::Circuit)?)));
+        let (slot, id) = match taken {
+            Ok(t) => t,
+            Err(Limit::Circuit) => {
+                tracing::debug!(circuit = %self.name, "circuit full: the client looks for another");
+                let _ = req.refused.send((req.socket, Refused::Full));
+                return;
+            }
+            Err(limit) => {
+                tracing::info!(circuit = %self.name, "stream limit reached: refusing SOCKS request");
+                self.ctx.metrics.refused(limit);
+                let _ = req.refused.send((req.socket, Refused::Limit));
+                return;
+            }
         };
         let sock = Arc::new(req.socket);
         let (stream, dl_rx) = self.new_stream(id, req.target, Some(sock.clone()));
@@ -766,7 +782,7 @@ impl Circuit {
                 self.map.refuse(id);
                 drop(stream);
                 if let Ok(socket) = Arc::try_unwrap(sock) {
-                    let _ = req.refused.send(socket);
+                    let _ = req.refused.send((socket, Refused::Limit));
                 }
                 return;
             }
@@ -939,7 +955,7 @@ impl Circuit {
         // them (R11.6: SOCKS 0x01) rather than drop their sockets.
         while let Ok(msg) = self.rx.try_recv() {
             if let CircMsg::Open(req) = msg {
-                let _ = req.refused.send(req.socket);
+                let _ = req.refused.send((req.socket, Refused::Ended));
             }
         }
         self.view.clear_streams();

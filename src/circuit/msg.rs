@@ -46,7 +46,20 @@ pub struct OpenRequest {
     /// Bytes the application sent after its SOCKS request (optimistic data).
     pub initial: Vec<u8>,
     /// Answered only on refusal, with the socket back; dropped on success.
-    pub refused: Sender<Socket>,
+    pub refused: Sender<(Socket, Refused)>,
+}
+
+/// Why a circuit gave a SOCKS request's socket back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The circuit holds all the streams it may (`--max-streams-per-circuit`,
+    /// or no stream ID left): another circuit may take the request.
+    Full,
+    /// The circuit ended before it took the request: another may take it.
+    Ended,
+    /// A limit of the process (its stream slots, the source's fair share,
+    /// threads): the request fails (SOCKS 0x01).
+    Limit,
 }
 
 pub struct ResolveRequest {

@@ -165,8 +165,14 @@ impl Link {
         self.closed.load(Ordering::Acquire)
     }
 
+    /// Circuits with a thread on this link.
     pub fn circuit_count(&self) -> usize {
         self.table.lock().live_count()
+    }
+
+    /// Does the link carry a circuit, or one in its handshake?
+    pub fn has_circuits(&self) -> bool {
+        !self.table.lock().by_wire_id.is_empty()
     }
 
     /// The views of the link's circuits whose threads run, also while they

@@ -34,8 +34,12 @@ pub(super) struct CircTable {
 }
 
 impl CircTable {
+    /// Circuits with a thread (not those still in their handshake).
     pub(super) fn live_count(&self) -> usize {
-        self.by_wire_id.len()
+        self.by_wire_id
+            .values()
+            .filter(|s| matches!(s, CircSlot::Live { .. }))
+            .count()
     }
 
     pub(super) fn reap(&mut self) {

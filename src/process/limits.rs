@@ -18,13 +18,17 @@ const MAPS_RESERVED: u64 = 2048;
 pub const MAX_CIRCUITS: usize = 512;
 /// Links an exit holds at once (each is two threads).
 pub const MAX_LINKS: usize = 128;
+/// Links a client keeps to its exit: the first, and more while the exit
+/// refuses circuits on those it has (its per-link circuit limit).
+pub const MAX_EXIT_LINKS: usize = 16;
 /// SOCKS handshakes in progress at once (each is a thread).
 pub const MAX_HANDSHAKES: usize = 256;
 /// Status endpoint connections served at once (each is a thread).
 pub const MAX_STATUS_CONNECTIONS: usize = 8;
 /// Name lookups in flight at once (each is a thread: getaddrinfo blocks).
 pub const MAX_LOOKUPS: usize = 64;
-/// Threads kept for all of the above, plus acceptors and the like.
+/// Threads kept for all of the above, plus the client's links to its exit
+/// (2 × `MAX_EXIT_LINKS`), acceptors and the like (64 in all).
 const THREADS_RESERVED: u64 =
     (MAX_CIRCUITS + 2 * MAX_LINKS + MAX_HANDSHAKES + MAX_STATUS_CONNECTIONS + MAX_LOOKUPS + 64)
         as u64;

@@ -110,13 +110,18 @@ pub enum Limit {
     /// Few slots were left and the stream's source (a link at the exit,
     /// SOCKS credentials at the client) held its share already.
     Share = 3,
+    /// Client: no circuit could be had for the stream (the exit refused
+    /// circuits on every link, and the client has `limits::MAX_EXIT_LINKS`
+    /// links to it, or the process holds `limits::MAX_CIRCUITS`).
+    Circuits = 4,
 }
 
-const LIMITS: [(Limit, &str); 4] = [
+const LIMITS: [(Limit, &str); 5] = [
     (Limit::Circuit, "circuit"),
     (Limit::Process, "process"),
     (Limit::Threads, "threads"),
     (Limit::Share, "share"),
+    (Limit::Circuits, "circuits"),
 ];
 
 /// Relay commands have one counter each below this; others share counter
@@ -143,7 +148,7 @@ pub struct Metrics {
     violations: [AtomicU64; ViolationKind::ALL.len()],
     /// SOCKS replies: index 0..256 SOCKS4 codes, 256..512 SOCKS5 codes.
     socks: [AtomicU64; 512],
-    refused: [AtomicU64; 4],
+    refused: [AtomicU64; LIMITS.len()],
 }
 
 impl Default for Metrics {

@@ -989,19 +989,9 @@ fn one_link_cannot_take_the_stream_slots_another_link_needs() {
         .filter_map(|sid| hold(&mut b, b_circ, sid))
         .collect();
     assert_eq!(b_held.len(), 4, "the second link gets the last quarter");
-    let metrics = http_metrics(d.status.unwrap());
+    let metrics = metrics_text(&d);
     assert!(
         metrics.contains("halfpipe_streams_refused_total{limit=\"share\"} 4"),
         "{metrics}"
     );
-}
-
-/// GET /metrics, the body.
-fn http_metrics(addr: SocketAddr) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }

@@ -250,6 +250,27 @@ fn find_addr(out: &str, prefix: &str) -> Option<SocketAddr> {
     rest.split_whitespace().next()?.parse().ok()
 }
 
+// ---------------------------------------------------------------- metrics
+
+/// GET /metrics from a daemon started with `--status`: the body.
+pub fn metrics_text(d: &Daemon) -> String {
+    let addr = d.status.expect("a daemon started with --status");
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of one sample in a metrics text, named as printed
+/// (`name{labels}`); 0 when it is absent.
+pub fn metric_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
 // ------------------------------------------------------------ SOCKS client
 
 /// SOCKS5 CONNECT to `host:port` (a name or an IP literal), with optional
