@@ -116,6 +116,13 @@ impl Daemon {
             listener,
         )?);
         self.link_addr = Some(addr);
+        if self.ctx.exit_policy().mentions_private() {
+            let host = self.ctx.host.current();
+            tracing::info!(
+                "`private` in the exit policy covers this host's {} addresses too",
+                host.len()
+            );
+        }
         self.add_role("exit");
         Ok(addr)
     }

@@ -488,6 +488,8 @@ fn reload(args: &[OsString], running: &Command, ctx: &Ctx, log: &LogFilter) {
         tracing::info!("SIGHUP: exit policy now {p}");
         ctx.set_exit_policy(Arc::new(p));
     }
+    // The host's addresses are read again at the next BEGIN.
+    ctx.host.expire();
     if std::env::var_os("RUST_LOG").is_some() {
         tracing::info!("SIGHUP: RUST_LOG is set, so the log filter stays");
     } else {

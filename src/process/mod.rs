@@ -4,11 +4,13 @@
 //! `/metrics`. Who is alive is kept by their owners: a link's circuits by
 //! the link, the links by the daemon's `link::Links`.
 
+pub mod host;
 pub mod limits;
 pub mod metrics;
 
 use crate::runtime::semaphore::Semaphore;
 use halfpipe_proto::policy::Policy;
+use host::HostAddresses;
 use limits::MAX_CIRCUITS;
 use metrics::Metrics;
 use parking_lot::RwLock;
@@ -94,6 +96,8 @@ pub struct Ctx {
     shutting_down: AtomicBool,
     /// The exit policy in force.
     policy: RwLock<Arc<Policy>>,
+    /// The host's own addresses, which `private` in the policy covers.
+    pub host: HostAddresses,
     /// Name lookups in flight (`limits::MAX_LOOKUPS`).
     pub lookups: Arc<Semaphore>,
     /// Process-wide counters for `GET /metrics`.
@@ -160,6 +164,7 @@ impl Ctx {
     pub fn new(cfg: Config) -> Arc<Ctx> {
         Arc::new(Ctx {
             policy: RwLock::new(cfg.exit_policy.clone()),
+            host: HostAddresses::default(),
             lookups: Semaphore::new(limits::MAX_LOOKUPS),
             cfg,
             streams: AtomicUsize::new(0),

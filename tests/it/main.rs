@@ -7,6 +7,7 @@ mod faults;
 mod growth;
 mod hostile;
 mod limits;
+mod netns;
 mod regression;
 mod resolve;
 mod smoke;

@@ -24,10 +24,14 @@
 //! `reject 127.0.0.0/8:*`. `::` and `::1` are the IPv6 unspecified and
 //! loopback addresses, not IPv4-compatible ones, and stay IPv6.
 //!
+//! `private` is the fixed list in [`PRIVATE_V4`] and [`PRIVATE_V6`] and
+//! the exit host's own addresses, which the caller reads from the system
+//! and passes in ([`HostAddrs`], [`Policy::allows_on`]), as Tor's
+//! ExitPolicyRejectPrivate with ExitPolicyRejectLocalInterfaces does: a
+//! service listening on all of the exit host's addresses is as private as
+//! one on loopback.
+//!
 //! Deliberate departures from Tor:
-//! - `private` is the fixed list in [`PRIVATE_V4`] and [`PRIVATE_V6`]; Tor
-//!   also adds the exit's own interface addresses, which a sans-IO module
-//!   cannot know.
 //! - No default policy is appended: what the policy does not accept is
 //!   refused ([`DEFAULT_EXIT_POLICY`] is the usual choice).
 //! - Tor warns about and drops an `accept6`/`reject6` entry with an IPv4
@@ -68,6 +72,34 @@ pub const PRIVATE_V6: [(Ipv6Addr, u8); 4] = [
     (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),  // unique local
 ];
 
+/// The exit host's own addresses, which `private` stands for too.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostAddrs(Vec<IpAddr>);
+
+impl HostAddrs {
+    /// The addresses as the policy matches them (IPv4-mapped and
+    /// IPv4-compatible ones as IPv4), sorted, each once.
+    pub fn new(addrs: impl IntoIterator<Item = IpAddr>) -> HostAddrs {
+        let mut v: Vec<IpAddr> = addrs.into_iter().map(normalise).collect();
+        v.sort();
+        v.dedup();
+        HostAddrs(v)
+    }
+
+    /// Is `addr` (in any spelling) one of the host's addresses?
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        self.0.binary_search(&normalise(addr)).is_ok()
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// A parsed exit policy: entries in order, the first match decides.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Policy {
@@ -75,31 +107,46 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Whether the exit may connect to `addr:port` (R5.3). The first entry
-    /// that matches decides; if none does, the target is refused (R5.6).
+    /// Whether the exit may connect to `addr:port` (R5.3), `private`
+    /// standing for the fixed networks only. The first entry that matches
+    /// decides; if none does, the target is refused (R5.6).
     pub fn allows(&self, addr: IpAddr, port: u16) -> bool {
-        self.deciding_entry(addr, port)
+        self.allows_on(&HostAddrs::default(), addr, port)
+    }
+
+    /// Whether an exit on a host with addresses `host` may connect to
+    /// `addr:port`: `private` also stands for `host`.
+    pub fn allows_on(&self, host: &HostAddrs, addr: IpAddr, port: u16) -> bool {
+        self.deciding_entry(host, addr, port)
             .is_some_and(|(_, rule)| rule.action == Action::Accept)
     }
 
-    /// Why `addr:port` is refused, for a person: the entry that rejects it
-    /// (its position from 1, as written canonically), or that no entry
-    /// matches. `None` if the policy allows it.
-    pub fn refusal(&self, addr: IpAddr, port: u16) -> Option<String> {
-        match self.deciding_entry(addr, port) {
+    /// Why `addr:port` is refused on a host with addresses `host`, for a
+    /// person: the entry that rejects it (its position from 1, as written
+    /// canonically), or that no entry matches. `None` if it is allowed.
+    pub fn refusal_on(&self, host: &HostAddrs, addr: IpAddr, port: u16) -> Option<String> {
+        match self.deciding_entry(host, addr, port) {
             Some((_, rule)) if rule.action == Action::Accept => None,
             Some((n, rule)) => Some(format!("entry {n}, \"{rule}\"")),
             None => Some("no entry matches".to_owned()),
         }
     }
 
+    /// Whether an entry says `private`: only then do the host's own
+    /// addresses matter.
+    pub fn mentions_private(&self) -> bool {
+        self.rules
+            .iter()
+            .any(|r| matches!(r.pattern, Pattern::Private | Pattern::PrivateV6))
+    }
+
     /// The first entry that matches, with its position from 1.
-    fn deciding_entry(&self, addr: IpAddr, port: u16) -> Option<(usize, &Rule)> {
+    fn deciding_entry(&self, host: &HostAddrs, addr: IpAddr, port: u16) -> Option<(usize, &Rule)> {
         let addr = normalise(addr);
         self.rules
             .iter()
             .enumerate()
-            .find(|(_, rule)| rule.matches(addr, port))
+            .find(|(_, rule)| rule.matches(host, addr, port))
             .map(|(i, rule)| (i + 1, rule))
     }
 }
@@ -245,8 +292,8 @@ struct Rule {
 
 impl Rule {
     /// `addr` is already normalised.
-    fn matches(&self, addr: IpAddr, port: u16) -> bool {
-        self.ports.contains(port) && self.pattern.matches(addr)
+    fn matches(&self, host: &HostAddrs, addr: IpAddr, port: u16) -> bool {
+        self.ports.contains(port) && self.pattern.matches(host, addr)
     }
 }
 
@@ -278,13 +325,15 @@ enum Pattern {
 }
 
 impl Pattern {
-    fn matches(&self, addr: IpAddr) -> bool {
+    fn matches(&self, host: &HostAddrs, addr: IpAddr) -> bool {
         match (self, addr) {
             (Pattern::Any, _) => true,
             (Pattern::AnyV4, IpAddr::V4(_)) => true,
             (Pattern::AnyV6, IpAddr::V6(_)) => true,
-            (Pattern::Private, IpAddr::V4(a)) => is_private_v4(a),
-            (Pattern::Private | Pattern::PrivateV6, IpAddr::V6(a)) => is_private_v6(a),
+            (Pattern::Private, IpAddr::V4(a)) => is_private_v4(a) || host.contains(addr),
+            (Pattern::Private | Pattern::PrivateV6, IpAddr::V6(a)) => {
+                is_private_v6(a) || host.contains(addr)
+            }
             (Pattern::V4(net), IpAddr::V4(a)) => net.contains(a),
             (Pattern::V6(net), IpAddr::V6(a)) => net.contains(a),
             (Pattern::AnyV4 | Pattern::V4(_), IpAddr::V6(_)) => false,
@@ -945,6 +994,46 @@ mod tests {
         assert!(!policy("reject [::1], accept *").allows(ip("::1"), 80));
     }
 
+    // ---- the host's own addresses ----
+
+    /// `private` stands for the exit host's addresses too, in every
+    /// spelling the policy sees through for loopback.
+    #[test]
+    fn private_includes_the_hosts_own_addresses() {
+        let host = HostAddrs::new([ip("192.0.2.77"), ip("2001:db8::77"), ip("192.0.2.77")]);
+        assert_eq!(host.len(), 2);
+        let p = policy(DEFAULT_EXIT_POLICY);
+        for own in [
+            "192.0.2.77",
+            "::ffff:192.0.2.77",
+            "::192.0.2.77",
+            "2001:db8::77",
+        ] {
+            assert!(!p.allows_on(&host, ip(own), 443), "{own} is the host's");
+            assert!(p.allows(ip(own), 443), "{own} without the host's addresses");
+            assert_eq!(
+                p.refusal_on(&host, ip(own), 443).as_deref(),
+                Some("entry 1, \"reject private:*\"")
+            );
+        }
+        for other in ["192.0.2.78", "2001:db8::78", "::ffff:192.0.2.78"] {
+            assert!(p.allows_on(&host, ip(other), 443), "{other}");
+        }
+        // reject6 private: the host's IPv6 addresses only.
+        let p6 = policy("reject6 private:*, accept *:*");
+        assert!(!p6.allows_on(&host, ip("2001:db8::77"), 80));
+        assert!(p6.allows_on(&host, ip("192.0.2.77"), 80));
+        // An entry without `private` does not care about the host.
+        let p = policy("reject 10.0.0.0/8:*, accept *:*");
+        assert!(p.allows_on(&host, ip("192.0.2.77"), 80));
+        assert!(!p.mentions_private());
+        assert!(policy(DEFAULT_EXIT_POLICY).mentions_private());
+        assert!(p6.mentions_private());
+        // A host address given as IPv4-mapped is the IPv4 address.
+        let mapped = HostAddrs::new([ip("::ffff:198.51.100.7")]);
+        assert!(!policy(DEFAULT_EXIT_POLICY).allows_on(&mapped, ip("198.51.100.7"), 80));
+    }
+
     // ---- matching ----
 
     #[test]
@@ -1456,6 +1545,19 @@ mod tests {
                 }),
             };
             prop_assert_eq!(policy("accept private").allows(addr, 80), listed);
+        }
+
+        #[test]
+        fn private_on_a_host_is_the_listed_networks_and_its_addresses(
+            own in proptest::collection::vec(arb_ip(), 0..4),
+            addr in arb_ip(),
+            port in 1..=65535u16,
+        ) {
+            let host = HostAddrs::new(own.iter().copied());
+            let p = policy(DEFAULT_EXIT_POLICY);
+            let listed = !policy("reject private, accept *").allows(addr, port);
+            let is_own = own.iter().any(|o| normalise(*o) == normalise(addr));
+            prop_assert_eq!(p.allows_on(&host, addr, port), !(listed || is_own));
         }
     }
 }

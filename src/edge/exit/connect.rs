@@ -54,16 +54,22 @@ pub fn connect(
             .map_err(ConnectError::Refused)?,
     };
     let addrs: Vec<IpAddr> = addrs.into_iter().map(canonical).collect();
+    // `private` covers the host's own addresses too.
+    let host = if policy.mentions_private() {
+        ctx.host.current()
+    } else {
+        Default::default()
+    };
     let allowed: Vec<IpAddr> = addrs
         .iter()
         .copied()
-        .filter(|ip| policy.allows(*ip, port))
+        .filter(|ip| policy.allows_on(&host, *ip, port))
         .collect();
     if allowed.is_empty() {
         if crate::runtime::ratelimit::refusal_line() {
             let why: Vec<String> = addrs
                 .iter()
-                .filter_map(|ip| Some(format!("{ip}: {}", policy.refusal(*ip, port)?)))
+                .filter_map(|ip| Some(format!("{ip}: {}", policy.refusal_on(&host, *ip, port)?)))
                 .collect();
             tracing::info!(
                 stream = stream.name(),
