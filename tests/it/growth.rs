@@ -259,3 +259,37 @@ fn forty_usernames_at_once_get_their_circuits_over_few_links() {
     );
     drop(held);
 }
+
+#[test]
+fn past_the_process_circuit_limit_a_new_username_is_refused_and_counted() {
+    // The other limit that remains: 512 circuits in a process. In `run`
+    // mode each circuit counts twice (client and exit end), so usernames
+    // holding a stream each fill the process at about 255 besides the
+    // general circuit; the next gets 0x01, counted as limit "circuits",
+    // and the streams held go on.
+    let d = Daemon::run(&["--status", "127.0.0.1:0"]);
+    let server = Server::echo();
+    let mut held = Vec::new();
+    let refused = loop {
+        let user = format!("user{}", held.len());
+        match held_echo(d.socks(), &server, Some(&user)) {
+            Ok(s) => held.push(s),
+            Err(code) => break code,
+        }
+        assert!(held.len() <= 256, "no limit reached");
+    };
+    assert_eq!(refused, 0x01);
+    assert!(held.len() >= 250, "refused after {} usernames", held.len());
+    assert!(d.log().contains("this process holds 512 circuits"), "{}", d.log());
+    let m = metrics_text(&d);
+    assert_eq!(
+        metric_value(&m, "halfpipe_streams_refused_total{limit=\"circuits\"}"),
+        1.0,
+        "{m}"
+    );
+    for s in held.iter_mut() {
+        s.write_all(b"ping").unwrap();
+        let mut back = [0u8; 4];
+        s.read_exact(&mut back).unwrap();
+    }
+}

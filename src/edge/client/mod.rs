@@ -94,7 +94,7 @@ impl Client {
                         CreateError::NoRoom => {
                             "the exit refused the circuit: DESTROY(RESOURCELIMIT)".into()
                         }
-                        CreateError::Failed(why) => why,
+                        other => other.to_string(),
                     },
                 )
             })
@@ -356,7 +356,7 @@ impl Client {
     /// R11.15: no circuit (no link to the exit, say) → 0x01 at once rather
     /// than queued (R11.14: 0x5B for SOCKS4).
     fn no_circuit(&self, mut to: impl Write, request: &Request, peer: &str, e: CreateError) {
-        if let CreateError::NoRoom = e {
+        if let CreateError::NoRoom | CreateError::ProcessFull = e {
             self.ctx.metrics.refused(Limit::Circuits);
         }
         tracing::info!(%peer, target = %request.target, "SOCKS request failed: {e}");

@@ -51,6 +51,12 @@ pub enum CreateError {
         "the exit refuses more circuits (DESTROY(RESOURCELIMIT)) on every link the client may open to it"
     )]
     NoRoom,
+    /// This process holds `limits::MAX_CIRCUITS` circuits.
+    #[error(
+        "this process holds {} circuits, its most",
+        crate::process::limits::MAX_CIRCUITS
+    )]
+    ProcessFull,
     /// Anything else: no link, a lost link, no answer in time.
     #[error("{0}")]
     Failed(String),
@@ -205,6 +211,9 @@ impl Pool {
         let links = self.links();
         if links.is_empty() {
             return Err(CreateError::Failed("no link to the exit".into()));
+        }
+        if ctx.circuit_count() >= crate::process::limits::MAX_CIRCUITS {
+            return Err(CreateError::ProcessFull);
         }
         let mut last = CreateError::NoRoom;
         for cl in links.iter().filter(|l| l.has_room()) {
