@@ -280,7 +280,11 @@ fn past_the_process_circuit_limit_a_new_username_is_refused_and_counted() {
     };
     assert_eq!(refused, 0x01);
     assert!(held.len() >= 250, "refused after {} usernames", held.len());
-    assert!(d.log().contains("this process holds 512 circuits"), "{}", d.log());
+    assert!(
+        d.log().contains("this process holds 512 circuits"),
+        "{}",
+        d.log()
+    );
     let m = metrics_text(&d);
     assert_eq!(
         metric_value(&m, "halfpipe_streams_refused_total{limit=\"circuits\"}"),
