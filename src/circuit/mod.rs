@@ -359,7 +359,6 @@ impl Circuit {
             CircMsg::Violation(why) => Err(End::Violation(ViolationKind::Create, why)),
             CircMsg::LinkClosed => Err(End::LinkClosed),
             CircMsg::Hibernate => Err(End::Hibernate),
-            CircMsg::Unneeded => Err(End::Idle),
         }
     }
 
@@ -678,21 +677,26 @@ impl Circuit {
     /// or the limit that refused it. An exit's RESOLVE holds one (it holds
     /// a resolver thread); a client's RESOLVE waiting for its answer does
     /// not.
+    ///
+    /// The process's limits first: a client whose process is full must not
+    /// go looking for another circuit as though only this one were.
     fn take_slot(&self) -> std::result::Result<StreamSlot, Limit> {
+        let slot = self
+            .ctx
+            .take_stream_slot(&self.source)
+            .map_err(|e| match e {
+                NoSlot::Process => Limit::Process,
+                NoSlot::Share => Limit::Share,
+            })?;
         let waiting = self
             .map
             .resolves()
             .filter(|(_, r)| matches!(r, Resolving::Waiting(..)))
             .count();
         if self.map.in_use() - waiting >= self.ctx.cfg.max_streams_per_circuit {
-            return Err(Limit::Circuit);
+            return Err(Limit::Circuit); // the slot goes back as it drops
         }
-        self.ctx
-            .take_stream_slot(&self.source)
-            .map_err(|e| match e {
-                NoSlot::Process => Limit::Process,
-                NoSlot::Share => Limit::Share,
-            })
+        Ok(slot)
     }
 
     /// `take_slot` for a stream the peer asked for: a refusal is counted.

@@ -23,9 +23,6 @@ pub enum CircMsg {
     LinkClosed,
     /// Shutdown deadline: END(HIBERNATING) every stream, then DESTROY.
     Hibernate,
-    /// Client: a circuit that was created but is not needed (another
-    /// request created the same isolation circuit first): DESTROY(FINISHED).
-    Unneeded,
     /// A stream thread has ended and can be joined.
     ThreadDone { stream_id: u16, serial: u64 },
     /// Client: open a stream for a SOCKS CONNECT.

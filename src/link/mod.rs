@@ -154,6 +154,18 @@ impl Link {
         let _ = self.tx.tx.send(WriterMsg::Close);
     }
 
+    /// `finish`, if the link carries no circuit, not even one in its
+    /// handshake; checked under the table lock, so no circuit can begin
+    /// between the check and the close. Returns whether it finished.
+    pub fn finish_if_idle(&self) -> bool {
+        let table = self.table.lock();
+        if !table.by_wire_id.is_empty() {
+            return false;
+        }
+        self.finish();
+        true
+    }
+
     /// Closes the link at once from another thread: the reader wakes and
     /// tears everything down.
     pub fn close(&self) {
@@ -170,9 +182,9 @@ impl Link {
         self.table.lock().live_count()
     }
 
-    /// Does the link carry a circuit, or one in its handshake?
-    pub fn has_circuits(&self) -> bool {
-        !self.table.lock().by_wire_id.is_empty()
+    /// Circuits on this link, those in their handshake included.
+    pub fn circuit_slots(&self) -> usize {
+        self.table.lock().by_wire_id.len()
     }
 
     /// The views of the link's circuits whose threads run, also while they
@@ -219,10 +231,11 @@ impl Link {
     /// Client side of §3, step one: picks a free CircID with the top bit
     /// set (R3.1) and waits for its CREATED_FAST on the returned channel.
     pub fn begin_create(&self) -> Result<(u32, Receiver<CreatedFast>), LinkGone> {
+        let mut table = self.table.lock();
+        // Under the table lock, as in `finish_if_idle`.
         if self.is_closed() {
             return Err(LinkGone);
         }
-        let mut table = self.table.lock();
         let wire = loop {
             let mut r = [0u8; 4];
             getrandom::getrandom(&mut r).expect("the OS random number generator failed");

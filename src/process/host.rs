@@ -11,14 +11,15 @@
 //! list, with no thread and no polling. Without that socket (netlink
 //! refused) the list is read again when it is older than `FALLBACK_AGE`.
 //!
-//! The read is a request the kernel answers at once, not I/O that waits
-//! on a peer, and it is done under the lock so that no stream is checked
-//! against a list known to be out of date.
+//! One thread reads at a time, holding no lock while it does; a BEGIN
+//! that comes meanwhile waits for that read rather than use a list known
+//! to be out of date.
 
+use crate::runtime::monitor::Monitor;
 use halfpipe_proto::policy::HostAddrs;
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
-use parking_lot::Mutex;
 use std::io;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -26,33 +27,23 @@ use std::time::{Duration, Instant};
 /// it changed.
 const FALLBACK_AGE: Duration = Duration::from_secs(1);
 
-pub struct HostAddresses(Mutex<State>);
+/// Never set: a wait for another thread's read ends when the read does.
+static NEVER: AtomicBool = AtomicBool::new(false);
 
+#[derive(Default)]
+pub struct HostAddresses(Monitor<State>);
+
+#[derive(Default)]
 struct State {
     addrs: Arc<HostAddrs>,
-    /// When they were last read; `None` before the first read, or when a
-    /// change means they must be read again.
+    /// When they were last read; `None` before the first read, or when
+    /// they must be read again.
     read_at: Option<Instant>,
-    /// Notifications of address changes; `None` if netlink was refused.
+    /// A thread is reading them.
+    reading: bool,
+    /// Notifications of address changes, opened at the first read (only an
+    /// exit ever reads); `None` if netlink was refused.
     changes: Option<Socket>,
-}
-
-impl Default for HostAddresses {
-    fn default() -> Self {
-        let changes = subscribe()
-            .inspect_err(|e| {
-                tracing::warn!(
-                    "no netlink socket for address changes ({e}): the host's addresses \
-                     are read again once a second"
-                )
-            })
-            .ok();
-        HostAddresses(Mutex::new(State {
-            addrs: Arc::default(),
-            read_at: None,
-            changes,
-        }))
-    }
 }
 
 /// A netlink socket that receives a message for each IPv4 or IPv6 address
@@ -65,11 +56,14 @@ fn subscribe() -> io::Result<Socket> {
 }
 
 impl State {
-    /// Takes every notification waiting on the socket, without waiting:
-    /// did anything change?
-    fn changed(&mut self) -> bool {
+    /// Must the list be read (again)? Takes every notification waiting on
+    /// the socket, without waiting.
+    fn stale(&mut self) -> bool {
+        let Some(read_at) = self.read_at else {
+            return true;
+        };
         let Some(sock) = &self.changes else {
-            return self.read_at.is_some_and(|t| t.elapsed() >= FALLBACK_AGE);
+            return read_at.elapsed() >= FALLBACK_AGE;
         };
         let mut changed = false;
         let mut buf = Vec::with_capacity(4096);
@@ -89,28 +83,59 @@ impl State {
 impl HostAddresses {
     /// The host's addresses as they are now.
     pub fn current(&self) -> Arc<HostAddrs> {
-        let mut s = self.0.lock();
-        if s.changed() || s.read_at.is_none() {
-            // Marked read even if the read fails, so that a failure is
+        // Some(list): fresh; None: this thread is to read it.
+        let fresh = self.0.wait_until(&NEVER, |s| {
+            if s.reading {
+                return None; // wait for that read
+            }
+            if !s.stale() {
+                return Some(Some(s.addrs.clone()));
+            }
+            if s.read_at.is_none() && s.changes.is_none() {
+                // Subscribed before reading, so no change can fall between.
+                s.changes = subscribe()
+                    .inspect_err(|e| {
+                        tracing::warn!(
+                            "no netlink socket for address changes ({e}): the host's \
+                             addresses are read again once a second"
+                        )
+                    })
+                    .ok();
+            }
+            s.reading = true;
+            Some(None)
+        });
+        match fresh {
+            Ok(Some(addrs)) => addrs,
+            Ok(None) => self.read(),
+            // The monitor is never closed and NEVER never set.
+            Err(_) => self.0.lock().addrs.clone(),
+        }
+    }
+
+    /// Reads the addresses, holding no lock, and wakes whoever waits.
+    fn read(&self) -> Arc<HostAddrs> {
+        let interfaces = if_addrs::get_if_addrs();
+        self.0.update(|s| {
+            s.reading = false;
+            // Marked read even if the read failed, so that a failure is
             // tried again (and logged) only at the next change or second.
             s.read_at = Some(Instant::now());
-            match if_addrs::get_if_addrs() {
-                Ok(interfaces) => {
-                    s.addrs = Arc::new(HostAddrs::new(interfaces.iter().map(|i| i.ip())));
-                }
+            match interfaces {
+                Ok(i) => s.addrs = Arc::new(HostAddrs::new(i.iter().map(|i| i.ip()))),
                 Err(e) => tracing::warn!(
                     "cannot read the host's addresses ({e}): `private` in the exit policy \
                      stands for the fixed networks and the {} addresses read before",
                     s.addrs.len()
                 ),
             }
-        }
-        s.addrs.clone()
+            s.addrs.clone()
+        })
     }
 
     /// Reads them again at the next `current` (SIGHUP).
     pub fn expire(&self) {
-        self.0.lock().read_at = None;
+        self.0.update(|s| s.read_at = None);
     }
 }
 

@@ -30,6 +30,12 @@ struct Inner<T> {
     closed: bool,
 }
 
+impl<T: Default> Default for Monitor<T> {
+    fn default() -> Self {
+        Monitor::new(T::default())
+    }
+}
+
 impl<T> Monitor<T> {
     pub fn new(value: T) -> Self {
         Monitor {

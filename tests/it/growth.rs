@@ -280,10 +280,17 @@ fn past_the_process_circuit_limit_a_new_username_is_refused_and_counted() {
     };
     assert_eq!(refused, 0x01);
     assert!(held.len() >= 250, "refused after {} usernames", held.len());
+    // The log reaches us through a pipe, maybe after the reply.
+    d.wait_for_log("SOCKS request failed");
+    let why = d
+        .log()
+        .lines()
+        .find(|l| l.contains("SOCKS request failed"))
+        .map(str::to_owned);
     assert!(
-        d.log().contains("this process holds 512 circuits"),
-        "{}",
-        d.log()
+        why.as_deref()
+            .is_some_and(|l| l.contains("this process holds 512 circuits")),
+        "{why:?}"
     );
     let m = metrics_text(&d);
     assert_eq!(
@@ -296,4 +303,79 @@ fn past_the_process_circuit_limit_a_new_username_is_refused_and_counted() {
         let mut back = [0u8; 4];
         s.read_exact(&mut back).unwrap();
     }
+}
+
+#[test]
+fn a_burst_of_one_groups_requests_fills_new_circuits_one_after_another() {
+    // 60 requests of one group at the same moment, 2 streams to a
+    // circuit: each is served. One request at a time creates the group's
+    // next circuit and the others wait for it, so about 30 circuits carry
+    // the 60 streams (not one each), for the group without credentials
+    // and for a username alike.
+    let exit = Daemon::exit(&["--exit-policy", "accept *:*"]);
+    let client = Daemon::client(
+        exit.link(),
+        &["--max-streams-per-circuit", "2", "--status", "127.0.0.1:0"],
+    );
+    let server = Server::echo();
+    let (proxy, port) = (client.socks(), server.addr.port());
+    for user in [None, Some("alice")] {
+        let askers: Vec<_> = (0..60)
+            .map(|_| {
+                thread::spawn(move || socks5(proxy, "127.0.0.1", port, user.map(|u| (u, "pw"))))
+            })
+            .collect();
+        let answers: Vec<_> = askers.into_iter().map(|t| t.join().unwrap()).collect();
+        let refused: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+        assert!(
+            refused.is_empty(),
+            "{user:?}: refused {refused:?}:\n{}",
+            client.log()
+        );
+        let m = metrics_text(&client);
+        let circuits = metric_value(&m, "halfpipe_circuits{role=\"client\"}");
+        eprintln!("{user:?}: 60 streams at once on {circuits} client circuits in all");
+        drop(answers);
+    }
+    let m = metrics_text(&client);
+    let circuits = metric_value(&m, "halfpipe_circuits{role=\"client\"}");
+    // 30 for each group, and circuits of the first group may not have
+    // ended yet; creating one per request would be 120.
+    assert!(circuits <= 64.0, "{circuits} circuits for 120 streams: {m}");
+}
+
+#[test]
+fn a_burst_of_usernames_fills_links_to_the_exits_limit() {
+    // 20 usernames at the same moment, the exit allowing 4 circuits per
+    // link: each is served, and the links are used up to the exit's limit
+    // rather than left part empty after a refusal (21 circuits: 6 links
+    // at best; a refusal while other circuits were in their handshake
+    // may cost one more).
+    let exit = Daemon::exit(&[
+        "--exit-policy",
+        "accept *:*",
+        "--max-circuits-per-link",
+        "4",
+    ]);
+    let client = Daemon::client(exit.link(), &["--status", "127.0.0.1:0"]);
+    let server = Server::echo();
+    let (proxy, port) = (client.socks(), server.addr.port());
+    let askers: Vec<_> = (0..20)
+        .map(|i| {
+            thread::spawn(move || {
+                let user = format!("user{i}");
+                socks5(proxy, "127.0.0.1", port, Some((&user, "pw")))
+            })
+        })
+        .collect();
+    let answers: Vec<_> = askers.into_iter().map(|t| t.join().unwrap()).collect();
+    let refused: Vec<_> = answers.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(refused.is_empty(), "refused {refused:?}:\n{}", client.log());
+    let m = metrics_text(&client);
+    let links = metric_value(&m, "halfpipe_links{role=\"client\"}");
+    eprintln!("20 usernames at once over {links} links");
+    assert!(
+        links <= 8.0,
+        "{links} links for 21 circuits, 4 to a link: {m}"
+    );
 }

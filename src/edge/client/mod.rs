@@ -30,12 +30,14 @@ use std::time::{Duration, Instant};
 /// streams: those of credentials, and those opened because the others
 /// were full.
 const SPARE_IDLE: Duration = Duration::from_secs(60);
-/// Circuits a SOCKS request tries before it fails: each full circuit it
-/// meets sends it to another, and a new circuit is empty, so more are
-/// needed only while many requests fill circuits at the same moment.
-const MAX_TRIES: usize = 8;
-/// Times a SOCKS request asks for another link before it fails.
-const MAX_LINK_ASKS: usize = 3;
+/// Circuits a SOCKS request may try: each full circuit it meets sends it
+/// to another, or to a new one, and there are never more than this.
+const MAX_TRIES: usize = crate::process::limits::MAX_CIRCUITS;
+/// Times a SOCKS request may ask for another link. Each answer is a new
+/// link, or room that has come free on one, which a burst of other
+/// requests may take first; past `MAX_EXIT_LINKS` the supervisor answers
+/// that there is none.
+const MAX_LINK_ASKS: usize = 2 * crate::process::limits::MAX_EXIT_LINKS;
 
 pub struct Client {
     ctx: Arc<Ctx>,
@@ -125,40 +127,45 @@ impl Client {
     /// (they were full): an existing one, else a new one, on another link
     /// if the exit refuses circuits on those the client has.
     fn circuit_for(&self, group: &Group, tried: &[u32]) -> Result<CircHandle, CreateError> {
-        if let Some(h) = self.pool.existing(group, tried) {
-            return Ok(h);
-        }
         let opts = |lasting| self.circuit_opts(group, lasting);
-        let create = || {
+        let circuit = || {
             self.pool
-                .create(&self.ctx, group, tried, opts, self.general_circuits)
+                .circuit(&self.ctx, group, tried, opts, self.general_circuits)
         };
         // A new link may fill up with other requests' circuits before
-        // ours is created on it: then another is asked for.
+        // ours is created on it: then another is asked for, until the
+        // supervisor has opened as many as it may.
         for _ in 0..MAX_LINK_ASKS {
-            match create() {
+            match circuit() {
                 Err(CreateError::NoRoom) => self.another_link()?,
                 done => return done,
             }
         }
-        create()
+        circuit()
     }
 
     /// Asks the supervisor for another link to the exit, and waits for it
-    /// (at most the time a dial and a handshake may take).
+    /// (at most the time a dial and a handshake may take, and not past the
+    /// start of shutdown).
     fn another_link(&self) -> Result<(), CreateError> {
+        let stopping = || CreateError::Failed("shutting down".into());
         if self.ctx.shutting_down() {
-            return Err(CreateError::Failed("shutting down".into()));
+            return Err(stopping());
         }
         let (tx, rx) = crossbeam_channel::bounded(1);
-        let gone = || CreateError::Failed("the link supervisor has stopped".into());
-        self.want_tx.send(tx).map_err(|_| gone())?;
-        let wait = self.ctx.cfg.handshake_timeout * 2 + Duration::from_secs(1);
-        match rx.recv_timeout(wait) {
-            Ok(answer) => answer,
-            Err(_) => Err(CreateError::Failed(
-                "no new link to the exit in time".into(),
-            )),
+        let _ = self.want_tx.send(tx);
+        let deadline = Instant::now() + self.ctx.cfg.handshake_timeout * 2 + Duration::from_secs(1);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(answer) => return answer,
+                Err(_) if self.ctx.shutting_down() => return Err(stopping()),
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(CreateError::Failed(
+                        "no new link to the exit in time".into(),
+                    ))
+                }
+                Err(_) => {}
+            }
         }
     }
 
@@ -349,7 +356,7 @@ impl Client {
                 }
             }
         }
-        let why = format!("the {MAX_TRIES} circuits tried were full");
+        let why = format!("the {} circuits tried were full", tried.len());
         self.no_circuit(&socket, &request, peer, CreateError::Failed(why));
     }
 

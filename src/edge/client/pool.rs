@@ -8,17 +8,22 @@
 //! refuses a circuit with DESTROY(RESOURCELIMIT) (its per-link limit, R3.8)
 //! makes it create the circuit on another link, and ask the supervisor
 //! for a new link when every link is refused (docs/protocol.md §11).
+//!
+//! One request at a time creates a group's circuit; the group's other
+//! requests wait for it and use it, so that a burst of requests fills
+//! circuits one after another instead of each creating its own.
 
 use crate::circuit::{CircMsg, CircuitOpts};
 use crate::link::Link;
 use crate::process::metrics::ViolationKind;
 use crate::process::Ctx;
 use crate::runtime::inbox::InboxTx;
+use crate::runtime::monitor::Monitor;
 use halfpipe_proto::cell::{self, cmd, destroy_reason};
 use halfpipe_proto::kdf;
 use parking_lot::Mutex;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -62,6 +67,18 @@ pub enum CreateError {
     Failed(String),
 }
 
+/// The exit refused a circuit (DESTROY(RESOURCELIMIT)) while the link
+/// carried `held` circuits, those in their handshake included (the exit
+/// may have counted them): no more are asked for while it carries as many,
+/// for `REFUSAL_AGE` (a refusal for the exit's process-wide limit passes).
+#[derive(Clone, Copy)]
+struct Refusal {
+    held: usize,
+    at: Instant,
+}
+
+const REFUSAL_AGE: Duration = Duration::from_secs(30);
+
 /// One link to the exit and the circuits the client holds on it.
 pub struct ClientLink {
     pub link: Arc<Link>,
@@ -69,9 +86,8 @@ pub struct ClientLink {
     /// closes when they have carried no circuit for a while.
     pub primary: bool,
     circuits: Mutex<HashMap<Group, Vec<CircHandle>>>,
-    /// The fewest circuits the link held when the exit refused one with
-    /// RESOURCELIMIT: no more are asked for while it holds that many.
-    ceiling: AtomicUsize,
+    /// The exit's last refusal of a circuit on this link.
+    refused: Mutex<Option<Refusal>>,
     /// Since when the link has held no circuit.
     empty_since: Mutex<Option<Instant>>,
 }
@@ -86,7 +102,7 @@ impl ClientLink {
             link,
             primary,
             circuits: Mutex::new(map),
-            ceiling: AtomicUsize::new(usize::MAX),
+            refused: Mutex::new(None),
             empty_since: Mutex::new(None),
         })
     }
@@ -97,13 +113,19 @@ impl ClientLink {
 
     /// May the client ask the exit for another circuit on this link?
     pub fn has_room(&self) -> bool {
-        !self.link.is_closed() && self.link.circuit_count() < self.ceiling.load(Ordering::Acquire)
+        if self.link.is_closed() {
+            return false;
+        }
+        match *self.refused.lock() {
+            Some(r) if r.at.elapsed() < REFUSAL_AGE => self.link.circuit_slots() < r.held,
+            _ => true,
+        }
     }
 
     /// How long the link has held no circuit (`None` while it holds one).
     pub fn empty_for(&self) -> Option<Duration> {
         let mut since = self.empty_since.lock();
-        if self.link.has_circuits() {
+        if self.link.circuit_slots() > 0 {
             *since = None;
             return None;
         }
@@ -143,7 +165,23 @@ pub struct Pool {
     links: Mutex<Vec<Arc<ClientLink>>>,
     /// Round-robin over the group without credentials.
     next_general: AtomicUsize,
+    /// The groups a request is creating a circuit for.
+    creating: Monitor<HashSet<Group>>,
 }
+
+/// Ends a request's turn at creating its group's circuit, however the
+/// creation ends, and wakes the group's other requests.
+struct Creating<'a>(&'a Pool, &'a Group);
+
+impl Drop for Creating<'_> {
+    fn drop(&mut self) {
+        self.0.creating.update(|set| set.remove(self.1));
+    }
+}
+
+/// Never set: waiting for another request's circuit ends only when its
+/// creation does (within the handshake timeout).
+static NEVER: AtomicBool = AtomicBool::new(false);
 
 impl Pool {
     pub fn add(&self, link: Arc<ClientLink>) {
@@ -196,16 +234,45 @@ impl Pool {
         Some(live[i].clone())
     }
 
-    /// Creates a circuit for the group on the first link with room, and
-    /// enters it. Blocks while the exit answers, holding no lock. If
-    /// another request gave the group a circuit meanwhile, that one is
-    /// used and ours is let go.
-    pub fn create(
+    /// A circuit for a new stream of `group`, other than the `tried` ones
+    /// (they were full): an existing one, else a new one on the first link
+    /// with room. Only one request of a group creates at a time; the others
+    /// wait for its circuit and look again. Creating blocks while the exit
+    /// answers, holding no lock.
+    pub fn circuit(
         &self,
         ctx: &Ctx,
         group: &Group,
         tried: &[u32],
         opts: impl Fn(bool) -> CircuitOpts,
+        general_circuits: usize,
+    ) -> Result<CircHandle, CreateError> {
+        loop {
+            if let Some(h) = self.existing(group, tried) {
+                return Ok(h);
+            }
+            if self.creating.update(|set| set.insert(group.clone())) {
+                let _turn = Creating(self, group);
+                // A creation that ended since we looked.
+                if let Some(h) = self.existing(group, tried) {
+                    return Ok(h);
+                }
+                return self.create(ctx, group, &opts, general_circuits);
+            }
+            // Another request is creating the group's circuit: wait for it.
+            let _ = self
+                .creating
+                .wait_until(&NEVER, |set| (!set.contains(group)).then_some(()));
+        }
+    }
+
+    /// Creates a circuit for the group on the first link with room, and
+    /// enters it.
+    fn create(
+        &self,
+        ctx: &Ctx,
+        group: &Group,
+        opts: &impl Fn(bool) -> CircuitOpts,
         general_circuits: usize,
     ) -> Result<CircHandle, CreateError> {
         let links = self.links();
@@ -217,17 +284,15 @@ impl Pool {
         }
         let mut last = CreateError::NoRoom;
         for cl in links.iter().filter(|l| l.has_room()) {
-            // The streams without credentials keep `--circuits` circuits
-            // that last; past those, and for credentials, circuits end
-            // after a while without streams.
+            // The streams without credentials keep `--circuits` circuits on
+            // the primary link that last as long as it; past those, on
+            // other links, and for credentials, circuits end after a while
+            // without streams.
             let lasting = group.is_none()
+                && cl.primary
                 && links.iter().map(|l| l.lasting_count()).sum::<usize>() < general_circuits;
             match create_circuit(ctx, &cl.link, opts(lasting), lasting) {
                 Ok(fresh) => {
-                    if let Some(theirs) = self.existing(group, tried) {
-                        let _ = fresh.tx.send(CircMsg::Unneeded);
-                        return Ok(theirs);
-                    }
                     cl.circuits
                         .lock()
                         .entry(group.clone())
@@ -236,15 +301,18 @@ impl Pool {
                     return Ok(fresh);
                 }
                 Err(CreateError::NoRoom) => {
-                    // Circuits other requests are creating do not count:
-                    // the exit may refuse them too.
-                    let held = cl.link.circuit_count();
+                    // Circuits in their handshake count: the exit may have
+                    // counted them before ours.
+                    let held = cl.link.circuit_slots();
                     tracing::info!(
                         link = cl.link.id,
                         circuits = held,
                         "the exit refuses more circuits on this link"
                     );
-                    cl.ceiling.fetch_min(held.max(1), Ordering::AcqRel);
+                    *cl.refused.lock() = Some(Refusal {
+                        held: held.max(1),
+                        at: Instant::now(),
+                    });
                 }
                 Err(e) => last = e,
             }

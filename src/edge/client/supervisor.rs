@@ -111,13 +111,18 @@ impl Client {
         }
         for o in owned.iter_mut() {
             match o.closing {
-                None if !o.cl.primary && o.cl.empty_for().is_some_and(|d| d >= EXTRA_IDLE) => {
+                // A request that took the link from the pool just before
+                // it leaves finds it closed when it begins a circuit, and
+                // goes on to another link.
+                None if !o.cl.primary
+                    && o.cl.empty_for().is_some_and(|d| d >= EXTRA_IDLE)
+                    && o.cl.link.finish_if_idle() =>
+                {
                     tracing::info!(
                         link = o.cl.link.id,
-                        "closing a link to the exit that carries no circuit"
+                        "closed a link to the exit that carried no circuit"
                     );
                     self.pool.remove(o.cl.link.id);
-                    o.cl.link.finish();
                     o.closing = Some(Instant::now());
                 }
                 Some(since) if since.elapsed() >= LINGER => o.cl.link.close(),
