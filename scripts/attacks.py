@@ -302,6 +302,33 @@ def pinned():
         d.stop()
 
 
+def frozen_exit():
+    holder = Holder()
+    exit_ = Daemon("exit", "--listen", "127.0.0.1:0", "--exit-policy", "accept *:*")
+    c = Daemon("client", "--socks", "127.0.0.1:0", "--exit", "%s:%d" % exit_.addrs["link"])
+    try:
+        w0, code0 = timed_user(c.addrs["socks"], holder.port)
+        os.kill(exit_.p.pid, 19)  # SIGSTOP
+        w1, code1 = timed_user(c.addrs["socks"], holder.port)
+        w2, code2 = timed_user(c.addrs["socks"], holder.port)
+        os.kill(exit_.p.pid, 18)  # SIGCONT
+        t0 = time.monotonic()
+        while True:
+            w3, code3 = timed_user(c.addrs["socks"], holder.port)
+            if code3 == "0x00" or time.monotonic() - t0 > 60:
+                break
+            time.sleep(0.2)
+        row("8. the exit stopped (SIGSTOP), default `--begin-timeout 30s`",
+            f"before: {code0} in {w0 * 1000:.1f} ms; the first request of the freeze: "
+            f"{code1} in {w1:.1f} s, the link dropped; the next: {code2} in "
+            f"{w2 * 1000:.1f} ms; after SIGCONT served again ({code3}) within "
+            f"{time.monotonic() - t0:.1f} s")
+    finally:
+        c.stop()
+        os.kill(exit_.p.pid, 18)
+        exit_.stop()
+
+
 ATTACKS = {
     "status-header": status_header,
     "status-idle": status_idle,
@@ -309,6 +336,7 @@ ATTACKS = {
     "usernames": usernames,
     "full-circuit": full_circuit,
     "pinned": pinned,
+    "frozen-exit": frozen_exit,
 }
 
 
