@@ -8,11 +8,14 @@
 use crate::circuit::CircMsg;
 use crate::edge::client::Client;
 use crate::edge::exit;
-use crate::link::Links;
+use crate::link::tls::{self, ClientList};
+use crate::link::{Links, TlsConfig};
 use crate::ops::signals;
 use crate::ops::status::{self, StatusServer, Watched};
+use crate::process::identity::Identity;
 use crate::process::Ctx;
 use crate::runtime::threads;
+use halfpipe_proto::identity::Fingerprint;
 use parking_lot::Mutex;
 use socket2::SockRef;
 use std::io;
@@ -20,6 +23,17 @@ use std::net::{Shutdown, SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+/// What a daemon's links are made with (docs/protocol.md §13): `None` on
+/// `Daemon` for plain links.
+#[derive(Clone)]
+pub struct TlsSetup {
+    pub identity: Arc<Identity>,
+    /// The client's pin (R13.5); `halfpipe run` pins its own exit.
+    pub exit_fingerprint: Option<Fingerprint>,
+    /// The clients the exit serves (R13.7); `None`: any.
+    pub clients: Option<ClientList>,
+}
 
 /// A running daemon: its listeners (to stop accepting) and its top-level
 /// threads (which own every other thread).
@@ -39,6 +53,8 @@ pub struct Daemon {
     status: Option<StatusServer>,
     /// SIGUSR1: the `signals` thread and the handle that ends it.
     signals: Option<(signal_hook::iterator::Handle, JoinHandle<()>)>,
+    /// TLS links; `None`: plain links.
+    pub tls: Option<TlsSetup>,
 }
 
 impl Daemon {
@@ -54,7 +70,13 @@ impl Daemon {
             roles: Arc::new(Mutex::new(Vec::new())),
             status: None,
             signals: None,
+            tls: None,
         }
+    }
+
+    /// Every link of the process (SIGHUP looks at their clients).
+    pub fn links(&self) -> Arc<Links> {
+        self.links.clone()
     }
 
     /// What the status endpoint and SIGUSR1 read.
@@ -110,10 +132,15 @@ impl Daemon {
         let listener = bind(listen)?;
         let addr = listener.local_addr()?;
         self.listeners.push(listener.try_clone()?);
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| TlsConfig::Exit(tls::server_config(&t.identity, t.clients.clone())));
         self.threads.push(exit::spawn_acceptor(
             self.ctx.clone(),
             self.links.clone(),
             listener,
+            tls,
         )?);
         self.link_addr = Some(addr);
         if self.ctx.exit_policy().mentions_private() {
@@ -136,7 +163,16 @@ impl Daemon {
     ) -> io::Result<SocketAddr> {
         let listener = bind(socks)?;
         let addr = listener.local_addr()?;
-        let client = Client::new(self.ctx.clone(), self.links.clone(), exit, circuits);
+        let tls = match &self.tls {
+            None => None,
+            Some(t) => {
+                let pin = t
+                    .exit_fingerprint
+                    .ok_or_else(|| io::Error::other("a TLS client needs the exit's fingerprint"))?;
+                Some(TlsConfig::Client(tls::client_config(&t.identity, pin)))
+            }
+        };
+        let client = Client::new(self.ctx.clone(), self.links.clone(), exit, circuits, tls);
         self.threads.push(client.spawn_supervisor()?);
         self.listeners.push(listener.try_clone()?);
         self.threads.push(client.spawn_socks_acceptor(listener)?);

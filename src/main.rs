@@ -7,12 +7,18 @@
 
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
-use halfpipe::daemon::Daemon;
+use halfpipe::daemon::{Daemon, TlsSetup};
+use halfpipe::link::tls::ClientList;
+use halfpipe::link::Links;
 use halfpipe::ops::config::{self, Entry, Kind};
 use halfpipe::ops::status;
+use halfpipe::process::authorized::AuthorizedClients;
+use halfpipe::process::identity::{default_data_dir, Identity, IdentityError};
 use halfpipe::process::limits::{Capacity, KernelLimits};
 use halfpipe::process::{Config, Ctx};
+use halfpipe_proto::identity::Fingerprint;
 use halfpipe_proto::policy::{self, Policy};
+use parking_lot::RwLock;
 use std::ffi::OsString;
 use std::io::IsTerminal;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -88,6 +94,14 @@ struct ExitArgs {
     /// Exit policy (Tor ExitPolicy syntax), first match wins.
     #[arg(long, default_value = policy::DEFAULT_EXIT_POLICY, value_parser = parse_policy)]
     exit_policy: Policy,
+    /// Serve only the clients whose fingerprints this file lists, one per
+    /// line (# comments); re-read on SIGHUP. Without it, any client.
+    #[arg(long, value_name = "FILE")]
+    authorized_clients: Option<PathBuf>,
+    /// Print this exit's fingerprint (its identity in --data-dir, made if
+    /// there is none) and exit.
+    #[arg(long)]
+    print_fingerprint: bool,
     #[command(flatten)]
     exit: ExitTimeouts,
     #[command(flatten)]
@@ -102,6 +116,14 @@ struct ClientArgs {
     /// The exit's link address, HOST:PORT; a name is resolved at every dial.
     #[arg(long, default_value = "127.0.0.1:9001", value_parser = parse_host_port)]
     exit: String,
+    /// The exit's fingerprint (64 hex digits, what `halfpipe exit
+    /// --print-fingerprint` prints there): needed for a TLS link.
+    #[arg(long, value_name = "HEX", value_parser = parse_fingerprint)]
+    exit_fingerprint: Option<Fingerprint>,
+    /// Print this client's fingerprint (its identity in --data-dir, made if
+    /// there is none), for the exit's --authorized-clients, and exit.
+    #[arg(long)]
+    print_fingerprint: bool,
     /// Circuits to spread streams over.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=32))]
     circuits: u16,
@@ -184,6 +206,25 @@ struct Common {
     /// Let --status listen on an address that is not loopback.
     #[arg(long)]
     status_allow_remote: bool,
+    /// How links are carried: tls (TLS 1.3, identities pinned by
+    /// fingerprint) or plain (bare TCP, protocol v1 as it was).
+    #[arg(long, value_enum, default_value_t = LinkKind::Tls)]
+    link: LinkKind,
+    /// Where the identity key is kept (default: $STATE_DIRECTORY, else
+    /// $XDG_DATA_HOME/halfpipe, else ~/.local/share/halfpipe).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkKind {
+    Tls,
+    Plain,
+}
+
+fn parse_fingerprint(s: &str) -> Result<Fingerprint, String> {
+    s.parse()
+        .map_err(|e: halfpipe_proto::identity::FingerprintError| e.to_string())
 }
 
 /// A listen address: IP:PORT, or a name resolved once, at start.
@@ -416,6 +457,109 @@ fn config(
     (cfg, line)
 }
 
+/// The identity in `--data-dir` (or the default data directory).
+fn identity(common: &Common) -> Result<Identity, String> {
+    let dir = match &common.data_dir {
+        Some(d) => d.clone(),
+        None => default_data_dir().ok_or_else(|| IdentityError::NoDefault.to_string())?,
+    };
+    Identity::load_or_create(&dir).map_err(|e| e.to_string())
+}
+
+/// What the daemon's links are made with, and the line that tells a person
+/// the daemon's fingerprint; `None` for plain links (with a warning when
+/// the link leaves this host).
+fn tls_setup(command: &Command) -> Result<(Option<TlsSetup>, Option<String>), String> {
+    let (common, leaves_host) = match command {
+        Command::Run(a) => (&a.common, false),
+        Command::Exit(a) => (&a.common, !a.listen.ip().is_loopback()),
+        Command::Client(a) => (&a.common, !exit_is_loopback(&a.exit)),
+        Command::Status(_) => return Ok((None, None)),
+    };
+    if common.link == LinkKind::Plain {
+        if leaves_host {
+            tracing::warn!(
+                "--link plain on a link that leaves this host: anyone on the path can read \
+                 and change every stream, and anyone who reaches the exit can use it"
+            );
+        }
+        return Ok((None, None));
+    }
+    let identity = Arc::new(identity(common)?);
+    let fp = identity.fingerprint;
+    tracing::info!(
+        "identity fingerprint {fp} (key {})",
+        identity.path.display()
+    );
+    let setup = match command {
+        // One process, one identity: the client pins its own exit, and
+        // the exit serves no one else.
+        Command::Run(_) => TlsSetup {
+            identity,
+            exit_fingerprint: Some(fp),
+            clients: Some(Arc::new(RwLock::new(Arc::new(AuthorizedClients::only(fp))))),
+        },
+        Command::Exit(a) => {
+            let clients = match &a.authorized_clients {
+                Some(path) => {
+                    let list = AuthorizedClients::load(path).map_err(|e| e.to_string())?;
+                    tracing::info!(
+                        "serving the {} clients listed in {}",
+                        list.len(),
+                        path.display()
+                    );
+                    Some(Arc::new(RwLock::new(Arc::new(list))))
+                }
+                None => None,
+            };
+            TlsSetup {
+                identity,
+                exit_fingerprint: None,
+                clients,
+            }
+        }
+        Command::Client(a) => {
+            let pin = a.exit_fingerprint.ok_or_else(|| {
+                "a TLS link (the default) needs --exit-fingerprint HEX: run `halfpipe exit \
+                 --print-fingerprint` on the exit's host (with its --data-dir) and give \
+                 what it prints; or use --link plain on both edges"
+                    .to_owned()
+            })?;
+            TlsSetup {
+                identity,
+                exit_fingerprint: Some(pin),
+                clients: None,
+            }
+        }
+        Command::Status(_) => unreachable!("handled above"),
+    };
+    Ok((Some(setup), Some(format!("fingerprint: {fp}"))))
+}
+
+/// Whether the exit's HOST:PORT is on this host (a name is resolved now,
+/// for the warning only).
+fn exit_is_loopback(exit: &str) -> bool {
+    exit.to_socket_addrs()
+        .map(|mut a| a.all(|a| a.ip().is_loopback()))
+        .unwrap_or(false)
+}
+
+/// `--print-fingerprint`: the fingerprint alone on stdout.
+fn print_fingerprint(command: &Command) -> Option<ExitCode> {
+    let common = match command {
+        Command::Exit(a) if a.print_fingerprint => &a.common,
+        Command::Client(a) if a.print_fingerprint => &a.common,
+        _ => return None,
+    };
+    Some(match identity(common) {
+        Ok(id) => {
+            println!("{}", id.fingerprint);
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    })
+}
+
 /// What lets SIGHUP change the log filter of a running daemon.
 type LogFilter = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
 
@@ -509,6 +653,35 @@ fn reload(args: &[OsString], running: &Command, ctx: &Ctx, log: &LogFilter) {
     }
 }
 
+/// SIGHUP at an exit with --authorized-clients: the file again (a bad one
+/// changes nothing), and the links of clients it no longer lists closed.
+fn reload_clients(args: &ExitArgs, list: &ClientList, links: &Links) {
+    let Some(path) = &args.authorized_clients else {
+        return;
+    };
+    let new = match AuthorizedClients::load(path) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("SIGHUP: {e}; the clients in force stay");
+            return;
+        }
+    };
+    tracing::info!(
+        "SIGHUP: serving the {} clients listed in {}",
+        new.len(),
+        path.display()
+    );
+    *list.write() = Arc::new(new);
+    let list = list.read().clone();
+    for link in links.all() {
+        let peer = link.tls_info().and_then(|t| t.peer);
+        if let Some(fp) = peer.filter(|fp| !list.contains(fp)) {
+            tracing::info!(link = link.id, client = %fp, "SIGHUP: client no longer listed: closing its link");
+            link.close();
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().collect();
     let command = match parse_command_line(args.iter().cloned()) {
@@ -537,6 +710,9 @@ fn main() -> ExitCode {
             1,
         ),
     };
+    if let Some(code) = print_fingerprint(&command) {
+        return code;
+    }
     let log_filter = init_logging(&common.log);
     let (status_addr, status_remote) = (common.status, common.status_allow_remote);
     if let Some(addr) = status_addr {
@@ -569,11 +745,23 @@ fn main() -> ExitCode {
         return fail(format!("cannot install the Ctrl-C handler: {e}"));
     }
 
+    let (tls, fingerprint_line) = match tls_setup(&command) {
+        Ok(t) => t,
+        Err(e) => return fail(e),
+    };
     let ctx = Ctx::new(cfg);
     let mut d = Daemon::new(ctx.clone());
+    d.tls = tls;
     let reload = {
         let running = command.clone();
-        move || reload(&args, &running, &ctx, &log_filter)
+        let clients = d.tls.as_ref().and_then(|t| t.clients.clone());
+        let links = d.links();
+        move || {
+            reload(&args, &running, &ctx, &log_filter);
+            if let (Command::Exit(a), Some(list)) = (&running, &clients) {
+                reload_clients(a, list, &links);
+            }
+        }
     };
     // Before any listening line: who reads one sees every thread.
     if let Err(e) = d.start_signals(signals, Box::new(terminate), Box::new(reload)) {
@@ -582,6 +770,7 @@ fn main() -> ExitCode {
     // Every listener is bound before anything is announced: a port in use
     // is one error line, not a half-started daemon.
     let mut lines = vec![capacity_line];
+    lines.extend(fingerprint_line);
     if let Some(addr) = status_addr {
         match d.start_status(addr, status_remote) {
             Ok(a) => lines.push(format!(

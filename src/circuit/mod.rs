@@ -999,7 +999,14 @@ mod tests {
         peer.set_read_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         let registry = Arc::new(Links::default());
-        let link = Link::start(ctx.clone(), &registry, 1, Role::Exit, ours).unwrap();
+        let link = Link::start(
+            ctx.clone(),
+            &registry,
+            1,
+            Role::Exit,
+            crate::link::Transport::plain(ours),
+        )
+        .unwrap();
         let slot = ctx.take_circuit_slot().unwrap();
         let wire = 0x8000_0001;
         let mut circuit = Circuit::new(

@@ -17,11 +17,14 @@
 mod handshake;
 mod reader;
 mod table;
+pub mod tls;
+mod transport;
 pub mod tx;
 mod writer;
 
-pub use handshake::{accept_handshake, connect_handshake, HandshakeFailure};
+pub use handshake::{establish, HandshakeFailure, TlsConfig};
 pub use table::CreatedFast;
+pub use transport::{ReadState, Transport};
 pub use tx::{LinkGone, LinkTx, QUEUE_CELLS};
 
 use crate::circuit::msg::CircMsg;
@@ -37,7 +40,7 @@ use halfpipe_proto::Role;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::io;
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -55,7 +58,7 @@ pub struct Link {
     pub ctx: Arc<Ctx>,
     /// The registry this link is entered in while it lives.
     pub(super) registry: Arc<Links>,
-    socket: Arc<TcpStream>,
+    transport: Arc<Transport>,
     writer: Mutex<Option<JoinHandle<()>>>,
     table: Mutex<CircTable>,
     /// Exit: the streams of this link's circuits, for their fair share of
@@ -72,18 +75,20 @@ pub struct Link {
 }
 
 impl Link {
-    /// Starts the writer of a link whose handshake is done. The caller
-    /// must then run `run` on the thread that is to be the link reader (or
-    /// `abandon` if it cannot start one). Refused once shutdown has begun.
+    /// Starts the writer of a link whose handshake is done (`establish`).
+    /// The caller must then run `run` on the thread that is to be the link
+    /// reader (or `abandon` if it cannot start one). Refused once shutdown
+    /// has begun.
     pub fn start(
         ctx: Arc<Ctx>,
         registry: &Arc<Links>,
         id: u32,
         role: Role,
-        socket: TcpStream,
+        transport: Transport,
     ) -> io::Result<Arc<Link>> {
-        let peer = socket.peer_addr()?;
-        let socket = Arc::new(socket);
+        let peer = transport.tcp.peer_addr()?;
+        let transport = Arc::new(transport);
+        let socket = &transport.tcp;
         let (tx, rx) = inbox::inbox();
         let room = Arc::new(Monitor::new(QUEUE_CELLS));
         let control_queued = Arc::new(AtomicUsize::new(0));
@@ -93,10 +98,10 @@ impl Link {
         socket.set_write_timeout(Some(ctx.cfg.stall_timeout))?;
         let keepalive = ctx.cfg.keepalive;
         if let Some(k) = keepalive {
-            set_tcp_keepalive(&socket, k);
+            set_tcp_keepalive(socket, k);
         }
         let writer = {
-            let (sock, room, queued) = (socket.clone(), room.clone(), control_queued.clone());
+            let (sock, room, queued) = (transport.clone(), room.clone(), control_queued.clone());
             let (tid, metrics) = (writer_tid.clone(), ctx.metrics.clone());
             threads::spawn(format!("link-wr {id}"), move || {
                 tid.store(crate::runtime::sockets::gettid(), Ordering::Relaxed);
@@ -111,13 +116,13 @@ impl Link {
                 tx,
                 room,
                 control_queued,
-                socket: socket.clone(),
+                transport: transport.clone(),
                 gate: None,
                 heard: Arc::new(tx::Heard::new()),
             },
             ctx: ctx.clone(),
             registry: registry.clone(),
-            socket,
+            transport,
             writer: Mutex::new(Some(writer)),
             table: Mutex::new(CircTable::default()),
             views: Mutex::new(HashMap::new()),
@@ -170,7 +175,12 @@ impl Link {
     /// tears everything down.
     pub fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        let _ = self.socket.shutdown(Shutdown::Both);
+        self.transport.shutdown();
+    }
+
+    /// The link's TLS session (`None` on a plain link), for status.
+    pub fn tls_info(&self) -> Option<&tls::TlsInfo> {
+        self.transport.tls_info()
     }
 
     pub fn is_closed(&self) -> bool {

@@ -4,6 +4,7 @@
 //! circuits, and joins them when the link ends.
 
 use super::table::{CircSlot, CircTable};
+use super::transport::ReadState;
 use super::tx::{Gate, WriterMsg};
 use super::{nonce, Link};
 use crate::circuit::msg::CircMsg;
@@ -15,7 +16,6 @@ use halfpipe_proto::cell::{self, cmd, destroy_reason};
 use halfpipe_proto::kdf;
 use halfpipe_proto::Role;
 use std::io;
-use std::net::Shutdown;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -39,19 +39,18 @@ impl Link {
     }
 
     fn read_loop(self: &Arc<Self>) -> io::Result<()> {
-        let sock = socket2::SockRef::from(&*self.socket);
         let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
+        let mut tls = ReadState::default();
         loop {
-            let spare = buf.spare_capacity_mut();
-            let n = match sock.recv(spare) {
-                Ok(0) => return Ok(()),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            // SAFETY: recv() initialised the first `n` bytes of the spare
-            // capacity (socket2's contract for `recv` into MaybeUninit).
-            unsafe { buf.set_len(buf.len() + n) };
+            let read = self.transport.read(&mut buf, &mut tls)?;
+            if read.wants_write {
+                // The TLS session has an answer to send (a key update).
+                let _ = self.tx.tx.send(WriterMsg::Flush);
+            }
+            let n = read.n;
+            if n == 0 {
+                return Ok(());
+            }
             self.ctx.metrics.add_link_bytes(Dir::Received, n);
             self.tx.heard.now();
             // Only a well-filled buffer is worth handing over: a small one
@@ -358,7 +357,7 @@ impl Link {
     /// streams aborted (the circuits do it on `LinkClosed`).
     fn teardown(&self, why: &str) {
         self.closed.store(true, Ordering::Release);
-        let _ = self.socket.shutdown(Shutdown::Both);
+        self.transport.shutdown();
         // Packagers waiting for room must not wait for a writer that is gone.
         self.tx.room.close();
         let (circuits, mut handles) = {

@@ -9,7 +9,6 @@
 use crate::runtime::inbox::InboxTx;
 use crate::runtime::monitor::{Monitor, Stopped};
 use parking_lot::RwLock;
-use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,6 +25,9 @@ pub(super) enum WriterMsg {
     Close,
     /// Write what came before, then close the link both ways.
     Cut,
+    /// Send what the TLS session has queued by itself (the reader found
+    /// something it must answer).
+    Flush,
 }
 
 /// Control bytes that may wait in a link's queue. Legitimate control
@@ -41,7 +43,7 @@ pub struct LinkTx {
     /// Control bytes queued and not yet written.
     pub(super) control_queued: Arc<AtomicUsize>,
     /// To cut the link off when its peer stops reading.
-    pub(super) socket: Arc<TcpStream>,
+    pub(super) transport: Arc<super::Transport>,
     /// On a circuit's copy: that circuit's gate (see `Gate`).
     pub(super) gate: Option<Arc<Gate>>,
     /// When the link's reader last read something (see `heard_since`).
@@ -122,7 +124,7 @@ impl LinkTx {
             tracing::warn!(
                 "peer is not reading: {queued} bytes of control cells queued; closing the link"
             );
-            let _ = self.socket.shutdown(Shutdown::Both);
+            self.transport.shutdown();
             return Err(LinkGone);
         }
         self.tx
@@ -172,7 +174,7 @@ impl LinkTx {
     /// its reader wakes and tears it down.
     pub fn cut(&self) {
         if self.tx.send(WriterMsg::Cut).is_err() {
-            let _ = self.socket.shutdown(Shutdown::Both);
+            self.transport.shutdown();
         }
     }
 

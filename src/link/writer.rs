@@ -1,12 +1,14 @@
 //! The link writer `link-wr N`: blocks on its queue and on write(), and
-//! writes many cells per system call.
+//! writes many cells per system call (on a TLS link, encrypted first, as
+//! few records as fit them).
 
 use super::tx::WriterMsg;
+use super::Transport;
 use crate::process::metrics::{Dir, Metrics, Tally};
 use crate::runtime::inbox::Inbox;
 use crate::runtime::monitor::Monitor;
 use halfpipe_proto::cell::{self, cmd};
-use std::io::{self, IoSlice, Write};
+use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -32,7 +34,7 @@ pub(super) fn set_tcp_keepalive(sock: &TcpStream, period: Duration) {
 /// a `keepalive` period, a PADDING cell (docs/protocol.md §2) goes out when
 /// nothing was written for that long.
 pub(super) fn writer_loop(
-    sock: &TcpStream,
+    transport: &Transport,
     rx: Inbox<WriterMsg>,
     room: &Monitor<u32>,
     control_queued: &AtomicUsize,
@@ -40,6 +42,8 @@ pub(super) fn writer_loop(
     keepalive: Option<Duration>,
 ) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_GATHER);
+    // TLS records on their way out (unused on a plain link).
+    let mut records = Vec::new();
     let mut tally = Tally::default();
     let result = (|| -> io::Result<()> {
         loop {
@@ -58,7 +62,7 @@ pub(super) fn writer_loop(
                     let mut padding = Vec::with_capacity(cell::CELL_LEN);
                     cell::encode_fixed(&mut padding, 0, cmd::PADDING, &[]);
                     tally.link(padding.len(), 1);
-                    write_all_vectored(sock, &[padding])?;
+                    transport.write(&[padding], &mut records)?;
                     metrics.add(Dir::Sent, &mut tally);
                     continue;
                 }
@@ -89,12 +93,13 @@ pub(super) fn writer_loop(
                         close = Some(Shutdown::Both);
                         break;
                     }
+                    WriterMsg::Flush => transport.flush(&mut records)?,
                 }
                 if batch.len() < MAX_GATHER {
                     next = rx.try_recv().ok();
                 }
             }
-            write_all_vectored(sock, &batch)?;
+            transport.write(&batch, &mut records)?;
             batch.clear();
             metrics.add(Dir::Sent, &mut tally);
             control_queued.fetch_sub(control_bytes, Ordering::AcqRel);
@@ -103,8 +108,8 @@ pub(super) fn writer_loop(
             }
             if let Some(how) = close {
                 // Everything queued before Close (Cut) is written: say so
-                // with FIN (and stop reading too).
-                sock.shutdown(how)?;
+                // with close_notify and FIN (and stop reading too).
+                transport.close(how, &mut records)?;
                 return Ok(());
             }
         }
@@ -118,30 +123,17 @@ pub(super) fn writer_loop(
             // SO_SNDTIMEO: no byte taken for --stall-timeout.
             tracing::warn!(
                 "link peer has taken nothing for {:?} while cells wait: closing the link",
-                sock.write_timeout().ok().flatten().unwrap_or_default()
+                transport
+                    .tcp
+                    .write_timeout()
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default()
             );
         } else {
             tracing::debug!("link writer stopped: {e}");
         }
         // Wake the reader so that it tears the link down.
-        let _ = sock.shutdown(Shutdown::Both);
+        transport.shutdown();
     }
-}
-
-fn write_all_vectored(mut sock: &TcpStream, bufs: &[Vec<u8>]) -> io::Result<()> {
-    let mut slices: Vec<IoSlice<'_>> = bufs
-        .iter()
-        .filter(|b| !b.is_empty())
-        .map(|b| IoSlice::new(b))
-        .collect();
-    let mut slices = &mut slices[..];
-    while !slices.is_empty() {
-        match sock.write_vectored(slices) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => IoSlice::advance_slices(&mut slices, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }

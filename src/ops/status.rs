@@ -69,6 +69,15 @@ pub struct LinkInfo {
     pub circuits: usize,
     pub reader_tid: Option<i32>,
     pub writer_tid: Option<i32>,
+    /// "tls" or "plain" (docs/protocol.md §13).
+    pub transport: String,
+    /// The TLS session of a TLS link: "TLSv1.3".
+    pub tls_version: Option<String>,
+    /// IANA's name: "TLS_AES_128_GCM_SHA256".
+    pub cipher_suite: Option<String>,
+    /// The fingerprint of the peer's identity key (R13.4), when it showed
+    /// one: always the exit's at a client; a client's at an exit.
+    pub peer_fingerprint: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -211,6 +220,7 @@ pub fn snapshot(w: &Watched) -> Snapshot {
         .into_iter()
         .map(|l| {
             let (rd, wr) = l.tids();
+            let tls = l.tls_info();
             LinkInfo {
                 id: l.id,
                 role: role_name(l.role).into(),
@@ -219,6 +229,10 @@ pub fn snapshot(w: &Watched) -> Snapshot {
                 circuits: l.circuit_count(),
                 reader_tid: tid(rd),
                 writer_tid: tid(wr),
+                transport: if tls.is_some() { "tls" } else { "plain" }.into(),
+                tls_version: tls.map(|t| t.version.clone()),
+                cipher_suite: tls.map(|t| t.cipher_suite.clone()),
+                peer_fingerprint: tls.and_then(|t| t.peer).map(|f| f.to_string()),
             }
         })
         .collect();
@@ -363,10 +377,10 @@ pub fn table(s: &Snapshot) -> String {
             .unwrap_or(0)
     };
     sorted.sort_by_key(|x| (x.link, circ_local(&x.circuit), x.id));
-    let rows: Vec<[String; 14]> = sorted
+    let rows: Vec<Vec<String>> = sorted
         .iter()
         .map(|x| {
-            [
+            vec![
                 x.name.clone(),
                 x.circuit.clone(),
                 x.role.clone(),
@@ -384,12 +398,61 @@ pub fn table(s: &Snapshot) -> String {
             ]
         })
         .collect();
+    out.push_str(&aligned(&header, &right, &rows));
+    if !s.links.is_empty() {
+        // The links after the streams, so that a script reading the
+        // stream table stops at the blank line.
+        out.push('\n');
+        out.push_str(&link_table(&s.links));
+    }
+    out
+}
+
+/// One line per link: where it goes and what protects it.
+fn link_table(links: &[LinkInfo]) -> String {
+    let header = [
+        "LINK",
+        "ROLE",
+        "PEER",
+        "CIRCS",
+        "AGE",
+        "TRANSPORT",
+        "SUITE",
+        "PEER_FINGERPRINT",
+    ];
+    let right = [false, false, false, true, true, false, false, false];
+    let dash = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
+    let rows: Vec<Vec<String>> = links
+        .iter()
+        .map(|l| {
+            vec![
+                l.id.to_string(),
+                l.role.clone(),
+                l.peer.clone(),
+                l.circuits.to_string(),
+                human_secs(l.age_secs),
+                match &l.tls_version {
+                    Some(v) => v.clone(),
+                    None => l.transport.clone(),
+                },
+                dash(&l.cipher_suite),
+                dash(&l.peer_fingerprint),
+            ]
+        })
+        .collect();
+    aligned(&header, &right, &rows)
+}
+
+/// A header and rows, columns two spaces apart: text left-aligned, the
+/// columns marked in `right` right-aligned.
+fn aligned(header: &[&str], right: &[bool], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
+    for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
             *w = (*w).max(cell.len());
         }
     }
+    let mut out = String::new();
     let mut line = |cells: &mut dyn Iterator<Item = &str>| {
         let mut l = String::new();
         for (i, c) in cells.enumerate() {
@@ -406,7 +469,7 @@ pub fn table(s: &Snapshot) -> String {
         out.push('\n');
     };
     line(&mut header.iter().copied());
-    for r in &rows {
+    for r in rows {
         line(&mut r.iter().map(String::as_str));
     }
     out
@@ -649,6 +712,56 @@ mod tests {
             lines[2].contains("2.0K") && lines[2].contains("1m15s"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn links_follow_the_streams_with_their_tls_session() {
+        let link = |id: u32, tls: bool| LinkInfo {
+            id,
+            role: "client".into(),
+            peer: "10.0.0.1:9050".into(),
+            age_secs: 5.0,
+            circuits: 1,
+            reader_tid: Some(1),
+            writer_tid: Some(2),
+            transport: if tls { "tls" } else { "plain" }.into(),
+            tls_version: tls.then(|| "TLSv1.3".into()),
+            cipher_suite: tls.then(|| "TLS_AES_128_GCM_SHA256".into()),
+            peer_fingerprint: tls.then(|| "ab".repeat(32)),
+        };
+        let snap = Snapshot {
+            process: ProcessInfo {
+                pid: 42,
+                version: "0".into(),
+                roles: vec!["client".into()],
+                uptime_secs: 3.0,
+                capacity_streams: 10,
+                open_streams: 1,
+                threads: 9,
+            },
+            links: vec![link(1, true), link(2, false)],
+            circuits: vec![],
+            streams: vec![stream("3.9", 1, "1.3", "OPEN", Some(7))],
+        };
+        let t = table(&snap);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(
+            lines[1].starts_with("STREAM") && lines[2].starts_with("3.9"),
+            "{t}"
+        );
+        assert_eq!(lines[3], "", "{t}");
+        assert!(
+            lines[4].starts_with("LINK") && lines[4].ends_with("PEER_FINGERPRINT"),
+            "{t}"
+        );
+        let tls: Vec<&str> = lines[5].split_whitespace().collect();
+        assert_eq!(
+            tls[5..],
+            ["TLSv1.3", "TLS_AES_128_GCM_SHA256", &"ab".repeat(32)],
+            "{t}"
+        );
+        let plain: Vec<&str> = lines[6].split_whitespace().collect();
+        assert_eq!(plain[5..], ["plain", "-", "-"], "{t}");
     }
 
     #[test]

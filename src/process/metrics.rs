@@ -149,7 +149,12 @@ pub struct Metrics {
     /// SOCKS replies: index 0..256 SOCKS4 codes, 256..512 SOCKS5 codes.
     socks: [AtomicU64; 512],
     refused: [AtomicU64; LIMITS.len()],
+    /// TLS handshakes that failed, by `TlsFailure::label`.
+    tls_failures: [AtomicU64; TLS_FAILURES.len()],
 }
+
+/// The `reason` labels of TLS handshake failures.
+const TLS_FAILURES: [&str; 9] = crate::link::tls::TlsFailure::LABELS;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -165,6 +170,7 @@ impl Default for Metrics {
             violations: zeros(),
             socks: zeros(),
             refused: zeros(),
+            tls_failures: zeros(),
         }
     }
 }
@@ -309,6 +315,21 @@ impl Metrics {
 
     pub fn violation(&self, kind: ViolationKind) {
         self.violations[kind as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A TLS handshake failed for `reason` (a `TlsFailure::label`).
+    pub fn tls_failure(&self, reason: &str) {
+        if let Some(i) = TLS_FAILURES.iter().position(|l| *l == reason) {
+            self.tls_failures[i].fetch_add(1, Relaxed);
+        }
+    }
+
+    /// TLS handshake failures so far for `reason`.
+    pub fn tls_failure_count(&self, reason: &str) -> u64 {
+        TLS_FAILURES
+            .iter()
+            .position(|l| *l == reason)
+            .map_or(0, |i| self.tls_failures[i].load(Relaxed))
     }
 
     pub fn refused(&self, limit: Limit) {
@@ -493,6 +514,19 @@ impl Metrics {
         for (limit, name) in LIMITS {
             let v = self.refused[limit as usize].load(Relaxed);
             let _ = writeln!(o, "halfpipe_streams_refused_total{{limit=\"{name}\"}} {v}");
+        }
+        family(
+            o,
+            "halfpipe_tls_handshake_failures_total",
+            "counter",
+            "TLS link handshakes that failed, by reason (docs/protocol.md §13).",
+        );
+        for (i, reason) in TLS_FAILURES.iter().enumerate() {
+            let v = self.tls_failures[i].load(Relaxed);
+            let _ = writeln!(
+                o,
+                "halfpipe_tls_handshake_failures_total{{reason=\"{reason}\"}} {v}"
+            );
         }
         out
     }

@@ -4,7 +4,9 @@
 //! `/metrics`. Who is alive is kept by their owners: a link's circuits by
 //! the link, the links by the daemon's `link::Links`.
 
+pub mod authorized;
 pub mod host;
+pub mod identity;
 pub mod limits;
 pub mod metrics;
 

@@ -58,7 +58,6 @@ fn wait_no_stream_threads(d: &Daemon, what: &str) {
 
 // --------------------------------------------------- resets mid-transfer
 
-#[test]
 fn target_reset_mid_transfer_reaches_only_its_application() {
     // R8.2, R8.8: the target resets after about 1 MiB of a 64 MiB reply;
     // its application sees a reset; three bystanders on the same circuit
@@ -106,7 +105,6 @@ fn target_reset_mid_transfer_reaches_only_its_application() {
     wait_no_stream_threads(&client, "client");
 }
 
-#[test]
 fn application_reset_mid_transfer_reaches_only_its_target() {
     // R8.2, R8.8 the other way: the application resets while its target
     // sends a large reply; the target's writes fail with a reset; the
@@ -139,7 +137,6 @@ fn application_reset_mid_transfer_reaches_only_its_target() {
 
 // ------------------------------------------------------ the exit is killed
 
-#[test]
 fn exit_killed_mid_transfer_resets_applications_and_the_client_recovers() {
     // R3.13: losing the link aborts its streams as in §8. The exit gets
     // SIGKILL while three streams are mid-transfer: each application sees
@@ -243,7 +240,6 @@ fn cutter(exit: std::net::SocketAddr) -> Cutter {
     Cutter { addr, conns }
 }
 
-#[test]
 fn a_cut_link_resets_streams_and_the_client_links_again() {
     // R3.13: when a link is lost, each side tears down every circuit that
     // was on it, aborting their streams as in §8. The TCP connection under
@@ -254,7 +250,7 @@ fn a_cut_link_resets_streams_and_the_client_links_again() {
     let server = payload_server(Arc::new(AtomicUsize::new(0)));
     let exit = Daemon::exit(&["--exit-policy", "accept *:*"]);
     let cut = cutter(exit.link());
-    let client = Daemon::client(cut.addr, &[]);
+    let client = Daemon::client(cut.addr, &exit.link_args());
     for (round, both) in [(1usize, true), (2, false)] {
         let mut streams: Vec<TcpStream> = (0..3)
             .map(|i| {
@@ -302,7 +298,6 @@ fn a_cut_link_resets_streams_and_the_client_links_again() {
 
 // ------------------------------------------------------------- exit policy
 
-#[test]
 fn default_exit_policy_refuses_private_addresses_in_every_spelling() {
     // R5.6: the exit policy refuses → END(EXITPOLICY); R5.3: checked
     // against the addresses a name resolves to. The default
@@ -354,3 +349,11 @@ fn default_exit_policy_refuses_private_addresses_in_every_spelling() {
         );
     }
 }
+
+over_both_links!(
+    target_reset_mid_transfer_reaches_only_its_application,
+    application_reset_mid_transfer_reaches_only_its_target,
+    exit_killed_mid_transfer_resets_applications_and_the_client_recovers,
+    a_cut_link_resets_streams_and_the_client_links_again,
+    default_exit_policy_refuses_private_addresses_in_every_spelling,
+);

@@ -245,6 +245,8 @@ fn assert_nothing_after_destroy(cells: &[RawCell]) {
 
 #[test]
 fn random_bytes_before_the_handshake_close_only_that_link() {
+    // The handshake of a plain link; §13's has tests of its own (tls.rs).
+    use_plain_links();
     // R1.5: a first cell that is not VERSIONS closes the link, R1.7:
     // without an answer; R1.8: nothing else is affected. 40 links of 64 KiB
     // of random bytes each.
@@ -266,7 +268,6 @@ fn random_bytes_before_the_handshake_close_only_that_link() {
     before.assert_recovered(&mut d, "random bytes before the handshake");
 }
 
-#[test]
 fn random_bytes_after_the_handshake_are_contained() {
     // After the handshake, random bytes are cells with random commands and
     // lengths (§1 variable cells, §2 fixed cells): whatever they ask for,
@@ -341,7 +342,6 @@ fn random_cell(rng: &mut Rng, circs: &[u32], target: &str, out: &mut Vec<u8>) {
     }
 }
 
-#[test]
 fn random_well_framed_cells_get_answers_cell_by_cell() {
     // Three links at once, 20,000 random cells each: CREATE_FAST on
     // CircIDs in and out of use (§3), relay cells with random commands,
@@ -395,7 +395,6 @@ fn random_well_framed_cells_get_answers_cell_by_cell() {
 
 // ------------------------------------------------- truncation and dribbling
 
-#[test]
 fn a_peer_that_stops_mid_cell_holds_only_its_own_link() {
     // A truncated cell is not an error until the link ends (TCP may deliver
     // the rest later); meanwhile the stream's earlier DATA was delivered,
@@ -431,6 +430,8 @@ fn a_peer_that_stops_mid_cell_holds_only_its_own_link() {
 
 #[test]
 fn a_handshake_dribbled_one_byte_per_second_is_closed_at_the_timeout() {
+    // The handshake of a plain link; §13's has tests of its own (tls.rs).
+    use_plain_links();
     // R1.6: the handshake must be *complete* within the timeout; bytes
     // trickling in do not extend it. The dribbler would take 40 s to
     // finish its VERSIONS cell; the link is closed at 2 s, unanswered.
@@ -474,7 +475,6 @@ fn a_handshake_dribbled_one_byte_per_second_is_closed_at_the_timeout() {
     before.assert_recovered(&mut d, "a dribbled handshake");
 }
 
-#[test]
 fn silent_connections_past_the_link_limit_are_closed_and_others_served() {
     // The exit holds at most 128 links (two threads each,
     // src/process/limits.rs); a flood of connections that never handshake takes
@@ -501,7 +501,6 @@ fn silent_connections_past_the_link_limit_are_closed_and_others_served() {
 
 // ---------------------------------------------------- oversized and floods
 
-#[test]
 fn variable_cells_announcing_65535_bytes_are_read_and_dropped() {
     // R1.10: variable-length cells after the handshake are read in full and
     // ignored. 1,000 of the largest (64 MiB) must not be kept.
@@ -528,7 +527,6 @@ fn variable_cells_announcing_65535_bytes_are_read_and_dropped() {
     before.assert_recovered(&mut d, "65,535-byte variable cells");
 }
 
-#[test]
 fn create_fast_beyond_the_circuit_limits_is_destroy_resourcelimit() {
     // R3.8: past the circuit limit, DESTROY(RESOURCELIMIT). Per
     // link (--max-circuits-per-link 20: 1,000 CREATE_FASTs on one link),
@@ -581,7 +579,6 @@ fn create_fast_beyond_the_circuit_limits_is_destroy_resourcelimit() {
     before.assert_recovered(&mut d, "CREATE_FAST floods");
 }
 
-#[test]
 fn thousands_of_begins_beyond_the_stream_limit_are_end_resourcelimit() {
     // R5.11: the stream limit is reached → END(RESOURCELIMIT):
     // 3,000 BEGINs on one circuit with --max-streams-per-circuit 10.
@@ -617,7 +614,6 @@ fn thousands_of_begins_beyond_the_stream_limit_are_end_resourcelimit() {
     before.assert_recovered(&mut d, "a BEGIN flood");
 }
 
-#[test]
 fn window_overruns_and_sendme_floods_destroy_only_their_circuit() {
     // R10.10: DATA beyond the deliver window, and R10.11: SENDMEs that
     // would raise a window above its start, are violations: DESTROY
@@ -667,7 +663,6 @@ fn window_overruns_and_sendme_floods_destroy_only_their_circuit() {
     before.assert_recovered(&mut d, "window overruns and SENDME floods");
 }
 
-#[test]
 fn floods_for_unknown_circuits_and_streams_are_dropped_silently() {
     // R3.14: RELAY and DESTROY for unknown circuits are dropped silently;
     // R9.5: cells for streams never opened are dropped. 10,000 of
@@ -698,7 +693,6 @@ fn floods_for_unknown_circuits_and_streams_are_dropped_silently() {
     before.assert_recovered(&mut d, "cells for unknown circuits and streams");
 }
 
-#[test]
 fn begin_with_hostile_addresses_is_end_torprotocol() {
     // R5.5: a malformed BEGIN payload → END(TORPROTOCOL):
     // a body of 498 bytes with no NUL, a 497-byte name, bytes that are not
@@ -783,7 +777,6 @@ fn echo_check(s: &mut TcpStream, round: u8) {
     assert_eq!(read_n(s, data.len()), data, "the SOCKS bystander's echo");
 }
 
-#[test]
 fn hostile_socks_clients_are_contained() {
     // §11: garbage gets the connection closed (a SOCKS5 failure reply at
     // most); a client that stalls mid-handshake is closed at the SOCKS
@@ -879,7 +872,6 @@ fn hostile_socks_clients_are_contained() {
 
 // ------------------------------------------------------- SOCKS slowloris
 
-#[test]
 fn socks_clients_that_dribble_their_handshakes_cannot_keep_a_prompt_one_waiting() {
     // 300 SOCKS connections that send the first byte of a greeting and
     // then nothing, more than the 256 handshakes served at once, with a
@@ -917,7 +909,6 @@ fn socks_clients_that_dribble_their_handshakes_cannot_keep_a_prompt_one_waiting(
 
 // ------------------------------------------------ a peer that stops reading
 
-#[test]
 fn a_link_peer_that_stops_reading_is_cut_off_at_the_stall_timeout() {
     // 20 circuits with a stream each to targets that send, while the link
     // peer reads nothing: the exit's link writer fills the kernel's buffers
@@ -957,7 +948,6 @@ fn a_link_peer_that_stops_reading_is_cut_off_at_the_stall_timeout() {
 
 // ----------------------------------------------- one source, many slots
 
-#[test]
 fn one_link_cannot_take_the_stream_slots_another_link_needs() {
     // --max-streams 20: a link that asks for 20 streams gets 16 (once a
     // quarter of the slots is left, a source holding half gets no more:
@@ -995,3 +985,20 @@ fn one_link_cannot_take_the_stream_slots_another_link_needs() {
         "{metrics}"
     );
 }
+
+over_both_links!(
+    random_bytes_after_the_handshake_are_contained,
+    random_well_framed_cells_get_answers_cell_by_cell,
+    a_peer_that_stops_mid_cell_holds_only_its_own_link,
+    silent_connections_past_the_link_limit_are_closed_and_others_served,
+    variable_cells_announcing_65535_bytes_are_read_and_dropped,
+    create_fast_beyond_the_circuit_limits_is_destroy_resourcelimit,
+    thousands_of_begins_beyond_the_stream_limit_are_end_resourcelimit,
+    window_overruns_and_sendme_floods_destroy_only_their_circuit,
+    floods_for_unknown_circuits_and_streams_are_dropped_silently,
+    begin_with_hostile_addresses_is_end_torprotocol,
+    hostile_socks_clients_are_contained,
+    socks_clients_that_dribble_their_handshakes_cannot_keep_a_prompt_one_waiting,
+    a_link_peer_that_stops_reading_is_cut_off_at_the_stall_timeout,
+    one_link_cannot_take_the_stream_slots_another_link_needs,
+);

@@ -20,6 +20,8 @@ use crate::wire::{expect_relay, expect_reset, next, open_stream, read_until_clos
 
 #[test]
 fn handshake_timeout_flag_closes_a_silent_link() {
+    // §1's handshake, on a plain link (tls.rs has §13's).
+    use_plain_links();
     // R1.6 with `--handshake-timeout 1s` instead of 10 s (R1.7: closed
     // without VERSIONS; R1.8: other links are unaffected).
     let d = Daemon::exit(&["--handshake-timeout", "1s"]);
@@ -195,6 +197,8 @@ fn config_file(name: &str, text: &str) -> std::path::PathBuf {
 
 #[test]
 fn config_file_values_take_effect_and_flags_win() {
+    // The file's handshake timeout is seen on a plain link's VERSIONS.
+    use_plain_links();
     let path = config_file(
         "exit",
         "# test\nlisten = \"127.0.0.1:0\"\nexit-policy = \"accept 127.0.0.1:7,reject *:*\"\n\

@@ -402,7 +402,12 @@ fn status_shows_half_closed_streams_with_their_threads() {
         lines[1].starts_with("STREAM") && lines[1].contains("STATE"),
         "{table}"
     );
-    let rows = &lines[2..];
+    // The stream table ends at the blank line before the link table.
+    let end = lines
+        .iter()
+        .position(|l| l.is_empty())
+        .unwrap_or(lines.len());
+    let rows = &lines[2..end];
     assert_eq!(rows.len(), 6, "{table}");
     let state_col = lines[1].find("STATE").unwrap();
     let mut order = Vec::new();

@@ -16,6 +16,217 @@ use std::time::{Duration, Instant};
 /// How long a test waits for something that should happen at once.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+// ---------------------------------------------------- identities and TLS
+
+/// The data directory every test daemon shares (XDG_DATA_HOME), one per
+/// test process: one identity, so that an exit restarted on the same port
+/// keeps its fingerprint, and a client can pin it.
+pub fn data_home() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| std::env::temp_dir().join(format!("halfpipe-it-{}", std::process::id())))
+}
+
+/// The test identity's fingerprint (made on first use).
+pub fn test_fingerprint() -> &'static str {
+    static FP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    FP.get_or_init(|| test_identity().fingerprint.to_string())
+}
+
+/// The test identity itself, for the TLS side of a raw link peer.
+pub fn test_identity() -> &'static halfpipe::process::identity::Identity {
+    static ID: std::sync::OnceLock<halfpipe::process::identity::Identity> =
+        std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        halfpipe::process::identity::Identity::load_or_create(&data_home().join("halfpipe"))
+            .expect("the test identity")
+    })
+}
+
+/// The link addresses of the TLS exits the tests started.
+/// (An exit restarted on the same address, by this test or a later one,
+/// replaces the entry.)
+static TLS_EXITS: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
+
+pub fn is_tls_exit(addr: SocketAddr) -> bool {
+    TLS_EXITS.lock().unwrap().contains(&addr)
+}
+
+thread_local! {
+    /// Set for a test run over plain links: the exits and `run`s it starts
+    /// get `--link plain` (each test runs on a thread of its own).
+    static PLAIN_LINKS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// From here on, the exits and `run`s this test starts use plain links.
+pub fn use_plain_links() {
+    PLAIN_LINKS.set(true);
+}
+
+/// Runs `test` with the daemons it starts on plain links.
+pub fn on_plain_links(test: fn()) {
+    use_plain_links();
+    test();
+}
+
+/// Each named test twice: `tls::NAME` over TLS links (the default) and
+/// `plain::NAME` over plain ones (docs/protocol.md §1 and §13).
+#[allow(unused_macros)]
+macro_rules! over_both_links {
+    ($($name:ident),* $(,)?) => {
+        mod tls {
+            $( #[test] fn $name() { super::$name() } )*
+        }
+        mod plain {
+            $( #[test] fn $name() { crate::util::on_plain_links(super::$name) } )*
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use over_both_links;
+
+/// What a `halfpipe client` command line without `--link` or
+/// `--exit-fingerprint` gets: the test identity's fingerprint pinned if its
+/// `--exit` is a TLS exit started here, a plain link otherwise (a raw exit,
+/// a plain one, or none).
+fn link_args(args: &[&str]) -> Vec<&'static str> {
+    let said = args
+        .iter()
+        .any(|a| *a == "--link" || *a == "--exit-fingerprint" || *a == "--print-fingerprint");
+    if said {
+        return vec![];
+    }
+    if args.first() != Some(&"client") {
+        let serves = matches!(args.first(), Some(&"exit") | Some(&"run"));
+        return if serves && PLAIN_LINKS.get() {
+            vec!["--link", "plain"]
+        } else {
+            vec![]
+        };
+    }
+    use std::net::ToSocketAddrs;
+    let tls = args
+        .iter()
+        .position(|a| *a == "--exit")
+        .and_then(|i| args.get(i + 1)?.to_socket_addrs().ok())
+        .is_some_and(|mut addrs| addrs.any(is_tls_exit));
+    if tls {
+        vec!["--exit-fingerprint", test_fingerprint()]
+    } else {
+        vec!["--link", "plain"]
+    }
+}
+
+/// A TLS session to the exit at `addr` (docs/protocol.md §13) behind a
+/// plain loopback socket: the raw link peer speaks cells on the socket as
+/// on a plain link, and two threads carry the bytes through TLS both ways.
+/// A TLS failure or a reset from the exit resets the socket.
+fn tls_bridge(addr: SocketAddr) -> (TcpStream, Bridge) {
+    use halfpipe::link::tls;
+    // A receive buffer of a fixed size (no autotuning, which would grow it
+    // while the bridge reads ahead of the test): a test that stops reading
+    // stalls the exit after as many bytes as on a plain link.
+    let tcp = {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            None,
+        )
+        .unwrap();
+        s.set_recv_buffer_size(128 * 1024).unwrap();
+        s.connect(&addr.into()).unwrap();
+        TcpStream::from(s)
+    };
+    let fp = test_fingerprint().parse().unwrap();
+    let config = tls::client_config(test_identity(), fp);
+    let mut conn: rustls::Connection = rustls::ClientConnection::new(config, addr.ip().into())
+        .unwrap()
+        .into();
+    let info = tls::handshake(&tcp, &mut conn, Instant::now() + PATIENCE, PATIENCE)
+        .unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"));
+    tcp.set_read_timeout(None).unwrap();
+    tcp.set_write_timeout(None).unwrap();
+    let transport = Arc::new(halfpipe::link::Transport::tls(tcp, conn, info));
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (theirs, _) = l.accept().unwrap();
+    // Small buffers, so that the bridge holds little more than a plain
+    // link would: a peer that stops reading stalls the exit as soon.
+    for s in [&ours, &theirs] {
+        let s = socket2::SockRef::from(s);
+        s.set_recv_buffer_size(64 * 1024).unwrap();
+        s.set_send_buffer_size(64 * 1024).unwrap();
+    }
+    let local = theirs.try_clone().unwrap();
+    let up = {
+        let (t, mut from) = (transport.clone(), theirs.try_clone().unwrap());
+        thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            loop {
+                match from.read(&mut chunk) {
+                    Ok(0) => {
+                        let _ = t.close(Shutdown::Write, &mut out);
+                        break;
+                    }
+                    Ok(n) => {
+                        if t.write(&[chunk[..n].to_vec()], &mut out).is_err() {
+                            // The exit is gone: so is the test's link.
+                            let _ = from.shutdown(Shutdown::Both);
+                            break;
+                        }
+                    }
+                    Err(_) => {
+                        t.shutdown();
+                        break;
+                    }
+                }
+            }
+        })
+    };
+    let down = {
+        let (t, mut to) = (transport.clone(), theirs);
+        thread::spawn(move || {
+            let mut buf = Vec::with_capacity(64 * 1024);
+            let mut st = halfpipe::link::ReadState::default();
+            loop {
+                match t.read(&mut buf, &mut st) {
+                    Ok(r) if r.n == 0 => {
+                        let _ = to.shutdown(Shutdown::Write);
+                        break;
+                    }
+                    Ok(_) => {
+                        if to.write_all(&buf).is_err() {
+                            t.shutdown();
+                            break;
+                        }
+                        buf.clear();
+                    }
+                    Err(_) => {
+                        halfpipe::runtime::sockets::reset(&to);
+                        break;
+                    }
+                }
+            }
+        })
+    };
+    (
+        ours,
+        Bridge {
+            transport,
+            local,
+            threads: vec![up, down],
+        },
+    )
+}
+
+/// The TLS side of a raw link peer: ended and joined with it.
+pub struct Bridge {
+    transport: Arc<halfpipe::link::Transport>,
+    /// The bridge's end of the socket the test holds.
+    local: TcpStream,
+    threads: Vec<JoinHandle<()>>,
+}
+
 // ------------------------------------------------------------- the daemon
 
 /// The halfpipe binary running as a child process.
@@ -50,7 +261,10 @@ impl Daemon {
         Daemon::client_to(&exit.to_string(), extra)
     }
 
-    /// `halfpipe client` linked to `exit`, given as HOST:PORT.
+    /// `halfpipe client` linked to `exit`, given as HOST:PORT. Unless
+    /// `extra` says how, the link is TLS with the test identity's
+    /// fingerprint pinned if `exit` is a TLS exit started here, plain
+    /// otherwise (a raw exit, or a plain one).
     pub fn client_to(exit: &str, extra: &[&str]) -> Daemon {
         let mut args = vec!["client", "--socks", "127.0.0.1:0", "--exit", exit];
         args.extend_from_slice(extra);
@@ -79,8 +293,12 @@ impl Daemon {
             }
             None => Command::new(exe),
         };
+        if !args.contains(&"--data-dir") {
+            cmd.env("XDG_DATA_HOME", data_home());
+        }
         let mut child = cmd
             .args(args)
+            .args(link_args(args))
             .env("RUST_LOG", "info,halfpipe=debug")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
@@ -119,10 +337,27 @@ impl Daemon {
             assert!(Instant::now() < deadline, "halfpipe did not start: {out}");
             thread::sleep(Duration::from_millis(10));
         }
+        if let Some(link) = d.link {
+            let mut tls = TLS_EXITS.lock().unwrap();
+            tls.retain(|a| *a != link);
+            if d.stdout().contains("fingerprint: ") {
+                tls.push(link);
+            }
+        }
         if want_socks {
             d.wait_for_log("link to exit ready");
         }
         d
+    }
+
+    /// What a client that reaches this exit through a relay says about
+    /// the link: the exit's fingerprint, or `--link plain`.
+    pub fn link_args(&self) -> [&'static str; 2] {
+        if is_tls_exit(self.link()) {
+            ["--exit-fingerprint", test_fingerprint()]
+        } else {
+            ["--link", "plain"]
+        }
     }
 
     pub fn socks(&self) -> SocketAddr {
@@ -440,6 +675,21 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 pub struct RawLink {
     pub sock: TcpStream,
     buf: Vec<u8>,
+    /// To a TLS exit: the TLS session behind `sock`.
+    bridge: Option<Bridge>,
+}
+
+impl Drop for RawLink {
+    fn drop(&mut self) {
+        if let Some(b) = self.bridge.take() {
+            let _ = self.sock.shutdown(Shutdown::Both);
+            // Both ends: a bridge blocked writing to a test that stopped
+            // reading wakes with an error.
+            let _ = b.local.shutdown(Shutdown::Both);
+            b.transport.shutdown();
+            b.threads.into_iter().for_each(|t| t.join().unwrap());
+        }
+    }
 }
 
 /// A cell as the raw peer reads it.
@@ -480,6 +730,7 @@ impl RawLink {
         let mut l = RawLink {
             sock,
             buf: Vec::new(),
+            bridge: None,
         };
         let mut hello = [0u8; 7];
         l.sock.read_exact(&mut hello).unwrap();
@@ -502,13 +753,19 @@ impl RawLink {
         c.circ
     }
 
-    /// Connects without a handshake.
+    /// Connects without the VERSIONS handshake (through TLS to a TLS exit).
     pub fn connect_raw(addr: SocketAddr) -> RawLink {
-        let sock = TcpStream::connect(addr).unwrap();
+        let (sock, bridge) = if is_tls_exit(addr) {
+            let (s, b) = tls_bridge(addr);
+            (s, Some(b))
+        } else {
+            (TcpStream::connect(addr).unwrap(), None)
+        };
         sock.set_read_timeout(Some(PATIENCE)).unwrap();
         RawLink {
             sock,
             buf: Vec::new(),
+            bridge,
         }
     }
 

@@ -373,6 +373,8 @@ pub(crate) fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
 
 #[test]
 fn handshake_versions_answered_with_4_then_cells_flow() {
+    // §1's handshake, on a plain link (tls.rs has §13's).
+    use_plain_links();
     // R1.2: the exit reads our VERSIONS, then answers with its own listing
     // 4; R1.11: nothing else (no CERTS, AUTH_CHALLENGE or NETINFO, no TLS):
     // the next cell answers our CREATE_FAST; R1.9: in link-v4 framing.
@@ -417,6 +419,8 @@ fn bad_handshake(bytes: &[u8], log_says: &str) {
 
 #[test]
 fn handshake_garbage_first_cell_closes_link() {
+    // §1's handshake, on a plain link (tls.rs has §13's).
+    use_plain_links();
     // R1.5: a first cell that is not VERSIONS → closed; R1.7, R1.8.
     bad_handshake(
         &[0xde, 0xad, 0xbe, 0xef, 0x01, 0x02, 0x03, 0x04],
@@ -426,6 +430,8 @@ fn handshake_garbage_first_cell_closes_link() {
 
 #[test]
 fn handshake_http_request_closes_link() {
+    // §1's handshake, on a plain link (tls.rs has §13's).
+    use_plain_links();
     // R1.5: a first cell that is not VERSIONS (an HTTP client on the link
     // port); R1.8: the log line says what it looks like; R1.7.
     bad_handshake(b"GET / HTTP/1.1\r\n\r\n", "looks like an HTTP client");
@@ -433,24 +439,32 @@ fn handshake_http_request_closes_link() {
 
 #[test]
 fn handshake_odd_versions_length_closes_link() {
+    // §1's handshake, on a plain link (tls.rs has §13's).
+    use_plain_links();
     // R1.4: an odd Length → closed; R1.7: without VERSIONS; R1.8.
     bad_handshake(&[0, 0, 7, 0, 3, 0, 4, 0], "odd length 3");
 }
 
 #[test]
 fn handshake_without_version_4_closes_link() {
+    // §1's handshake, on a plain link (tls.rs has §13's).
+    use_plain_links();
     // R1.3: no common version → closed; R1.7: without VERSIONS; R1.8.
     bad_handshake(&[0, 0, 7, 0, 4, 0, 3, 0, 5], "no common link version");
 }
 
 #[test]
 fn handshake_with_empty_version_list_closes_link() {
+    // §1's handshake, on a plain link (tls.rs has §13's).
+    use_plain_links();
     // R1.3: an empty list has no common version either; R1.7, R1.8.
     bad_handshake(&[0, 0, 7, 0, 0], "no common link version");
 }
 
 #[test]
 fn handshake_timeout_closes_silent_and_partial_links() {
+    // §1's handshake, on a plain link (tls.rs has §13's).
+    use_plain_links();
     // R1.6: no complete VERSIONS 10 seconds after the TCP connection was
     // accepted → closed (R1.7: without VERSIONS; R1.8: one log line each).
     // The default timeout is what is checked, so this test takes the full

@@ -12,9 +12,18 @@ use serde_json::Value;
 use std::process::Command;
 
 #[test]
-fn soak_short_loses_nothing_and_returns_to_baseline() {
-    let exit = Daemon::exit(&["--exit-policy", "accept *:*"]);
-    let client = Daemon::client(exit.link(), &[]);
+fn soak_short_over_tls_links_loses_nothing_and_returns_to_baseline() {
+    soak("tls");
+}
+
+#[test]
+fn soak_short_over_plain_links_loses_nothing_and_returns_to_baseline() {
+    soak("plain");
+}
+
+fn soak(link: &str) {
+    let exit = Daemon::exit(link, &["--exit-policy", "accept *:*"]);
+    let client = Daemon::client(&exit, &[]);
     let socks = client.socks().to_string();
     let pids = format!("{},{}", client.pid(), exit.pid());
     let out = Command::new(env!("CARGO_BIN_EXE_halfpipe-bench"))

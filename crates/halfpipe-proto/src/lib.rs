@@ -4,7 +4,7 @@
 //! crate) feeds these types events and carries out what they return.
 //!
 //! Codecs, which know bytes: [`cell`] (§1, §2), [`relay`] (§4, §5), [`kdf`]
-//! (§3), [`socks`] (§11). Rules, which know states: [`halfclose`] (§7, §8),
+//! (§3), [`socks`] (§11), [`identity`] (§13's fingerprints). Rules, which know states: [`halfclose`] (§7, §8),
 //! [`flow`] (§10), [`stream`] (one stream's §7 state and §10 windows),
 //! [`streammap`] (a circuit's streams: §4, §5, §9), [`policy`] (the exit
 //! policy of §5).
@@ -12,6 +12,7 @@
 pub mod cell;
 pub mod flow;
 pub mod halfclose;
+pub mod identity;
 pub mod kdf;
 pub mod policy;
 pub mod relay;

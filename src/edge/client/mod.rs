@@ -8,7 +8,7 @@ mod pool;
 mod supervisor;
 
 use crate::circuit::{CircMsg, CircuitOpts, OpenRequest, Refused, ResolveRequest, RESOLVE_WAIT};
-use crate::link::Links;
+use crate::link::{Links, TlsConfig};
 use crate::process::limits::MAX_HANDSHAKES;
 use crate::process::metrics::{Limit, Metrics};
 use crate::process::{Ctx, Source};
@@ -54,10 +54,19 @@ pub struct Client {
     /// Sessions asking the supervisor for another link.
     want_tx: Sender<WantLink>,
     want_rx: Receiver<WantLink>,
+    /// The client's TLS configuration (the exit's pinned fingerprint in
+    /// it), or `None` for plain links.
+    tls: Option<TlsConfig>,
 }
 
 impl Client {
-    pub fn new(ctx: Arc<Ctx>, registry: Arc<Links>, exit: String, circuits: usize) -> Arc<Client> {
+    pub fn new(
+        ctx: Arc<Ctx>,
+        registry: Arc<Links>,
+        exit: String,
+        circuits: usize,
+        tls: Option<TlsConfig>,
+    ) -> Arc<Client> {
         let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
         let (want_tx, want_rx) = crossbeam_channel::unbounded();
         Arc::new(Client {
@@ -71,6 +80,7 @@ impl Client {
             stop_rx,
             want_tx,
             want_rx,
+            tls,
         })
     }
 

@@ -7,7 +7,7 @@
 
 use super::pool::{ClientLink, CreateError, WantLink};
 use super::Client;
-use crate::link::{self, Link};
+use crate::link::{self, HandshakeFailure, Link};
 use crate::process::limits::MAX_EXIT_LINKS;
 use crate::runtime::threads;
 use halfpipe_proto::Role;
@@ -233,9 +233,23 @@ impl Client {
         let timeout = self.ctx.cfg.handshake_timeout;
         let sock = self.dial(timeout)?;
         let _ = sock.set_nodelay(true);
-        link::connect_handshake(&sock, timeout).map_err(|e| io::Error::other(e.to_string()))?;
+        // R13.5: on a TLS link, no cell leaves before the exit's key is the
+        // pinned one.
+        let transport =
+            link::establish(sock, Role::Client, self.tls.as_ref(), timeout).map_err(|e| {
+                if let HandshakeFailure::Tls(f) = &e {
+                    self.ctx.metrics.tls_failure(f.label());
+                }
+                io::Error::other(e.to_string())
+            })?;
         let id = self.ctx.next_link_id();
-        let link = Link::start(self.ctx.clone(), &self.registry, id, Role::Client, sock)?;
+        let link = Link::start(
+            self.ctx.clone(),
+            &self.registry,
+            id,
+            Role::Client,
+            transport,
+        )?;
         let l = link.clone();
         match threads::spawn(format!("link-rd {id}"), move || l.run()) {
             Ok(reader) => Ok((link, reader)),

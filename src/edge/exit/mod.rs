@@ -3,7 +3,7 @@
 
 pub mod connect;
 
-use crate::link::{self, Link, Links};
+use crate::link::{self, HandshakeFailure, Link, Links, TlsConfig};
 use crate::process::limits::MAX_LINKS;
 use crate::process::Ctx;
 use crate::runtime::threads::{self, Reaper};
@@ -15,10 +15,12 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Accepts links until the listener is shut down, then joins every link.
+/// `tls`: the exit's TLS configuration, or `None` for plain links.
 pub fn spawn_acceptor(
     ctx: Arc<Ctx>,
     registry: Arc<Links>,
     listener: TcpListener,
+    tls: Option<TlsConfig>,
 ) -> io::Result<JoinHandle<()>> {
     threads::spawn("link-accept".into(), move || {
         let mut links = Reaper::default();
@@ -41,9 +43,9 @@ pub fn spawn_acceptor(
                 continue;
             }
             let id = ctx.next_link_id();
-            let (ctx, registry) = (ctx.clone(), registry.clone());
+            let (ctx, registry, tls) = (ctx.clone(), registry.clone(), tls.clone());
             match threads::spawn(format!("link-rd {id}"), move || {
-                serve_link(ctx, &registry, id, sock)
+                serve_link(ctx, &registry, id, sock, tls.as_ref())
             }) {
                 Ok(h) => links.push(h),
                 Err(e) => tracing::warn!("cannot start a link thread ({e}): link refused"),
@@ -54,27 +56,48 @@ pub fn spawn_acceptor(
 }
 
 /// One accepted link: handshake, then this thread is its reader.
-fn serve_link(ctx: Arc<Ctx>, registry: &Arc<Links>, id: u32, sock: TcpStream) {
+fn serve_link(
+    ctx: Arc<Ctx>,
+    registry: &Arc<Links>,
+    id: u32,
+    sock: TcpStream,
+    tls: Option<&TlsConfig>,
+) {
     let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     // R1.6: the handshake clock starts now, right after the accept.
-    if let Err(e) = link::accept_handshake(&sock, ctx.cfg.handshake_timeout) {
-        // R1.7: close without sending VERSIONS; R1.8: one log line that
-        // says why, and only this connection is affected. (The line is
-        // rate-limited: under a flood, a count of the suppressed ones
-        // stands in for them.)
-        if crate::runtime::ratelimit::violation_warning() {
-            tracing::warn!(link = id, %peer, "link handshake failed, closing: {e}");
+    let transport = match link::establish(sock, Role::Exit, tls, ctx.cfg.handshake_timeout) {
+        Ok(t) => t,
+        Err(e) => {
+            // R1.7: close without sending VERSIONS; R1.8: one log line that
+            // says why, and only this connection is affected. (The line is
+            // rate-limited: under a flood, a count of the suppressed ones
+            // stands in for them.)
+            if crate::runtime::ratelimit::violation_warning() {
+                tracing::warn!(link = id, %peer, "link handshake failed, closing: {e}");
+            }
+            match &e {
+                HandshakeFailure::Protocol(_) | HandshakeFailure::TlsPeer => ctx
+                    .metrics
+                    .violation(crate::process::metrics::ViolationKind::Handshake),
+                HandshakeFailure::Tls(f) => ctx.metrics.tls_failure(f.label()),
+                _ => {}
+            }
+            return;
         }
-        if matches!(e, link::HandshakeFailure::Protocol(_)) {
-            ctx.metrics
-                .violation(crate::process::metrics::ViolationKind::Handshake);
-        }
-        return;
-    }
-    let _ = sock.set_nodelay(true);
-    match Link::start(ctx, registry, id, Role::Exit, sock) {
+    };
+    let _ = transport.tcp.set_nodelay(true);
+    match Link::start(ctx, registry, id, Role::Exit, transport) {
         Ok(link) => {
-            tracing::info!(link = id, %peer, "link opened");
+            match link.tls_info() {
+                Some(t) => tracing::info!(
+                    link = id,
+                    %peer,
+                    tls = %t.cipher_suite,
+                    client = %t.peer.map(|f| f.to_string()).unwrap_or_else(|| "-".into()),
+                    "link opened"
+                ),
+                None => tracing::info!(link = id, %peer, "link opened"),
+            }
             link.run();
         }
         Err(e) => tracing::warn!(link = id, %peer, "cannot start the link: {e}"),

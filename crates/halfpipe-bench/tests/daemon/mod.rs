@@ -17,6 +17,18 @@ pub struct Daemon {
     child: Child,
     addr: SocketAddr,
     log: Arc<Mutex<String>>,
+    /// An exit on TLS links: its fingerprint, for its clients to pin.
+    fingerprint: Option<String>,
+}
+
+/// The data directory of every daemon this test process starts (one
+/// identity for all of them).
+fn data_dir() -> &'static str {
+    static DIR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("halfpipe-bench-test-{}", std::process::id()));
+        d.display().to_string()
+    })
 }
 
 /// `target/<profile>/halfpipe`, beside this package's own binary.
@@ -44,17 +56,22 @@ fn pump(from: impl Read + Send + 'static, into: Arc<Mutex<String>>) {
 }
 
 impl Daemon {
-    /// `halfpipe exit` accepting any target.
-    pub fn exit(extra: &[&str]) -> Daemon {
-        let mut args = vec!["exit", "--listen", "127.0.0.1:0"];
+    /// `halfpipe exit` on `--link LINK` ("tls" or "plain").
+    pub fn exit(link: &str, extra: &[&str]) -> Daemon {
+        let mut args = vec!["exit", "--listen", "127.0.0.1:0", "--link", link];
         args.extend_from_slice(extra);
         Daemon::start(&args, "link listening on ", None)
     }
 
-    /// `halfpipe client` linked to `exit`, once its link is ready.
-    pub fn client(exit: SocketAddr, extra: &[&str]) -> Daemon {
-        let exit = exit.to_string();
-        let mut args = vec!["client", "--socks", "127.0.0.1:0", "--exit", &exit];
+    /// `halfpipe client` linked to `exit` (pinning its fingerprint on a
+    /// TLS link), once its link is ready.
+    pub fn client(exit: &Daemon, extra: &[&str]) -> Daemon {
+        let addr = exit.link().to_string();
+        let mut args = vec!["client", "--socks", "127.0.0.1:0", "--exit", &addr];
+        match &exit.fingerprint {
+            Some(fp) => args.extend(["--exit-fingerprint", fp]),
+            None => args.extend(["--link", "plain"]),
+        }
         args.extend_from_slice(extra);
         Daemon::start(&args, "SOCKS listening on ", Some("link to exit ready"))
     }
@@ -62,6 +79,7 @@ impl Daemon {
     fn start(args: &[&str], prefix: &str, ready: Option<&str>) -> Daemon {
         let mut child = Command::new(binary())
             .args(args)
+            .args(["--data-dir", data_dir()])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -93,7 +111,17 @@ impl Daemon {
             assert!(Instant::now() < deadline, "halfpipe {args:?} did not start");
             thread::sleep(Duration::from_millis(10));
         };
-        let d = Daemon { child, addr, log };
+        let fingerprint = out
+            .lock()
+            .unwrap()
+            .lines()
+            .find_map(|l| Some(l.strip_prefix("fingerprint: ")?.trim().to_owned()));
+        let d = Daemon {
+            child,
+            addr,
+            log,
+            fingerprint,
+        };
         if let Some(needle) = ready {
             while !d.log().contains(needle) {
                 assert!(Instant::now() < deadline, "never {needle:?}:\n{}", d.log());

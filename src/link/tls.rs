@@ -1,0 +1,463 @@
+//! The TLS link layer (docs/protocol.md §13): the rustls configurations of
+//! the two edges, the certificate checks that stand in for a PKI (the
+//! client pins its exit's fingerprint; an exit may list its clients'), and
+//! the handshake, run to completion on the link's thread before the link
+//! starts, within the handshake deadline.
+//!
+//! Certificates mean nothing here but the key they carry (R13.6): names,
+//! issuer and validity are not looked at. The key's possession is proven by
+//! TLS 1.3's CertificateVerify, checked by rustls with aws-lc-rs.
+
+use crate::process::authorized::AuthorizedClients;
+use crate::process::identity::Identity;
+use halfpipe_proto::identity::Fingerprint;
+use parking_lot::RwLock;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName,
+    Error, OtherError, ServerConfig, SignatureScheme,
+};
+use std::io::{self, Read};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// R13.2: the ALPN protocol of a halfpipe link.
+pub const ALPN: &[u8] = b"halfpipe/1";
+
+/// The clients an exit serves, shared with the process so that SIGHUP can
+/// replace the list while links are being made.
+pub type ClientList = Arc<RwLock<Arc<AuthorizedClients>>>;
+
+/// aws-lc-rs, with AES-128-GCM first: the fastest suite on CPUs with AES
+/// instructions, which is what both edges spend their time on.
+fn provider() -> Arc<CryptoProvider> {
+    use rustls::crypto::aws_lc_rs::cipher_suite::*;
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites = vec![
+        TLS13_AES_128_GCM_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+    ];
+    Arc::new(p)
+}
+
+/// The exit's configuration: its identity, and with `clients` only the
+/// clients listed there (R13.7).
+pub fn server_config(identity: &Identity, clients: Option<ClientList>) -> Arc<ServerConfig> {
+    let provider = provider();
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        // R13.1: TLS 1.3 only.
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs supports TLS 1.3");
+    let builder = match clients {
+        Some(list) => builder.with_client_cert_verifier(Arc::new(ListedClients { list, provider })),
+        None => builder.with_no_client_auth(),
+    };
+    // R13.4: the identity key, in a certificate.
+    let mut config = builder
+        .with_single_cert(vec![identity.cert.clone()], identity.key())
+        .expect("the identity's own certificate and key match");
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.ignore_client_order = true;
+    config.send_tls13_tickets = 0;
+    config.key_log = Arc::new(rustls::KeyLogFile::new());
+    Arc::new(config)
+}
+
+/// The client's configuration for an exit whose fingerprint is `exit`.
+pub fn client_config(identity: &Identity, exit: Fingerprint) -> Arc<ClientConfig> {
+    let provider = provider();
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("aws-lc-rs supports TLS 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedExit {
+            expected: exit,
+            provider,
+        }))
+        // R13.8: shown when the exit asks.
+        .with_client_auth_cert(vec![identity.cert.clone()], identity.key())
+        .expect("the identity's own certificate and key match");
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption = rustls::client::Resumption::disabled();
+    config.enable_sni = false;
+    config.key_log = Arc::new(rustls::KeyLogFile::new());
+    Arc::new(config)
+}
+
+/// The fingerprint of the key a certificate carries (R13.6: nothing else
+/// of it matters).
+pub fn fingerprint_of(cert: &CertificateDer<'_>) -> Result<Fingerprint, Error> {
+    let ee = webpki::EndEntityCert::try_from(cert)
+        .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    Ok(Fingerprint::of_spki(ee.subject_public_key_info().as_ref()))
+}
+
+/// Why a certificate was refused, carried through rustls's error so that
+/// the log line can name both fingerprints.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Refusal {
+    #[error("the exit's fingerprint is {got}, not {expected} as --exit-fingerprint says")]
+    WrongExit {
+        expected: Fingerprint,
+        got: Fingerprint,
+    },
+    #[error("client {0} is not in --authorized-clients")]
+    Unlisted(Fingerprint),
+}
+
+fn refuse(why: Refusal) -> Error {
+    Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(why))))
+}
+
+/// R13.5: the client accepts the exit whose key has the pinned fingerprint.
+#[derive(Debug)]
+struct PinnedExit {
+    expected: Fingerprint,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedExit {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        let got = fingerprint_of(end_entity)?;
+        if got == self.expected {
+            Ok(ServerCertVerified::assertion())
+        } else {
+            Err(refuse(Refusal::WrongExit {
+                expected: self.expected,
+                got,
+            }))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        // R13.1: never negotiated.
+        Err(Error::General(
+            "TLS 1.2 is not used on halfpipe links".into(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// R13.7: the exit serves the clients whose fingerprints it lists.
+#[derive(Debug)]
+struct ListedClients {
+    list: ClientList,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for ListedClients {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        let fp = fingerprint_of(end_entity)?;
+        if self.list.read().contains(&fp) {
+            Ok(ClientCertVerified::assertion())
+        } else {
+            Err(refuse(Refusal::Unlisted(fp)))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::General(
+            "TLS 1.2 is not used on halfpipe links".into(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// How a TLS handshake failed: the log line, and the label it is counted
+/// under in /metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsFailure {
+    #[error("{0}")]
+    Refused(Refusal),
+    #[error("the exit refused this client ({0}): is this client's fingerprint in the exit's --authorized-clients?")]
+    RefusedByExit(String),
+    #[error("the client refused this exit's certificate ({0}): its --exit-fingerprint is not this exit's")]
+    RefusedByClient(String),
+    #[error("the peer speaks a plain link (a VERSIONS cell where a TLS ClientHello belongs): both edges need the same --link")]
+    PlainPeer,
+    #[error(
+        "the peer did not offer ALPN {:?} (R13.2): not a halfpipe link",
+        String::from_utf8_lossy(ALPN)
+    )]
+    NoAlpn,
+    #[error("no TLS handshake within {0:?}")]
+    Timeout(Duration),
+    #[error("the peer closed the connection during the TLS handshake (does it use --link plain?)")]
+    Closed,
+    #[error("TLS handshake failed: {0}")]
+    Other(String),
+}
+
+impl TlsFailure {
+    /// The `reason` label of `halfpipe_tls_handshake_failures_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TlsFailure::Refused(Refusal::WrongExit { .. }) => "wrong_exit",
+            TlsFailure::Refused(Refusal::Unlisted(_)) => "unlisted_client",
+            TlsFailure::RefusedByExit(_) => "refused_by_exit",
+            TlsFailure::RefusedByClient(_) => "refused_by_client",
+            TlsFailure::PlainPeer => "plain_peer",
+            TlsFailure::NoAlpn => "no_alpn",
+            TlsFailure::Timeout(_) => "timeout",
+            TlsFailure::Closed => "closed",
+            TlsFailure::Other(_) => "other",
+        }
+    }
+
+    pub const LABELS: [&'static str; 9] = [
+        "wrong_exit",
+        "unlisted_client",
+        "refused_by_exit",
+        "refused_by_client",
+        "plain_peer",
+        "no_alpn",
+        "timeout",
+        "closed",
+        "other",
+    ];
+
+    /// `exit`: this side is the exit (a refusal alert then comes from a
+    /// client that does not want this exit).
+    fn from_rustls(e: Error, exit: bool) -> TlsFailure {
+        match &e {
+            Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+                match inner.downcast_ref::<Refusal>() {
+                    Some(r) => TlsFailure::Refused(r.clone()),
+                    None => TlsFailure::Other(e.to_string()),
+                }
+            }
+            Error::AlertReceived(
+                a @ (AlertDescription::BadCertificate
+                | AlertDescription::CertificateRequired
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::AccessDenied),
+            ) if exit => TlsFailure::RefusedByClient(format!("{a:?}")),
+            Error::AlertReceived(
+                a @ (AlertDescription::BadCertificate
+                | AlertDescription::CertificateRequired
+                | AlertDescription::CertificateUnknown
+                | AlertDescription::AccessDenied),
+            ) => TlsFailure::RefusedByExit(format!("{a:?}")),
+            Error::NoApplicationProtocol => TlsFailure::NoAlpn,
+            _ => TlsFailure::Other(e.to_string()),
+        }
+    }
+}
+
+/// What status shows of a link's TLS session.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher_suite: String,
+    /// The peer's fingerprint, if it showed a certificate.
+    pub peer: Option<Fingerprint>,
+}
+
+impl TlsInfo {
+    fn of(conn: &rustls::Connection) -> TlsInfo {
+        let version = match conn.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
+            Some(v) => format!("{v:?}"),
+            None => "-".to_owned(),
+        };
+        let cipher_suite = conn
+            .negotiated_cipher_suite()
+            .map(|s| {
+                let name = format!("{:?}", s.suite());
+                // rustls names them TLS13_AES_128_GCM_SHA256; IANA's names
+                // (what Wireshark and openssl show) have no "13".
+                name.replacen("TLS13_", "TLS_", 1)
+            })
+            .unwrap_or_else(|| "-".to_owned());
+        let peer = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| fingerprint_of(c).ok());
+        TlsInfo {
+            version,
+            cipher_suite,
+            peer,
+        }
+    }
+}
+
+/// Runs the TLS handshake on `tcp` to the end, before `deadline` (R13.3:
+/// the same clock as VERSIONS, R1.6). The exit first looks at what the
+/// client sent, to say so when it is a plain link's VERSIONS.
+pub fn handshake(
+    tcp: &TcpStream,
+    conn: &mut rustls::Connection,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<TlsInfo, TlsFailure> {
+    let left = || {
+        let d = deadline.saturating_duration_since(Instant::now());
+        if d.is_zero() {
+            Err(TlsFailure::Timeout(timeout))
+        } else {
+            Ok(d)
+        }
+    };
+    let io_failure = |e: io::Error| match e.kind() {
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TlsFailure::Timeout(timeout),
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => TlsFailure::Closed,
+        _ => TlsFailure::Other(e.to_string()),
+    };
+    let exit = matches!(conn, rustls::Connection::Server(_));
+    if exit {
+        tcp.set_read_timeout(Some(left()?)).map_err(io_failure)?;
+        let mut first = [0u8; 3];
+        match tcp.peek(&mut first) {
+            Ok(0) => return Err(TlsFailure::Closed),
+            // A VERSIONS cell: CircID 0, command 7 (docs/protocol.md §1).
+            Ok(n) if n >= 3 && first == [0, 0, 7] => return Err(TlsFailure::PlainPeer),
+            Ok(_) => {}
+            Err(e) => return Err(io_failure(e)),
+        }
+    }
+    let mut sock = tcp;
+    while conn.is_handshaking() {
+        while conn.wants_write() {
+            tcp.set_write_timeout(Some(left()?)).map_err(io_failure)?;
+            conn.write_tls(&mut sock).map_err(io_failure)?;
+        }
+        if !conn.is_handshaking() {
+            break;
+        }
+        tcp.set_read_timeout(Some(left()?)).map_err(io_failure)?;
+        match conn.read_tls(&mut sock) {
+            Ok(0) => return Err(TlsFailure::Closed),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_failure(e)),
+        }
+        if let Err(e) = conn.process_new_packets() {
+            // Tell the peer why (rustls has queued the alert), if it listens.
+            let _ = tcp.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = conn.write_tls(&mut sock);
+            return Err(TlsFailure::from_rustls(e, exit));
+        }
+    }
+    // The last flight (the client's Finished).
+    while conn.wants_write() {
+        tcp.set_write_timeout(Some(left()?)).map_err(io_failure)?;
+        conn.write_tls(&mut sock).map_err(io_failure)?;
+    }
+    // R13.2: an exit serves only clients that asked for halfpipe/1.
+    if conn.alpn_protocol() != Some(ALPN) {
+        return Err(TlsFailure::NoAlpn);
+    }
+    Ok(TlsInfo::of(conn))
+}
+
+/// Reads plaintext from a TLS session for the VERSIONS handshake, which
+/// runs on the link's thread before the link starts (the socket's timeouts
+/// bound each read).
+pub struct HandshakeStream<'a> {
+    pub tcp: &'a TcpStream,
+    pub conn: &'a mut rustls::Connection,
+}
+
+/// `rustls::Stream` over whichever side the connection is.
+macro_rules! stream {
+    ($s:expr, $op:ident ( $($arg:expr),* )) => {{
+        let mut sock = $s.tcp;
+        match $s.conn {
+            rustls::Connection::Client(c) => rustls::Stream::new(c, &mut sock).$op($($arg),*),
+            rustls::Connection::Server(c) => rustls::Stream::new(c, &mut sock).$op($($arg),*),
+        }
+    }};
+}
+
+impl Read for HandshakeStream<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        stream!(self, read(buf))
+    }
+}
+
+impl io::Write for HandshakeStream<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        stream!(self, write(buf))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        stream!(self, flush())
+    }
+}
