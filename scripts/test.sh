@@ -4,9 +4,11 @@
 # tests. Extra arguments go to `cargo test` (a filter, `-- --nocapture`).
 #
 # The tests need curl, OpenBSD netcat (`nc -N -X 5 -x ...` for half-closed
-# requests through SOCKS), python3, and iproute2's `ip` with root (network
-# namespaces of the tests' own, tests/it/netns.rs). A test whose tool is
-# missing fails; none is skipped.
+# requests through SOCKS), python3, openssl (`s_client` checks the TLS links
+# from outside, tests/it/tls.rs), and iproute2's `ip` with root (network
+# namespaces of the tests' own, tests/it/netns.rs; without root the
+# two-namespace TLS test says it is skipped). A test whose tool is missing
+# fails; none is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +18,7 @@ if ! { command -v nc >/dev/null 2>&1 && nc -h 2>&1 | grep -q -- '-X proxy_protoc
     need+=(netcat-openbsd)
 fi
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 if [ ${#need[@]} -gt 0 ]; then
     sudo=()

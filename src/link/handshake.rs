@@ -168,10 +168,24 @@ pub fn establish(
             tcp: &tcp,
             conn: &mut conn,
         };
-        match role {
-            Role::Exit => accept_handshake(&mut io, &tcp, deadline, timeout)?,
-            Role::Client => connect_handshake(&mut io, &tcp, deadline, timeout)?,
-        }
+        let versions = match role {
+            Role::Exit => accept_handshake(&mut io, &tcp, deadline, timeout),
+            Role::Client => connect_handshake(&mut io, &tcp, deadline, timeout),
+        };
+        // In TLS 1.3 the exit checks the client's certificate after the
+        // client's handshake is done: its refusal (R13.7) arrives as an
+        // alert where the client reads VERSIONS.
+        versions.map_err(|e| match e {
+            HandshakeFailure::Io(io) => match io.get_ref().and_then(|e| e.downcast_ref()) {
+                Some(tls) => super::tls::TlsFailure::from_rustls(
+                    rustls::Error::clone(tls),
+                    role == Role::Exit,
+                )
+                .into(),
+                None => HandshakeFailure::Io(io),
+            },
+            other => other,
+        })?;
     }
     tcp.set_write_timeout(None)?;
     Ok(super::Transport::tls(tcp, conn, info))

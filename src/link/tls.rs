@@ -295,7 +295,7 @@ impl TlsFailure {
 
     /// `exit`: this side is the exit (a refusal alert then comes from a
     /// client that does not want this exit).
-    fn from_rustls(e: Error, exit: bool) -> TlsFailure {
+    pub(crate) fn from_rustls(e: Error, exit: bool) -> TlsFailure {
         match &e {
             Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
                 match inner.downcast_ref::<Refusal>() {
@@ -459,5 +459,51 @@ impl io::Write for HandshakeStream<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         stream!(self, flush())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A certificate for `pair` with the given name and validity.
+    fn cert(pair: &rcgen::KeyPair, name: &str, expired: bool) -> CertificateDer<'static> {
+        let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).unwrap();
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2001, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2002, 1, 1);
+        }
+        params.self_signed(pair).unwrap().der().clone()
+    }
+
+    #[test]
+    fn only_the_key_of_a_certificate_counts() {
+        // R13.6: the names and validity of a certificate do not matter, its
+        // key does (R13.5): the pin accepts any certificate of the pinned
+        // key, an expired one under another name too, and no other key.
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let fresh = cert(&pair, "halfpipe", false);
+        let odd = cert(&pair, "not.this.host.example", true);
+        let fp = fingerprint_of(&fresh).unwrap();
+        assert_eq!(fingerprint_of(&odd).unwrap(), fp);
+        assert_eq!(fp, Fingerprint::of_spki(&pair.public_key_der()));
+        let pin = PinnedExit {
+            expected: fp,
+            provider: provider(),
+        };
+        let name = ServerName::try_from("halfpipe").unwrap();
+        let now = UnixTime::now();
+        for c in [&fresh, &odd] {
+            assert!(pin.verify_server_cert(c, &[], &name, &[], now).is_ok());
+        }
+        let stranger = cert(&other, "halfpipe", false);
+        match pin.verify_server_cert(&stranger, &[], &name, &[], now) {
+            Err(e) => assert!(matches!(
+                TlsFailure::from_rustls(e, false),
+                TlsFailure::Refused(Refusal::WrongExit { .. })
+            ),),
+            Ok(_) => panic!("another key passed the pin"),
+        }
     }
 }

@@ -29,7 +29,7 @@ const RSS_SLACK_KIB: u64 = 32 * 1024;
 // ------------------------------------------------------------------ helpers
 
 /// The daemon's resident set, from /proc.
-fn rss_kib(pid: u32) -> u64 {
+pub(crate) fn rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
@@ -40,7 +40,7 @@ fn rss_kib(pid: u32) -> u64 {
 
 /// Deterministic pseudo-random numbers (splitmix64): a failing case can be
 /// replayed from its seed.
-struct Rng(u64);
+pub(crate) struct Rng(pub(crate) u64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
@@ -55,19 +55,19 @@ impl Rng {
         self.next() % n
     }
 
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
+    pub(crate) fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next() as u8).collect()
     }
 }
 
 /// Thread count and RSS before an attack, taken with the bystander up.
-struct Baseline {
+pub(crate) struct Baseline {
     threads: usize,
     rss: u64,
 }
 
 impl Baseline {
-    fn take(d: &Daemon) -> Baseline {
+    pub(crate) fn take(d: &Daemon) -> Baseline {
         Baseline {
             threads: d.thread_count(),
             rss: rss_kib(d.pid()),
@@ -75,7 +75,7 @@ impl Baseline {
     }
 
     /// Checks 3 and 4 of the module doc, once the attacker is gone.
-    fn assert_recovered(&self, d: &mut Daemon, what: &str) {
+    pub(crate) fn assert_recovered(&self, d: &mut Daemon, what: &str) {
         assert!(d.is_running(), "{what}: the daemon died:\n{}", d.log());
         d.wait_for_threads(self.threads);
         let rss = rss_kib(d.pid());
@@ -89,7 +89,7 @@ impl Baseline {
 }
 
 /// Another user's link, circuit and stream to a target of its own.
-struct Bystander {
+pub(crate) struct Bystander {
     l: RawLink,
     circ: u32,
     target: TcpStream,
@@ -98,7 +98,7 @@ struct Bystander {
 }
 
 impl Bystander {
-    fn new(d: &Daemon) -> Bystander {
+    pub(crate) fn new(d: &Daemon) -> Bystander {
         let targets = Targets::new();
         let circ = fresh_circ();
         let mut l = linked(d, circ);
@@ -115,7 +115,7 @@ impl Bystander {
     }
 
     /// 2,000 bytes each way, compared byte for byte.
-    fn check(&mut self, when: &str) {
+    pub(crate) fn check(&mut self, when: &str) {
         self.round += 1;
         let up = pattern(2_000, self.round);
         send_data(&mut self.l, self.circ, 1, &up);

@@ -13,5 +13,6 @@ mod resolve;
 mod smoke;
 mod startup;
 mod status;
+mod tls;
 mod util;
 mod wire;

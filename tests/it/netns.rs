@@ -7,6 +7,7 @@
 //! joined the namespace (setns). The namespace is removed when the test
 //! ends, however it ends. They need root, as CI has.
 
+use crate::app::sha;
 use crate::util::*;
 use crate::wire::{describe, linked, next, ping};
 use halfpipe_proto::relay::{end_reason, relay_cmd};
@@ -199,4 +200,140 @@ fn private_covers_the_exit_hosts_own_addresses_in_every_spelling() {
         .unwrap();
     });
     assert!(d.log().contains("covers this host's"), "{}", d.log());
+}
+
+#[test]
+fn a_tls_link_between_two_namespaces_carries_curl_and_nc_half_close() {
+    // docs/protocol.md §13 across a link that leaves the host: the exit in
+    // one namespace, the client in another, a veth pair between them
+    // (192.0.2.1 and 192.0.2.2). curl downloads through SOCKS, nc -N sends
+    // a request and half-closes, and the target answers only after EOF:
+    // every byte checked by SHA-256. A plain exit on that address warns.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: creating network namespaces needs root");
+        return;
+    }
+    let a = Netns::new("tls-exit");
+    let b = Netns::new("tls-client");
+    a.ip("link set lo up");
+    b.ip("link set lo up");
+    a.ip("link add hpx type veth peer name hpc");
+    a.ip(&format!("link set hpc netns {}", b.name));
+    a.ip("addr add 192.0.2.1/24 dev hpx");
+    a.ip("link set hpx up");
+    b.ip("addr add 192.0.2.2/24 dev hpc");
+    b.ip("link set hpc up");
+
+    // The targets, on the exit's side.
+    let body = std::sync::Arc::new(pattern(3 * (1 << 20) + 17, 9));
+    let (web, digest) = thread::scope(|s| {
+        s.spawn(|| {
+            a.enter();
+            let body = body.clone();
+            let web = Server::start(move |mut c| {
+                use std::io::{Read, Write};
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut byte).unwrap_or(0) == 1 {
+                    head.push(byte[0]);
+                }
+                let _ = write!(
+                    c,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = c.write_all(&body);
+            });
+            let digest = Server::request_reply(|req| {
+                let hex: String = sha(req).iter().map(|b| format!("{b:02x}")).collect();
+                format!("{} {hex}\n", req.len()).into_bytes()
+            });
+            (web, digest)
+        })
+        .join()
+        .unwrap()
+    });
+
+    let exit = Daemon::start_under(
+        &a.wrapper(),
+        &[
+            "exit",
+            "--listen",
+            "192.0.2.1:0",
+            "--exit-policy",
+            "accept 127.0.0.1:*",
+        ],
+        false,
+        true,
+    );
+    assert!(is_tls_exit(exit.link()), "{}", exit.stdout());
+    let client = Daemon::start_under(
+        &b.wrapper(),
+        &[
+            "client",
+            "--socks",
+            "127.0.0.1:0",
+            "--exit",
+            &exit.link().to_string(),
+        ],
+        true,
+        false,
+    );
+    exit.wait_for_log("peer=192.0.2.2:");
+    let socks = client.socks().to_string();
+
+    let mut curl = vec![
+        "netns",
+        "exec",
+        &b.name,
+        "curl",
+        "-sS",
+        "--fail",
+        "--max-time",
+        "20",
+    ];
+    let url = format!("http://127.0.0.1:{}/file", web.addr.port());
+    curl.extend(["--socks5-hostname", &socks, &url]);
+    let out = Command::new("ip").args(&curl).output().unwrap();
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), body.len());
+    assert_eq!(sha(&out.stdout), sha(&body), "curl's download differs");
+
+    let request = pattern(2 * (1 << 20) + 5, 21);
+    let port = digest.addr.port().to_string();
+    let mut nc = Command::new("ip")
+        .args([
+            "netns", "exec", &b.name, "nc", "-N", "-X", "5", "-x", &socks,
+        ])
+        .args(["127.0.0.1", &port])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = nc.stdin.take().unwrap();
+        stdin.write_all(&request).unwrap();
+    }
+    let out = nc.wait_with_output().unwrap();
+    let hex: String = sha(&request).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{} {hex}\n", request.len()),
+        "the answer after nc's half-close"
+    );
+    drop(client);
+    drop(exit);
+
+    let plain = Daemon::start_under(
+        &a.wrapper(),
+        &["exit", "--listen", "192.0.2.1:0", "--link", "plain"],
+        false,
+        true,
+    );
+    plain.wait_for_log("--link plain on a link that leaves this host");
 }

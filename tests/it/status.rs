@@ -32,7 +32,7 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (code, body.to_owned())
 }
 
-fn streams_doc(d: &Daemon) -> Value {
+pub(crate) fn streams_doc(d: &Daemon) -> Value {
     let (code, body) = http_get(d.status.unwrap(), "/streams");
     assert_eq!(code, 200, "GET /streams: {body}");
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET /streams is not JSON ({e}): {body}"))

@@ -692,6 +692,15 @@ impl Drop for RawLink {
     }
 }
 
+impl RawLink {
+    /// On a TLS link: ends the TCP connection towards the exit without a
+    /// close_notify first (R13.10).
+    pub fn fin_without_close_notify(&self) {
+        let b = self.bridge.as_ref().expect("a TLS link");
+        b.transport.tcp.shutdown(Shutdown::Write).unwrap();
+    }
+}
+
 /// A cell as the raw peer reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawCell {
