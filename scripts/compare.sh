@@ -9,8 +9,10 @@
 #   direct               plain TCP to the bench's targets: the limit.
 #   socat x2             two socat relays in a chain, 256 KiB buffers.
 #   ssh -D               OpenSSH dynamic forwarding to a throwaway sshd.
-#   halfpipe client+exit two processes joined by a loopback link.
-#   halfpipe run         both edges in one process.
+#   halfpipe client+exit two processes joined by a loopback link, plain
+#                        (--link plain) and TLS (the default).
+#   halfpipe run         both edges in one process (its link is internal:
+#                        TLS over loopback, as the default).
 #
 # and writes DIR/compare.json (every run's report), DIR/compare.md (tables
 # with ratios to direct TCP and to the socat chain) and DIR/compare.svg (the
@@ -257,23 +259,40 @@ if [ -n "$ssh_skip" ]; then
     NOTES+=("ssh -D: skipped, $ssh_skip")
 fi
 
-# 4. halfpipe client + exit as separate processes. The rtt scenario runs
-#    here: it starts its own client and exit with a delay relay between.
+# 4. halfpipe client + exit as separate processes, on a plain link. The rtt
+#    scenario runs here: it starts its own client and exit (plain) with a
+#    delay relay between.
 HP=(--log warn --grace 2s --max-streams-per-circuit 20000)
 free_port L; free_port S
-"$BIN" exit --listen "127.0.0.1:$L" --exit-policy "accept *:*" "${HP[@]}" >"$TMP/exit.log" 2>&1 &
+"$BIN" exit --listen "127.0.0.1:$L" --link plain --exit-policy "accept *:*" "${HP[@]}" >"$TMP/exit.log" 2>&1 &
 PIDS+=($!); EXIT_PID=$!
 wait_listen "$L"
-"$BIN" client --socks "127.0.0.1:$S" --exit "127.0.0.1:$L" "${HP[@]}" >"$TMP/client.log" 2>&1 &
+"$BIN" client --socks "127.0.0.1:$S" --exit "127.0.0.1:$L" --link plain "${HP[@]}" >"$TMP/client.log" 2>&1 &
 PIDS+=($!); CLIENT_PID=$!
 wait_listen "$S"
 run "halfpipe client+exit" "$TMP/halfpipe-pair.json" --socks "127.0.0.1:$S" \
     --scenario all --hold "$HOLD" --pid "$CLIENT_PID" --pid "$EXIT_PID"
 stop_all
 
+# 4b. The same over a TLS link (docs/protocol.md §13): identities of the
+#     run's own, the client pinning the exit's fingerprint.
+ID="$TMP/identity"
+FP=$("$BIN" exit --print-fingerprint --data-dir "$ID")
+free_port L; free_port S
+"$BIN" exit --listen "127.0.0.1:$L" --data-dir "$ID" --exit-policy "accept *:*" "${HP[@]}" >"$TMP/exit-tls.log" 2>&1 &
+PIDS+=($!); EXIT_PID=$!
+wait_listen "$L"
+"$BIN" client --socks "127.0.0.1:$S" --exit "127.0.0.1:$L" --exit-fingerprint "$FP" \
+    --data-dir "$ID" "${HP[@]}" >"$TMP/client-tls.log" 2>&1 &
+PIDS+=($!); CLIENT_PID=$!
+wait_listen "$S"
+run "halfpipe client+exit tls" "$TMP/halfpipe-pair-tls.json" --socks "127.0.0.1:$S" \
+    --scenario bulk,parallel,setup,hold,slow --hold "$HOLD" --pid "$CLIENT_PID" --pid "$EXIT_PID"
+stop_all
+
 # 5. halfpipe run: both edges in one process.
 free_port S
-"$BIN" run --socks "127.0.0.1:$S" "${HP[@]}" >"$TMP/run.log" 2>&1 &
+"$BIN" run --socks "127.0.0.1:$S" --data-dir "$ID" "${HP[@]}" >"$TMP/run.log" 2>&1 &
 PIDS+=($!); RUN_PID=$!
 wait_listen "$S"
 run "halfpipe run" "$TMP/halfpipe-run.json" --socks "127.0.0.1:$S" \

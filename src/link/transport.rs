@@ -12,8 +12,10 @@ use parking_lot::Mutex;
 use std::io::{self, BufRead, IoSlice, Write};
 use std::net::{Shutdown, TcpStream};
 
-/// Ciphertext the reader asks the socket for at a time.
-const CIPHER_READ: usize = 64 * 1024;
+/// Ciphertext the reader asks the socket for at a time: as much as a plain
+/// link's reader asks for, so that a busy TLS link also hands its circuits
+/// large, well-filled buffers.
+const CIPHER_READ: usize = 256 * 1024;
 
 pub struct Transport {
     pub tcp: TcpStream,

@@ -104,7 +104,14 @@ fn the_readmes_two_daemons_reach_a_local_target() {
     });
     let exit = Daemon::exit(&["--exit-policy", "accept 127.0.0.1:*"]);
     let by_name = format!("localhost:{}", exit.link().port());
-    let client = Daemon::client_to(&by_name, &[]);
+    // `--exit-fingerprint $(halfpipe exit --print-fingerprint)`.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_halfpipe"))
+        .args(["exit", "--print-fingerprint"])
+        .env("XDG_DATA_HOME", data_home())
+        .output()
+        .unwrap();
+    let fp = String::from_utf8(out.stdout).unwrap();
+    let client = Daemon::client_to(&by_name, &["--exit-fingerprint", fp.trim_end()]);
     let mut s = socks5(client.socks(), "127.0.0.1", target.addr.port(), None).expect("CONNECT");
     s.write_all(b"hello").unwrap();
     s.shutdown(Shutdown::Write).unwrap();
