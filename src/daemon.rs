@@ -132,10 +132,10 @@ impl Daemon {
         let listener = bind(listen)?;
         let addr = listener.local_addr()?;
         self.listeners.push(listener.try_clone()?);
-        let tls = self
-            .tls
-            .as_ref()
-            .map(|t| TlsConfig::Exit(tls::server_config(&t.identity, t.clients.clone())));
+        let tls = self.tls.as_ref().map(|t| TlsConfig::Exit {
+            config: tls::server_config(&t.identity, t.clients.clone()),
+            clients: t.clients.clone(),
+        });
         self.threads.push(exit::spawn_acceptor(
             self.ctx.clone(),
             self.links.clone(),

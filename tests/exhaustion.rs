@@ -25,7 +25,21 @@ struct Holder {
 }
 
 fn holder() -> Holder {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // A long accept queue: with std's 128, a burst of thousands of
+    // connections overflows it, and the kernel then completes the rest
+    // only as SYN-ACKs are retried, seconds apart.
+    let listener = {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        s.bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+        s.listen(8192).unwrap();
+        TcpListener::from(s)
+    };
     let addr = listener.local_addr().unwrap();
     let held = Arc::new(Mutex::new(Vec::new()));
     let keep = held.clone();

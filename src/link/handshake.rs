@@ -126,7 +126,12 @@ fn read_versions(
 /// The TLS configuration a link is made with (`None`: a plain link).
 #[derive(Clone)]
 pub enum TlsConfig {
-    Exit(std::sync::Arc<rustls::ServerConfig>),
+    /// The exit's configuration, and the clients it serves (R13.7), which
+    /// SIGHUP may change between a client's handshake and its link's start.
+    Exit {
+        config: std::sync::Arc<rustls::ServerConfig>,
+        clients: Option<super::tls::ClientList>,
+    },
     Client(std::sync::Arc<rustls::ClientConfig>),
 }
 
@@ -150,7 +155,7 @@ pub fn establish(
         return Ok(super::Transport::plain(tcp));
     };
     let mut conn: rustls::Connection = match tls {
-        TlsConfig::Exit(config) => rustls::ServerConnection::new(config.clone())
+        TlsConfig::Exit { config, .. } => rustls::ServerConnection::new(config.clone())
             .map_err(|e| super::tls::TlsFailure::Other(e.to_string()))?
             .into(),
         TlsConfig::Client(config) => {
@@ -167,6 +172,7 @@ pub fn establish(
         let mut io = super::tls::HandshakeStream {
             tcp: &tcp,
             conn: &mut conn,
+            deadline,
         };
         let versions = match role {
             Role::Exit => accept_handshake(&mut io, &tcp, deadline, timeout),

@@ -427,38 +427,59 @@ pub fn handshake(
     Ok(TlsInfo::of(conn))
 }
 
-/// Reads plaintext from a TLS session for the VERSIONS handshake, which
-/// runs on the link's thread before the link starts (the socket's timeouts
-/// bound each read).
+/// Plaintext over a TLS session for the VERSIONS handshake, which runs on
+/// the link's thread before the link starts. Each read is one `recv` at
+/// most, bounded by what is left until `deadline` (R1.6 with R13.3), so a
+/// peer that sends a record a byte at a time cannot stretch the handshake.
 pub struct HandshakeStream<'a> {
     pub tcp: &'a TcpStream,
     pub conn: &'a mut rustls::Connection,
+    pub deadline: Instant,
 }
 
-/// `rustls::Stream` over whichever side the connection is.
-macro_rules! stream {
-    ($s:expr, $op:ident ( $($arg:expr),* )) => {{
-        let mut sock = $s.tcp;
-        match $s.conn {
-            rustls::Connection::Client(c) => rustls::Stream::new(c, &mut sock).$op($($arg),*),
-            rustls::Connection::Server(c) => rustls::Stream::new(c, &mut sock).$op($($arg),*),
+impl HandshakeStream<'_> {
+    fn left(&self) -> io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(io::ErrorKind::TimedOut.into())
+        } else {
+            Ok(left)
         }
-    }};
+    }
 }
 
 impl Read for HandshakeStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        stream!(self, read(buf))
+        loop {
+            match self.conn.reader().read(buf) {
+                // Plaintext, or 0 after the peer's close_notify.
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                // A FIN without close_notify, among others.
+                Err(e) => return Err(e),
+            }
+            self.tcp.set_read_timeout(Some(self.left()?))?;
+            let mut sock = self.tcp;
+            self.conn.read_tls(&mut sock)?;
+            self.conn
+                .process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
     }
 }
 
 impl io::Write for HandshakeStream<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        stream!(self, write(buf))
+        self.conn.writer().write(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        stream!(self, flush())
+        let mut sock = self.tcp;
+        while self.conn.wants_write() {
+            self.tcp.set_write_timeout(Some(self.left()?))?;
+            self.conn.write_tls(&mut sock)?;
+        }
+        Ok(())
     }
 }
 

@@ -33,6 +33,8 @@ struct Tls {
 pub struct ReadState {
     cipher: Vec<u8>,
     pos: usize,
+    /// The socket has said end of file.
+    eof: bool,
 }
 
 /// What one `read` brought.
@@ -144,6 +146,11 @@ impl Transport {
             if n > 0 || end {
                 return Ok(Read { n, wants_write });
             }
+            if st.eof {
+                // The TCP end, and rustls has nothing more to give: a FIN
+                // without close_notify (R13.10), or within a record.
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
             // Everything read is decrypted: read more from the socket,
             // holding no lock.
             st.cipher.clear();
@@ -160,7 +167,11 @@ impl Transport {
             unsafe { st.cipher.set_len(k) };
             if k == 0 {
                 // The TCP end: rustls says whether close_notify came first.
-                let _ = tls.conn.lock().read_tls(&mut &[][..]);
+                st.eof = true;
+                tls.conn
+                    .lock()
+                    .read_tls(&mut &[][..])
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
             }
         }
     }

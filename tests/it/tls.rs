@@ -544,6 +544,55 @@ fn garbage_a_stalled_handshake_and_200_half_done_ones_get_their_answers() {
     before.assert_recovered(&mut d, "200 half-done TLS handshakes");
 }
 
+#[test]
+fn a_versions_record_dribbled_inside_tls_is_cut_at_the_handshake_deadline() {
+    // R13.3 with R1.6: the deadline covers VERSIONS inside TLS too. The TLS
+    // handshake completes, then the record that carries VERSIONS arrives
+    // one byte every half second (about 15 s in all): the exit closes the
+    // link at its 2 s deadline, before the record is complete.
+    let d = open_exit(&["--handshake-timeout", "2s"]);
+    let tcp = TcpStream::connect(d.link()).unwrap();
+    let fp = test_fingerprint().parse().unwrap();
+    let config = halfpipe::link::tls::client_config(test_identity(), fp);
+    let mut conn: rustls::Connection =
+        rustls::ClientConnection::new(config, "127.0.0.1".try_into().unwrap())
+            .unwrap()
+            .into();
+    let since = Instant::now();
+    halfpipe::link::tls::handshake(&tcp, &mut conn, since + PATIENCE, PATIENCE).unwrap();
+    conn.writer().write_all(&VERSIONS).unwrap();
+    let mut record = Vec::new();
+    while conn.wants_write() {
+        conn.write_tls(&mut record).unwrap();
+    }
+    let sent = Arc::new(AtomicUsize::new(0));
+    let dribbler = {
+        let (mut s, sent) = (tcp.try_clone().unwrap(), sent.clone());
+        thread::spawn(move || {
+            for b in record {
+                if s.write_all(&[b]).is_err() {
+                    return;
+                }
+                sent.fetch_add(1, Ordering::SeqCst);
+                thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let mut r = tcp.try_clone().unwrap();
+    read_until_closed(&mut r);
+    let at = since.elapsed();
+    let dribbled = sent.load(Ordering::SeqCst);
+    d.wait_for_log("no complete VERSIONS within 2s");
+    assert!(at >= Duration::from_millis(1_900), "closed after {at:?}");
+    eprintln!("dribbled VERSIONS record cut after {at:?} and {dribbled} bytes");
+    let _ = tcp.shutdown(Shutdown::Both);
+    dribbler.join().unwrap();
+    assert!(
+        dribbled < 20,
+        "the link stayed open while {dribbled} bytes of the record dribbled in"
+    );
+}
+
 // ---------------------------------------------------------- on the path
 
 /// A TCP relay to `to`: every chunk passes through `tap(connection,

@@ -98,6 +98,20 @@ fn serve_link(
                 ),
                 None => tracing::info!(link = id, %peer, "link opened"),
             }
+            // R13.7: a SIGHUP that de-listed this client while its link was
+            // being made found no link to close; the new list is in force
+            // before that scan, so this check sees it.
+            if let Some(TlsConfig::Exit {
+                clients: Some(list),
+                ..
+            }) = tls
+            {
+                let fp = link.tls_info().and_then(|t| t.peer);
+                if fp.is_none_or(|fp| !list.read().contains(&fp)) {
+                    tracing::info!(link = id, %peer, "client no longer listed: closing its new link");
+                    link.close();
+                }
+            }
             link.run();
         }
         Err(e) => tracing::warn!(link = id, %peer, "cannot start the link: {e}"),
