@@ -114,6 +114,34 @@ fn refuse(why: Refusal) -> Error {
     Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(why))))
 }
 
+/// R13.1: TLS 1.2 is never negotiated, so never verified.
+fn no_tls12() -> Result<HandshakeSignatureValid, Error> {
+    Err(Error::General(
+        "TLS 1.2 is not used on halfpipe links".into(),
+    ))
+}
+
+/// The handshake signature by the certificate's key (R13.4, R13.8).
+fn tls13_signature(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, Error> {
+    verify_tls13_signature(
+        message,
+        cert,
+        dss,
+        &provider.signature_verification_algorithms,
+    )
+}
+
+fn schemes(provider: &CryptoProvider) -> Vec<SignatureScheme> {
+    provider
+        .signature_verification_algorithms
+        .supported_schemes()
+}
+
 /// R13.5: the client accepts the exit whose key has the pinned fingerprint.
 #[derive(Debug)]
 struct PinnedExit {
@@ -147,10 +175,7 @@ impl ServerCertVerifier for PinnedExit {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        // R13.1: never negotiated.
-        Err(Error::General(
-            "TLS 1.2 is not used on halfpipe links".into(),
-        ))
+        no_tls12()
     }
 
     fn verify_tls13_signature(
@@ -159,18 +184,11 @@ impl ServerCertVerifier for PinnedExit {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        tls13_signature(&self.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        schemes(&self.provider)
     }
 }
 
@@ -214,9 +232,7 @@ impl ClientCertVerifier for ListedClients {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::General(
-            "TLS 1.2 is not used on halfpipe links".into(),
-        ))
+        no_tls12()
     }
 
     fn verify_tls13_signature(
@@ -225,18 +241,11 @@ impl ClientCertVerifier for ListedClients {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        tls13_signature(&self.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        schemes(&self.provider)
     }
 }
 

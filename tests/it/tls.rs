@@ -326,30 +326,12 @@ fn a_wrong_fingerprint_ends_the_link_before_any_cell_and_socks_fails_at_once() {
     // and keeps retrying with its backoff. The exit never sees a cell.
     let exit = Daemon::exit(&["--status", "127.0.0.1:0"]);
     let wrong = "0".repeat(64);
-    let client = Daemon::start(
-        &[
-            "client",
-            "--socks",
-            "127.0.0.1:0",
-            "--exit",
-            &exit.link().to_string(),
-            "--exit-fingerprint",
-            &wrong,
-            "--status",
-            "127.0.0.1:0",
-        ],
-        false,
-        false,
-    );
+    let client = client_unlinked_to(&exit, &["--exit-fingerprint", &wrong]);
     client.wait_for_log(&format!(
         "the exit's fingerprint is {}, not {wrong}",
         test_fingerprint()
     ));
-    let socks = eventually("the client's SOCKS address", || {
-        let out = client.stdout();
-        let rest = &out[out.find("SOCKS listening on ")? + 19..];
-        rest.split_whitespace().next()?.parse::<SocketAddr>().ok()
-    });
+    let socks = client.socks();
     let asked = Instant::now();
     assert_eq!(socks5(socks, "127.0.0.1", 80, None).unwrap_err(), 0x01);
     assert!(asked.elapsed() < PATIENCE);
@@ -399,7 +381,7 @@ fn an_exit_serves_only_listed_clients_and_rereads_the_list_on_sighup() {
     let other_arg = other_dir.display().to_string();
     let b = Daemon::client(exit.link(), &["--data-dir", &other_arg]);
     echo_through(&b, &server, "a listed client");
-    let a = client_unlinked_to(&exit);
+    let a = client_unlinked_to(&exit, &exit.link_args());
     a.wait_for_log("the exit refused this client");
     exit.wait_for_log(&format!(
         "client {} is not in --authorized-clients",
@@ -435,11 +417,13 @@ fn an_exit_serves_only_listed_clients_and_rereads_the_list_on_sighup() {
     assert!(exit.is_running());
 }
 
-/// A client of `exit` that may not get its link (it waits for SOCKS only).
-fn client_unlinked_to(exit: &Daemon) -> Daemon {
+/// A client of `exit` (with `extra`, and `--status`) that may not get its
+/// link: it waits for its SOCKS address only.
+fn client_unlinked_to(exit: &Daemon, extra: &[&str]) -> Daemon {
     let link = exit.link().to_string();
     let mut args = vec!["client", "--socks", "127.0.0.1:0", "--exit", &link];
-    args.extend(exit.link_args());
+    args.extend(["--status", "127.0.0.1:0"]);
+    args.extend_from_slice(extra);
     let mut d = Daemon::start(&args, false, false);
     d.socks = Some(eventually("the client's SOCKS line", || {
         let out = d.stdout();
