@@ -220,7 +220,7 @@ fn the_fingerprint_is_the_sha256_of_the_key_the_exit_shows() {
 }
 
 #[test]
-fn a_corrupt_key_or_an_unwritable_directory_stops_the_start() {
+fn a_corrupt_key_stops_the_start_and_a_client_without_a_pin_says_what_to_do() {
     // Never a silent new identity: a key that does not parse is an error
     // that names the file, and the file is left as it was.
     let dir = fresh_dir("corrupt");
