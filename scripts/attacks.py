@@ -36,6 +36,7 @@ class Daemon:
             text=True,
         )
         self.addrs = {}
+        self.fingerprint = None
         want = {"SOCKS listening on ": "socks", "link listening on ": "link",
                 "status listening on ": "status"}
         need = {v for k, v in want.items()
@@ -46,6 +47,9 @@ class Daemon:
             line = self.p.stdout.readline()
             if not line:
                 raise RuntimeError(f"halfpipe {args} exited early")
+            if line.startswith("fingerprint: "):
+                # A TLS exit's identity, for its clients to pin.
+                self.fingerprint = line.split()[1]
             for prefix, key in want.items():
                 if prefix in line:
                     host, port = line.split(prefix)[1].split()[0].rsplit(":", 1)
@@ -243,6 +247,7 @@ def usernames():
     holder = Holder()
     exit_ = Daemon("exit", "--listen", "127.0.0.1:0", "--exit-policy", "accept *:*")
     c = Daemon("client", "--socks", "127.0.0.1:0", "--exit", "%s:%d" % exit_.addrs["link"],
+               "--exit-fingerprint", exit_.fingerprint,
                "--status", "127.0.0.1:0")
     try:
         t0 = time.monotonic()
@@ -305,7 +310,8 @@ def pinned():
 def frozen_exit():
     holder = Holder()
     exit_ = Daemon("exit", "--listen", "127.0.0.1:0", "--exit-policy", "accept *:*")
-    c = Daemon("client", "--socks", "127.0.0.1:0", "--exit", "%s:%d" % exit_.addrs["link"])
+    c = Daemon("client", "--socks", "127.0.0.1:0", "--exit", "%s:%d" % exit_.addrs["link"],
+               "--exit-fingerprint", exit_.fingerprint)
     try:
         w0, code0 = timed_user(c.addrs["socks"], holder.port)
         os.kill(exit_.p.pid, 19)  # SIGSTOP

@@ -9,7 +9,7 @@
 #
 #   socat x2       two socat relays in a chain, 256 KiB buffers (the
 #                  practical two-hop limit here, as in compare.sh).
-#   halfpipe       client + exit as two processes, as built.
+#   halfpipe       client + exit as two processes, as built, on a plain link.
 #
 # (An earlier version also ran a measurement build whose windows were 100
 # times wider; no build changes protocol constants any more, and that
@@ -116,13 +116,14 @@ run_socat() {
     measure "socat-x2"
 }
 
-# run_halfpipe LABEL BINARY: client + exit of BINARY.
+# run_halfpipe LABEL BINARY: client + exit of BINARY, on a plain link (the
+# relay's own work, as the earlier rounds measured it; compare.sh has TLS).
 run_halfpipe() {
     local label=$1 bin=$2 link socks
     free_port link; free_port socks
-    timed "$TMP/exit.time" "$bin" exit --listen "127.0.0.1:$link" --exit-policy "accept *:*" --log warn
+    timed "$TMP/exit.time" "$bin" exit --listen "127.0.0.1:$link" --link plain --exit-policy "accept *:*" --log warn
     wait_listen "$link" || { say "$label: the exit did not start listening"; exit 1; }
-    timed "$TMP/client.time" "$bin" client --socks "127.0.0.1:$socks" --exit "127.0.0.1:$link" --log warn
+    timed "$TMP/client.time" "$bin" client --socks "127.0.0.1:$socks" --exit "127.0.0.1:$link" --link plain --log warn
     wait_listen "$socks" || { say "$label: the client did not start listening"; exit 1; }
     BENCH=("$BENCH_BIN" --socks "127.0.0.1:$socks")
     measure "$label"

@@ -95,8 +95,11 @@ nice -n "$NICE" "$BIN" exit --listen 127.0.0.1:0 --exit-policy "accept *:*" "${H
     >"$TMP/exit.out" 2>"$TMP/exit.out.err" &
 EXIT_PID=$!; PIDS+=("$EXIT_PID")
 LINK=$(addr_from "$TMP/exit.out" "link listening on" "$EXIT_PID")
-nice -n "$NICE" "$BIN" client --socks 127.0.0.1:0 --exit "$LINK" --circuits "$CIRCUITS" \
-    "${HP[@]}" >"$TMP/client.out" 2>"$TMP/client.out.err" &
+# The link is TLS (the default): the client pins the exit's fingerprint,
+# which the exit printed before its address.
+FP=$(sed -n 's/^fingerprint: //p' "$TMP/exit.out")
+nice -n "$NICE" "$BIN" client --socks 127.0.0.1:0 --exit "$LINK" --exit-fingerprint "$FP" \
+    --circuits "$CIRCUITS" "${HP[@]}" >"$TMP/client.out" 2>"$TMP/client.out.err" &
 CLIENT_PID=$!; PIDS+=("$CLIENT_PID")
 SOCKS=$(addr_from "$TMP/client.out" "SOCKS listening on" "$CLIENT_PID")
 set +m
