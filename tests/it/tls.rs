@@ -324,7 +324,8 @@ fn a_wrong_fingerprint_ends_the_link_before_any_cell_and_socks_fails_at_once() {
     // R13.5: a client pinned to another key aborts the handshake: it logs
     // both fingerprints, counts it, fails SOCKS requests at once (0x01),
     // and keeps retrying with its backoff. The exit never sees a cell.
-    let exit = Daemon::exit(&["--status", "127.0.0.1:0"]);
+    let mut exit = Daemon::exit(&["--status", "127.0.0.1:0"]);
+    let before = Baseline::take(&exit);
     let wrong = "0".repeat(64);
     let client = client_unlinked_to(&exit, &["--exit-fingerprint", &wrong]);
     client.wait_for_log(&format!(
@@ -340,6 +341,8 @@ fn a_wrong_fingerprint_ends_the_link_before_any_cell_and_socks_fails_at_once() {
     wait_failures(&exit, "refused_by_client", 1.0);
     assert!(!exit.log().contains("link opened"), "{}", exit.log());
     assert!(!client.log().contains("link to exit ready"));
+    drop(client);
+    before.assert_recovered(&mut exit, "refused handshakes of a wrong pin");
 }
 
 // ------------------------------------------------------- authorized clients
@@ -387,8 +390,13 @@ fn an_exit_serves_only_listed_clients_and_rereads_the_list_on_sighup() {
         "client {} is not in --authorized-clients",
         test_fingerprint()
     ));
-    wait_failures(&exit, "unlisted_client", 1.0);
+    wait_failures(&exit, "unlisted_client", 2.0);
     assert_eq!(socks5(a.socks(), "127.0.0.1", 80, None).unwrap_err(), 0x01);
+    // Refused handshakes hold nothing: B's link is the only one.
+    eventually("the exit holds B's link only", || {
+        let doc = streams_doc(&exit);
+        (doc["links"].as_array()?.len() == 1).then_some(())
+    });
     // openssl with no certificate: refused too.
     let (out, err) = s_client(exit.link(), &["-alpn", "halfpipe/1"], b"", |_| false);
     let text = String::from_utf8_lossy(&out);
