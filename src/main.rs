@@ -163,8 +163,8 @@ struct Common {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     grace: Duration,
     // R1.6: 10 s unless set. (Doc comments here are the --help text.)
-    /// How long a link peer has to complete the VERSIONS handshake (and the
-    /// exit to answer CREATE_FAST).
+    /// How long a link peer has to complete the link handshake (TLS and
+    /// VERSIONS together), and the exit to answer CREATE_FAST.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     handshake_timeout: Duration,
     /// End a stream with END(TIMEOUT) and a reset after this long without a
@@ -293,6 +293,10 @@ fn config_args(
         let at = |why: String| format!("{file} line {}: {} = {}: {why}", e.line, e.key, e.shown);
         if e.key == "config" {
             return Err(at("a config file cannot name another one".into()));
+        }
+        if e.key == "print-fingerprint" {
+            // A daemon started from this file would print and exit 0.
+            return Err(at("a command-line action, not a setting".into()));
         }
         let arg = sub
             .get_arguments()
@@ -918,6 +922,15 @@ mod tests {
         let msg = config_error(&["exit", "--config", path.to_str().unwrap()]);
         std::fs::remove_file(&path).unwrap();
         assert!(msg.contains("line 1: max-streams = 0"), "{msg}");
+        // An action, not a setting: a daemon started from the file would
+        // print a fingerprint and exit.
+        let path = file("print-fingerprint = true\n");
+        let msg = config_error(&["exit", "--config", path.to_str().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            msg.contains("line 1: print-fingerprint = true: a command-line action"),
+            "{msg}"
+        );
     }
 
     #[test]
