@@ -10,6 +10,7 @@
 
 use crate::process::authorized::AuthorizedClients;
 use crate::process::identity::Identity;
+use crate::process::metrics::TlsReason;
 use halfpipe_proto::identity::Fingerprint;
 use parking_lot::RwLock;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -275,32 +276,20 @@ pub enum TlsFailure {
 }
 
 impl TlsFailure {
-    /// The `reason` label of `halfpipe_tls_handshake_failures_total`.
-    pub fn label(&self) -> &'static str {
+    /// What `halfpipe_tls_handshake_failures_total` counts it as.
+    pub fn reason(&self) -> TlsReason {
         match self {
-            TlsFailure::Refused(Refusal::WrongExit { .. }) => "wrong_exit",
-            TlsFailure::Refused(Refusal::Unlisted(_)) => "unlisted_client",
-            TlsFailure::RefusedByExit(_) => "refused_by_exit",
-            TlsFailure::RefusedByClient(_) => "refused_by_client",
-            TlsFailure::PlainPeer => "plain_peer",
-            TlsFailure::NoAlpn => "no_alpn",
-            TlsFailure::Timeout(_) => "timeout",
-            TlsFailure::Closed => "closed",
-            TlsFailure::Other(_) => "other",
+            TlsFailure::Refused(Refusal::WrongExit { .. }) => TlsReason::WrongExit,
+            TlsFailure::Refused(Refusal::Unlisted(_)) => TlsReason::UnlistedClient,
+            TlsFailure::RefusedByExit(_) => TlsReason::RefusedByExit,
+            TlsFailure::RefusedByClient(_) => TlsReason::RefusedByClient,
+            TlsFailure::PlainPeer => TlsReason::PlainPeer,
+            TlsFailure::NoAlpn => TlsReason::NoAlpn,
+            TlsFailure::Timeout(_) => TlsReason::Timeout,
+            TlsFailure::Closed => TlsReason::Closed,
+            TlsFailure::Other(_) => TlsReason::Other,
         }
     }
-
-    pub const LABELS: [&'static str; 9] = [
-        "wrong_exit",
-        "unlisted_client",
-        "refused_by_exit",
-        "refused_by_client",
-        "plain_peer",
-        "no_alpn",
-        "timeout",
-        "closed",
-        "other",
-    ];
 
     /// `exit`: this side is the exit (a refusal alert then comes from a
     /// client that does not want this exit).

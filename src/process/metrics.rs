@@ -98,6 +98,58 @@ impl ViolationKind {
     }
 }
 
+/// Why a TLS link handshake failed: the `reason` label of
+/// `halfpipe_tls_handshake_failures_total` (`link::tls::TlsFailure::reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsReason {
+    /// The client's pin is not the exit's key (R13.5).
+    WrongExit,
+    /// The exit does not list the client (R13.7).
+    UnlistedClient,
+    /// The client was told so by the exit.
+    RefusedByExit,
+    /// The exit was told so by the client.
+    RefusedByClient,
+    /// A plain link's VERSIONS where a ClientHello belongs.
+    PlainPeer,
+    /// No ALPN `halfpipe/1` (R13.2).
+    NoAlpn,
+    /// Not done within the handshake timeout.
+    Timeout,
+    /// The peer closed the connection.
+    Closed,
+    Other,
+}
+
+impl TlsReason {
+    pub const ALL: [TlsReason; 9] = [
+        TlsReason::WrongExit,
+        TlsReason::UnlistedClient,
+        TlsReason::RefusedByExit,
+        TlsReason::RefusedByClient,
+        TlsReason::PlainPeer,
+        TlsReason::NoAlpn,
+        TlsReason::Timeout,
+        TlsReason::Closed,
+        TlsReason::Other,
+    ];
+
+    /// The `reason` label.
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsReason::WrongExit => "wrong_exit",
+            TlsReason::UnlistedClient => "unlisted_client",
+            TlsReason::RefusedByExit => "refused_by_exit",
+            TlsReason::RefusedByClient => "refused_by_client",
+            TlsReason::PlainPeer => "plain_peer",
+            TlsReason::NoAlpn => "no_alpn",
+            TlsReason::Timeout => "timeout",
+            TlsReason::Closed => "closed",
+            TlsReason::Other => "other",
+        }
+    }
+}
+
 /// Which limit refused a stream (END(RESOURCELIMIT) or SOCKS 0x01/0x5B).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Limit {
@@ -149,12 +201,9 @@ pub struct Metrics {
     /// SOCKS replies: index 0..256 SOCKS4 codes, 256..512 SOCKS5 codes.
     socks: [AtomicU64; 512],
     refused: [AtomicU64; LIMITS.len()],
-    /// TLS handshakes that failed, by `TlsFailure::label`.
-    tls_failures: [AtomicU64; TLS_FAILURES.len()],
+    /// TLS handshakes that failed, by reason.
+    tls_failures: [AtomicU64; TlsReason::ALL.len()],
 }
-
-/// The `reason` labels of TLS handshake failures.
-const TLS_FAILURES: [&str; 9] = crate::link::tls::TlsFailure::LABELS;
 
 impl Default for Metrics {
     fn default() -> Self {
@@ -317,19 +366,10 @@ impl Metrics {
         self.violations[kind as usize].fetch_add(1, Relaxed);
     }
 
-    /// A TLS handshake failed for `reason` (a `TlsFailure::label`).
-    pub fn tls_failure(&self, reason: &str) {
-        if let Some(i) = TLS_FAILURES.iter().position(|l| *l == reason) {
-            self.tls_failures[i].fetch_add(1, Relaxed);
-        }
-    }
-
-    /// TLS handshake failures so far for `reason`.
-    pub fn tls_failure_count(&self, reason: &str) -> u64 {
-        TLS_FAILURES
-            .iter()
-            .position(|l| *l == reason)
-            .map_or(0, |i| self.tls_failures[i].load(Relaxed))
+    /// A TLS handshake failed (docs/operations.md, "TLS links and
+    /// identities").
+    pub fn tls_failure(&self, reason: TlsReason) {
+        self.tls_failures[reason as usize].fetch_add(1, Relaxed);
     }
 
     pub fn refused(&self, limit: Limit) {
@@ -521,11 +561,12 @@ impl Metrics {
             "counter",
             "TLS link handshakes that failed, by reason (docs/protocol.md §13).",
         );
-        for (i, reason) in TLS_FAILURES.iter().enumerate() {
-            let v = self.tls_failures[i].load(Relaxed);
+        for reason in TlsReason::ALL {
+            let v = self.tls_failures[reason as usize].load(Relaxed);
             let _ = writeln!(
                 o,
-                "halfpipe_tls_handshake_failures_total{{reason=\"{reason}\"}} {v}"
+                "halfpipe_tls_handshake_failures_total{{reason=\"{}\"}} {v}",
+                reason.label()
             );
         }
         out

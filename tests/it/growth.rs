@@ -87,22 +87,15 @@ fn a_full_circuit_makes_the_client_open_another_of_the_same_group() {
         "circuits shared across groups: {shared:?}"
     );
     let m = metrics_text(&client);
-    assert_eq!(
-        metric_value(&m, "halfpipe_circuits{role=\"client\"}"),
-        5.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(
-            &m,
-            "halfpipe_socks_replies_total{version=\"5\",code=\"0x00\"}"
-        ),
+    assert_metric(&m, "halfpipe_circuits{role=\"client\"}", 5.0);
+    assert_metric(
+        &m,
+        "halfpipe_socks_replies_total{version=\"5\",code=\"0x00\"}",
         11.0,
-        "{m}"
     );
     for limit in ["circuit", "circuits", "process", "share"] {
         let sample = format!("halfpipe_streams_refused_total{{limit=\"{limit}\"}}");
-        assert_eq!(metric_value(&m, &sample), 0.0, "{m}");
+        assert_metric(&m, &sample, 0.0);
     }
     drop(held);
 }
@@ -141,20 +134,12 @@ fn a_new_username_is_served_while_others_hold_every_circuit_the_exit_allows_a_li
     );
     let m = metrics_text(&client);
     // 1 general + 13 isolated circuits, 4 to a link.
-    assert_eq!(
-        metric_value(&m, "halfpipe_circuits{role=\"client\"}"),
-        14.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(&m, "halfpipe_links{role=\"client\"}"),
-        4.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(&m, "halfpipe_streams_refused_total{limit=\"circuits\"}"),
+    assert_metric(&m, "halfpipe_circuits{role=\"client\"}", 14.0);
+    assert_metric(&m, "halfpipe_links{role=\"client\"}", 4.0);
+    assert_metric(
+        &m,
+        "halfpipe_streams_refused_total{limit=\"circuits\"}",
         0.0,
-        "{m}"
     );
     let e = metrics_text(&exit);
     assert!(
@@ -169,11 +154,7 @@ fn a_new_username_is_served_while_others_hold_every_circuit_the_exit_allows_a_li
     let again = held_echo(client.socks(), &server, Some("user0"));
     assert!(again.is_ok(), "{again:?}");
     let m = metrics_text(&client);
-    assert_eq!(
-        metric_value(&m, "halfpipe_circuits{role=\"client\"}"),
-        14.0,
-        "{m}"
-    );
+    assert_metric(&m, "halfpipe_circuits{role=\"client\"}", 14.0);
     drop(held);
 }
 
@@ -203,15 +184,11 @@ fn past_its_most_links_the_client_refuses_and_counts_it() {
     let refused = held_echo(client.socks(), &server, Some("one-too-many"));
     assert_eq!(refused.err(), Some(0x01));
     let m = metrics_text(&client);
-    assert_eq!(
-        metric_value(&m, "halfpipe_links{role=\"client\"}"),
-        16.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric_value(&m, "halfpipe_streams_refused_total{limit=\"circuits\"}"),
+    assert_metric(&m, "halfpipe_links{role=\"client\"}", 16.0);
+    assert_metric(
+        &m,
+        "halfpipe_streams_refused_total{limit=\"circuits\"}",
         1.0,
-        "{m}"
     );
     for (i, s) in held.iter_mut().enumerate() {
         s.write_all(b"ping").unwrap();
@@ -247,11 +224,7 @@ fn forty_usernames_at_once_get_their_circuits_over_few_links() {
     let newcomer = held_echo(client.socks(), &server, Some("newcomer"));
     assert!(newcomer.is_ok(), "the new username got {newcomer:?}");
     let m = metrics_text(&client);
-    assert_eq!(
-        metric_value(&m, "halfpipe_circuits{role=\"client\"}"),
-        42.0,
-        "{m}"
-    );
+    assert_metric(&m, "halfpipe_circuits{role=\"client\"}", 42.0);
     let links = metric_value(&m, "halfpipe_links{role=\"client\"}");
     assert!(
         (2.0..=3.0).contains(&links),
@@ -293,10 +266,10 @@ fn past_the_process_circuit_limit_a_new_username_is_refused_and_counted() {
         "{why:?}"
     );
     let m = metrics_text(&d);
-    assert_eq!(
-        metric_value(&m, "halfpipe_streams_refused_total{limit=\"circuits\"}"),
+    assert_metric(
+        &m,
+        "halfpipe_streams_refused_total{limit=\"circuits\"}",
         1.0,
-        "{m}"
     );
     for s in held.iter_mut() {
         s.write_all(b"ping").unwrap();

@@ -104,12 +104,7 @@ fn a_lookup_that_never_answers_is_bounded_by_the_connect_timeout() {
     let mut most = 0;
     let mut ended = std::collections::HashSet::new();
     while ended.len() < 100 {
-        let lookups = d
-            .thread_names()
-            .iter()
-            .filter(|n| n.starts_with("dns "))
-            .count();
-        most = most.max(lookups);
+        most = most.max(lookups_running(&d));
         let c = l.recv_non_sendme().expect("END");
         let (command, sid, body) = c.relay();
         assert_eq!(
@@ -118,13 +113,16 @@ fn a_lookup_that_never_answers_is_bounded_by_the_connect_timeout() {
         );
         ended.insert(sid);
     }
-    let lookups = d
-        .thread_names()
-        .iter()
-        .filter(|n| n.starts_with("dns "))
-        .count();
-    most = most.max(lookups);
+    most = most.max(lookups_running(&d));
     eprintln!("{most} lookups at once at most");
     assert!((1..=64).contains(&most), "{most} lookups at once");
     std::fs::remove_file(&conf).unwrap();
+}
+
+/// The exit's name lookups in flight: its `dns C.S` threads.
+fn lookups_running(d: &Daemon) -> usize {
+    d.thread_names()
+        .iter()
+        .filter(|n| n.starts_with("dns "))
+        .count()
 }

@@ -42,6 +42,18 @@ fn print_fingerprint(role: &str, dir: &Path) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// `halfpipe ARGS`, which must refuse to start (status 2): its stderr.
+fn start_refused(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_halfpipe"))
+        .args(args)
+        .env("XDG_DATA_HOME", data_home())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "halfpipe {args:?}: {err}");
+    err
+}
+
 /// `openssl s_client -connect ADDR ARGS`, fed `input` (then EOF, which
 /// ends it unless ARGS keep it open): (stdout, stderr) once it exits, or
 /// once `enough` says stdout is complete, or after PATIENCE.
@@ -227,23 +239,12 @@ fn a_corrupt_key_stops_the_start_and_a_client_without_a_pin_says_what_to_do() {
     std::fs::create_dir_all(&dir).unwrap();
     let key = dir.join("identity.key");
     std::fs::write(&key, "not a key\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_halfpipe"))
-        .args(["exit", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let dir = dir.display().to_string();
+    let err = start_refused(&["exit", "--listen", "127.0.0.1:0", "--data-dir", &dir]);
     assert!(err.contains(&key.display().to_string()), "{err}");
     assert_eq!(std::fs::read_to_string(&key).unwrap(), "not a key\n");
     // A client with no --exit-fingerprint is told how to get one.
-    let out = Command::new(env!("CARGO_BIN_EXE_halfpipe"))
-        .args(["client", "--exit", "127.0.0.1:9"])
-        .env("XDG_DATA_HOME", data_home())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = start_refused(&["client", "--exit", "127.0.0.1:9"]);
     assert!(err.contains("--print-fingerprint"), "{err}");
 }
 
@@ -333,9 +334,7 @@ fn a_wrong_fingerprint_ends_the_link_before_any_cell_and_socks_fails_at_once() {
         test_fingerprint()
     ));
     let socks = client.socks();
-    let asked = Instant::now();
     assert_eq!(socks5(socks, "127.0.0.1", 80, None).unwrap_err(), 0x01);
-    assert!(asked.elapsed() < PATIENCE);
     // Retried: a second refusal is counted.
     wait_failures(&client, "wrong_exit", 2.0);
     wait_failures(&exit, "refused_by_client", 1.0);
@@ -361,14 +360,13 @@ fn an_exit_serves_only_listed_clients_and_rereads_the_list_on_sighup() {
     std::fs::create_dir_all(&list).unwrap();
     let list = list.join("clients");
     std::fs::write(&list, "not a fingerprint\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_halfpipe"))
-        .args(["exit", "--listen", "127.0.0.1:0", "--authorized-clients"])
-        .arg(&list)
-        .env("XDG_DATA_HOME", data_home())
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = start_refused(&[
+        "exit",
+        "--listen",
+        "127.0.0.1:0",
+        "--authorized-clients",
+        list.to_str().unwrap(),
+    ]);
     assert!(err.contains("line 1"), "{err}");
 
     std::fs::write(&list, format!("# only the other client\n{other}\n")).unwrap();
@@ -600,8 +598,13 @@ fn a_versions_record_dribbled_inside_tls_is_cut_at_the_handshake_deadline() {
 
 /// A TCP relay to `to`: every chunk passes through `tap(connection,
 /// direction, offset, chunk)` on its way (direction 0: towards `to`).
+/// Dropping it closes its listener and connections and joins its threads.
 struct Relay {
     addr: SocketAddr,
+    listener: TcpListener,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    threads: Arc<Mutex<Vec<thread::JoinHandle<()>>>>,
+    accept: Option<thread::JoinHandle<()>>,
 }
 
 type Tap = dyn Fn(usize, usize, u64, &mut [u8]) + Send + Sync;
@@ -610,45 +613,87 @@ impl Relay {
     fn start(to: SocketAddr, tap: Arc<Tap>) -> Relay {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        thread::spawn(move || {
-            for (n, a) in listener.incoming().enumerate() {
-                let Ok(a) = a else { break };
-                let Ok(b) = TcpStream::connect(to) else {
-                    continue;
-                };
-                for (dir, mut from, mut into) in [
-                    (0, a.try_clone().unwrap(), b.try_clone().unwrap()),
-                    (1, b, a),
-                ] {
-                    let tap = tap.clone();
-                    thread::spawn(move || {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        let mut off = 0u64;
-                        loop {
-                            match from.read(&mut buf) {
-                                Ok(0) => {
-                                    let _ = into.shutdown(Shutdown::Write);
-                                    break;
-                                }
-                                Ok(k) => {
-                                    tap(n, dir, off, &mut buf[..k]);
-                                    off += k as u64;
-                                    if into.write_all(&buf[..k]).is_err() {
-                                        let _ = from.shutdown(Shutdown::Both);
-                                        break;
-                                    }
-                                }
-                                Err(_) => {
-                                    let _ = into.shutdown(Shutdown::Both);
-                                    break;
-                                }
-                            }
-                        }
-                    });
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let threads: Arc<Mutex<Vec<thread::JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let (listener, conns, threads) = (
+                listener.try_clone().unwrap(),
+                conns.clone(),
+                threads.clone(),
+            );
+            thread::spawn(move || {
+                for (n, a) in listener.incoming().enumerate() {
+                    let Ok(a) = a else { break };
+                    // Nothing to relay to: dropping `a` closes it, as the
+                    // exit itself would have refused it.
+                    let Ok(b) = TcpStream::connect(to) else {
+                        continue;
+                    };
+                    conns
+                        .lock()
+                        .unwrap()
+                        .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+                    for (dir, from, into) in [
+                        (0, a.try_clone().unwrap(), b.try_clone().unwrap()),
+                        (1, b, a),
+                    ] {
+                        let tap = tap.clone();
+                        let copy = thread::spawn(move || relay_copy(n, dir, from, into, &*tap));
+                        threads.lock().unwrap().push(copy);
+                    }
+                }
+            })
+        };
+        Relay {
+            addr,
+            listener,
+            conns,
+            threads,
+            accept: Some(accept),
+        }
+    }
+}
+
+/// One direction of a relayed connection, until either end closes.
+fn relay_copy(n: usize, dir: usize, mut from: TcpStream, mut into: TcpStream, tap: &Tap) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut off = 0u64;
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => {
+                let _ = into.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(k) => {
+                tap(n, dir, off, &mut buf[..k]);
+                off += k as u64;
+                if into.write_all(&buf[..k]).is_err() {
+                    let _ = from.shutdown(Shutdown::Both);
+                    return;
                 }
             }
-        });
-        Relay { addr }
+            // A reset (or the relay's drop): pass it on.
+            Err(_) => {
+                let _ = into.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        // Wakes the accept() (Linux: shutdown of a listening socket).
+        let _ = socket2::SockRef::from(&self.listener).shutdown(Shutdown::Both);
+        if let Some(a) = self.accept.take() {
+            a.join().unwrap();
+        }
+        for c in self.conns.lock().unwrap().iter() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        for t in self.threads.lock().unwrap().drain(..) {
+            t.join().unwrap();
+        }
     }
 }
 

@@ -43,8 +43,8 @@ pub fn test_identity() -> &'static halfpipe::process::identity::Identity {
 }
 
 /// The link addresses of the TLS exits the tests started.
-/// (An exit restarted on the same address, by this test or a later one,
-/// replaces the entry.)
+/// (An exit is listed from its start until its drop; one restarted on the
+/// same address replaces the entry.)
 static TLS_EXITS: Mutex<Vec<SocketAddr>> = Mutex::new(Vec::new());
 
 pub fn is_tls_exit(addr: SocketAddr) -> bool {
@@ -466,6 +466,10 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Its port may serve a raw (plain) exit of a later test.
+        if let Some(link) = self.link {
+            TLS_EXITS.lock().unwrap().retain(|a| *a != link);
+        }
     }
 }
 
@@ -504,6 +508,13 @@ pub fn metric_value(text: &str, sample: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
+}
+
+/// Asserts one sample of a metrics text (0 when absent), showing the
+/// whole text when it differs.
+#[track_caller]
+pub fn assert_metric(text: &str, sample: &str, want: f64) {
+    assert_eq!(metric_value(text, sample), want, "{sample} in:\n{text}");
 }
 
 // ------------------------------------------------------------ SOCKS client

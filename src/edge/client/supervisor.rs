@@ -238,7 +238,7 @@ impl Client {
         let transport =
             link::establish(sock, Role::Client, self.tls.as_ref(), timeout).map_err(|e| {
                 if let HandshakeFailure::Tls(f) = &e {
-                    self.ctx.metrics.tls_failure(f.label());
+                    self.ctx.metrics.tls_failure(f.reason());
                 }
                 io::Error::other(e.to_string())
             })?;

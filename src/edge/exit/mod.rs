@@ -79,7 +79,7 @@ fn serve_link(
                 HandshakeFailure::Protocol(_) | HandshakeFailure::TlsPeer => ctx
                     .metrics
                     .violation(crate::process::metrics::ViolationKind::Handshake),
-                HandshakeFailure::Tls(f) => ctx.metrics.tls_failure(f.label()),
+                HandshakeFailure::Tls(f) => ctx.metrics.tls_failure(f.reason()),
                 _ => {}
             }
             return;
