@@ -16,6 +16,7 @@ use halfpipe::process::authorized::AuthorizedClients;
 use halfpipe::process::identity::{default_data_dir, Identity, IdentityError};
 use halfpipe::process::limits::{Capacity, KernelLimits};
 use halfpipe::process::{Config, Ctx};
+use halfpipe_proto::congestion::Flow;
 use halfpipe_proto::identity::Fingerprint;
 use halfpipe_proto::policy::{self, Policy};
 use parking_lot::RwLock;
@@ -210,10 +211,21 @@ struct Common {
     /// fingerprint) or plain (bare TCP, protocol v1 as it was).
     #[arg(long, value_enum, default_value_t = LinkKind::Tls)]
     link: LinkKind,
+    /// Flow control a client offers and an exit accepts per circuit: v2
+    /// (congestion window, XOFF/XON: docs/protocol.md §14) or v1 (fixed
+    /// windows, §10). A circuit runs v2 only if both edges use it.
+    #[arg(long, value_enum, default_value_t = FlowArg::V1)]
+    flow: FlowArg,
     /// Where the identity key is kept (default: $STATE_DIRECTORY, else
     /// $XDG_DATA_HOME/halfpipe, else ~/.local/share/halfpipe).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum FlowArg {
+    V1,
+    V2,
 }
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,6 +469,10 @@ fn config(
         keepalive: Some(common.keepalive).filter(|t| !t.is_zero()),
         grace: common.grace,
         exit_policy: Arc::new(policy),
+        flow: match common.flow {
+            FlowArg::V1 => Flow::V1,
+            FlowArg::V2 => Flow::V2,
+        },
     };
     (cfg, line)
 }

@@ -24,10 +24,10 @@ use crate::runtime::threads;
 use crate::stream::{self, DeliverMsg, DeliverStart, Shared, Stream, ThreadEnded};
 use crossbeam_channel::Sender;
 use halfpipe_proto::cell::{destroy_reason, CELL_LEN};
-use halfpipe_proto::flow::PackageWindow;
+use halfpipe_proto::congestion::{Flow, SendWindow};
 use halfpipe_proto::halfclose::{Action, Event, State};
 use halfpipe_proto::relay::{self, end_reason, relay_cmd, Answer, RelayCell, Target};
-use halfpipe_proto::stream::{Delivery, StreamState};
+use halfpipe_proto::stream::{Delivery, Outbound, StreamState};
 use halfpipe_proto::streammap::{Begin, CircuitViolation, Ended, Resolve, StreamEntry, StreamMap};
 use halfpipe_proto::Role;
 pub use msg::{CircMsg, OpenRequest, Refused, ResolveRequest, RESOLVE_WAIT};
@@ -47,6 +47,9 @@ pub struct CircuitOpts {
     /// Where its streams come from, for their fair share of the process's
     /// stream slots (a link at the exit, SOCKS credentials at the client).
     pub source: Arc<Source>,
+    /// The flow control the circuit's edges agreed on in CREATE_FAST
+    /// (docs/protocol.md §14: version 2, or §10's).
+    pub flow: Flow,
 }
 
 /// How a circuit ends.
@@ -84,6 +87,10 @@ struct Entry {
 impl StreamEntry for Entry {
     fn with_state<T>(&self, f: impl FnOnce(&mut StreamState) -> T) -> T {
         f(&mut self.stream.state.lock())
+    }
+
+    fn with_state_out<T>(&self, f: impl FnOnce(&mut StreamState, &dyn Outbound) -> T) -> T {
+        f(&mut self.stream.state.lock(), &*self.stream)
     }
 
     fn wake_packager(&self) {
@@ -173,8 +180,8 @@ impl Circuit {
         opts: CircuitOpts,
         slot: CircuitSlot,
     ) -> Circuit {
-        let package = Arc::new(FairWindow::new(PackageWindow::circuit()));
-        let map = StreamMap::new(link.role);
+        let package = Arc::new(FairWindow::new(SendWindow::new(opts.flow)));
+        let map = StreamMap::with_flow(link.role, opts.flow);
         let thread_ended: ThreadEnded = {
             let tx = tx.clone();
             Arc::new(move |stream_id, serial| {
@@ -186,6 +193,7 @@ impl Circuit {
             local,
             wire,
             link.role,
+            opts.flow,
             package.clone(),
             map.deliver_window(),
         );
@@ -429,12 +437,17 @@ impl Circuit {
                 self.on_end(id, relay::parse_end(rc.body));
                 Ok(())
             }
-            // R10.4, R10.11 on the circuit window (R10.12: payload ignored).
+            // R10.4, R10.11 on the circuit window (R10.12: payload ignored);
+            // R14.6, R14.7 on the congestion window.
             relay_cmd::SENDME if id == 0 => self
                 .package
-                .update(|w| w.on_sendme())
+                .update(|w| w.on_sendme(Instant::now()))
                 .map_err(|v| End::from(CircuitViolation::CircuitWindow(v))),
             relay_cmd::SENDME => Ok(self.map.on_stream_sendme(id)?),
+            // §14: R14.11, R14.13, R14.14; R14.16 on a version 1 circuit.
+            relay_cmd::XOFF | relay_cmd::XON => {
+                Ok(self.map.on_xon_xoff(id, rc.command, rc.body)?)
+            }
             relay_cmd::CONNECTED => self.on_connected(id, rc.body),
             relay_cmd::BEGIN => self.on_begin(id, rc.body),
             relay_cmd::RESOLVE => self.on_resolve(id, rc.body),
@@ -724,7 +737,7 @@ impl Circuit {
             link: self.link_tx.clone(),
             circuit_window: self.package.clone(),
             thread_ended: self.thread_ended.clone(),
-            state: Monitor::new(Shared::new(socket)),
+            state: Monitor::new(Shared::new(socket, self.map.flow())),
             aborted: AtomicBool::new(false),
             to_deliverer: dl_tx,
             opened: Instant::now(),
@@ -1018,6 +1031,7 @@ mod tests {
             CircuitOpts {
                 idle_timeout: None,
                 source: Source::new(),
+                flow: Flow::V1,
             },
             slot,
         );

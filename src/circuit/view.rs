@@ -2,6 +2,7 @@
 
 use crate::runtime::fairwindow::FairWindow;
 use crate::stream::Stream;
+use halfpipe_proto::congestion::Flow;
 use halfpipe_proto::Role;
 use parking_lot::Mutex;
 use std::collections::BTreeMap;
@@ -17,6 +18,8 @@ pub struct CircuitView {
     pub local: u32,
     pub wire: u32,
     pub role: Role,
+    /// The flow control the circuit runs (docs/protocol.md §10 or §14).
+    pub flow: Flow,
     opened: Instant,
     tid: AtomicI32,
     package: Arc<FairWindow>,
@@ -34,6 +37,7 @@ impl CircuitView {
         local: u32,
         wire: u32,
         role: Role,
+        flow: Flow,
         package: Arc<FairWindow>,
         deliver: u32,
     ) -> Arc<CircuitView> {
@@ -42,6 +46,7 @@ impl CircuitView {
             local,
             wire,
             role,
+            flow,
             opened: Instant::now(),
             tid: AtomicI32::new(0),
             package,
@@ -54,6 +59,11 @@ impl CircuitView {
     pub fn set_tid(&self) {
         self.tid
             .store(crate::runtime::sockets::gettid(), Ordering::Relaxed);
+    }
+
+    /// v2: cwnd, inflight and the smoothed round trip (docs/protocol.md §14).
+    pub fn congestion(&self) -> Option<(u32, u32, Option<std::time::Duration>)> {
+        self.package.congestion()
     }
 
     pub fn set_deliver_window(&self, value: u32) {

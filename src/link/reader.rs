@@ -13,6 +13,7 @@ use crate::process::metrics::{Dir, ViolationKind};
 use crate::runtime::inbox::{self, InboxTx};
 use crate::runtime::threads;
 use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use halfpipe_proto::congestion::{self, Flow};
 use halfpipe_proto::kdf;
 use halfpipe_proto::Role;
 use std::io;
@@ -260,23 +261,26 @@ impl Link {
         }
         let mut x = [0u8; kdf::HASH_LEN];
         x.copy_from_slice(&c.payload[..kdf::HASH_LEN]);
+        // R14.2: version 2 if the client offered it and this exit uses it.
+        let flow = congestion::exit_flow(self.ctx.cfg.flow, c.payload);
         // At the exit a link is one source of streams (their fair share).
         let opts = CircuitOpts {
             idle_timeout: None,
             source: self.source.clone(),
+            flow,
         };
         match self.spawn_circuit(&mut table, wire, opts) {
             Ok(()) => {
                 drop(table);
                 // R3.3: CREATED_FAST on the same CircID: fresh random Y, then
                 // KH = KDF-TOR(X | Y) cut to 20 bytes.
+                let mut payload = kdf::created_fast_payload(&x, &nonce());
+                if flow == Flow::V2 {
+                    // R14.2: the acceptance right after Y | KH.
+                    congestion::append_mark(&mut payload);
+                }
                 let mut out = Vec::with_capacity(cell::CELL_LEN);
-                cell::encode_fixed(
-                    &mut out,
-                    wire,
-                    cmd::CREATED_FAST,
-                    &kdf::created_fast_payload(&x, &nonce()),
-                );
+                cell::encode_fixed(&mut out, wire, cmd::CREATED_FAST, &payload);
                 let _ = self.tx.send(out);
             }
             Err(e) => {

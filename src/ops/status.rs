@@ -90,8 +90,21 @@ pub struct CircuitInfo {
     pub circ_id: String,
     pub role: String,
     pub age_secs: f64,
+    /// Circuit package window (v1), or cells that may be sent now (v2).
     pub package_window: u32,
+    /// Circuit deliver window (v1), or cells to the next SENDME (v2).
     pub deliver_window: u32,
+    /// docs/protocol.md §14: "v2" when both edges agreed on it, else "v1".
+    #[serde(default)]
+    pub flow: String,
+    /// v2: the congestion window and the cells in flight, in cells, and
+    /// the smoothed round trip of its SENDMEs.
+    #[serde(default)]
+    pub cwnd: Option<u32>,
+    #[serde(default)]
+    pub inflight: Option<u32>,
+    #[serde(default)]
+    pub rtt_ms: Option<f64>,
     pub streams: usize,
     pub tid: Option<i32>,
 }
@@ -124,6 +137,12 @@ pub struct StreamInfo {
     pub cells_queued: u64,
     pub package_window: u32,
     pub deliver_window: u32,
+    /// v2 (docs/protocol.md §14): we sent XOFF and no XON since; the peer
+    /// did.
+    #[serde(default)]
+    pub xoff_sent: bool,
+    #[serde(default)]
+    pub xoff_received: bool,
     pub age_secs: f64,
     /// Seconds since a byte was last read from or written to the stream's
     /// TCP connection (since it opened, if none was).
@@ -162,12 +181,13 @@ pub fn thread_count() -> usize {
 }
 
 fn stream_info(view: &CircuitView, s: &Stream) -> StreamInfo {
-    let (state, package, deliver, c, last, pk, dl) = {
+    let (state, package, deliver, xoff, c, last, pk, dl) = {
         let st = s.state.lock();
         (
             st.hc.state(),
             st.package.value(),
             st.deliver.value(),
+            st.v2.map(|x| (x.xoff_sent(), x.paused())),
             st.counters,
             st.last_activity,
             st.packager_tid,
@@ -191,6 +211,8 @@ fn stream_info(view: &CircuitView, s: &Stream) -> StreamInfo {
         cells_queued: c.cells_received.saturating_sub(c.cells_delivered),
         package_window: package,
         deliver_window: deliver,
+        xoff_sent: xoff.is_some_and(|x| x.0),
+        xoff_received: xoff.is_some_and(|x| x.1),
         age_secs: s.opened.elapsed().as_secs_f64(),
         idle_secs: last.elapsed().as_secs_f64(),
         packager_tid: pk,
@@ -242,6 +264,7 @@ pub fn snapshot(w: &Watched) -> Snapshot {
     let mut streams = Vec::new();
     for v in &views {
         let members = v.streams();
+        let congestion = v.congestion();
         circuits.push(CircuitInfo {
             name: format!("{}.{}", v.link, v.local),
             link: v.link,
@@ -251,6 +274,12 @@ pub fn snapshot(w: &Watched) -> Snapshot {
             age_secs: v.age().as_secs_f64(),
             package_window: v.package_window(),
             deliver_window: v.deliver_window(),
+            flow: v.flow.name().into(),
+            cwnd: congestion.map(|c| c.0),
+            inflight: congestion.map(|c| c.1),
+            rtt_ms: congestion
+                .and_then(|c| c.2)
+                .map(|d| d.as_secs_f64() * 1000.0),
             streams: members.len(),
             tid: tid(v.tid()),
         });
@@ -661,6 +690,8 @@ mod tests {
             cells_queued: 0,
             package_window: 495,
             deliver_window: 499,
+            xoff_sent: false,
+            xoff_received: false,
             age_secs: 75.0,
             idle_secs: 0.5,
             packager_tid: tid,

@@ -11,6 +11,7 @@ pub mod limits;
 pub mod metrics;
 
 use crate::runtime::semaphore::Semaphore;
+use halfpipe_proto::congestion::Flow;
 use halfpipe_proto::policy::Policy;
 use host::HostAddresses;
 use limits::MAX_CIRCUITS;
@@ -62,6 +63,9 @@ pub struct Config {
     /// process started with (`Ctx::exit_policy` is the one in force: a
     /// SIGHUP may replace it).
     pub exit_policy: Arc<Policy>,
+    /// The flow control this edge offers (client) or accepts (exit) per
+    /// circuit (docs/protocol.md §14).
+    pub flow: Flow,
 }
 
 impl Default for Config {
@@ -78,6 +82,7 @@ impl Default for Config {
             grace: Duration::from_secs(10),
             idle_timeout: None,
             half_closed_timeout: Some(Duration::from_secs(300)),
+            flow: Flow::V1,
             keepalive: Some(Duration::from_secs(300)),
             exit_policy: Arc::new(
                 halfpipe_proto::policy::DEFAULT_EXIT_POLICY

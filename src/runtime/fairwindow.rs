@@ -1,5 +1,6 @@
 //! The circuit package window as the packagers of a circuit's streams share
-//! it (docs/protocol.md §10): cells go to the waiting packagers in turn,
+//! it (docs/protocol.md §10; on a version 2 circuit the congestion window,
+//! §14): cells go to the waiting packagers in turn,
 //! first come first served, and each turn wakes one packager only.
 //!
 //! Why: with hundreds of streams on one circuit, a window that woke every
@@ -12,7 +13,7 @@
 //! unparked when it can take cells.
 
 use crate::runtime::monitor::Stopped;
-use halfpipe_proto::flow::PackageWindow;
+use halfpipe_proto::congestion::SendWindow;
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,7 +24,7 @@ pub struct FairWindow {
 }
 
 struct Inner {
-    window: PackageWindow,
+    window: SendWindow,
     /// Waiting packagers, first in line first.
     line: VecDeque<(u64, Thread)>,
     next_ticket: u64,
@@ -47,7 +48,7 @@ impl Inner {
 }
 
 impl FairWindow {
-    pub fn new(window: PackageWindow) -> FairWindow {
+    pub fn new(window: SendWindow) -> FairWindow {
         FairWindow {
             inner: Mutex::new(Inner {
                 window,
@@ -76,10 +77,11 @@ impl FairWindow {
                 return Err(Stopped::Cancelled);
             }
             // R10.8: while the circuit package window is 0, no packager of
-            // the circuit sends (R10.9: the SENDME's `update` wakes one).
+            // the circuit sends (R10.9: the SENDME's `update` wakes one);
+            // R14.5: nor while the congestion window is full.
             let first = g.line.front().map(|(t, _)| *t) == Some(ticket);
             if first && g.window.value() > 0 {
-                let took = g.window.take(wanted);
+                let took = g.window.take(wanted, std::time::Instant::now());
                 g.line.pop_front();
                 g.wake_first();
                 return Ok(took);
@@ -94,7 +96,7 @@ impl FairWindow {
 
     /// Changes the window (a SENDME, cells given back) and wakes the first
     /// in line if it can now take cells.
-    pub fn update<R>(&self, f: impl FnOnce(&mut PackageWindow) -> R) -> R {
+    pub fn update<R>(&self, f: impl FnOnce(&mut SendWindow) -> R) -> R {
         let mut g = self.inner.lock();
         let r = f(&mut g.window);
         g.wake_first();
@@ -120,6 +122,15 @@ impl FairWindow {
     pub fn value(&self) -> u32 {
         self.inner.lock().window.value()
     }
+
+    /// The congestion window's cwnd, inflight and smoothed round trip, on
+    /// a version 2 circuit (for status).
+    pub fn congestion(&self) -> Option<(u32, u32, Option<std::time::Duration>)> {
+        let g = self.inner.lock();
+        g.window
+            .congestion()
+            .map(|c| (c.cwnd(), c.inflight(), c.ewma_rtt()))
+    }
 }
 
 // docs/protocol.md §10: the circuit package window is shared by the circuit's
@@ -127,8 +138,10 @@ impl FairWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use halfpipe_proto::congestion::Flow;
     use std::sync::Arc;
     use std::time::Duration;
+    use std::time::Instant;
 
     fn waiter(w: &Arc<FairWindow>, wanted: u32) -> thread::JoinHandle<Result<u32, Stopped>> {
         let w = w.clone();
@@ -146,37 +159,37 @@ mod tests {
 
     #[test]
     fn turns_go_in_arrival_order() {
-        let w = Arc::new(FairWindow::new(PackageWindow::circuit()));
+        let w = Arc::new(FairWindow::new(SendWindow::new(Flow::V1)));
         assert_eq!(w.take(1000, &AtomicBool::new(false)), Ok(1000));
         let a = waiter(&w, 100);
         line_of(&w, 1);
         let b = waiter(&w, 100);
         line_of(&w, 2);
         // One SENDME: 100 cells, all to the first in line.
-        w.update(|p| p.on_sendme()).unwrap();
+        w.update(|p| p.on_sendme(Instant::now())).unwrap();
         assert_eq!(a.join().unwrap(), Ok(100));
         line_of(&w, 1);
         assert_eq!(w.value(), 0);
-        w.update(|p| p.on_sendme()).unwrap();
+        w.update(|p| p.on_sendme(Instant::now())).unwrap();
         assert_eq!(b.join().unwrap(), Ok(100));
     }
 
     #[test]
     fn what_the_first_leaves_goes_to_the_next() {
-        let w = Arc::new(FairWindow::new(PackageWindow::circuit()));
+        let w = Arc::new(FairWindow::new(SendWindow::new(Flow::V1)));
         assert_eq!(w.take(1000, &AtomicBool::new(false)), Ok(1000));
         let a = waiter(&w, 30);
         line_of(&w, 1);
         let b = waiter(&w, 500);
         line_of(&w, 2);
-        w.update(|p| p.on_sendme()).unwrap();
+        w.update(|p| p.on_sendme(Instant::now())).unwrap();
         assert_eq!(a.join().unwrap(), Ok(30));
         assert_eq!(b.join().unwrap(), Ok(70));
     }
 
     #[test]
     fn cancel_and_close_end_the_wait_and_pass_the_turn_on() {
-        let w = Arc::new(FairWindow::new(PackageWindow::circuit()));
+        let w = Arc::new(FairWindow::new(SendWindow::new(Flow::V1)));
         assert_eq!(w.take(1000, &AtomicBool::new(false)), Ok(1000));
         let cancel = Arc::new(AtomicBool::new(false));
         let a = {

@@ -24,6 +24,7 @@ use crate::runtime::inbox::InboxTx;
 use crate::runtime::monitor::Monitor;
 use crate::runtime::sockets;
 use halfpipe_proto::cell::CELL_LEN;
+use halfpipe_proto::congestion::Flow;
 use halfpipe_proto::halfclose::{Action, Event, State, Step, Violation};
 use halfpipe_proto::relay::{self, end_reason, relay_cmd, Target};
 use halfpipe_proto::stream::{Gone, Outbound, StreamState};
@@ -68,9 +69,10 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(socket: Option<Arc<Socket>>) -> Shared {
+    /// A stream of a circuit that runs `flow` (docs/protocol.md §10, §14).
+    pub fn new(socket: Option<Arc<Socket>>, flow: Flow) -> Shared {
         Shared {
-            proto: StreamState::new(Instant::now()),
+            proto: StreamState::with_flow(Instant::now(), flow),
             socket,
             packager_tid: None,
             deliverer_tid: None,

@@ -334,7 +334,7 @@ fn hanging_listener() -> (Socket, SocketAddr, Vec<Socket>) {
 }
 
 /// Finds `tool` on PATH; CI installs it, so a missing tool is a failure.
-fn require(tool: &str, package: &str) {
+pub(crate) fn require(tool: &str, package: &str) {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
     assert!(
@@ -345,7 +345,10 @@ fn require(tool: &str, package: &str) {
 
 /// Runs a command with `stdin` as its input; its exit status and stdout.
 /// Killed (and the test failed) if it runs longer than PATIENCE.
-fn run_tool(cmd: &mut Command, stdin: Vec<u8>) -> (std::process::ExitStatus, Vec<u8>, String) {
+pub(crate) fn run_tool(
+    cmd: &mut Command,
+    stdin: Vec<u8>,
+) -> (std::process::ExitStatus, Vec<u8>, String) {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -379,7 +382,7 @@ fn run_tool(cmd: &mut Command, stdin: Vec<u8>) -> (std::process::ExitStatus, Vec
 }
 
 /// A tiny HTTP/1.x server: reads the request head, answers 200 with `body`.
-fn http_server(body: Vec<u8>) -> Server {
+pub(crate) fn http_server(body: Vec<u8>) -> Server {
     Server::start(move |mut s| {
         patient(&s);
         let mut req = Vec::new();

@@ -4,6 +4,7 @@
 mod app;
 mod client;
 mod faults;
+mod flow2;
 mod growth;
 mod hostile;
 mod limits;

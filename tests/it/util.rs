@@ -810,6 +810,19 @@ impl RawLink {
         assert!(kdf::check_created_fast(&x, &c.payload), "KH checks");
     }
 
+    /// CREATE_FAST on `circ` offering flow control version 2
+    /// (docs/protocol.md §14, R14.1); returns whether the exit accepted it.
+    pub fn create_circuit_v2(&mut self, circ: u32) -> bool {
+        let x = halfpipe::link::nonce();
+        let mut payload = x.to_vec();
+        halfpipe_proto::congestion::append_mark(&mut payload);
+        self.send_cell(circ, cmd::CREATE_FAST, &payload);
+        let c = self.recv_cell().expect("CREATED_FAST");
+        assert_eq!((c.circ, c.command), (circ, cmd::CREATED_FAST), "{c:?}");
+        assert!(kdf::check_created_fast(&x, &c.payload), "KH checks");
+        halfpipe_proto::congestion::has_mark(&c.payload, halfpipe_proto::congestion::ACCEPT_AT)
+    }
+
     /// A whole cell already in the buffer, if there is one.
     fn take_cell(&mut self) -> Option<RawCell> {
         let (c, used) = cell::decode(&self.buf)?;

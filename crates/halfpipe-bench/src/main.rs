@@ -105,6 +105,10 @@ pub struct BenchArgs {
     /// rtt: MiB per direction.
     #[arg(long, value_name = "MiB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub rtt_size: u64,
+    /// rtt: the flow control both daemons use (`--flow` of halfpipe:
+    /// v1 or v2).
+    #[arg(long, value_name = "V", default_value = "v1", value_parser = ["v1", "v2"])]
+    pub flow: String,
     /// A name for this run in reports and charts.
     #[arg(long)]
     pub label: Option<String>,
@@ -638,6 +642,7 @@ fn main() -> ExitCode {
                     &env,
                     Duration::from_millis(args.delay_ms),
                     args.rtt_size * mib,
+                    &args.flow,
                 ) {
                     Ok(r) => {
                         ui.say(&report::rtt_text(&r));

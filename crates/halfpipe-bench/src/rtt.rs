@@ -141,7 +141,13 @@ pub fn window_limit(rtt: Duration) -> f64 {
     (WINDOW_CELLS * CELL_DATA_BYTES) as f64 / MIB / rtt.as_secs_f64()
 }
 
-pub fn run(halfpipe: &Path, env: &Env, delay: Duration, len: u64) -> Result<Rtt, String> {
+pub fn run(
+    halfpipe: &Path,
+    env: &Env,
+    delay: Duration,
+    len: u64,
+    flow: &str,
+) -> Result<Rtt, String> {
     let exit = Daemon::start(
         halfpipe,
         &[
@@ -154,6 +160,8 @@ pub fn run(halfpipe: &Path, env: &Env, delay: Duration, len: u64) -> Result<Rtt,
             // the scenario free of identities and of the cipher's cost.
             "--link",
             "plain",
+            "--flow",
+            flow,
             "--log",
             "warn",
         ],
@@ -172,6 +180,8 @@ pub fn run(halfpipe: &Path, env: &Env, delay: Duration, len: u64) -> Result<Rtt,
             &relay_addr,
             "--link",
             "plain",
+            "--flow",
+            flow,
             "--log",
             "warn",
         ],

@@ -22,6 +22,18 @@ pub enum FlowViolation {
     DeliverWindowOverrun(Level),
     #[error("SENDME lifts the {0} package window above its start")]
     PackageWindowOverflow(Level),
+    /// R14.6: a circuit SENDME for cells never sent.
+    #[error("circuit SENDME with fewer than 31 cells in flight")]
+    SendmeWithoutData,
+    /// R14.8: a stream SENDME on a version 2 circuit.
+    #[error("stream SENDME on a flow control v2 circuit")]
+    StreamSendmeOnV2,
+    /// R14.14: XOFF or XON on stream 0, short, or of another version.
+    #[error("malformed XOFF or XON")]
+    MalformedXonXoff,
+    /// R14.15: DATA beyond XOFF_AT + CWND_MAX held cells.
+    #[error("DATA for a stream that ignored XOFF")]
+    XoffIgnored,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

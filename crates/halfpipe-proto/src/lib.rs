@@ -5,11 +5,13 @@
 //!
 //! Codecs, which know bytes: [`cell`] (§1, §2), [`relay`] (§4, §5), [`kdf`]
 //! (§3), [`socks`] (§11), [`identity`] (§13's fingerprints). Rules, which know states: [`halfclose`] (§7, §8),
-//! [`flow`] (§10), [`stream`] (one stream's §7 state and §10 windows),
+//! [`flow`] (§10), [`congestion`] and [`xonxoff`] (§14's flow control
+//! version 2), [`stream`] (one stream's §7 state and its flow control),
 //! [`streammap`] (a circuit's streams: §4, §5, §9), [`policy`] (the exit
 //! policy of §5).
 
 pub mod cell;
+pub mod congestion;
 pub mod flow;
 pub mod halfclose;
 pub mod identity;
@@ -19,6 +21,7 @@ pub mod relay;
 pub mod socks;
 pub mod stream;
 pub mod streammap;
+pub mod xonxoff;
 
 /// Which edge of a link this side is (docs/protocol.md, "Conventions"): the
 /// client opened the link and creates circuits, the exit accepted it and

@@ -25,6 +25,9 @@ pub mod relay_cmd {
     pub const RESOLVED: u8 = 12;
     /// halfpipe's RELAY_FIN: tor-spec has no number for it (R4.5: 31).
     pub const FIN: u8 = 31;
+    /// Flow control version 2 (§14): tor's and Arti's code's numbers.
+    pub const XOFF: u8 = 43;
+    pub const XON: u8 = 44;
 
     /// The spec name of a relay command, for logs and metrics.
     pub fn name(command: u8) -> &'static str {
@@ -38,6 +41,8 @@ pub mod relay_cmd {
             RESOLVE => "RESOLVE",
             RESOLVED => "RESOLVED",
             FIN => "FIN",
+            XOFF => "XOFF",
+            XON => "XON",
             _ => "unknown",
         }
     }

@@ -8,9 +8,11 @@
 //! of a stream leave in the order they were decided: no DATA after our FIN,
 //! nothing after our END (docs/design.md, invariant 8).
 
+use crate::congestion::Flow;
 use crate::flow::{FlowViolation, PackageWindow, StreamDeliverWindow};
 use crate::halfclose::{Action, Event, HalfClose, Step, Violation};
 use crate::relay::relay_cmd;
+use crate::xonxoff::{self, Signal, XonXoff};
 use std::time::Instant;
 
 /// Where a stream's cells go: the link's outbound queue in the daemon, a
@@ -85,8 +87,11 @@ pub enum Wake {
 #[derive(Debug, Clone)]
 pub struct StreamState {
     pub hc: HalfClose,
+    /// §10's windows (a version 1 circuit).
     pub package: PackageWindow,
     pub deliver: StreamDeliverWindow,
+    /// §14's XOFF and XON instead (a version 2 circuit).
+    pub v2: Option<XonXoff>,
     /// Client: CONNECTED arrived. Exit: the target accepted.
     pub connected: bool,
     pub counters: Counters,
@@ -99,10 +104,16 @@ impl StreamState {
     /// A new stream at `now`: OPEN (§7, also while the exit connects: §5's
     /// optimistic data), windows at their start (§10).
     pub fn new(now: Instant) -> StreamState {
+        StreamState::with_flow(now, Flow::V1)
+    }
+
+    /// A new stream of a circuit that runs `flow`.
+    pub fn with_flow(now: Instant, flow: Flow) -> StreamState {
         StreamState {
             hc: HalfClose::new(),
             package: PackageWindow::stream(),
             deliver: StreamDeliverWindow::default(),
+            v2: (flow == Flow::V2).then(XonXoff::default),
             connected: false,
             counters: Counters::default(),
             last_activity: now,
@@ -113,7 +124,11 @@ impl StreamState {
     /// action sends: FIN (R7.2, R7.3), or END for an error (R8.2–R8.6).
     /// The rest of the action (a reset, a shutdown) is the caller's, after
     /// the lock.
-    pub fn step(&mut self, event: Event, out: &impl Outbound) -> Result<Step, Violation> {
+    pub fn step(
+        &mut self,
+        event: Event,
+        out: &(impl Outbound + ?Sized),
+    ) -> Result<Step, Violation> {
         let step = self.hc.handle(event)?;
         // R10.1: FIN and END take no window, in either direction.
         match step.action {
@@ -132,9 +147,14 @@ impl StreamState {
     /// The packager's wait (§10): `Some(window)` while the stream package
     /// window is open, `Some(0)` once we may no longer package (§7), `None`
     /// while the window is 0 (R10.8). One SENDME opens it again (R10.9).
+    /// On a version 2 circuit: `None` between the peer's XOFF and its XON
+    /// (R14.11), and no stream window otherwise (R14.8).
     pub fn read_window(&self) -> Option<u32> {
         if !self.hc.may_package() {
             return Some(0);
+        }
+        if let Some(x) = &self.v2 {
+            return (!x.paused()).then_some(u32::MAX);
         }
         match self.package.value() {
             0 => None,
@@ -151,16 +171,18 @@ impl StreamState {
         count: u32,
         bytes: u64,
         now: Instant,
-        out: &impl Outbound,
+        out: &(impl Outbound + ?Sized),
     ) -> Result<Queued, Gone> {
         if !self.hc.may_package() {
             return Ok(Queued::MayNotPackage);
         }
-        let took = self.package.take(count);
-        debug_assert_eq!(
-            took, count,
-            "only the packager takes from the stream window"
-        );
+        if self.v2.is_none() {
+            let took = self.package.take(count);
+            debug_assert_eq!(
+                took, count,
+                "only the packager takes from the stream window"
+            );
+        }
         self.counters.cells_packaged += u64::from(count);
         self.counters.bytes_packaged += bytes;
         self.last_activity = now;
@@ -173,13 +195,29 @@ impl StreamState {
     /// §10 counts them against the stream deliver window (R10.6, R10.10).
     /// A violation refuses the whole run: it ends the circuit, which resets
     /// every stream on it anyway.
-    pub fn accept_data(&mut self, cells: u32) -> Result<Delivery, StreamViolation> {
+    ///
+    /// On a version 2 circuit they count as held instead (R14.15), and
+    /// XOFF is queued through `out` once XOFF_AT are held (R14.9).
+    pub fn accept_data(
+        &mut self,
+        cells: u32,
+        out: &(impl Outbound + ?Sized),
+    ) -> Result<Delivery, StreamViolation> {
         let step = self.hc.handle(Event::DataReceived)?; // R7.6
         if step.action != Action::Deliver {
             return Ok(Delivery::Drop); // R9.3: late DATA for a closed stream
         }
-        for _ in 0..cells {
-            self.deliver.on_data()?;
+        match &mut self.v2 {
+            Some(x) => {
+                if x.on_data(cells)? == Signal::Xoff {
+                    out.control(relay_cmd::XOFF, &xonxoff::encode_xoff());
+                }
+            }
+            None => {
+                for _ in 0..cells {
+                    self.deliver.on_data()?;
+                }
+            }
         }
         self.counters.cells_received += u64::from(cells);
         Ok(Delivery::Deliver)
@@ -190,6 +228,9 @@ impl StreamState {
     /// The packager need be woken only if the window was 0 (R10.8, R10.9):
     /// otherwise it is not waiting for this window.
     pub fn on_sendme(&mut self) -> Result<Wake, FlowViolation> {
+        if self.v2.is_some() {
+            return Err(FlowViolation::StreamSendmeOnV2); // R14.8
+        }
         if self.hc.is_closed() {
             return Ok(Wake::Nobody); // R9.3: late SENDME
         }
@@ -202,15 +243,54 @@ impl StreamState {
         })
     }
 
+    /// The peer's XOFF on a version 2 circuit: stop packaging (R14.11).
+    /// Dropped for a closed stream (R14.13).
+    pub fn on_xoff(&mut self) {
+        if let (Some(x), false) = (&mut self.v2, self.hc.is_closed()) {
+            x.on_xoff();
+        }
+    }
+
+    /// The peer's XON: packaging may go on (R14.11); the packager is woken
+    /// if it was held back and may still package.
+    pub fn on_xon(&mut self) -> Wake {
+        let (may_package, closed) = (self.hc.may_package(), self.hc.is_closed());
+        let was_paused = match &mut self.v2 {
+            Some(x) if !closed => x.on_xon(),
+            _ => false,
+        };
+        if was_paused && may_package {
+            Wake::Packager
+        } else {
+            Wake::Nobody
+        }
+    }
+
     /// `cells` cells' data (`bytes` bytes) were accepted by the kernel at
     /// `now` (R10.7): count them and queue the stream SENDMEs they earn
     /// (R10.3). Once the peer's FIN has arrived no more DATA can come, so
     /// no SENDME is needed; once the stream is CLOSED none may be sent
     /// (R8.9 after the peer's END).
-    pub fn delivered(&mut self, cells: u32, bytes: usize, now: Instant, out: &impl Outbound) {
+    ///
+    /// On a version 2 circuit the cells are no longer held, and XON is
+    /// queued once few enough are (R14.10).
+    pub fn delivered(
+        &mut self,
+        cells: u32,
+        bytes: usize,
+        now: Instant,
+        out: &(impl Outbound + ?Sized),
+    ) {
         self.counters.bytes_delivered += bytes as u64;
         self.counters.cells_delivered += u64::from(cells);
         self.last_activity = now;
+        if let Some(x) = &mut self.v2 {
+            // R14.10: no XON once no more DATA can come.
+            if x.on_written(cells, self.hc.may_deliver()) == Signal::Xon {
+                out.control(relay_cmd::XON, &xonxoff::encode_xon(0));
+            }
+            return;
+        }
         if self.hc.may_deliver() {
             let sendmes = self.deliver.on_written(cells);
             if sendmes > 0 {
@@ -313,12 +393,12 @@ mod tests {
         let mut st = fresh();
         st.step(Event::FinReceived, &Discard).unwrap();
         assert_eq!(
-            st.accept_data(1),
+            st.accept_data(1, &Discard),
             Err(StreamViolation::HalfClose(Violation::DataAfterFin))
         );
         let mut st = fresh();
         st.step(Event::EndReceived { reason: 1 }, &Discard).unwrap();
-        assert_eq!(st.accept_data(3), Ok(Delivery::Drop));
+        assert_eq!(st.accept_data(3, &Discard), Ok(Delivery::Drop));
         assert_eq!(st.counters.cells_received, 0);
     }
 
@@ -327,9 +407,12 @@ mod tests {
     #[test]
     fn the_deliver_window_bounds_a_run() {
         let mut st = fresh();
-        assert_eq!(st.accept_data(STREAM_WINDOW_START), Ok(Delivery::Deliver));
+        assert_eq!(
+            st.accept_data(STREAM_WINDOW_START, &Discard),
+            Ok(Delivery::Deliver)
+        );
         assert!(matches!(
-            st.accept_data(1),
+            st.accept_data(1, &Discard),
             Err(StreamViolation::FlowControl(_))
         ));
     }
@@ -380,7 +463,7 @@ mod tests {
     fn only_data_uses_the_windows() {
         let out = Record::default();
         let mut st = fresh();
-        st.accept_data(3).unwrap();
+        st.accept_data(3, &Discard).unwrap();
         take(&mut st, 7);
         let windows = |st: &StreamState| (st.package.value(), st.deliver.value());
         assert_eq!(
@@ -407,7 +490,7 @@ mod tests {
     fn nothing_is_sent_after_the_peers_end() {
         let out = Record::default();
         let mut st = fresh();
-        st.accept_data(100).unwrap();
+        st.accept_data(100, &Discard).unwrap();
         st.step(Event::EndReceived { reason: 3 }, &out).unwrap();
         st.delivered(100, 100 * 498, Instant::now(), &out);
         let queued = st.queue_data(Vec::new(), 1, 1, Instant::now(), &out);
@@ -433,7 +516,7 @@ mod tests {
         }
         let out = Count(Cell::new(0));
         let mut st = fresh();
-        st.accept_data(120).unwrap();
+        st.accept_data(120, &Discard).unwrap();
         st.delivered(49, 49 * 498, Instant::now(), &out);
         assert_eq!(out.0.get(), 0, "not 50 yet");
         st.delivered(71, 71 * 498, Instant::now(), &out);

@@ -13,10 +13,12 @@ mod recent;
 
 pub use recent::{RecentlyClosed, RECENTLY_CLOSED};
 
+use crate::congestion::{Flow, SendmeCounter};
 use crate::flow::{CircuitDeliverWindow, FlowViolation};
 use crate::halfclose::{Event, Step};
 use crate::relay::{self, relay_cmd, MalformedBegin, RelayCell, RelayError, Target};
-use crate::stream::{Delivery, StreamState, StreamViolation, Wake};
+use crate::stream::{Delivery, Outbound, StreamState, StreamViolation, Wake};
+use crate::xonxoff;
 use crate::Role;
 use rustc_hash::FxHashMap;
 
@@ -25,6 +27,10 @@ pub trait StreamEntry {
     /// Runs `f` on the stream's state (under the stream's lock, in a
     /// threaded shell).
     fn with_state<T>(&self, f: impl FnOnce(&mut StreamState) -> T) -> T;
+    /// Runs `f` on the stream's state and the queue its cells go to, so
+    /// that what `f` queues leaves in the order decided (docs/design.md,
+    /// invariant 8).
+    fn with_state_out<T>(&self, f: impl FnOnce(&mut StreamState, &dyn Outbound) -> T) -> T;
     /// Wakes a packager waiting for the stream package window.
     fn wake_packager(&self);
 }
@@ -57,6 +63,13 @@ pub enum CircuitViolation {
     /// R5.13: BEGIN or RESOLVE on a stream ID that is open.
     #[error("{} reuses an open stream ID", relay_cmd::name(*.0))]
     IdInUse(u8),
+}
+
+/// The circuit's receiving side: §10's deliver window or §14's count.
+#[derive(Debug)]
+enum CircuitDeliver {
+    V1(CircuitDeliverWindow),
+    V2(SendmeCounter),
 }
 
 /// What a run of DATA cells means.
@@ -125,25 +138,41 @@ pub struct StreamMap<S, R> {
     /// them go (R5.14: a CLOSED stream no longer owns its ID).
     retired: Vec<S>,
     recent: RecentlyClosed,
-    deliver: CircuitDeliverWindow,
+    deliver: CircuitDeliver,
     /// Client: where the search for a free ID starts.
     next_id: u16,
 }
 
 impl<S: StreamEntry, R> StreamMap<S, R> {
+    /// The streams of a circuit that runs §10's flow control.
     pub fn new(role: Role) -> Self {
+        StreamMap::with_flow(role, Flow::V1)
+    }
+
+    /// The streams of a circuit that runs `flow`.
+    pub fn with_flow(role: Role, flow: Flow) -> Self {
         StreamMap {
             role,
             slots: FxHashMap::default(),
             retired: Vec::new(),
             recent: RecentlyClosed::default(),
-            deliver: CircuitDeliverWindow::default(),
+            deliver: match flow {
+                Flow::V1 => CircuitDeliver::V1(CircuitDeliverWindow::default()),
+                Flow::V2 => CircuitDeliver::V2(SendmeCounter::default()),
+            },
             next_id: 1,
         }
     }
 
     pub fn role(&self) -> Role {
         self.role
+    }
+
+    pub fn flow(&self) -> Flow {
+        match self.deliver {
+            CircuitDeliver::V1(_) => Flow::V1,
+            CircuitDeliver::V2(_) => Flow::V2,
+        }
     }
 
     // ------------------------------------------------ cells received
@@ -185,11 +214,12 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
         let mut circuit_sendmes = 0;
         // R10.5: every DATA cell counts for the circuit, before anything is
         // known of its stream; R10.2: a SENDME each time 900 is reached.
+        // R14.4: on a version 2 circuit, one per SENDME_INC cells, now.
         for _ in 0..cells {
-            let due = self
-                .deliver
-                .on_data()
-                .map_err(CircuitViolation::CircuitWindow)?;
+            let due = match &mut self.deliver {
+                CircuitDeliver::V1(w) => w.on_data().map_err(CircuitViolation::CircuitWindow)?,
+                CircuitDeliver::V2(c) => c.on_data(),
+            };
             circuit_sendmes += u32::from(due);
         }
         let delivery = match self.slots.get_mut(&id) {
@@ -197,7 +227,7 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
                 if self.role == Role::Client && !*connected {
                     *connected = awaiting_connected(entry, relay_cmd::DATA)?;
                 }
-                entry.with_state(|st| st.accept_data(cells))?
+                entry.with_state_out(|st, out| st.accept_data(cells, out))?
             }
             // R9.3, R9.5: no open stream: dropped.
             Some(Slot::Resolve(_)) | None => Delivery::Drop,
@@ -248,10 +278,55 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
     /// A stream SENDME (R10.4, R10.11): wakes the stream's packager if it
     /// was stopped (R10.9); dropped for no open stream (R9.3, R9.5).
     pub fn on_stream_sendme(&mut self, id: u16) -> Result<(), CircuitViolation> {
+        // R14.8: no stream SENDMEs on a version 2 circuit, for any stream.
+        if self.flow() == Flow::V2 {
+            return Err(CircuitViolation::Stream(
+                FlowViolation::StreamSendmeOnV2.into(),
+            ));
+        }
         if let Some(Slot::Stream { entry, .. }) = self.slots.get(&id) {
             let wake = entry
                 .with_state(|st| st.on_sendme())
                 .map_err(|v| CircuitViolation::Stream(v.into()))?;
+            if wake == Wake::Packager {
+                entry.wake_packager();
+            }
+        }
+        Ok(())
+    }
+
+    /// XOFF or XON (`command`) for `id` with `body` (§14).
+    pub fn on_xon_xoff(
+        &mut self,
+        id: u16,
+        command: u8,
+        body: &[u8],
+    ) -> Result<(), CircuitViolation> {
+        // R14.16: a version 1 circuit drops them.
+        if self.flow() == Flow::V1 {
+            return Ok(());
+        }
+        // R14.14: stream 0, a short body or another version.
+        let malformed = |_| CircuitViolation::Stream(FlowViolation::MalformedXonXoff.into());
+        if id == 0 {
+            return Err(CircuitViolation::StreamZero(command));
+        }
+        let xon = command == relay_cmd::XON;
+        if xon {
+            xonxoff::parse_xon(body).map_err(malformed)?;
+        } else {
+            xonxoff::parse_xoff(body).map_err(malformed)?;
+        }
+        // R14.13: for no open stream: dropped.
+        if let Some(Slot::Stream { entry, .. }) = self.slots.get(&id) {
+            let wake = entry.with_state(|st| {
+                if xon {
+                    st.on_xon()
+                } else {
+                    st.on_xoff();
+                    Wake::Nobody
+                }
+            });
             if wake == Wake::Packager {
                 entry.wake_packager();
             }
@@ -456,9 +531,13 @@ impl<S: StreamEntry, R> StreamMap<S, R> {
         self.recent.contains(id)
     }
 
-    /// The circuit deliver window (for status).
+    /// The circuit deliver window (for status); on a version 2 circuit,
+    /// which has none, the cells still to arrive before the next SENDME.
     pub fn deliver_window(&self) -> u32 {
-        self.deliver.value()
+        match &self.deliver {
+            CircuitDeliver::V1(w) => w.value(),
+            CircuitDeliver::V2(c) => c.until_sendme(),
+        }
     }
 
     /// Empties the map when the circuit ends: every stream (owning its ID
@@ -495,17 +574,48 @@ mod tests {
     use std::cell::{Cell, RefCell};
     use std::time::Instant;
 
-    /// A stream as a test holds it: its state, and how often it was woken.
+    /// A stream as a test holds it: its state, how often it was woken, and
+    /// the control cells it queued.
     #[derive(Default)]
     struct Entry {
         state: RefCell<Option<StreamState>>,
         woken: Cell<u32>,
+        sent: Sent,
+    }
+
+    #[derive(Default)]
+    struct Sent(RefCell<Vec<(u8, Vec<u8>)>>);
+
+    impl Outbound for Sent {
+        fn control(&self, command: u8, body: &[u8]) {
+            self.0.borrow_mut().push((command, body.to_vec()));
+        }
+        fn sendmes(&self, n: u32) {
+            for _ in 0..n {
+                self.control(relay_cmd::SENDME, &[]);
+            }
+        }
+        fn data(&self, _: Vec<u8>, _: u32) -> Result<(), crate::stream::Gone> {
+            Ok(())
+        }
+    }
+
+    impl Entry {
+        fn v2() -> Entry {
+            let e = Entry::default();
+            *e.state.borrow_mut() = Some(StreamState::with_flow(Instant::now(), Flow::V2));
+            e
+        }
     }
 
     impl StreamEntry for Entry {
         fn with_state<T>(&self, f: impl FnOnce(&mut StreamState) -> T) -> T {
             let mut st = self.state.borrow_mut();
             f(st.get_or_insert_with(|| StreamState::new(Instant::now())))
+        }
+
+        fn with_state_out<T>(&self, f: impl FnOnce(&mut StreamState, &dyn Outbound) -> T) -> T {
+            self.with_state(|st| f(st, &self.sent))
         }
 
         fn wake_packager(&self) {
@@ -622,5 +732,109 @@ mod tests {
         assert_eq!(map.stream(1).unwrap().woken.get(), 1, "window was 0");
         // Dropped for no open stream (R9.5).
         assert_eq!(map.on_stream_sendme(9), Ok(()));
+    }
+
+    // ------------------------------------------------ flow control v2 (§14)
+
+    fn v2_map() -> StreamMap<Entry, ()> {
+        let mut map = StreamMap::with_flow(Role::Exit, Flow::V2);
+        assert!(matches!(
+            map.on_begin(1, &begin("a.example:80")),
+            Ok(Begin::Open(_))
+        ));
+        map.insert_stream(1, Entry::v2());
+        map
+    }
+
+    #[test]
+    fn v2_circuit_sendme_every_31_data_cells_of_any_stream() {
+        // R14.4: counted for unknown streams too, due at the 31st cell.
+        let mut map = v2_map();
+        assert_eq!(map.on_data(1, 30).unwrap().circuit_sendmes, 0);
+        assert_eq!(map.on_data(9, 1).unwrap().circuit_sendmes, 1);
+        assert_eq!(map.on_data(1, 62).unwrap().circuit_sendmes, 2);
+    }
+
+    #[test]
+    fn v2_xoff_from_the_map_in_order() {
+        // R14.9: the map's DATA step queues XOFF through the stream's queue.
+        let mut map = v2_map();
+        map.on_data(1, 499).unwrap();
+        assert!(map.stream(1).unwrap().sent.0.borrow().is_empty());
+        map.on_data(1, 1).unwrap();
+        assert_eq!(
+            map.stream(1).unwrap().sent.0.borrow().as_slice(),
+            &[(relay_cmd::XOFF, vec![0])]
+        );
+        // R14.15: a sender that ignores it is caught.
+        map.on_data(1, xonxoff::HELD_MAX - 500).unwrap();
+        assert_eq!(
+            map.on_data(1, 1),
+            Err(CircuitViolation::Stream(FlowViolation::XoffIgnored.into()))
+        );
+    }
+
+    #[test]
+    fn v2_stream_sendme_is_a_violation() {
+        // R14.8: for an open stream or not.
+        let mut map = v2_map();
+        for id in [1, 7] {
+            assert_eq!(
+                map.on_stream_sendme(id),
+                Err(CircuitViolation::Stream(
+                    FlowViolation::StreamSendmeOnV2.into()
+                ))
+            );
+        }
+    }
+
+    #[test]
+    fn v2_xoff_holds_the_packager_until_xon() {
+        // R14.11: XOFF closes the read window; XON opens it and wakes.
+        let mut map = v2_map();
+        let window =
+            |map: &StreamMap<Entry, ()>| map.stream(1).unwrap().with_state(|st| st.read_window());
+        assert!(window(&map).is_some());
+        map.on_xon_xoff(1, relay_cmd::XOFF, &[0]).unwrap();
+        assert_eq!(window(&map), None);
+        map.on_xon_xoff(1, relay_cmd::XON, &[0, 0, 0, 0, 0])
+            .unwrap();
+        assert!(window(&map).is_some());
+        assert_eq!(map.stream(1).unwrap().woken.get(), 1);
+    }
+
+    #[test]
+    fn v2_malformed_or_stream_zero_xon_xoff_is_a_violation() {
+        // R14.14.
+        let mut map = v2_map();
+        assert_eq!(
+            map.on_xon_xoff(0, relay_cmd::XOFF, &[0]),
+            Err(CircuitViolation::StreamZero(relay_cmd::XOFF))
+        );
+        let bad = Err(CircuitViolation::Stream(
+            FlowViolation::MalformedXonXoff.into(),
+        ));
+        assert_eq!(map.on_xon_xoff(1, relay_cmd::XOFF, &[]), bad);
+        assert_eq!(map.on_xon_xoff(1, relay_cmd::XOFF, &[1]), bad);
+        assert_eq!(map.on_xon_xoff(1, relay_cmd::XON, &[0, 0, 0]), bad);
+    }
+
+    #[test]
+    fn late_or_v1_xon_xoff_are_dropped() {
+        // R14.13: for a stream not open, or recently closed: dropped.
+        let mut map = v2_map();
+        assert_eq!(map.on_xon_xoff(5, relay_cmd::XOFF, &[0]), Ok(()));
+        map.remove_stream(1);
+        assert_eq!(map.on_xon_xoff(1, relay_cmd::XON, &[0, 0, 0, 0, 0]), Ok(()));
+        // R14.16: a version 1 circuit drops even malformed ones.
+        let mut v1: StreamMap<Entry, ()> = StreamMap::new(Role::Exit);
+        open_exit_stream(&mut v1, 1);
+        assert_eq!(v1.on_xon_xoff(0, relay_cmd::XOFF, &[]), Ok(()));
+        assert_eq!(v1.on_xon_xoff(1, relay_cmd::XOFF, &[0]), Ok(()));
+        assert!(v1
+            .stream(1)
+            .unwrap()
+            .with_state(|st| st.read_window())
+            .is_some());
     }
 }

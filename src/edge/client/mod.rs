@@ -117,6 +117,8 @@ impl Client {
         CircuitOpts {
             idle_timeout: (!lasting).then_some(SPARE_IDLE),
             source: self.source_of(group),
+            // What the client offers; CREATED_FAST decides (R14.3).
+            flow: self.ctx.cfg.flow,
         }
     }
 

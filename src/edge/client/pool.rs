@@ -20,6 +20,7 @@ use crate::process::Ctx;
 use crate::runtime::inbox::InboxTx;
 use crate::runtime::monitor::Monitor;
 use halfpipe_proto::cell::{self, cmd, destroy_reason};
+use halfpipe_proto::congestion::{self, Flow};
 use halfpipe_proto::kdf;
 use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
@@ -326,15 +327,21 @@ impl Pool {
 pub fn create_circuit(
     ctx: &Ctx,
     link: &Arc<Link>,
-    opts: CircuitOpts,
+    mut opts: CircuitOpts,
     lasting: bool,
 ) -> Result<CircHandle, CreateError> {
     let failed = |why: String| CreateError::Failed(why);
     let (wire, rx) = link.begin_create().map_err(|e| failed(e.to_string()))?;
     // R3.2: 20 random bytes X at the start of CREATE_FAST's payload.
     let x = crate::link::nonce();
+    let mut payload = x.to_vec();
+    // R14.1: the offer of flow control version 2 right after X.
+    let offered = opts.flow == Flow::V2;
+    if offered {
+        congestion::append_mark(&mut payload);
+    }
     let mut out = Vec::with_capacity(cell::CELL_LEN);
-    cell::encode_fixed(&mut out, wire, cmd::CREATE_FAST, &x);
+    cell::encode_fixed(&mut out, wire, cmd::CREATE_FAST, &payload);
     if link.tx.send(out).is_err() {
         link.abandon_create(wire);
         return Err(failed("link closed".into()));
@@ -345,6 +352,8 @@ pub fn create_circuit(
     };
     match rx.recv_timeout(ctx.cfg.handshake_timeout) {
         Ok(Ok(payload)) if kdf::check_created_fast(&x, &payload) => {
+            // R14.3: version 2 only if offered and accepted.
+            opts.flow = congestion::client_flow(offered, &payload);
             let (tx, local) = link
                 .finish_create(wire, opts)
                 .map_err(|e| failed(e.to_string()))?;

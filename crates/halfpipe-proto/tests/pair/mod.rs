@@ -85,6 +85,15 @@ impl StreamEntry for Entry {
         f(&mut self.state.borrow_mut())
     }
 
+    /// The pair runs version 1 circuits, on which the map queues no
+    /// stream cell of its own.
+    fn with_state_out<T>(&self, f: impl FnOnce(&mut StreamState, &dyn Outbound) -> T) -> T {
+        f(
+            &mut self.state.borrow_mut(),
+            &halfpipe_proto::stream::Discard,
+        )
+    }
+
     fn wake_packager(&self) {
         self.woken.set(self.woken.get() + 1);
     }
