@@ -9,8 +9,9 @@
 #   direct               plain TCP to the bench's targets: the limit.
 #   socat x2             two socat relays in a chain, 256 KiB buffers.
 #   ssh -D               OpenSSH dynamic forwarding to a throwaway sshd.
-#   halfpipe client+exit two processes joined by a loopback link, plain
-#                        (--link plain) and TLS (the default).
+#   halfpipe client+exit two processes joined by a loopback link: plain
+#                        (--link plain) with flow control v1 and v2, and
+#                        TLS (the default link) with the default flow.
 #   halfpipe run         both edges in one process (its link is internal:
 #                        TLS over loopback, as the default).
 #
@@ -83,6 +84,7 @@ stop_all() {
 }
 
 source scripts/ports.sh
+source scripts/sshd.sh
 
 # ------------------------------------------------------------ set-up
 
@@ -203,76 +205,38 @@ fi
 #    sharing the connection the ACKs come sooner. It is what users of
 #    ssh -D see, so it is measured as it is.
 ssh_skip=""
-if [ -x /usr/sbin/sshd ] && command -v ssh >/dev/null 2>&1; then
-    SSHDIR=$TMP/ssh
-    mkdir -p "$SSHDIR"
-    mkdir -p /run/sshd 2>/dev/null || true  # sshd's privilege separation directory
-    chmod 700 "$SSHDIR"
-    ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/host_key"
-    ssh-keygen -q -t ed25519 -N '' -f "$SSHDIR/user_key"
-    cp "$SSHDIR/user_key.pub" "$SSHDIR/authorized_keys"
-    free_port P; free_port SOCKS_SSH
-    cat >"$SSHDIR/sshd_config" <<EOF
-Port $P
-ListenAddress 127.0.0.1
-HostKey $SSHDIR/host_key
-PidFile $SSHDIR/sshd.pid
-AuthorizedKeysFile $SSHDIR/authorized_keys
-PubkeyAuthentication yes
-PasswordAuthentication no
-KbdInteractiveAuthentication no
-UsePAM no
-StrictModes no
-PermitRootLogin prohibit-password
-AllowTcpForwarding yes
-MaxStartups 100:30:200
-LogLevel ERROR
-EOF
-    if /usr/sbin/sshd -t -f "$SSHDIR/sshd_config" 2>"$SSHDIR/check.log"; then
-        /usr/sbin/sshd -D -e -f "$SSHDIR/sshd_config" 2>"$SSHDIR/sshd.log" &
-        PIDS+=($!); SSHD=$!
-        if wait_listen "$P"; then
-            ssh -N -D "127.0.0.1:$SOCKS_SSH" -p "$P" -i "$SSHDIR/user_key" \
-                -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
-                -o BatchMode=yes -o ExitOnForwardFailure=yes -o LogLevel=ERROR \
-                "$(id -un)@127.0.0.1" 2>"$SSHDIR/ssh.log" &
-            PIDS+=($!); SSH=$!
-            if wait_listen "$SOCKS_SSH"; then
-                run "ssh -D" "$TMP/ssh.json" --socks "127.0.0.1:$SOCKS_SSH" \
-                    --scenario bulk,parallel,setup,hold,slow --hold "$HOLD" \
-                    --pid "$SSH" --pid "$SSHD"
-            else
-                ssh_skip="ssh did not open its SOCKS port: $(tr '\n' ' ' <"$SSHDIR/ssh.log")"
-            fi
-        else
-            ssh_skip="sshd did not start: $(tr '\n' ' ' <"$SSHDIR/sshd.log")"
-        fi
-    else
-        ssh_skip="sshd rejects the config: $(tr '\n' ' ' <"$SSHDIR/check.log")"
+if sshd_start "$TMP/ssh"; then
+    free_port SOCKS_SSH
+    if ssh_socks "$SSHD_PORT" "$SOCKS_SSH"; then
+        run "ssh -D" "$TMP/ssh.json" --socks "127.0.0.1:$SOCKS_SSH" \
+            --scenario bulk,parallel,setup,hold,slow --hold "$HOLD" \
+            --pid "$SSH_PID" --pid "$SSHD_PID"
     fi
-    stop_all
-else
-    ssh_skip="sshd or ssh is not installed"
 fi
+ssh_skip=$SSH_SKIP
+stop_all
 if [ -n "$ssh_skip" ]; then
     say "ssh -D skipped: $ssh_skip"
     NOTES+=("ssh -D: skipped, $ssh_skip")
 fi
 
-# 4. halfpipe client + exit as separate processes, on a plain link. The rtt
-#    scenario runs here: it starts its own client and exit (plain) with a
-#    delay relay between.
+# 4. halfpipe client + exit as separate processes, on a plain link, once
+#    with flow control v1 (docs/protocol.md §10) and once with v2 (§14).
+#    The rtt scenario runs here: it starts its own client and exit (plain,
+#    the same flow control) with a delay relay between.
 HP=(--log warn --grace 2s --max-streams-per-circuit 20000)
-free_port L; free_port S
-"$BIN" exit --listen "127.0.0.1:$L" --link plain --exit-policy "accept *:*" "${HP[@]}" >"$TMP/exit.log" 2>&1 &
-PIDS+=($!); EXIT_PID=$!
-wait_listen "$L"
-"$BIN" client --socks "127.0.0.1:$S" --exit "127.0.0.1:$L" --link plain "${HP[@]}" >"$TMP/client.log" 2>&1 &
-PIDS+=($!); CLIENT_PID=$!
-wait_listen "$S"
-run "halfpipe client+exit" "$TMP/halfpipe-pair.json" --socks "127.0.0.1:$S" \
-    --scenario all --hold "$HOLD" --pid "$CLIENT_PID" --pid "$EXIT_PID"
-stop_all
+for flow in v1 v2; do
+    free_port L; free_port S
+    "$BIN" exit --listen "127.0.0.1:$L" --link plain --flow "$flow" --exit-policy "accept *:*" "${HP[@]}" >"$TMP/exit-$flow.log" 2>&1 &
+    PIDS+=($!); EXIT_PID=$!
+    wait_listen "$L"
+    "$BIN" client --socks "127.0.0.1:$S" --exit "127.0.0.1:$L" --link plain --flow "$flow" "${HP[@]}" >"$TMP/client-$flow.log" 2>&1 &
+    PIDS+=($!); CLIENT_PID=$!
+    wait_listen "$S"
+    run "halfpipe client+exit $flow" "$TMP/halfpipe-pair-$flow.json" --socks "127.0.0.1:$S" \
+        --scenario all --hold "$HOLD" --flow "$flow" --pid "$CLIENT_PID" --pid "$EXIT_PID"
+    stop_all
+done
 
 # 4b. The same over a TLS link (docs/protocol.md §13): identities of the
 #     run's own, the client pinning the exit's fingerprint.

@@ -228,6 +228,8 @@ impl Daemon {
             link.close();
         }
         self.threads.into_iter().for_each(threads::join);
+        // Every task's owner has joined it: the parked threads retire.
+        ctx.pool.shutdown();
         if let Some(status) = self.status {
             status.stop();
         }

@@ -214,7 +214,7 @@ struct Common {
     /// Flow control a client offers and an exit accepts per circuit: v2
     /// (congestion window, XOFF/XON: docs/protocol.md §14) or v1 (fixed
     /// windows, §10). A circuit runs v2 only if both edges use it.
-    #[arg(long, value_enum, default_value_t = FlowArg::V1)]
+    #[arg(long, value_enum, default_value_t = FlowArg::V2)]
     flow: FlowArg,
     /// Where the identity key is kept (default: $STATE_DIRECTORY, else
     /// $XDG_DATA_HOME/halfpipe, else ~/.local/share/halfpipe).

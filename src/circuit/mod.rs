@@ -20,6 +20,7 @@ use crate::runtime::batch::DataBatch;
 use crate::runtime::fairwindow::FairWindow;
 use crate::runtime::inbox::{self, Inbox, InboxTx};
 use crate::runtime::monitor::Monitor;
+use crate::runtime::pool::Task;
 use crate::runtime::threads;
 use crate::stream::{self, DeliverMsg, DeliverStart, Shared, Stream, ThreadEnded};
 use crossbeam_channel::Sender;
@@ -73,7 +74,8 @@ impl From<CircuitViolation> for End {
 /// A stream as the circuit keeps it.
 struct Entry {
     stream: Arc<Stream>,
-    threads: Vec<JoinHandle<()>>,
+    /// Its packager and deliverer (pooled threads, joined as tasks).
+    threads: Vec<Task>,
     /// Stream threads not yet ended.
     alive: usize,
     /// DATA gathered for the deliverer while handling one inbox message:
@@ -572,7 +574,7 @@ impl Circuit {
         // opening a stream, while this thread starts the deliverer.
         let pk = {
             let (s, ctx) = (stream.clone(), self.ctx.clone());
-            threads::spawn(format!("pk {}", stream.name), move || {
+            self.ctx.pool.spawn(format!("pk {}", stream.name), move || {
                 stream::exit_packager(s, ctx, sock_tx)
             })
         };
@@ -594,7 +596,7 @@ impl Circuit {
         };
         let dl = {
             let s = stream.clone();
-            threads::spawn(format!("dl {}", stream.name), move || {
+            self.ctx.pool.spawn(format!("dl {}", stream.name), move || {
                 stream::deliverer(s, dl_rx, DeliverStart::Exit(sock_rx))
             })
         };
@@ -608,7 +610,7 @@ impl Circuit {
     /// and a reset, R8.7), and the thread that runs ends by itself: an exit
     /// packager sees the abort (and its socket has no taker), a client
     /// deliverer answers the SOCKS request with 0x01.
-    fn enter_stream(&mut self, mut entry: Entry, second: std::io::Result<JoinHandle<()>>) {
+    fn enter_stream(&mut self, mut entry: Entry, second: std::io::Result<Task>) {
         let stream = entry.stream.clone();
         match second {
             Ok(h) => {
@@ -779,7 +781,7 @@ impl Circuit {
         let dl = {
             let (s, sock, socks) = (stream.clone(), sock.clone(), req.socks);
             let begin_timeout = self.ctx.cfg.begin_timeout;
-            threads::spawn(format!("dl {}", stream.name), move || {
+            self.ctx.pool.spawn(format!("dl {}", stream.name), move || {
                 let start = DeliverStart::Client {
                     sock,
                     socks,
@@ -813,7 +815,7 @@ impl Circuit {
         };
         let pk = {
             let (s, initial) = (stream.clone(), req.initial);
-            threads::spawn(format!("pk {}", stream.name), move || {
+            self.ctx.pool.spawn(format!("pk {}", stream.name), move || {
                 stream::client_packager(s, sock, initial)
             })
         };
@@ -849,7 +851,7 @@ impl Circuit {
             retired[pos].alive -= 1;
             if retired[pos].alive == 0 {
                 let entry = retired.swap_remove(pos);
-                entry.threads.into_iter().for_each(threads::join);
+                entry.threads.into_iter().for_each(Task::join);
                 self.view.remove_stream(serial);
             }
             return;
@@ -874,7 +876,7 @@ impl Circuit {
             });
         }
         let c = entry.with_state(|st| st.counters);
-        entry.threads.into_iter().for_each(threads::join);
+        entry.threads.into_iter().for_each(Task::join);
         self.view.remove_stream(serial);
         tracing::debug!(
             stream = %entry.stream.name,
@@ -963,7 +965,7 @@ impl Circuit {
             .collect();
         let count = streams.len();
         for entry in streams {
-            entry.threads.into_iter().for_each(threads::join);
+            entry.threads.into_iter().for_each(Task::join);
         }
         for (handle, _slot) in lookups {
             threads::join(handle);
@@ -1040,7 +1042,7 @@ mod tests {
             port: 80,
         };
         let (stream, _dl_rx) = circuit.new_stream(7, target, None);
-        let first = threads::spawn("test-first".into(), || {}).unwrap();
+        let first = ctx.pool.spawn("test-first".into(), || {}).unwrap();
         let entry = Entry {
             stream: stream.clone(),
             threads: vec![first],

@@ -57,6 +57,16 @@ pub struct ProcessInfo {
     pub open_streams: usize,
     /// Threads alive (/proc/self/task).
     pub threads: usize,
+    /// Of those, parked: waiting for the next stream's task
+    /// (docs/design.md, "Thread reuse").
+    #[serde(default)]
+    pub threads_parked: usize,
+    /// Stream and SOCKS tasks so far that started a thread, and that took
+    /// a parked one.
+    #[serde(default)]
+    pub thread_starts: usize,
+    #[serde(default)]
+    pub thread_reuses: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -235,6 +245,7 @@ pub struct Watched {
 /// Takes a snapshot of every link, circuit and stream of the process.
 pub fn snapshot(w: &Watched) -> Snapshot {
     let ctx = &w.ctx;
+    let pool = ctx.pool.counts();
     let roles = w.roles.lock().clone();
     let live = w.links.all();
     let mut views: Vec<Arc<CircuitView>> = live.iter().flat_map(|l| l.circuit_views()).collect();
@@ -296,6 +307,9 @@ pub fn snapshot(w: &Watched) -> Snapshot {
             capacity_streams: ctx.cfg.max_streams,
             open_streams: ctx.open_streams(),
             threads: thread_count(),
+            threads_parked: pool.1,
+            thread_starts: pool.2,
+            thread_reuses: pool.3,
         },
         links,
         circuits,
@@ -335,6 +349,9 @@ fn gauges(s: &Snapshot) -> Gauges {
     Gauges {
         capacity: s.process.capacity_streams,
         threads: s.process.threads,
+        threads_parked: s.process.threads_parked,
+        thread_starts: s.process.thread_starts as u64,
+        thread_reuses: s.process.thread_reuses as u64,
         links: count(s.links.iter().map(|l| role(&l.role))),
         circuits: count(s.circuits.iter().map(|c| role(&c.role))),
         streams,
@@ -710,6 +727,9 @@ mod tests {
                 capacity_streams: 10,
                 open_streams: 3,
                 threads: 9,
+                threads_parked: 0,
+                thread_starts: 0,
+                thread_reuses: 0,
             },
             links: vec![],
             circuits: vec![],
@@ -769,6 +789,9 @@ mod tests {
                 capacity_streams: 10,
                 open_streams: 1,
                 threads: 9,
+                threads_parked: 0,
+                thread_starts: 0,
+                thread_reuses: 0,
             },
             links: vec![link(1, true), link(2, false)],
             circuits: vec![],

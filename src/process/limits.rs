@@ -27,11 +27,19 @@ pub const MAX_HANDSHAKES: usize = 256;
 pub const MAX_STATUS_CONNECTIONS: usize = 8;
 /// Name lookups in flight at once (each is a thread: getaddrinfo blocks).
 pub const MAX_LOOKUPS: usize = 64;
+/// Stream and SOCKS threads kept parked for the next stream to take
+/// (`runtime::pool`), and how long one waits before it retires.
+pub const MAX_PARKED: usize = 256;
+pub const PARKED_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 /// Threads kept for all of the above, plus the client's links to its exit
 /// (2 × `MAX_EXIT_LINKS`), acceptors and the like (64 in all).
-const THREADS_RESERVED: u64 =
-    (MAX_CIRCUITS + 2 * MAX_LINKS + MAX_HANDSHAKES + MAX_STATUS_CONNECTIONS + MAX_LOOKUPS + 64)
-        as u64;
+const THREADS_RESERVED: u64 = (MAX_CIRCUITS
+    + 2 * MAX_LINKS
+    + MAX_HANDSHAKES
+    + MAX_STATUS_CONNECTIONS
+    + MAX_LOOKUPS
+    + MAX_PARKED
+    + 64) as u64;
 /// Descriptors kept for listeners, links and the process itself.
 const FDS_RESERVED: u64 = 256;
 /// Threads per stream in one process: packager and deliverer.
@@ -138,8 +146,9 @@ mod tests {
         };
         let c = k.capacity();
         assert_eq!(c.limited_by, "vm.max_map_count");
-        // (65530 - 2048) / 4 = 15870 threads, minus 1160 reserved, / 2.
-        assert_eq!(c.streams, 7355);
+        // (65530 - 2048) / 4 = 15870 threads, minus 1416 reserved (256 of
+        // them parked), / 2.
+        assert_eq!(c.streams, 7227);
         // 2 threads each stay below the abort point near 16,000 threads.
         assert!((c.streams as u64) * 2 + THREADS_RESERVED < 16_000);
     }

@@ -421,6 +421,27 @@ impl Metrics {
             "Threads alive in the process (/proc/self/task).",
         );
         let _ = writeln!(o, "halfpipe_threads {}", gauges.threads);
+        family(
+            o,
+            "halfpipe_threads_parked",
+            "gauge",
+            "Threads parked for the next stream or SOCKS task to take (of halfpipe_threads).",
+        );
+        let _ = writeln!(o, "halfpipe_threads_parked {}", gauges.threads_parked);
+        family(
+            o,
+            "halfpipe_thread_starts_total",
+            "counter",
+            "Stream and SOCKS tasks that started a new thread.",
+        );
+        let _ = writeln!(o, "halfpipe_thread_starts_total {}", gauges.thread_starts);
+        family(
+            o,
+            "halfpipe_thread_reuses_total",
+            "counter",
+            "Stream and SOCKS tasks that took a parked thread instead.",
+        );
+        let _ = writeln!(o, "halfpipe_thread_reuses_total {}", gauges.thread_reuses);
 
         family(o, "halfpipe_links", "gauge", "Links open, by role.");
         for (role, n) in &gauges.links {
@@ -578,6 +599,10 @@ impl Metrics {
 pub struct Gauges {
     pub capacity: usize,
     pub threads: usize,
+    pub threads_parked: usize,
+    /// The thread pool's counters (kept by the pool, shown with the rest).
+    pub thread_starts: u64,
+    pub thread_reuses: u64,
     /// (role, count)
     pub links: Vec<(&'static str, usize)>,
     pub circuits: Vec<(&'static str, usize)>,

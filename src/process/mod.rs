@@ -10,6 +10,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 
+use crate::runtime::pool::Pool;
 use crate::runtime::semaphore::Semaphore;
 use halfpipe_proto::congestion::Flow;
 use halfpipe_proto::policy::Policy;
@@ -82,7 +83,7 @@ impl Default for Config {
             grace: Duration::from_secs(10),
             idle_timeout: None,
             half_closed_timeout: Some(Duration::from_secs(300)),
-            flow: Flow::V1,
+            flow: Flow::V2,
             keepalive: Some(Duration::from_secs(300)),
             exit_policy: Arc::new(
                 halfpipe_proto::policy::DEFAULT_EXIT_POLICY
@@ -109,6 +110,9 @@ pub struct Ctx {
     pub lookups: Arc<Semaphore>,
     /// Process-wide counters for `GET /metrics`.
     pub metrics: Arc<Metrics>,
+    /// Parked threads that streams and SOCKS handshakes take instead of
+    /// starting their own (`runtime::pool`); shut down with the daemon.
+    pub pool: Arc<Pool>,
 }
 
 /// One stream's share of `Config::max_streams`, counted for its process
@@ -181,6 +185,7 @@ impl Ctx {
             next_socks: AtomicU32::new(1),
             shutting_down: AtomicBool::new(false),
             metrics: Arc::new(Metrics::default()),
+            pool: Pool::new(limits::MAX_PARKED, limits::PARKED_IDLE),
         })
     }
 

@@ -7,6 +7,7 @@
 use crate::app::client_unlinked;
 use crate::util::*;
 use halfpipe_proto::cell::{cmd, destroy_reason};
+use halfpipe_proto::congestion;
 use halfpipe_proto::kdf;
 use halfpipe_proto::relay::{self, end_reason, relay_cmd};
 use std::collections::HashSet;
@@ -140,7 +141,13 @@ fn the_client_opens_with_versions_4_then_create_fast_on_fresh_circids() {
             let c = link.recv_cell().expect("CREATE_FAST");
             assert_eq!(c.command, cmd::CREATE_FAST, "{c:?}");
             let x: [u8; 20] = c.payload[..20].try_into().unwrap();
-            assert!(c.payload[20..].iter().all(|&b| b == 0), "padding");
+            // The padding: zeros after the offer of flow control v2, which
+            // the client makes by default (R14.1).
+            assert!(
+                congestion::has_mark(&c.payload, congestion::OFFER_AT),
+                "R14.1"
+            );
+            assert!(c.payload[30..].iter().all(|&b| b == 0), "padding");
             let answer = kdf::created_fast_payload(&x, &[0x5a; 20]);
             link.send_cell(c.circ, cmd::CREATED_FAST, &answer);
             circuits.push((c.circ, x));

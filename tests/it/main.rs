@@ -11,6 +11,7 @@ mod limits;
 mod netns;
 mod regression;
 mod resolve;
+mod reuse;
 mod smoke;
 mod startup;
 mod status;

@@ -140,6 +140,7 @@ fn known_thread_name(name: &str) -> bool {
                 | "link-dial"
                 | "status-http"
                 | "signals"
+                | "parked"
         ),
     }
 }

@@ -413,15 +413,27 @@ impl Daemon {
         names
     }
 
+    /// Threads at work: every thread but the parked ones, which wait for
+    /// the next stream's task (docs/design.md, "Thread reuse": at most 256,
+    /// each retiring after 10 s idle; `parked_threads_retire` checks that).
+    /// A thread stuck in a task keeps its task's name, so a leak still
+    /// shows here.
     pub fn thread_count(&self) -> usize {
-        self.thread_names().len()
+        self.working_threads().len()
     }
 
-    /// Waits until the thread count is `n` (threads end asynchronously).
+    pub fn working_threads(&self) -> Vec<String> {
+        let mut names = self.thread_names();
+        names.retain(|n| n != "parked");
+        names
+    }
+
+    /// Waits until the count of threads at work is `n` (threads end
+    /// asynchronously).
     pub fn wait_for_threads(&self, n: usize) {
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let names = self.thread_names();
+            let names = self.working_threads();
             if names.len() == n {
                 return;
             }

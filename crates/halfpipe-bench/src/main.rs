@@ -157,6 +157,20 @@ pub enum BenchCommand {
     /// completed intact and the counts came back, 1 if not, 2 when the soak
     /// could not run.
     Soak(soak::SoakArgs),
+    /// Run the rtt scenario's delay relay by itself, in front of any TCP
+    /// service (an sshd, say), until killed: prints "relay listening on
+    /// ADDR" on stdout.
+    Relay(RelayArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RelayArgs {
+    /// Where each connection is relayed to.
+    #[arg(long, value_name = "ADDR")]
+    pub upstream: SocketAddr,
+    /// Delay added each way, in milliseconds.
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub delay_ms: u64,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -410,6 +424,21 @@ fn main() -> ExitCode {
     let args = BenchArgs::parse();
     if let Some(BenchCommand::Soak(soak_args)) = &args.command {
         return soak::main(soak_args);
+    }
+    if let Some(BenchCommand::Relay(r)) = &args.command {
+        let relay = match relay::DelayRelay::start(r.upstream, Duration::from_millis(r.delay_ms)) {
+            Ok(relay) => relay,
+            Err(e) => {
+                eprintln!("halfpipe-bench relay: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        println!("relay listening on {}", relay.addr());
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+        // Until killed: the relay's threads do the work.
+        loop {
+            std::thread::park();
+        }
     }
     if args.serve_hold_target {
         return targets::serve_hold_target();

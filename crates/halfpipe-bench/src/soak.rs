@@ -1083,6 +1083,9 @@ impl Totals {
 /// A daemon's counts from /proc.
 #[derive(Serialize, Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
+    /// Threads at work: parked ones (named "parked", waiting for the next
+    /// stream's task, bounded and retiring when idle: halfpipe's
+    /// docs/design.md, "Thread reuse") are not counted.
     pub threads: u64,
     pub fds: u64,
     pub rss_kib: u64,
@@ -1103,8 +1106,15 @@ fn counts(pid: u32) -> Option<Counts> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |key: &str| procfs::status_kib(&status, key);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    let parked = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "parked")
+        })
+        .count() as u64;
     Some(Counts {
-        threads: field("Threads:"),
+        threads: field("Threads:").saturating_sub(parked),
         fds,
         rss_kib: field("VmRSS:"),
     })

@@ -11,13 +11,11 @@ use std::time::{Duration, Instant};
 /// DATA cells acknowledged by one circuit SENDME.
 pub const SENDME_INC: u32 = 31;
 /// The congestion window of a new circuit.
-pub const CWND_INIT: u32 = 1000;
-/// The window never goes below this (R14.5): §10's circuit window.
-pub const CWND_MIN: u32 = 1000;
+pub const CWND_INIT: u32 = 4000;
+/// The window never goes below this (R14.5).
+pub const CWND_MIN: u32 = 4000;
 /// The window never goes above this (R14.5).
 pub const CWND_MAX: u32 = 10_000;
-/// Slow start ends here at the latest.
-pub const SS_MAX: u32 = 5000;
 /// Vegas's queue thresholds, in cells: tor's values for exit circuits.
 pub const ALPHA: u32 = 186;
 pub const BETA: u32 = 248;
@@ -215,8 +213,8 @@ impl Congestion {
                 self.cwnd = bdp + GAMMA;
                 self.end_slow_start();
             }
-            if self.cwnd >= SS_MAX {
-                self.cwnd = SS_MAX;
+            if self.cwnd >= CWND_MAX {
+                self.cwnd = CWND_MAX;
                 self.end_slow_start();
             }
         } else {
@@ -434,13 +432,16 @@ mod tests {
     #[test]
     fn a_long_path_grows_the_window_in_slow_start() {
         // R14.7: 40 ms round trip, a path that drains 500 cells per ms
-        // (20,000 in flight would be needed): slow start grows to SS_MAX.
-        // After it, the window grows by SENDME_INC per round trip.
-        let c = drive(Duration::from_millis(40), 500, 3);
-        assert_eq!(c.cwnd(), SS_MAX);
+        // (20,000 in flight would be needed): slow start doubles the
+        // window each round trip, to CWND_MAX, and it stays there.
+        let c = drive(Duration::from_millis(40), 500, 1);
+        assert!(c.in_slow_start());
+        assert_eq!(c.cwnd(), CWND_INIT + CWND_INIT / SENDME_INC * SENDME_INC);
+        let c = drive(Duration::from_millis(40), 500, 2);
+        assert_eq!(c.cwnd(), CWND_MAX);
         assert!(!c.in_slow_start());
         let c = drive(Duration::from_millis(40), 500, 10);
-        assert_eq!(c.cwnd(), SS_MAX + 7 * SENDME_INC);
+        assert_eq!(c.cwnd(), CWND_MAX);
     }
 
     #[test]

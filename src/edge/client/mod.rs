@@ -12,6 +12,7 @@ use crate::link::{Links, TlsConfig};
 use crate::process::limits::MAX_HANDSHAKES;
 use crate::process::metrics::{Limit, Metrics};
 use crate::process::{Ctx, Source};
+use crate::runtime::pool::Task;
 use crate::runtime::threads;
 use crossbeam_channel::{Receiver, Sender};
 use halfpipe_proto::relay::{self, Answer, Host};
@@ -229,7 +230,8 @@ impl Client {
                 let handshaking: Handshaking = Arc::new(Mutex::new(Some(watch)));
                 let id = client.ctx.next_socks_id();
                 let (c, h) = (client.clone(), handshaking.clone());
-                match threads::spawn(format!("socks {id}"), move || c.socks_session(sock, &h)) {
+                let pool = &client.ctx.pool;
+                match pool.spawn(format!("socks {id}"), move || c.socks_session(sock, &h)) {
                     Ok(thread) => sessions.push(Session {
                         thread,
                         started: Instant::now(),
@@ -246,7 +248,7 @@ impl Client {
                     let _ = sock.shutdown(Shutdown::Both);
                 }
             }
-            sessions.into_iter().for_each(|s| threads::join(s.thread));
+            sessions.into_iter().for_each(|s| s.thread.join());
         })
     }
 
@@ -394,7 +396,7 @@ type Handshaking = Arc<Mutex<Option<TcpStream>>>;
 
 /// A SOCKS connection's thread, as `socks-accept` keeps it.
 struct Session {
-    thread: JoinHandle<()>,
+    thread: Task,
     started: Instant,
     handshaking: Handshaking,
 }
@@ -404,7 +406,7 @@ fn reap(sessions: &mut Vec<Session>) {
     let (done, running): (Vec<_>, Vec<_>) =
         sessions.drain(..).partition(|s| s.thread.is_finished());
     *sessions = running;
-    done.into_iter().for_each(|s| threads::join(s.thread));
+    done.into_iter().for_each(|s| s.thread.join());
 }
 
 /// Ends the handshake that has been going on longest, if any is: its
