@@ -729,7 +729,9 @@ impl Sim {
         if self.before_connected() {
             return true;
         }
-        match self.st.accept_data(1) {
+        // The circuit's DATA step, under the stream's lock (a version 1
+        // stream queues nothing here).
+        match self.locked(|st, out| st.accept_data(1, out)) {
             Err(_) => return true,
             Ok(Delivery::Drop) => return false, // §9: late DATA for a closed stream
             Ok(Delivery::Deliver) => {}
