@@ -375,7 +375,7 @@ fn circuit(m: &Model, peer: &[Peer]) {
             Peer::Data(n) => {
                 // One run of `n` cells, as `Circuit::on_data` takes it.
                 if n > 0
-                    && m.state.lock().accept_data(n).expect("no violation") == Delivery::Deliver
+                    && m.state.lock().accept_data(n, m).expect("no violation") == Delivery::Deliver
                 {
                     let arrival = std::sync::Arc::new(vec![0u8; n as usize]);
                     let cells = (0..n).map(|i| (i, 1)).collect();
@@ -467,7 +467,7 @@ fn run(sc: Scenario) {
     if sc.sendme_due {
         // 49 cells received and written: the next one written earns a
         // SENDME (§10: 50 written, deliver window at most 450).
-        assert_eq!(st.accept_data(49), Ok(Delivery::Deliver));
+        assert_eq!(st.accept_data(49, &Discard), Ok(Delivery::Deliver));
         st.delivered(49, 49, Instant::now(), &Discard);
     }
     let before = st.counters;

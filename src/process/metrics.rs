@@ -177,8 +177,8 @@ const LIMITS: [(Limit, &str); 5] = [
 ];
 
 /// Relay commands have one counter each below this; others share counter
-/// 0 (`relay_cmd::name(0)` is "unknown"). FIN (31) is the largest known.
-const RELAY_CMDS: usize = 32;
+/// 0 (`relay_cmd::name(0)` is "unknown"). XON (44) is the largest known.
+const RELAY_CMDS: usize = 45;
 /// END and DESTROY reasons below this have one counter each.
 const REASONS: usize = 16;
 
@@ -226,7 +226,6 @@ impl Default for Metrics {
 
 /// Counts gathered by one thread over one batch (a `writev()`, a `read()`,
 /// an inbox message), added to the atomics in one go by `Metrics::add`.
-#[derive(Default)]
 pub struct Tally {
     link_bytes: u64,
     link_cells: u64,
@@ -234,6 +233,20 @@ pub struct Tally {
     end: [u32; REASONS],
     destroy: [u32; REASONS],
     any: bool,
+}
+
+// By hand: std derives `Default` for arrays of at most 32 elements.
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            link_bytes: 0,
+            link_cells: 0,
+            relay: [0; RELAY_CMDS],
+            end: [0; REASONS],
+            destroy: [0; REASONS],
+            any: false,
+        }
+    }
 }
 
 impl Tally {
@@ -285,8 +298,9 @@ impl Tally {
 }
 
 fn relay_index(command: u8) -> usize {
+    // Unknown commands share counter 0, so that "unknown" is one sample.
     match command as usize {
-        i if i < RELAY_CMDS => i,
+        i if i < RELAY_CMDS && relay_cmd::name(command) != "unknown" => i,
         _ => 0,
     }
 }
@@ -675,6 +689,28 @@ mod tests {
         assert_eq!(socks_reply_code(&both), Some((5, 0x07)));
         // "No acceptable method" alone is no reply to a request.
         assert_eq!(socks_reply_code(&[5, 0xff]), None);
+    }
+
+    #[test]
+    fn unknown_relay_commands_are_one_sample_and_xon_xoff_their_own() {
+        let m = Metrics::default();
+        let mut t = Tally::default();
+        for command in [20, 35, 200, relay_cmd::XOFF, relay_cmd::XON, relay_cmd::XON] {
+            t.relay(command);
+        }
+        m.add(Dir::Received, &mut t);
+        let text = m.render(&Gauges::default());
+        let rows = |cmd: &str| {
+            text.lines()
+                .filter(|l| l.contains(&format!("command=\"{cmd}\"")))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            rows("unknown"),
+            ["halfpipe_relay_cells_total{direction=\"received\",command=\"unknown\"} 3"]
+        );
+        assert_eq!(rows("XOFF").len(), 1);
+        assert!(rows("XON")[0].ends_with(" 2"));
     }
 
     #[test]

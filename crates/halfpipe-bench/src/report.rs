@@ -224,6 +224,10 @@ pub struct Slow {
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Rtt {
     pub delay_ms: u64,
+    /// The daemons' `--flow`: "v1" is held to the window limit below, "v2"
+    /// is not (docs/protocol.md §14).
+    #[serde(default)]
+    pub flow: String,
     /// Round trip through the delay relay, measured (echo, median).
     pub rtt_ms: f64,
     pub window_cells: u64,
@@ -519,7 +523,7 @@ pub fn slow_text(s: &Slow) -> String {
 }
 
 pub fn rtt_text(r: &Rtt) -> String {
-    let mut t = Table::new(&["rtt", "MiB", "seconds", "MiB/s", "of limit", "verified"]);
+    let mut t = Table::new(&["rtt", "MiB", "seconds", "MiB/s", "of v1 limit", "verified"]);
     for (name, x, vs) in [
         ("upload", &r.upload, Some(r.upload_vs_limit)),
         ("download", &r.download, Some(r.download_vs_limit)),
@@ -535,7 +539,8 @@ pub fn rtt_text(r: &Rtt) -> String {
         ]);
     }
     let mut out = format!(
-        "rtt: delay {} ms each way, measured round trip {:.2} ms; window limit {} cells x {} B / RTT = {:.1} MiB/s ({:.1} MiB/s at the measured RTT)\n",
+        "rtt: flow {}, delay {} ms each way, measured round trip {:.2} ms; v1's window limit {} cells x {} B / RTT = {:.1} MiB/s ({:.1} MiB/s at the measured RTT)\n",
+        r.flow,
         r.delay_ms,
         r.rtt_ms,
         r.window_cells,
@@ -870,11 +875,11 @@ pub fn markdown(c: &Compare) -> String {
         "implementation",
         "delay each way",
         "measured RTT",
-        "window limit MiB/s",
+        "v1 window limit MiB/s",
         "upload MiB/s",
-        "of limit",
+        "of v1 limit",
         "download MiB/s",
-        "of limit",
+        "of v1 limit",
         "relay only (TCP) MiB/s",
     ]);
     for r in &c.runs {
@@ -1029,6 +1034,7 @@ pub(crate) mod tests {
             }),
             rtt: Some(Rtt {
                 delay_ms: 5,
+                flow: "v1".into(),
                 rtt_ms: 10.5,
                 window_cells: WINDOW_CELLS,
                 cell_data_bytes: CELL_DATA_BYTES,

@@ -218,6 +218,7 @@ pub fn run(
     drop(ref_relay);
     Ok(Rtt {
         delay_ms: delay.as_millis() as u64,
+        flow: flow.to_owned(),
         rtt_ms: rtt.as_secs_f64() * 1000.0,
         window_cells: WINDOW_CELLS,
         cell_data_bytes: CELL_DATA_BYTES,
