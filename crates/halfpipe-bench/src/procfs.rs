@@ -19,11 +19,11 @@ pub(super) fn status_kib(status: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// One process: VmRSS from status, Pss from smaps_rollup, threads from
-/// /proc/PID/task. None once it is gone.
+/// One process: VmRSS from status, Pss from smaps_rollup, threads at work
+/// from /proc/PID/task. None once it is gone.
 fn process(pid: u32) -> Option<Usage> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let threads = fs::read_dir(format!("/proc/{pid}/task")).ok()?.count() as u64;
+    let threads = working_threads(pid)?;
     let pss_kib = fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .map(|s| status_kib(&s, "Pss:"))
         .unwrap_or(0);
@@ -33,6 +33,22 @@ fn process(pid: u32) -> Option<Usage> {
         threads,
         processes: 1,
     })
+}
+
+/// Threads of `pid` other than parked ones: halfpipe keeps up to 256
+/// threads between streams, named "parked", which retire after 10 s idle
+/// (its docs/design.md, "Thread reuse"); they hold no stream. (Their
+/// memory is in the RSS figures all the same.)
+pub fn working_threads(pid: u32) -> Option<u64> {
+    let tasks = fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    Some(
+        tasks
+            .flatten()
+            .filter(|t| {
+                fs::read_to_string(t.path().join("comm")).map_or(true, |c| c.trim() != "parked")
+            })
+            .count() as u64,
+    )
 }
 
 /// The parent of every process, from /proc/*/stat.

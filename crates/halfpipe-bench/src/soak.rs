@@ -1106,15 +1106,8 @@ fn counts(pid: u32) -> Option<Counts> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let field = |key: &str| procfs::status_kib(&status, key);
     let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
-    let parked = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "parked")
-        })
-        .count() as u64;
     Some(Counts {
-        threads: field("Threads:").saturating_sub(parked),
+        threads: procfs::working_threads(pid)?,
         fds,
         rss_kib: field("VmRSS:"),
     })
