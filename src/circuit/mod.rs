@@ -372,18 +372,25 @@ impl Circuit {
         }
     }
 
-    /// Sends the control cells and deliverer batches gathered so far.
+    /// Sends the control cells and deliverer batches gathered so far. The
+    /// cells first: the circuit SENDMEs among them leave before the data
+    /// they acknowledge is handed on (R14.4).
     fn flush(&mut self) {
+        self.send_out();
         for id in self.dirty.drain(..) {
             if let Some(entry) = self.map.stream_mut(id) {
                 send_batch(entry);
             }
         }
+        self.ctx.metrics.add(Dir::Received, &mut self.tally);
+        self.view.set_deliver_window(self.map.deliver_window());
+    }
+
+    /// Queues the control cells gathered so far on the link.
+    fn send_out(&mut self) {
         if !self.out.is_empty() {
             let _ = self.link_tx.send(std::mem::take(&mut self.out));
         }
-        self.ctx.metrics.add(Dir::Received, &mut self.tally);
-        self.view.set_deliver_window(self.map.deliver_window());
     }
 
     fn queue_relay(&mut self, command: u8, stream_id: u16, body: &[u8]) {
@@ -497,6 +504,9 @@ impl Circuit {
         let Some(step) = self.map.on_fin(id)? else {
             return Ok(()); // R9.3, R9.5
         };
+        // R14.4: SENDMEs for the data before the FIN leave before it is
+        // handed on.
+        self.send_out();
         let entry = self.map.stream_mut(id).expect("on_fin found it");
         if step.action == Action::DeliverThenShutdownWrite {
             send_batch(entry);

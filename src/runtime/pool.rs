@@ -136,39 +136,53 @@ impl Pool {
             job: Box::new(f),
             done,
         };
-        let (parked, ended) = {
-            let mut g = self.inner.lock();
-            if g.stopping {
-                return Err(io::Error::other("shutting down"));
+        let mut g = self.inner.lock();
+        if g.stopping {
+            return Err(io::Error::other("shutting down"));
+        }
+        // Threads that retired since are joined below (they have ended or
+        // are about to).
+        let (ended, running): (Vec<_>, Vec<_>) = g.threads.drain(..).partition(|h| h.is_finished());
+        g.threads = running;
+        let result = match g.parked.pop() {
+            Some(w) => {
+                drop(g);
+                self.reused.fetch_add(1, Ordering::Relaxed);
+                w.next.lock().assignment = Some(assignment);
+                w.cv.notify_one();
+                Ok(task)
             }
-            // Threads that retired since are joined below (they have
-            // ended or are about to).
-            let (ended, running): (Vec<_>, Vec<_>) =
-                g.threads.drain(..).partition(|h| h.is_finished());
-            g.threads = running;
-            (g.parked.pop(), ended)
+            None => {
+                let pool = self.clone();
+                let worker = Arc::new(Worker {
+                    next: Mutex::new(Mailbox::default()),
+                    cv: Condvar::new(),
+                });
+                // std's name of the thread stays "pool" (it cannot change);
+                // what the kernel shows is set per task. (No tracing span
+                // per task: tracing-subscriber's registry allows at most
+                // 4,096 threads with spans at once, and a stream thread
+                // must not panic on the 4,097th.) Started under the lock,
+                // so that `shutdown` cannot miss its handle.
+                // Counted alive first: the thread may run its task and
+                // retire before this one carries on.
+                self.alive.fetch_add(1, Ordering::Relaxed);
+                match super::threads::spawn("pool".into(), move || pool.work(worker, assignment)) {
+                    Ok(handle) => {
+                        g.threads.push(handle);
+                        drop(g);
+                        self.started.fetch_add(1, Ordering::Relaxed);
+                        Ok(task)
+                    }
+                    Err(e) => {
+                        self.alive.fetch_sub(1, Ordering::Relaxed);
+                        Err(e)
+                    }
+                }
+            }
         };
         ended.into_iter().for_each(super::threads::join);
-        if let Some(w) = parked {
-            self.reused.fetch_add(1, Ordering::Relaxed);
-            w.next.lock().assignment = Some(assignment);
-            w.cv.notify_one();
-            return Ok(task);
-        }
-        let pool = self.clone();
-        let worker = Arc::new(Worker {
-            next: Mutex::new(Mailbox::default()),
-            cv: Condvar::new(),
-        });
-        // std's name of the thread stays "pool" (it cannot change); what
-        // the kernel shows is set per task. (No tracing span per task:
-        // tracing-subscriber's registry allows at most 4,096 threads with
-        // spans at once, and a stream thread must not panic on the 4,097th.)
-        let handle = super::threads::spawn("pool".into(), move || pool.work(worker, assignment))?;
-        self.started.fetch_add(1, Ordering::Relaxed);
-        self.alive.fetch_add(1, Ordering::Relaxed);
-        self.inner.lock().threads.push(handle);
-        Ok(task)
+        result
     }
 
     /// A pooled thread's life: run the assignment, park, run the next...

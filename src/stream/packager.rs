@@ -259,6 +259,12 @@ fn frame_bytes(stream: &Stream, data: &[u8]) -> (Vec<u8>, u32) {
 fn send_cells(stream: &Stream, buf: &mut Vec<u8>, cells: u32) -> Result<(), Stop> {
     let mut sent = 0;
     while sent < cells {
+        // R14.11: after the peer's XOFF not even what was read before it
+        // goes out; XON wakes us (as a stream SENDME would).
+        stream
+            .state
+            .wait_until(&stream.aborted, |st| (!st.held_back()).then_some(()))
+            .map_err(|_| Stop::Ended)?;
         // §10: this packager's turn at the circuit window (`FairWindow`).
         let m = stream
             .circuit_window

@@ -415,7 +415,7 @@ impl Daemon {
 
     /// Threads at work: every thread but the parked ones, which wait for
     /// the next stream's task (docs/design.md, "Thread reuse": at most 256,
-    /// each retiring after 10 s idle; `parked_threads_retire` checks that).
+    /// each retiring after 10 s idle; `reuse.rs` checks that).
     /// A thread stuck in a task keeps its task's name, so a leak still
     /// shows here.
     pub fn thread_count(&self) -> usize {

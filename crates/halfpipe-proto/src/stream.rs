@@ -162,6 +162,13 @@ impl StreamState {
         }
     }
 
+    /// A version 2 stream the peer has sent XOFF on, and that may still
+    /// package: its packager sends nothing, not even cells it has already
+    /// read, until XON (R14.11).
+    pub fn held_back(&self) -> bool {
+        self.v2.is_some_and(|x| x.paused()) && self.hc.may_package()
+    }
+
     /// Queues `count` DATA cells holding `bytes` bytes read at `now`,
     /// taking them from the stream package window (R10.4), if we may still
     /// package (R7.1).

@@ -767,7 +767,7 @@ mod tests {
             &[(relay_cmd::XOFF, vec![0])]
         );
         // R14.15: a sender that ignores it is caught.
-        map.on_data(1, xonxoff::HELD_MAX - 500).unwrap();
+        map.on_data(1, xonxoff::AFTER_XOFF_MAX).unwrap();
         assert_eq!(
             map.on_data(1, 1),
             Err(CircuitViolation::Stream(FlowViolation::XoffIgnored.into()))

@@ -11,8 +11,11 @@ use crate::flow::FlowViolation;
 pub const XOFF_AT: u32 = 500;
 /// Held cells at or below which a receiver that sent XOFF sends XON (R14.10).
 pub const XON_AT: u32 = 250;
-/// Held cells beyond which DATA is a violation (R14.15).
-pub const HELD_MAX: u32 = XOFF_AT + CWND_MAX;
+/// DATA cells a stream may carry after our XOFF beyond a congestion window:
+/// what its sender had read before the XOFF came (R14.15).
+pub const XOFF_GRACE: u32 = 1000;
+/// DATA cells after our XOFF past which more is a violation (R14.15).
+pub const AFTER_XOFF_MAX: u32 = CWND_MAX + XOFF_GRACE;
 
 /// XOFF's body: version 0 (R14.14's format).
 pub fn encode_xoff() -> [u8; 1] {
@@ -50,6 +53,8 @@ pub struct XonXoff {
     held: u32,
     /// We sent XOFF and no XON since.
     xoff_sent: bool,
+    /// DATA cells arrived since that XOFF (R14.15).
+    since_xoff: u32,
     /// The peer sent XOFF and no XON since: we may not package (R14.11).
     paused: bool,
 }
@@ -78,12 +83,16 @@ impl XonXoff {
     /// `cells` DATA cells arrived for the stream: R14.15, a peer that
     /// ignored XOFF is caught; R14.9, XOFF once XOFF_AT are held.
     pub fn on_data(&mut self, cells: u32) -> Result<Signal, FlowViolation> {
-        if self.held + cells > HELD_MAX {
-            return Err(FlowViolation::XoffIgnored);
+        if self.xoff_sent {
+            if self.since_xoff + cells > AFTER_XOFF_MAX {
+                return Err(FlowViolation::XoffIgnored);
+            }
+            self.since_xoff += cells;
         }
         self.held += cells;
         if self.held >= XOFF_AT && !self.xoff_sent {
             self.xoff_sent = true;
+            self.since_xoff = 0;
             return Ok(Signal::Xoff);
         }
         Ok(Signal::None)
@@ -95,14 +104,10 @@ impl XonXoff {
         self.held = self.held.saturating_sub(cells);
         if self.xoff_sent && self.held <= XON_AT && more_may_come {
             self.xoff_sent = false;
+            self.since_xoff = 0;
             return Signal::Xon;
         }
         Signal::None
-    }
-
-    /// Held cells that will never be written (the stream aborted).
-    pub fn forget(&mut self) {
-        self.held = 0;
     }
 
     /// The peer's XOFF (R14.11).
@@ -159,11 +164,30 @@ mod tests {
 
     #[test]
     fn ignoring_xoff_is_a_violation() {
-        // R14.15: held may reach XOFF_AT + CWND_MAX, not more.
+        // R14.15: after XOFF, CWND_MAX + XOFF_GRACE cells may come, not one
+        // more.
         let mut s = XonXoff::default();
-        assert_eq!(s.on_data(HELD_MAX - 1), Ok(Signal::Xoff));
+        assert_eq!(s.on_data(XOFF_AT), Ok(Signal::Xoff));
+        assert_eq!(s.on_data(AFTER_XOFF_MAX - 1), Ok(Signal::None));
         assert_eq!(s.on_data(1), Ok(Signal::None));
         assert_eq!(s.on_data(1), Err(FlowViolation::XoffIgnored));
+    }
+
+    #[test]
+    fn a_sender_at_full_window_is_within_bounds() {
+        // R14.15 against what an obedient sender does at CWND_MAX: XOFF
+        // goes out after a run of 515 cells read from the link at once
+        // (held 1,014), a whole window arrives after it, and then the 512
+        // cells of a read the sender had made before the XOFF came.
+        let mut s = XonXoff::default();
+        assert_eq!(s.on_data(499), Ok(Signal::None));
+        assert_eq!(s.on_data(515), Ok(Signal::Xoff));
+        assert_eq!(s.on_data(CWND_MAX), Ok(Signal::None));
+        assert_eq!(s.on_data(512), Ok(Signal::None));
+        // XON resets the count: the next XOFF starts a new one.
+        assert_eq!(s.on_written(s.held() - XON_AT, true), Signal::Xon);
+        assert_eq!(s.on_data(XOFF_AT - XON_AT), Ok(Signal::Xoff));
+        assert_eq!(s.on_data(AFTER_XOFF_MAX), Ok(Signal::None));
     }
 
     #[test]
