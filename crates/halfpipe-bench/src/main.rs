@@ -105,9 +105,9 @@ pub struct BenchArgs {
     /// rtt: MiB per direction.
     #[arg(long, value_name = "MiB", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     pub rtt_size: u64,
-    /// rtt: the flow control both daemons use (`--flow` of halfpipe:
-    /// v1 or v2).
-    #[arg(long, value_name = "V", default_value = "v1", value_parser = ["v1", "v2"])]
+    /// rtt: the flow control both daemons use (`--flow` of halfpipe: v2,
+    /// its default, or v1, which the window limit in the report is about).
+    #[arg(long, value_name = "V", default_value = "v2", value_parser = ["v1", "v2"])]
     pub flow: String,
     /// A name for this run in reports and charts.
     #[arg(long)]
