@@ -423,9 +423,23 @@ pub fn table(s: &Snapshot) -> String {
             .unwrap_or(0)
     };
     sorted.sort_by_key(|x| (x.link, circ_local(&x.circuit), x.id));
+    // On a v2 circuit (docs/protocol.md §14) there are no stream windows:
+    // the columns say whether XOFF holds the stream back instead (PKW: the
+    // peer's, our packager waits; DLW: ours, our reader is not reading).
+    let v2 = |circuit: &str| {
+        s.circuits
+            .iter()
+            .any(|c| c.name == circuit && c.flow == "v2")
+    };
+    let xoff = |on: bool| if on { "xoff" } else { "-" }.to_string();
     let rows: Vec<Vec<String>> = sorted
         .iter()
         .map(|x| {
+            let (pkw, dlw) = if v2(&x.circuit) {
+                (xoff(x.xoff_received), xoff(x.xoff_sent))
+            } else {
+                (x.package_window.to_string(), x.deliver_window.to_string())
+            };
             vec![
                 x.name.clone(),
                 x.circuit.clone(),
@@ -434,8 +448,8 @@ pub fn table(s: &Snapshot) -> String {
                 x.target.clone(),
                 human_bytes(x.bytes_packaged),
                 human_bytes(x.bytes_delivered),
-                x.package_window.to_string(),
-                x.deliver_window.to_string(),
+                pkw,
+                dlw,
                 x.cells_queued.to_string(),
                 human_secs(x.age_secs),
                 human_secs(x.idle_secs),
@@ -445,6 +459,10 @@ pub fn table(s: &Snapshot) -> String {
         })
         .collect();
     out.push_str(&aligned(&header, &right, &rows));
+    if !s.circuits.is_empty() {
+        out.push('\n');
+        out.push_str(&circuit_table(&s.circuits));
+    }
     if !s.links.is_empty() {
         // The links after the streams, so that a script reading the
         // stream table stops at the blank line.
@@ -452,6 +470,31 @@ pub fn table(s: &Snapshot) -> String {
         out.push_str(&link_table(&s.links));
     }
     out
+}
+
+/// One line per circuit: its flow control (docs/protocol.md §10 or §14).
+fn circuit_table(circuits: &[CircuitInfo]) -> String {
+    let header = [
+        "CIRC", "ROLE", "FLOW", "CWND", "INFLIGHT", "RTT", "STREAMS", "TID",
+    ];
+    let right = [false, false, false, true, true, true, true, true];
+    let dash = |v: Option<u32>| v.map_or("-".into(), |n| n.to_string());
+    let rows: Vec<Vec<String>> = circuits
+        .iter()
+        .map(|c| {
+            vec![
+                c.name.clone(),
+                c.role.clone(),
+                c.flow.clone(),
+                dash(c.cwnd),
+                dash(c.inflight),
+                c.rtt_ms.map_or("-".into(), |ms| format!("{ms:.2}ms")),
+                c.streams.to_string(),
+                opt_tid(c.tid),
+            ]
+        })
+        .collect();
+    aligned(&header, &right, &rows)
 }
 
 /// One line per link: where it goes and what protects it.
@@ -816,6 +859,62 @@ mod tests {
         );
         let plain: Vec<&str> = lines[6].split_whitespace().collect();
         assert_eq!(plain[5..], ["plain", "-", "-"], "{t}");
+    }
+
+    #[test]
+    fn v2_streams_show_xoff_and_circuits_their_window() {
+        let circuit = |name: &str, flow: &str| CircuitInfo {
+            name: name.into(),
+            link: 1,
+            local: 1,
+            circ_id: "0x80000001".into(),
+            role: "client".into(),
+            age_secs: 1.0,
+            package_window: 3000,
+            deliver_window: 12,
+            flow: flow.into(),
+            cwnd: (flow == "v2").then_some(4000),
+            inflight: (flow == "v2").then_some(1000),
+            rtt_ms: (flow == "v2").then_some(0.5),
+            streams: 1,
+            tid: Some(5),
+        };
+        let mut held = stream("1.4", 1, "1.1", "OPEN", Some(7));
+        held.xoff_sent = true;
+        let snap = Snapshot {
+            process: ProcessInfo {
+                pid: 42,
+                version: "0".into(),
+                roles: vec!["client".into()],
+                uptime_secs: 3.0,
+                capacity_streams: 10,
+                open_streams: 2,
+                threads: 9,
+                threads_parked: 0,
+                thread_starts: 0,
+                thread_reuses: 0,
+            },
+            links: vec![],
+            circuits: vec![circuit("1.1", "v2"), circuit("1.2", "v1")],
+            streams: vec![held, stream("2.9", 1, "1.2", "OPEN", Some(8))],
+        };
+        let t = table(&snap);
+        let lines: Vec<Vec<&str>> = t.lines().map(|l| l.split_whitespace().collect()).collect();
+        // STREAM CIRC ROLE STATE TARGET UP DOWN PKW DLW ...
+        assert_eq!(lines[2][..2], ["1.4", "1.1"], "{t}");
+        assert_eq!(lines[2][7..9], ["-", "xoff"], "v2: XOFF, not windows: {t}");
+        assert_eq!(lines[3][7..9], ["495", "499"], "v1: the windows: {t}");
+        assert_eq!(lines[5][..3], ["CIRC", "ROLE", "FLOW"], "{t}");
+        assert_eq!(
+            lines[6],
+            ["1.1", "client", "v2", "4000", "1000", "0.50ms", "1", "5"],
+            "{t}"
+        );
+        assert_eq!(
+            lines[7],
+            ["1.2", "client", "v1", "-", "-", "-", "1", "5"],
+            "{t}"
+        );
     }
 
     #[test]
