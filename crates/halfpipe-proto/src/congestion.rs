@@ -446,7 +446,7 @@ mod tests {
 
     #[test]
     fn a_growing_queue_stops_the_window() {
-        // R14.7: a short path (0.1 ms, 1 cell per us) that a window of 1,000
+        // R14.7: a short path (0.1 ms, 1 cell per us) that a window of 4,000
         // already fills: every cell more only queues, and the window stops
         // growing once the queue it sees reaches ALPHA.
         let c = drive(Duration::from_micros(100), 1000, 50);
