@@ -410,52 +410,49 @@ impl Metrics {
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::with_capacity(8192);
         let o = &mut out;
-        family(
-            o,
-            "halfpipe_uptime_seconds",
-            "gauge",
-            "Seconds since the process started.",
-        );
-        let _ = writeln!(
-            o,
-            "halfpipe_uptime_seconds {:.3}",
-            self.uptime().as_secs_f64()
-        );
-        family(
-            o,
-            "halfpipe_capacity_streams",
-            "gauge",
-            "Streams this process may hold (--max-streams capped by the kernel's limits).",
-        );
-        let _ = writeln!(o, "halfpipe_capacity_streams {}", gauges.capacity);
-        family(
-            o,
-            "halfpipe_threads",
-            "gauge",
-            "Threads alive in the process (/proc/self/task).",
-        );
-        let _ = writeln!(o, "halfpipe_threads {}", gauges.threads);
-        family(
-            o,
-            "halfpipe_threads_parked",
-            "gauge",
-            "Threads parked for the next stream or SOCKS task to take (of halfpipe_threads).",
-        );
-        let _ = writeln!(o, "halfpipe_threads_parked {}", gauges.threads_parked);
-        family(
-            o,
-            "halfpipe_thread_starts_total",
-            "counter",
-            "Stream and SOCKS tasks that started a new thread.",
-        );
-        let _ = writeln!(o, "halfpipe_thread_starts_total {}", gauges.thread_starts);
-        family(
-            o,
-            "halfpipe_thread_reuses_total",
-            "counter",
-            "Stream and SOCKS tasks that took a parked thread instead.",
-        );
-        let _ = writeln!(o, "halfpipe_thread_reuses_total {}", gauges.thread_reuses);
+        let uptime = format!("{:.3}", self.uptime().as_secs_f64());
+        let single: [(&str, &str, &str, &dyn std::fmt::Display); 6] = [
+            (
+                "halfpipe_uptime_seconds",
+                "gauge",
+                "Seconds since the process started.",
+                &uptime,
+            ),
+            (
+                "halfpipe_capacity_streams",
+                "gauge",
+                "Streams this process may hold (--max-streams capped by the kernel's limits).",
+                &gauges.capacity,
+            ),
+            (
+                "halfpipe_threads",
+                "gauge",
+                "Threads alive in the process (/proc/self/task).",
+                &gauges.threads,
+            ),
+            (
+                "halfpipe_threads_parked",
+                "gauge",
+                "Threads parked for the next stream or SOCKS task to take (of halfpipe_threads).",
+                &gauges.threads_parked,
+            ),
+            (
+                "halfpipe_thread_starts_total",
+                "counter",
+                "Stream and SOCKS tasks that started a new thread.",
+                &gauges.thread_starts,
+            ),
+            (
+                "halfpipe_thread_reuses_total",
+                "counter",
+                "Stream and SOCKS tasks that took a parked thread instead.",
+                &gauges.thread_reuses,
+            ),
+        ];
+        for (name, kind, help, value) in single {
+            family(o, name, kind, help);
+            let _ = writeln!(o, "{name} {value}");
+        }
 
         family(o, "halfpipe_links", "gauge", "Links open, by role.");
         for (role, n) in &gauges.links {

@@ -73,6 +73,18 @@ pub struct Pool {
     started: AtomicUsize,
 }
 
+/// What the pool has done, for status and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolCounts {
+    /// Threads alive, parked or running a task.
+    pub alive: usize,
+    /// Threads parked now.
+    pub parked: usize,
+    /// Tasks that started a thread, and tasks that took a parked one.
+    pub started: usize,
+    pub reused: usize,
+}
+
 /// A task given to the pool: its owner joins it.
 pub struct Task {
     name: String,
@@ -80,10 +92,6 @@ pub struct Task {
 }
 
 impl Task {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn is_finished(&self) -> bool {
         self.done.result.lock().is_some()
     }
@@ -230,15 +238,13 @@ impl Pool {
         }
     }
 
-    /// Threads alive (parked or running a task), parked now, started in
-    /// all, and tasks that took a parked thread.
-    pub fn counts(&self) -> (usize, usize, usize, usize) {
-        (
-            self.alive.load(Ordering::Relaxed),
-            self.inner.lock().parked.len(),
-            self.started.load(Ordering::Relaxed),
-            self.reused.load(Ordering::Relaxed),
-        )
+    pub fn counts(&self) -> PoolCounts {
+        PoolCounts {
+            alive: self.alive.load(Ordering::Relaxed),
+            parked: self.inner.lock().parked.len(),
+            started: self.started.load(Ordering::Relaxed),
+            reused: self.reused.load(Ordering::Relaxed),
+        }
     }
 
     /// Retires every parked thread and joins every thread: once the owners
@@ -306,7 +312,7 @@ mod tests {
         let (first, id1) = rx.recv().unwrap();
         assert_eq!(first, "pk 1.1");
         // The thread parks after its task; wait until it has.
-        while pool.counts().1 == 0 {
+        while pool.counts().parked == 0 {
             thread::sleep(Duration::from_millis(1));
         }
         pool.spawn("dl 2.7".into(), move || {
@@ -317,9 +323,9 @@ mod tests {
         let (second, id2) = rx.recv().unwrap();
         assert_eq!(second, "dl 2.7", "renamed for its new task");
         assert_eq!(id1, id2, "the same thread");
-        assert_eq!(pool.counts().2, 1, "one thread started");
+        assert_eq!(pool.counts().started, 1, "one thread started");
         pool.shutdown();
-        assert_eq!(pool.counts().0, 0);
+        assert_eq!(pool.counts().alive, 0);
     }
 
     #[test]
@@ -336,12 +342,12 @@ mod tests {
         tasks.into_iter().for_each(Task::join);
         // Five threads ran at once; two may park, the rest retire.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while pool.counts().0 > 2 {
+        while pool.counts().alive > 2 {
             assert!(std::time::Instant::now() < deadline, "{:?}", pool.counts());
             thread::sleep(Duration::from_millis(5));
         }
         // The idle time passes: the parked ones retire too.
-        while pool.counts().0 > 0 {
+        while pool.counts().alive > 0 {
             assert!(std::time::Instant::now() < deadline, "{:?}", pool.counts());
             thread::sleep(Duration::from_millis(5));
         }
@@ -357,11 +363,11 @@ mod tests {
         }
         assert!(matches!(*t.done.result.lock(), Some(Err(ref m)) if m == "on purpose"));
         t.join();
-        while pool.counts().1 == 0 {
+        while pool.counts().parked == 0 {
             thread::sleep(Duration::from_millis(1));
         }
         pool.spawn("good".into(), || {}).unwrap().join();
-        assert_eq!(pool.counts().2, 1, "the same thread ran both");
+        assert_eq!(pool.counts().started, 1, "the same thread ran both");
         pool.shutdown();
     }
 
@@ -373,7 +379,7 @@ mod tests {
             .collect();
         tasks.into_iter().for_each(Task::join);
         pool.shutdown();
-        assert_eq!(pool.counts().0, 0, "every thread ended");
+        assert_eq!(pool.counts().alive, 0, "every thread ended");
         assert!(pool.inner.lock().threads.is_empty());
     }
 }

@@ -334,7 +334,7 @@ fn hanging_listener() -> (Socket, SocketAddr, Vec<Socket>) {
 }
 
 /// Finds `tool` on PATH; CI installs it, so a missing tool is a failure.
-pub(crate) fn require(tool: &str, package: &str) {
+fn require(tool: &str, package: &str) {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let found = std::env::split_paths(&path).any(|dir| dir.join(tool).is_file());
     assert!(
@@ -345,10 +345,7 @@ pub(crate) fn require(tool: &str, package: &str) {
 
 /// Runs a command with `stdin` as its input; its exit status and stdout.
 /// Killed (and the test failed) if it runs longer than PATIENCE.
-pub(crate) fn run_tool(
-    cmd: &mut Command,
-    stdin: Vec<u8>,
-) -> (std::process::ExitStatus, Vec<u8>, String) {
+fn run_tool(cmd: &mut Command, stdin: Vec<u8>) -> (std::process::ExitStatus, Vec<u8>, String) {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -382,7 +379,7 @@ pub(crate) fn run_tool(
 }
 
 /// A tiny HTTP/1.x server: reads the request head, answers 200 with `body`.
-pub(crate) fn http_server(body: Vec<u8>) -> Server {
+fn http_server(body: Vec<u8>) -> Server {
     Server::start(move |mut s| {
         patient(&s);
         let mut req = Vec::new();
@@ -1183,10 +1180,15 @@ fn curl_socks4a() {
 }
 
 fn curl_through(flag: &str) {
+    curl_fetches_whole(&Daemon::run(&[]), flag, 500_000);
+}
+
+/// curl with `flag` through `d`'s SOCKS port fetches a body of `len` bytes
+/// from a local HTTP server, whole.
+pub(crate) fn curl_fetches_whole(d: &Daemon, flag: &str, len: usize) {
     require("curl", "curl");
-    let body = pattern(500_000, 51);
+    let body = pattern(len, 51);
     let server = http_server(body.clone());
-    let d = Daemon::run(&[]);
     let (status, out, err) = run_tool(
         Command::new("curl")
             .args(["-sS", "--fail", "--max-time", "20", flag])
@@ -1203,24 +1205,29 @@ fn curl_through(flag: &str) {
 /// after that.
 #[test]
 fn netcat_half_closed_request_gets_the_whole_reply() {
+    netcat_half_close_gets_reply(&Daemon::run(&[]), 50_000, 300_000);
+}
+
+/// `nc -N` through `d`'s SOCKS port sends a request of `request_len` bytes
+/// and shuts its write side; the target reads it to EOF and answers with
+/// `reply_len` bytes, which come back whole.
+pub(crate) fn netcat_half_close_gets_reply(d: &Daemon, request_len: usize, reply_len: usize) {
     require("nc", "netcat-openbsd");
-    let server = Server::request_reply(|req| {
+    let server = Server::request_reply(move |req| {
         let mut r = format!("got {} bytes\n", req.len()).into_bytes();
-        r.extend_from_slice(&pattern(300_000, 61));
+        r.extend_from_slice(&pattern(reply_len, 61));
         r
     });
-    let d = Daemon::run(&[]);
-    let request = pattern(50_000, 60);
     let (status, out, err) = run_tool(
         Command::new("nc")
             .args(["-N", "-X", "5", "-x"])
             .arg(d.socks().to_string())
             .args(["127.0.0.1", &server.addr.port().to_string()]),
-        request,
+        pattern(request_len, 60),
     );
     assert!(status.success(), "nc: {status}: {err}");
-    let mut want = b"got 50000 bytes\n".to_vec();
-    want.extend_from_slice(&pattern(300_000, 61));
+    let mut want = format!("got {request_len} bytes\n").into_bytes();
+    want.extend_from_slice(&pattern(reply_len, 61));
     assert_same(&out, &want, "what nc printed");
 }
 

@@ -22,7 +22,7 @@ const QUIET: Duration = Duration::from_millis(300);
 /// A listener for the client to dial, and a thread that plays the exit on
 /// the first link it accepts: `exit(link)` runs after the VERSIONS
 /// handshake (which `RawLink::accept` checks byte for byte).
-fn raw_exit<T: Send + 'static>(
+pub(crate) fn raw_exit<T: Send + 'static>(
     exit: impl FnOnce(RawLink) -> T + Send + 'static,
 ) -> (SocketAddr, JoinHandle<T>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

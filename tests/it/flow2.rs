@@ -4,7 +4,11 @@
 //! for the exit, a raw exit for the client). Each test names the
 //! requirements it checks.
 
-use crate::app::{assert_same, http_server, require, run_tool, sha};
+use crate::app::{
+    assert_same, curl_fetches_whole, netcat_half_close_gets_reply, payload_request, payload_server,
+    payload_sha, read_hashed, sha,
+};
+use crate::client::raw_exit;
 use crate::status::streams_doc;
 use crate::util::*;
 use halfpipe_proto::cell::{cmd, destroy_reason};
@@ -13,8 +17,8 @@ use halfpipe_proto::relay::{self, relay_cmd};
 use halfpipe_proto::xonxoff::{AFTER_XOFF_MAX, XOFF_AT, XOFF_GRACE, XON_AT};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::process::Command;
-use std::sync::mpsc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
@@ -141,10 +145,7 @@ fn the_exit_accepts_only_the_exact_offer_and_only_with_v2() {
 /// CREATE_FAST, accepting v2 if `accept`. Returns the daemon, the link and
 /// the circuit, after checking the offer (R14.1).
 fn client_on_raw_exit(accept: bool) -> (Daemon, RawLink, u32) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let fake = thread::spawn(move || {
-        let mut link = RawLink::accept(&listener);
+    let (addr, fake) = raw_exit(move |mut link| {
         let c = link.recv_cell().expect("CREATE_FAST");
         assert_eq!(c.command, cmd::CREATE_FAST);
         // R14.1: the offer right after X.
@@ -189,26 +190,33 @@ fn app_stream(d: &Daemon, link: &mut RawLink, circ: u32) -> (TcpStream, u16) {
     (app.join().unwrap(), id)
 }
 
-/// Sends `n` DATA cells of 498 bytes on the stream; reads and returns the
-/// relay cells the peer sends within `wait` after them.
-fn data_then_listen(
+/// The raw exit sends `n` DATA cells of 498 bytes on a new stream, which
+/// the application reads whole; returns the stream ID and the relay cells
+/// (command, stream) the client sent back until it went quiet.
+fn deliver_and_listen(
+    d: &Daemon,
     link: &mut RawLink,
     circ: u32,
-    id: u16,
     n: usize,
-    wait: Duration,
-) -> Vec<(u8, u16)> {
+) -> (u16, Vec<(u8, u16)>) {
+    let (mut app, id) = app_stream(d, link, circ);
+    let reader = thread::spawn(move || {
+        let mut got = vec![0u8; n * relay::DATA_MAX];
+        app.read_exact(&mut got).unwrap();
+        app
+    });
     let chunk = vec![0x42u8; relay::DATA_MAX];
     for _ in 0..n {
         link.send_relay(circ, relay_cmd::DATA, id, &chunk);
     }
     let mut got = Vec::new();
-    while let Some(c) = link.recv_cell_within(wait) {
+    while let Some(c) = link.recv_cell_within(QUIET) {
         if let Some((command, stream, _)) = relay_of(&c) {
             got.push((command, stream));
         }
     }
-    got
+    let _app = reader.join().unwrap();
+    (id, got)
 }
 
 #[test]
@@ -216,14 +224,7 @@ fn a_v2_client_acks_every_31_cells_on_the_circuit_and_never_the_stream() {
     // R14.4: one circuit SENDME per SENDME_INC DATA cells received; R14.8:
     // no stream SENDME, even once the application has read everything.
     let (d, mut link, circ) = client_on_raw_exit(true);
-    let (mut app, id) = app_stream(&d, &mut link, circ);
-    let reader = thread::spawn(move || {
-        let mut got = vec![0u8; 124 * relay::DATA_MAX];
-        app.read_exact(&mut got).unwrap();
-        app
-    });
-    let got = data_then_listen(&mut link, circ, id, 124, QUIET);
-    let _app = reader.join().unwrap();
+    let (_, got) = deliver_and_listen(&d, &mut link, circ, 124);
     let circuit_sendmes = got.iter().filter(|&&c| c == (relay_cmd::SENDME, 0)).count();
     assert_eq!(circuit_sendmes, 124 / SENDME_INC as usize, "{got:?}");
     assert!(
@@ -237,14 +238,7 @@ fn a_v2_client_whose_offer_is_not_accepted_runs_v1() {
     // R14.3: without the acceptance the circuit runs §10: a stream SENDME
     // once 50 cells are written (R10.3), circuit SENDME at 100 (R10.2).
     let (d, mut link, circ) = client_on_raw_exit(false);
-    let (mut app, id) = app_stream(&d, &mut link, circ);
-    let reader = thread::spawn(move || {
-        let mut got = vec![0u8; 100 * relay::DATA_MAX];
-        app.read_exact(&mut got).unwrap();
-        app
-    });
-    let got = data_then_listen(&mut link, circ, id, 100, QUIET);
-    let _app = reader.join().unwrap();
+    let (id, got) = deliver_and_listen(&d, &mut link, circ, 100);
     assert!(
         got.contains(&(relay_cmd::SENDME, id)),
         "stream SENDME: {got:?}"
@@ -397,7 +391,9 @@ fn a_sender_that_ignores_xoff_loses_its_circuit_not_the_link() {
         link.create_circuit_v2(fresh_circ()),
         "the link still serves"
     );
-    drop(target);
+    // The target's thread ends once its connection is reset with the circuit.
+    drop(target.go);
+    target.done.join().unwrap();
 }
 
 #[test]
@@ -539,13 +535,18 @@ fn hostile_flow_cells_destroy_only_their_circuit() {
         true,
         &[(relay_cmd::XON, 1, &[0, 0, 0, 0, 0])]
     ));
+    // Each destroyed circuit counted once: the two SENDMEs, the short XON
+    // and the XOFF of version 1 as flow_control, XOFF on stream 0 apart.
     let text = metrics_text(&exit);
-    assert!(
-        metric_value(
-            &text,
-            "halfpipe_protocol_violations_total{kind=\"flow_control\"}"
-        ) >= 3.0,
-        "{text}"
+    assert_metric(
+        &text,
+        "halfpipe_protocol_violations_total{kind=\"flow_control\"}",
+        4.0,
+    );
+    assert_metric(
+        &text,
+        "halfpipe_protocol_violations_total{kind=\"stream_zero\"}",
+        1.0,
     );
 }
 
@@ -562,49 +563,31 @@ fn a_stalled_reader_is_held_back_while_its_circuit_neighbour_runs() {
     let exit = exit_v("v2");
     let client = client_v(&exit, "v2", &["--circuits", "1"]);
     let big = 64 << 20;
-    let server = Server::start(move |mut s| {
-        let mut want = [0u8; 8];
-        s.read_exact(&mut want).unwrap();
-        let len = u64::from_be_bytes(want) as usize;
-        for chunk in payload_chunks(len) {
-            if s.write_all(&chunk).is_err() {
-                return;
-            }
-        }
-    });
-    let open = |len: usize| {
+    let server = payload_server(Arc::new(AtomicUsize::new(0)));
+    let open = |id: u32, len: usize| {
         let mut s = socks5(client.socks(), "127.0.0.1", server.addr.port(), None).unwrap();
-        s.write_all(&(len as u64).to_be_bytes()).unwrap();
+        s.write_all(&payload_request(id, len)).unwrap();
         s
     };
-    let mut stalled = open(big);
-    // Wait until the client has said XOFF for it.
-    let held = eventually("XOFF at the client", || {
+    let mut stalled = open(1, big);
+    // The cells the client holds for a stream it has said XOFF on.
+    let held_after_xoff = || {
         let doc = streams_doc(&client);
         let s = doc["streams"]
             .as_array()?
             .iter()
             .find(|s| s["xoff_sent"] == true)?
             .clone();
-        Some(s["cells_queued"].as_u64().unwrap())
-    });
+        s["cells_queued"].as_u64()
+    };
+    let mut most = eventually("XOFF at the client", held_after_xoff);
+    for _ in 0..20 {
+        thread::sleep(Duration::from_millis(50));
+        most = most.max(held_after_xoff().unwrap_or(0));
+    }
     // The run of DATA that crossed XOFF_AT is at most a link read (512
     // cells) on top of the bound.
     let bound = u64::from(XOFF_AT + 512 + AFTER_XOFF_MAX);
-    let mut most = held;
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(50));
-        let doc = streams_doc(&client);
-        let s = doc["streams"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["xoff_sent"] == true)
-            .cloned();
-        if let Some(s) = s {
-            most = most.max(s["cells_queued"].as_u64().unwrap());
-        }
-    }
     assert!(
         most >= u64::from(XOFF_AT) && most <= bound,
         "held {most}, bound {bound}"
@@ -617,65 +600,26 @@ fn a_stalled_reader_is_held_back_while_its_circuit_neighbour_runs() {
             .any(|s| s["xoff_received"] == true)
             .then_some(())
     });
-    let mut other = open(16 << 20);
-    let (n, digest) = read_all_hashed(&mut other);
+    let mut other = open(2, 16 << 20);
     assert_eq!(
-        (n, digest),
-        (16 << 20, payload_digest(16 << 20)),
+        read_hashed(&mut other, "the neighbour's download"),
+        (16 << 20, payload_sha(2, 16 << 20)),
         "the neighbour's download"
     );
     assert_eq!(circuit_flows(&client), vec!["v2"], "one v2 circuit");
-    let (n, digest) = read_all_hashed(&mut stalled);
     assert_eq!(
-        (n, digest),
-        (big, payload_digest(big)),
+        read_hashed(&mut stalled, "the stalled download"),
+        (big, payload_sha(1, big)),
         "the stalled download, once read"
     );
-}
-
-fn payload_chunks(len: usize) -> impl Iterator<Item = Vec<u8>> {
-    (0..len.div_ceil(1 << 16)).map(move |i| pattern((len - i * (1 << 16)).min(1 << 16), i as u8))
-}
-
-fn payload_digest(len: usize) -> [u8; 32] {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    payload_chunks(len).for_each(|c| h.update(&c));
-    h.finalize().into()
-}
-
-fn read_all_hashed(s: &mut TcpStream) -> (usize, [u8; 32]) {
-    use sha2::Digest;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut n = 0;
-    loop {
-        let k = s.read(&mut buf).unwrap();
-        if k == 0 {
-            return (n, h.finalize().into());
-        }
-        h.update(&buf[..k]);
-        n += k;
-    }
 }
 
 #[test]
 fn curl_through_v2_edges() {
     // A real client over a v2 circuit: the body arrives whole.
-    require("curl", "curl");
-    let body = pattern(5_000_000, 52);
-    let server = http_server(body.clone());
     let exit = exit_v("v2");
     let client = client_v(&exit, "v2", &[]);
-    let (status, out, err) = run_tool(
-        Command::new("curl")
-            .args(["-sS", "--fail", "--max-time", "20", "--socks5-hostname"])
-            .arg(client.socks().to_string())
-            .arg(format!("http://localhost:{}/file", server.addr.port())),
-        Vec::new(),
-    );
-    assert!(status.success(), "curl: {status}: {err}");
-    assert_same(&out, &body, "body fetched by curl over v2");
+    curl_fetches_whole(&client, "--socks5-hostname", 5_000_000);
     assert_eq!(circuit_flows(&client), vec!["v2"]);
 }
 
@@ -683,24 +627,8 @@ fn curl_through_v2_edges() {
 fn netcat_half_close_over_v2_edges() {
     // R14.12, §7: nc -N shuts its write side after stdin; the reply after
     // that comes back whole over a v2 circuit.
-    require("nc", "netcat-openbsd");
-    let server = Server::request_reply(|req| {
-        let mut r = format!("got {} bytes\n", req.len()).into_bytes();
-        r.extend_from_slice(&pattern(2_000_000, 62));
-        r
-    });
     let exit = exit_v("v2");
     let client = client_v(&exit, "v2", &[]);
-    let request = pattern(1_000_000, 63);
-    let (status, out, err) = run_tool(
-        Command::new("nc")
-            .args(["-N", "-X", "5", "-x"])
-            .arg(client.socks().to_string())
-            .args(["127.0.0.1", &server.addr.port().to_string()]),
-        request,
-    );
-    assert!(status.success(), "nc: {status}: {err}");
-    let mut want = b"got 1000000 bytes\n".to_vec();
-    want.extend_from_slice(&pattern(2_000_000, 62));
-    assert_same(&out, &want, "reply after nc's half-close");
+    netcat_half_close_gets_reply(&client, 1_000_000, 2_000_000);
+    assert_eq!(circuit_flows(&client), vec!["v2"]);
 }

@@ -416,12 +416,11 @@ mod tests {
         let mut c = Congestion::new();
         let mut now = t0();
         for _ in 0..rounds {
-            let sent = c.take(u32::MAX, now);
+            c.take(u32::MAX, now);
             let bdp = (base.as_micros() as u64 * u64::from(rate) / 1000) as u32;
             let queued = c.inflight().saturating_sub(bdp);
             let rtt = base + Duration::from_micros(u64::from(queued) * 1000 / u64::from(rate));
             now += rtt;
-            let _ = sent;
             while c.inflight() >= SENDME_INC {
                 c.on_sendme(now).unwrap();
             }
