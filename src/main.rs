@@ -697,7 +697,7 @@ fn reload_clients(args: &ExitArgs, list: &ClientList, links: &Links) {
         let peer = link.tls_info().and_then(|t| t.peer);
         if let Some(fp) = peer.filter(|fp| !list.contains(fp)) {
             tracing::info!(link = link.id, client = %fp, "SIGHUP: client no longer listed: closing its link");
-            link.close();
+            link.cut();
         }
     }
 }

@@ -154,24 +154,11 @@ pub fn establish(
         }
         return Ok(super::Transport::plain(tcp));
     };
-    let mut conn: rustls::Connection = match tls {
-        TlsConfig::Exit { config, .. } => rustls::ServerConnection::new(config.clone())
-            .map_err(|e| super::tls::TlsFailure::Other(e.to_string()))?
-            .into(),
-        TlsConfig::Client(config) => {
-            // No name is checked (R13.6) and none is sent (no SNI): the
-            // peer's address stands in for one.
-            let ip = tcp.peer_addr()?.ip();
-            rustls::ClientConnection::new(config.clone(), ip.into())
-                .map_err(|e| super::tls::TlsFailure::Other(e.to_string()))?
-                .into()
-        }
-    };
-    let info = super::tls::handshake(&tcp, &mut conn, deadline, timeout)?;
+    let mut session = super::tls::handshake(&tcp, tls, deadline, timeout)?;
     {
         let mut io = super::tls::HandshakeStream {
             tcp: &tcp,
-            conn: &mut conn,
+            session: &mut session,
             deadline,
         };
         let versions = match role {
@@ -194,5 +181,5 @@ pub fn establish(
         })?;
     }
     tcp.set_write_timeout(None)?;
-    Ok(super::Transport::tls(tcp, conn, info))
+    Ok(super::Transport::tls(tcp, session))
 }

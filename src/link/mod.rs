@@ -16,6 +16,7 @@
 
 mod handshake;
 mod reader;
+mod record;
 mod table;
 pub mod tls;
 mod transport;
@@ -24,7 +25,7 @@ mod writer;
 
 pub use handshake::{establish, HandshakeFailure, TlsConfig};
 pub use table::CreatedFast;
-pub use transport::{ReadState, Transport};
+pub use transport::{ReadState, Transport, WriteState};
 pub use tx::{LinkGone, LinkTx, QUEUE_CELLS};
 
 use crate::circuit::msg::CircMsg;
@@ -68,6 +69,8 @@ pub struct Link {
     /// counter, from its start to the end of its teardown.
     views: Mutex<HashMap<u32, Arc<CircuitView>>>,
     closed: AtomicBool,
+    /// Set by `cut`: the reader stops serving the peer at its next read.
+    cut: AtomicBool,
     opened: Instant,
     /// TIDs of `link-rd` and `link-wr` (0 until they run), for status.
     reader_tid: AtomicI32,
@@ -128,6 +131,7 @@ impl Link {
             views: Mutex::new(HashMap::new()),
             source: Source::new(),
             closed: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
             opened: Instant::now(),
             reader_tid: AtomicI32::new(0),
             writer_tid,
@@ -169,6 +173,16 @@ impl Link {
         }
         self.finish();
         true
+    }
+
+    /// Stops serving the peer and ends the link both ways, after what is
+    /// queued is written and, on a TLS link, a close_notify (R13.10): the
+    /// reader serves nothing it reads from now on, and its teardown waits
+    /// a moment for the writer before it shuts the socket.
+    pub fn cut(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.cut.store(true, Ordering::Release);
+        self.tx.cut();
     }
 
     /// Closes the link at once from another thread: the reader wakes and

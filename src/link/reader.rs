@@ -4,7 +4,6 @@
 //! circuits, and joins them when the link ends.
 
 use super::table::{CircSlot, CircTable};
-use super::transport::ReadState;
 use super::tx::{Gate, WriterMsg};
 use super::{nonce, Link};
 use crate::circuit::msg::CircMsg;
@@ -19,10 +18,15 @@ use halfpipe_proto::Role;
 use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Bytes the link reader asks for per read(): large reads are what keeps
 /// a busy link's reader from spending its time in system calls.
 const READ_BUF: usize = 256 * 1024;
+
+/// How long a link that ends cleanly waits for its writer to write what is
+/// queued and its close_notify before the socket is shut regardless.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
 
 impl Link {
     /// The link reader: reads cells until the link ends, then tears down
@@ -30,27 +34,36 @@ impl Link {
     pub fn run(self: &Arc<Self>) {
         self.reader_tid
             .store(crate::runtime::sockets::gettid(), Ordering::Relaxed);
-        let why = match self.read_loop() {
+        let result = self.read_loop();
+        let why = match &result {
             Ok(()) if self.closed.load(Ordering::Acquire) => "closed".to_string(),
             Ok(()) => "closed by peer".to_string(),
             Err(e) if self.closed.load(Ordering::Acquire) => format!("closed ({e})"),
             Err(e) => format!("read error: {e}"),
         };
+        if result.is_ok() {
+            // The peer's clean close (or its answer to ours): answer in
+            // kind, close_notify and FIN after what is queued (R13.10).
+            self.close_writer_within(ANSWER_GRACE);
+        }
         self.teardown(&why);
     }
 
     fn read_loop(self: &Arc<Self>) -> io::Result<()> {
         let mut buf: Vec<u8> = Vec::with_capacity(READ_BUF);
-        let mut tls = ReadState::default();
+        let mut tls = self.transport.read_state();
         loop {
             let read = self.transport.read(&mut buf, &mut tls)?;
             if read.wants_write {
                 // The TLS session has an answer to send (a key update).
                 let _ = self.tx.tx.send(WriterMsg::Flush);
             }
+            if read.end || self.cut.load(Ordering::Acquire) {
+                return Ok(());
+            }
             let n = read.n;
             if n == 0 {
-                return Ok(());
+                continue;
             }
             self.ctx.metrics.add_link_bytes(Dir::Received, n);
             self.tx.heard.now();
@@ -359,6 +372,23 @@ impl Link {
 
     /// R3.13: the link is lost: every circuit on it is torn down, and their
     /// streams aborted (the circuits do it on `LinkClosed`).
+    /// Asks the writer to end the link cleanly after what is queued, and
+    /// waits for it at most `grace` (a peer that reads nothing more holds
+    /// it until the teardown's shutdown).
+    fn close_writer_within(&self, grace: Duration) {
+        if self.tx.tx.send(WriterMsg::Close).is_err() {
+            return;
+        }
+        let since = Instant::now();
+        while since.elapsed() < grace {
+            match &*self.writer.lock() {
+                Some(w) if !w.is_finished() => {}
+                _ => return,
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn teardown(&self, why: &str) {
         self.closed.store(true, Ordering::Release);
         self.transport.shutdown();

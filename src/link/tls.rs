@@ -8,20 +8,28 @@
 //! issuer and validity are not looked at. The key's possession is proven by
 //! TLS 1.3's CertificateVerify, checked by rustls with aws-lc-rs.
 
+use super::handshake::TlsConfig;
+use super::record::{self, Kernel, Opener, Sealer};
 use crate::process::authorized::AuthorizedClients;
 use crate::process::identity::Identity;
 use crate::process::metrics::TlsReason;
 use halfpipe_proto::identity::Fingerprint;
 use parking_lot::RwLock;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{
+    ConnectionState, EncodeError, EncodeTlsData, InsufficientSizeError, UnbufferedStatus,
+};
 use rustls::{
     AlertDescription, CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName,
     Error, OtherError, ServerConfig, SignatureScheme,
 };
-use std::io::{self, Read};
+use rustls::{CommonState, ExtractedSecrets};
+use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -66,6 +74,8 @@ pub fn server_config(identity: &Identity, clients: Option<ClientList>) -> Arc<Se
     config.ignore_client_order = true;
     config.send_tls13_tickets = 0;
     config.key_log = Arc::new(rustls::KeyLogFile::new());
+    // The link's threads protect their own records (`record`).
+    config.enable_secret_extraction = true;
     Arc::new(config)
 }
 
@@ -87,6 +97,8 @@ pub fn client_config(identity: &Identity, exit: Fingerprint) -> Arc<ClientConfig
     config.resumption = rustls::client::Resumption::disabled();
     config.enable_sni = false;
     config.key_log = Arc::new(rustls::KeyLogFile::new());
+    // The link's threads protect their own records (`record`).
+    config.enable_secret_extraction = true;
     Arc::new(config)
 }
 
@@ -329,7 +341,7 @@ pub struct TlsInfo {
 }
 
 impl TlsInfo {
-    fn of(conn: &rustls::Connection) -> TlsInfo {
+    fn of(conn: &CommonState) -> TlsInfo {
         let version = match conn.protocol_version() {
             Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_owned(),
             Some(v) => format!("{v:?}"),
@@ -356,82 +368,291 @@ impl TlsInfo {
     }
 }
 
+/// A TLS session whose handshake is done: its two directions (each link
+/// thread keeps one) and what status shows of it.
+pub struct Session {
+    pub opener: Opener,
+    pub sealer: Sealer,
+    pub info: TlsInfo,
+}
+
+/// rustls's two unbuffered connections, driven by one handshake loop.
+trait Unbuffered {
+    type Data;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn common(&self) -> &CommonState;
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error>;
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn common(&self) -> &CommonState {
+        self
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error> {
+        let (secrets, k) = self.dangerous_into_kernel_connection()?;
+        Ok((secrets, Kernel::Client(k)))
+    }
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn common(&self) -> &CommonState {
+        self
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error> {
+        let (secrets, k) = self.dangerous_into_kernel_connection()?;
+        Ok((secrets, Kernel::Server(k)))
+    }
+}
+
 /// Runs the TLS handshake on `tcp` to the end, before `deadline` (R13.3:
 /// the same clock as VERSIONS, R1.6). The exit first looks at what the
 /// client sent, to say so when it is a plain link's VERSIONS.
 pub fn handshake(
     tcp: &TcpStream,
-    conn: &mut rustls::Connection,
+    config: &TlsConfig,
     deadline: Instant,
     timeout: Duration,
-) -> Result<TlsInfo, TlsFailure> {
-    let left = || {
-        let d = deadline.saturating_duration_since(Instant::now());
+) -> Result<Session, TlsFailure> {
+    let io = HandshakeIo {
+        tcp,
+        deadline,
+        timeout,
+    };
+    match config {
+        TlsConfig::Exit { config, .. } => {
+            io.refuse_plain_peer()?;
+            let conn = UnbufferedServerConnection::new(config.clone())
+                .map_err(|e| TlsFailure::Other(e.to_string()))?;
+            drive(conn, &io, true)
+        }
+        TlsConfig::Client(config) => {
+            // No name is checked (R13.6) and none is sent (no SNI): the
+            // peer's address stands in for one.
+            let ip = tcp.peer_addr().map_err(|e| io.failure(e))?.ip();
+            let conn = UnbufferedClientConnection::new(config.clone(), ip.into())
+                .map_err(|e| TlsFailure::Other(e.to_string()))?;
+            drive(conn, &io, false)
+        }
+    }
+}
+
+/// The socket during the handshake, every wait bounded by the deadline.
+struct HandshakeIo<'a> {
+    tcp: &'a TcpStream,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl HandshakeIo<'_> {
+    fn left(&self) -> Result<Duration, TlsFailure> {
+        let d = self.deadline.saturating_duration_since(Instant::now());
         if d.is_zero() {
-            Err(TlsFailure::Timeout(timeout))
+            Err(TlsFailure::Timeout(self.timeout))
         } else {
             Ok(d)
         }
-    };
-    let io_failure = |e: io::Error| match e.kind() {
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => TlsFailure::Timeout(timeout),
-        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => TlsFailure::Closed,
-        _ => TlsFailure::Other(e.to_string()),
-    };
-    let exit = matches!(conn, rustls::Connection::Server(_));
-    if exit {
-        tcp.set_read_timeout(Some(left()?)).map_err(io_failure)?;
-        let mut first = [0u8; 3];
-        match tcp.peek(&mut first) {
-            Ok(0) => return Err(TlsFailure::Closed),
-            // A VERSIONS cell: CircID 0, command 7 (docs/protocol.md §1).
-            Ok(n) if n >= 3 && first == [0, 0, 7] => return Err(TlsFailure::PlainPeer),
-            Ok(_) => {}
-            Err(e) => return Err(io_failure(e)),
+    }
+
+    fn failure(&self, e: io::Error) -> TlsFailure {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                TlsFailure::Timeout(self.timeout)
+            }
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => TlsFailure::Closed,
+            _ => TlsFailure::Other(e.to_string()),
         }
     }
-    let mut sock = tcp;
-    while conn.is_handshaking() {
-        while conn.wants_write() {
-            tcp.set_write_timeout(Some(left()?)).map_err(io_failure)?;
-            conn.write_tls(&mut sock).map_err(io_failure)?;
+
+    fn refuse_plain_peer(&self) -> Result<(), TlsFailure> {
+        self.tcp
+            .set_read_timeout(Some(self.left()?))
+            .map_err(|e| self.failure(e))?;
+        let mut first = [0u8; 3];
+        match self.tcp.peek(&mut first) {
+            Ok(0) => Err(TlsFailure::Closed),
+            // A VERSIONS cell: CircID 0, command 7 (docs/protocol.md §1).
+            Ok(n) if n >= 3 && first == [0, 0, 7] => Err(TlsFailure::PlainPeer),
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failure(e)),
         }
-        if !conn.is_handshaking() {
+    }
+
+    fn write(&self, bytes: &[u8]) -> Result<(), TlsFailure> {
+        self.tcp
+            .set_write_timeout(Some(self.left()?))
+            .map_err(|e| self.failure(e))?;
+        (&*self.tcp).write_all(bytes).map_err(|e| self.failure(e))
+    }
+
+    /// Appends what the socket has to `inb`.
+    fn read(&self, inb: &mut Vec<u8>) -> Result<(), TlsFailure> {
+        self.tcp
+            .set_read_timeout(Some(self.left()?))
+            .map_err(|e| self.failure(e))?;
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match (&*self.tcp).read(&mut chunk) {
+                Ok(0) => return Err(TlsFailure::Closed),
+                Ok(n) => {
+                    inb.extend_from_slice(&chunk[..n]);
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.failure(e)),
+            }
+        }
+    }
+}
+
+/// Where the record that begins at `at` ends, if `inb` holds all of it.
+/// A header that no TLS record has (garbage instead of a ClientHello) is
+/// given to rustls whole, so that it refuses it at once.
+fn next_record(inb: &[u8], at: usize) -> Option<usize> {
+    let rest = &inb[at..];
+    if rest.len() < 5 {
+        return None;
+    }
+    let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
+    let plausible = (20..=23).contains(&rest[0]) && rest[1] == 3 && len <= (1 << 14) + 2048;
+    if !plausible {
+        return Some(inb.len());
+    }
+    (rest.len() >= 5 + len).then_some(at + 5 + len)
+}
+
+/// Drives rustls's unbuffered handshake. rustls sees whole records one at a
+/// time, so that it stops at the record that ends the handshake: what
+/// follows (the peer's first cells) is the record layer's (`record`).
+fn drive<C: Unbuffered>(
+    mut conn: C,
+    io: &HandshakeIo<'_>,
+    exit: bool,
+) -> Result<Session, TlsFailure> {
+    // Received, not yet discarded by rustls; its first `given` bytes are
+    // whole records rustls may see.
+    let mut inb: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut given = 0;
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let status = conn.process(&mut inb[..given]);
+        let discard = status.discard;
+        let mut blocked = false;
+        match status.state {
+            Err(e) => {
+                inb.drain(..discard);
+                given -= discard;
+                send_alert(&mut conn, &mut inb[..given], io);
+                return Err(TlsFailure::from_rustls(e, exit));
+            }
+            Ok(ConnectionState::EncodeTlsData(mut data)) => encode(&mut data, &mut out)?,
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                io.write(&out)?;
+                out.clear();
+                t.done();
+            }
+            // WriteTraffic comes before the handshake's end on the exit's
+            // side (it may send after its Finished): wait for the client's.
+            Ok(ConnectionState::BlockedHandshake | ConnectionState::WriteTraffic(_)) => {
+                blocked = true
+            }
+            Ok(other) => {
+                return Err(TlsFailure::Other(format!(
+                    "unexpected TLS state during the handshake: {other:?}"
+                )))
+            }
+        }
+        inb.drain(..discard);
+        given -= discard;
+        if !blocked {
+            continue;
+        }
+        if !conn.common().is_handshaking() {
             break;
         }
-        tcp.set_read_timeout(Some(left()?)).map_err(io_failure)?;
-        match conn.read_tls(&mut sock) {
-            Ok(0) => return Err(TlsFailure::Closed),
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_failure(e)),
+        match next_record(&inb, given) {
+            Some(end) => given = end,
+            None => io.read(&mut inb)?,
         }
-        if let Err(e) = conn.process_new_packets() {
-            // Tell the peer why (rustls has queued the alert), if it listens.
-            let _ = tcp.set_write_timeout(Some(Duration::from_millis(100)));
-            let _ = conn.write_tls(&mut sock);
-            return Err(TlsFailure::from_rustls(e, exit));
-        }
-    }
-    // The last flight (the client's Finished).
-    while conn.wants_write() {
-        tcp.set_write_timeout(Some(left()?)).map_err(io_failure)?;
-        conn.write_tls(&mut sock).map_err(io_failure)?;
     }
     // R13.2: an exit serves only clients that asked for halfpipe/1.
-    if conn.alpn_protocol() != Some(ALPN) {
+    if conn.common().alpn_protocol() != Some(ALPN) {
         return Err(TlsFailure::NoAlpn);
     }
-    Ok(TlsInfo::of(conn))
+    let info = TlsInfo::of(conn.common());
+    let suite = conn
+        .common()
+        .negotiated_cipher_suite()
+        .and_then(|s| s.tls13())
+        .ok_or_else(|| TlsFailure::Other("no TLS 1.3 cipher suite".into()))?;
+    let (secrets, kernel) = conn
+        .into_kernel()
+        .map_err(|e| TlsFailure::Other(e.to_string()))?;
+    let (opener, sealer) = record::split(secrets, kernel, suite, &inb[given..])
+        .map_err(|e| TlsFailure::Other(e.to_string()))?;
+    Ok(Session {
+        opener,
+        sealer,
+        info,
+    })
+}
+
+fn encode<D>(data: &mut EncodeTlsData<'_, D>, out: &mut Vec<u8>) -> Result<(), TlsFailure> {
+    let at = out.len();
+    out.resize(at + 16 * 1024, 0);
+    loop {
+        match data.encode(&mut out[at..]) {
+            Ok(n) => {
+                out.truncate(at + n);
+                return Ok(());
+            }
+            Err(EncodeError::InsufficientSize(InsufficientSizeError { required_size })) => {
+                out.resize(at + required_size, 0)
+            }
+            Err(e) => return Err(TlsFailure::Other(e.to_string())),
+        }
+    }
+}
+
+/// Tells the peer why the handshake failed (rustls has queued the alert),
+/// if it listens.
+/// `given` is what rustls has seen and not discarded: it must see the same
+/// again.
+fn send_alert<C: Unbuffered>(conn: &mut C, given: &mut [u8], io: &HandshakeIo<'_>) {
+    let mut out = Vec::new();
+    // rustls hands out the alert it queued before it looks at `given`
+    // again; asked once more, it would deframe the failed record anew.
+    if let Ok(ConnectionState::EncodeTlsData(mut data)) = conn.process(given).state {
+        if encode(&mut data, &mut out).is_ok() {
+            let _ = io.tcp.set_write_timeout(Some(Duration::from_millis(100)));
+            let _ = (&*io.tcp).write_all(&out);
+        }
+    }
 }
 
 /// Plaintext over a TLS session for the VERSIONS handshake, which runs on
-/// the link's thread before the link starts. Each read is one `recv` at
-/// most, bounded by what is left until `deadline` (R1.6 with R13.3), so a
-/// peer that sends a record a byte at a time cannot stretch the handshake.
+/// the link's thread before the link starts. Each read is bounded by what
+/// is left until `deadline` (R1.6 with R13.3), so a peer that sends a
+/// record a byte at a time cannot stretch the handshake.
 pub struct HandshakeStream<'a> {
     pub tcp: &'a TcpStream,
-    pub conn: &'a mut rustls::Connection,
+    pub session: &'a mut Session,
     pub deadline: Instant,
 }
 
@@ -448,36 +669,43 @@ impl HandshakeStream<'_> {
 
 impl Read for HandshakeStream<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut got = Vec::with_capacity(buf.len());
         loop {
-            match self.conn.reader().read(buf) {
-                // Plaintext, or 0 after the peer's close_notify.
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                // A FIN without close_notify, among others.
-                Err(e) => return Err(e),
-            }
             self.tcp.set_read_timeout(Some(self.left()?))?;
-            let mut sock = self.tcp;
-            self.conn.read_tls(&mut sock)?;
-            self.conn
-                .process_new_packets()
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+            let opened = self.session.opener.read_once(self.tcp, &mut got)?;
+            if opened.wants_write {
+                self.flush_key_update()?;
+            }
+            if opened.n > 0 || opened.end {
+                buf[..opened.n].copy_from_slice(&got);
+                return Ok(opened.n);
+            }
         }
+    }
+}
+
+impl HandshakeStream<'_> {
+    fn flush_key_update(&mut self) -> io::Result<()> {
+        self.session
+            .sealer
+            .answer_key_update()
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        io::Write::flush(self)
     }
 }
 
 impl io::Write for HandshakeStream<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.conn.writer().write(buf)
+        self.session
+            .sealer
+            .seal(&[buf.to_vec()])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        let mut sock = self.tcp;
-        while self.conn.wants_write() {
-            self.tcp.set_write_timeout(Some(self.left()?))?;
-            self.conn.write_tls(&mut sock)?;
-        }
-        Ok(())
+        self.tcp.set_write_timeout(Some(self.left()?))?;
+        self.session.sealer.write_to(self.tcp)
     }
 }
 

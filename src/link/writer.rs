@@ -42,8 +42,8 @@ pub(super) fn writer_loop(
     keepalive: Option<Duration>,
 ) {
     let mut batch: Vec<Vec<u8>> = Vec::with_capacity(MAX_GATHER);
-    // TLS records on their way out (unused on a plain link).
-    let mut records = Vec::new();
+    // The sealing half of a TLS link.
+    let mut records = transport.write_state();
     let mut tally = Tally::default();
     let result = (|| -> io::Result<()> {
         loop {

@@ -421,6 +421,8 @@ fn an_exit_serves_only_listed_clients_and_rereads_the_list_on_sighup() {
     exit.wait_for_log(&format!("client={other}"));
     exit.wait_for_log("client no longer listed: closing its link");
     b.wait_for_log("link to exit lost");
+    // Closed with a close_notify (R13.10), not a bare FIN.
+    b.wait_for_log("link closed: closed by peer");
     eventually("client A links", || {
         a.log().contains("link to exit ready").then_some(())
     });
@@ -555,17 +557,12 @@ fn a_versions_record_dribbled_inside_tls_is_cut_at_the_handshake_deadline() {
     let tcp = TcpStream::connect(d.link()).unwrap();
     let fp = test_fingerprint().parse().unwrap();
     let config = halfpipe::link::tls::client_config(test_identity(), fp);
-    let mut conn: rustls::Connection =
-        rustls::ClientConnection::new(config, "127.0.0.1".try_into().unwrap())
-            .unwrap()
-            .into();
+    let config = halfpipe::link::TlsConfig::Client(config);
     let since = Instant::now();
-    halfpipe::link::tls::handshake(&tcp, &mut conn, since + PATIENCE, PATIENCE).unwrap();
-    conn.writer().write_all(&VERSIONS).unwrap();
-    let mut record = Vec::new();
-    while conn.wants_write() {
-        conn.write_tls(&mut record).unwrap();
-    }
+    let mut session =
+        halfpipe::link::tls::handshake(&tcp, &config, since + PATIENCE, PATIENCE).unwrap();
+    session.sealer.seal(&[VERSIONS.to_vec()]).unwrap();
+    let record = session.sealer.take_records().concat();
     let sent = Arc::new(AtomicUsize::new(0));
     let dribbler = {
         let (mut s, sent) = (tcp.try_clone().unwrap(), sent.clone());
@@ -825,9 +822,17 @@ fn close_notify_ends_a_link_cleanly_and_a_bare_fin_is_a_lost_link() {
         let mut l = linked(&d, circ);
         let mut target = open_stream(&mut l, circ, 1, &t);
         if clean {
-            // The bridge sends close_notify before its FIN.
+            // The bridge sends close_notify before its FIN. The exit answers
+            // in kind: the bridge passes a close_notify on as a FIN, and
+            // anything else (a bare FIN, a reset) as a reset.
             l.sock.shutdown(Shutdown::Write).unwrap();
             d.wait_for_log("link closed: closed by peer");
+            l.sock.set_read_timeout(Some(PATIENCE)).unwrap();
+            let mut rest = Vec::new();
+            match l.sock.read_to_end(&mut rest) {
+                Ok(_) => {}
+                Err(e) => panic!("the exit did not answer with close_notify: {e}"),
+            }
         } else {
             l.fin_without_close_notify();
             d.wait_for_log("close_notify");

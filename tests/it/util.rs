@@ -138,14 +138,12 @@ fn tls_bridge(addr: SocketAddr) -> (TcpStream, Bridge) {
     };
     let fp = test_fingerprint().parse().unwrap();
     let config = tls::client_config(test_identity(), fp);
-    let mut conn: rustls::Connection = rustls::ClientConnection::new(config, addr.ip().into())
-        .unwrap()
-        .into();
-    let info = tls::handshake(&tcp, &mut conn, Instant::now() + PATIENCE, PATIENCE)
+    let config = halfpipe::link::TlsConfig::Client(config);
+    let session = tls::handshake(&tcp, &config, Instant::now() + PATIENCE, PATIENCE)
         .unwrap_or_else(|e| panic!("TLS handshake with {addr}: {e}"));
     tcp.set_read_timeout(None).unwrap();
     tcp.set_write_timeout(None).unwrap();
-    let transport = Arc::new(halfpipe::link::Transport::tls(tcp, conn, info));
+    let transport = Arc::new(halfpipe::link::Transport::tls(tcp, session));
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let ours = TcpStream::connect(l.local_addr().unwrap()).unwrap();
     let (theirs, _) = l.accept().unwrap();
@@ -160,7 +158,7 @@ fn tls_bridge(addr: SocketAddr) -> (TcpStream, Bridge) {
     let up = {
         let (t, mut from) = (transport.clone(), theirs.try_clone().unwrap());
         thread::spawn(move || {
-            let mut out = Vec::new();
+            let mut out = t.write_state();
             let mut chunk = vec![0u8; 64 * 1024];
             loop {
                 match from.read(&mut chunk) {
@@ -187,13 +185,16 @@ fn tls_bridge(addr: SocketAddr) -> (TcpStream, Bridge) {
         let (t, mut to) = (transport.clone(), theirs);
         thread::spawn(move || {
             let mut buf = Vec::with_capacity(64 * 1024);
-            let mut st = halfpipe::link::ReadState::default();
+            let mut st = t.read_state();
             loop {
                 match t.read(&mut buf, &mut st) {
-                    Ok(r) if r.n == 0 => {
+                    Ok(r) if r.end => {
                         let _ = to.shutdown(Shutdown::Write);
                         break;
                     }
+                    // Nothing yet, or a key update asked of us: our
+                    // exits never ask.
+                    Ok(r) if r.n == 0 => {}
                     Ok(_) => {
                         if to.write_all(&buf).is_err() {
                             t.shutdown();

@@ -109,7 +109,8 @@ fn serve_link(
                 let fp = link.tls_info().and_then(|t| t.peer);
                 if fp.is_none_or(|fp| !list.read().contains(&fp)) {
                     tracing::info!(link = id, %peer, "client no longer listed: closing its new link");
-                    link.close();
+                    // Its reader serves nothing: `cut` is in force first.
+                    link.cut();
                 }
             }
             link.run();
