@@ -177,12 +177,13 @@ impl Link {
 
     /// Stops serving the peer and ends the link both ways, after what is
     /// queued is written and, on a TLS link, a close_notify (R13.10): the
-    /// reader serves nothing it reads from now on, and its teardown waits
-    /// a moment for the writer before it shuts the socket.
+    /// reader wakes and serves nothing more, and its teardown gives the
+    /// writer a moment (`ANSWER_GRACE`) before it shuts the socket.
     pub fn cut(&self) {
         self.closed.store(true, Ordering::Release);
         self.cut.store(true, Ordering::Release);
         self.tx.cut();
+        let _ = self.transport.tcp.shutdown(std::net::Shutdown::Read);
     }
 
     /// Closes the link at once from another thread: the reader wakes and

@@ -35,15 +35,17 @@ impl Link {
         self.reader_tid
             .store(crate::runtime::sockets::gettid(), Ordering::Relaxed);
         let result = self.read_loop();
+        let cut = self.cut.load(Ordering::Acquire);
         let why = match &result {
+            _ if cut => "cut: the peer is no longer served".to_string(),
             Ok(()) if self.closed.load(Ordering::Acquire) => "closed".to_string(),
             Ok(()) => "closed by peer".to_string(),
             Err(e) if self.closed.load(Ordering::Acquire) => format!("closed ({e})"),
             Err(e) => format!("read error: {e}"),
         };
-        if result.is_ok() {
-            // The peer's clean close (or its answer to ours): answer in
-            // kind, close_notify and FIN after what is queued (R13.10).
+        if result.is_ok() || cut {
+            // The peer's clean close (or its answer to ours), or our cut:
+            // close_notify and FIN after what is queued (R13.10).
             self.close_writer_within(ANSWER_GRACE);
         }
         self.teardown(&why);
@@ -376,6 +378,8 @@ impl Link {
     /// waits for it at most `grace` (a peer that reads nothing more holds
     /// it until the teardown's shutdown).
     fn close_writer_within(&self, grace: Duration) {
+        // No new circuit meanwhile: its CREATED_FAST could not be sent.
+        self.closed.store(true, Ordering::Release);
         if self.tx.tx.send(WriterMsg::Close).is_err() {
             return;
         }

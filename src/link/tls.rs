@@ -521,16 +521,21 @@ impl HandshakeIo<'_> {
     }
 }
 
-/// Where the record that begins at `at` ends, if `inb` holds all of it.
-/// A header that no TLS record has (garbage instead of a ClientHello) is
-/// given to rustls whole, so that it refuses it at once.
+/// Where the record that begins at `at` ends, if `inb` holds all of it. A
+/// header that rustls refuses by itself (garbage instead of a ClientHello,
+/// say) is given to rustls with everything after it, so that it refuses it
+/// at once rather than at the deadline.
 fn next_record(inb: &[u8], at: usize) -> Option<usize> {
+    /// rustls refuses a record this long or longer from its header alone.
+    const NO_RECORD_LEN: usize = (1 << 14) + 2048;
     let rest = &inb[at..];
     if rest.len() < 5 {
         return None;
     }
     let len = u16::from_be_bytes([rest[3], rest[4]]) as usize;
-    let plausible = (20..=23).contains(&rest[0]) && rest[1] == 3 && len <= (1 << 14) + 2048;
+    // Content types 20 to 24 (heartbeat included, as rustls reads them),
+    // a 3.x version.
+    let plausible = (20..=24).contains(&rest[0]) && rest[1] == 3 && len < NO_RECORD_LEN;
     if !plausible {
         return Some(inb.len());
     }
@@ -584,6 +589,8 @@ fn drive<C: Unbuffered>(
             continue;
         }
         if !conn.common().is_handshaking() {
+            // rustls has used up every record it was given.
+            debug_assert_eq!(given, 0);
             break;
         }
         match next_record(&inb, given) {
@@ -637,7 +644,8 @@ fn encode<D>(data: &mut EncodeTlsData<'_, D>, out: &mut Vec<u8>) -> Result<(), T
 fn send_alert<C: Unbuffered>(conn: &mut C, given: &mut [u8], io: &HandshakeIo<'_>) {
     let mut out = Vec::new();
     // rustls hands out the alert it queued before it looks at `given`
-    // again; asked once more, it would deframe the failed record anew.
+    // again. Only once: asked again, it would deframe the failed record
+    // anew and queue a second fatal alert (which it asserts against).
     if let Ok(ConnectionState::EncodeTlsData(mut data)) = conn.process(given).state {
         if encode(&mut data, &mut out).is_ok() {
             let _ = io.tcp.set_write_timeout(Some(Duration::from_millis(100)));
