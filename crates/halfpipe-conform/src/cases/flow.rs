@@ -1,0 +1,133 @@
+//! §10 (flow control, version 1), the exit's side. The kit's circuits do
+//! not offer version 2 (§14), so these windows apply.
+
+use super::common::*;
+use crate::case::{check, fail, Ctx, Verdict};
+use crate::link::{describe, Cell, ANSWER, QUIET};
+use crate::targets::{write_all, Target};
+use halfpipe_proto::cell::destroy_reason;
+use halfpipe_proto::relay::{relay_cmd, DATA_MAX};
+use std::time::Duration;
+
+/// A SENDME's payload is empty or version 0 (R10.12).
+fn sendme_payload_ok(body: &[u8]) -> bool {
+    body.is_empty() || body[0] == 0
+}
+
+pub fn the_receiver_sends_sendmes_as_data_arrives(cx: &mut Ctx) -> Verdict {
+    // R10.2: a circuit SENDME once 100 DATA cells have arrived, counting
+    // DATA for a stream it does not know (R10.5); R10.3: stream SENDMEs as
+    // the target takes the data (R10.6); R10.12: their payloads.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
+    for _ in 0..60 {
+        l.send_relay(CIRC, relay_cmd::DATA, 1, &[1; DATA_MAX])?;
+    }
+    for _ in 0..40 {
+        l.send_relay(CIRC, relay_cmd::DATA, 99, &[2; DATA_MAX])?;
+    }
+    let got = crate::targets::read_n(&mut conn, 60 * DATA_MAX, ANSWER)?;
+    check(
+        got.iter().all(|&b| b == 1),
+        "stream 1's bytes only",
+        "other bytes",
+    )?;
+    let (cells, _) = l.collect(Duration::from_secs(1));
+    let sendmes: Vec<&Cell> = cells.iter().filter(|c| is_sendme(c)).collect();
+    let circuit = sendmes
+        .iter()
+        .filter(|c| matches!(c.relay(), Some((_, 0, _))))
+        .count();
+    let stream = sendmes
+        .iter()
+        .filter(|c| matches!(c.relay(), Some((_, 1, _))))
+        .count();
+    check(
+        circuit == 1,
+        "one circuit SENDME for 100 DATA cells, 40 of them for an unknown stream (R10.2, R10.5)",
+        format!("{circuit}"),
+    )?;
+    check(
+        stream == 1,
+        "one stream SENDME for 60 cells written (R10.3)",
+        format!("{stream}"),
+    )?;
+    for c in sendmes {
+        let (_, _, body) = c.relay().expect("a SENDME");
+        check(
+            sendme_payload_ok(body),
+            "an empty or version-0 SENDME (R10.12)",
+            describe(c),
+        )?;
+    }
+    Ok(())
+}
+
+/// DATA cells per stream that arrive within `wait`, up to silence.
+fn count_data(l: &mut crate::link::RawLink, wait: Duration) -> (usize, usize) {
+    let (cells, _) = l.collect(wait);
+    let on = |s: u16| {
+        cells
+            .iter()
+            .filter(|c| c.is_relay(CIRC, relay_cmd::DATA, s))
+            .count()
+    };
+    (on(1), on(2))
+}
+
+pub fn the_sender_stops_at_its_windows_and_resumes_on_sendme(cx: &mut Ctx) -> Verdict {
+    // R10.4, R10.8: with no SENDME from us, a stream gets 500 DATA cells
+    // and no more; two streams together stop at the circuit's 1000.
+    // R10.9: one stream SENDME lets exactly 50 more go once the circuit
+    // allows it.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let mut a = open_stream(&mut l, CIRC, 1, &t)?;
+    let mut b = open_stream(&mut l, CIRC, 2, &t)?;
+    let lots = vec![b'x'; 600 * DATA_MAX];
+    write_all(&mut a, &lots)?;
+    write_all(&mut b, &lots)?;
+    let (n1, n2) = count_data(&mut l, Duration::from_secs(2));
+    check(
+        n1 == 500 && n2 == 500,
+        "500 DATA cells per stream, then nothing (R10.8)",
+        format!("{n1} and {n2}"),
+    )?;
+    // The circuit's window is 0 as well: a stream SENDME alone moves
+    // nothing.
+    l.send_relay(CIRC, relay_cmd::SENDME, 1, &[])?;
+    let (n1, n2) = count_data(&mut l, QUIET * 2);
+    check(
+        n1 == 0 && n2 == 0,
+        "nothing while the circuit window is 0 (R10.8)",
+        format!("{n1} and {n2} DATA cells"),
+    )?;
+    l.send_relay(CIRC, relay_cmd::SENDME, 0, &[])?;
+    let (n1, n2) = count_data(&mut l, Duration::from_secs(1));
+    check(
+        n1 == 50 && n2 == 0,
+        "50 more on stream 1 once the circuit SENDME came (R10.9)",
+        format!("{n1} on stream 1 and {n2} on stream 2"),
+    )?;
+    Ok(())
+}
+
+pub fn a_sendme_beyond_the_start_value_is_a_violation(cx: &mut Ctx) -> Verdict {
+    // R10.11: a stream SENDME on a fresh stream (500 + 50 > 500), and a
+    // circuit SENDME on a fresh circuit (1000 + 100 > 1000).
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let _conn = open_stream(&mut l, CIRC, 1, &t)?;
+    l.send_relay(CIRC, relay_cmd::SENDME, 1, &[])?;
+    expect_destroy(&mut l, CIRC, destroy_reason::PROTOCOL)?;
+    l.create_circuit(CIRC2)?;
+    l.send_relay(CIRC2, relay_cmd::SENDME, 0, &[])?;
+    expect_destroy(&mut l, CIRC2, destroy_reason::PROTOCOL).map_err(|e| match e {
+        crate::case::CaseError::Fail { got, .. } => fail(
+            "DESTROY(PROTOCOL) for a circuit SENDME beyond 1000 (R10.11)",
+            got,
+        ),
+        other => other,
+    })
+}

@@ -1,0 +1,206 @@
+//! Every case, grouped by the section of docs/protocol.md it checks.
+
+mod circuit;
+mod close;
+mod common;
+mod flow;
+mod link;
+mod stream;
+
+use crate::case::{Case, Role};
+use std::time::Duration;
+
+const QUICK: Duration = Duration::from_secs(20);
+const SLOW: Duration = Duration::from_secs(40);
+
+macro_rules! exit_case {
+    ($f:path, [$($id:literal),+ $(,)?]) => {
+        exit_case!($f, [$($id),+], QUICK)
+    };
+    ($f:path, [$($id:literal),+ $(,)?], $timeout:expr) => {
+        Case {
+            name: stringify!($f),
+            ids: &[$($id),+],
+            role: Role::Exit,
+            needs: None,
+            timeout: $timeout,
+            run: $f,
+        }
+    };
+}
+
+/// The cases, in the order of the document.
+pub fn all() -> Vec<Case> {
+    let mut cases = vec![
+        // §1, §2
+        exit_case!(
+            link::exit_speaks_only_after_the_clients_versions,
+            ["R1.2", "R1.9", "R1.11", "R2.1"]
+        ),
+        exit_case!(link::the_highest_common_version_is_adopted, ["R1.3"]),
+        exit_case!(link::no_common_version_closes_the_link, ["R1.3", "R1.7"]),
+        exit_case!(
+            link::an_odd_versions_length_closes_the_link,
+            ["R1.4", "R1.7"]
+        ),
+        exit_case!(
+            link::a_first_cell_that_is_not_versions_closes_the_link,
+            ["R1.5", "R1.7"]
+        ),
+        exit_case!(
+            link::a_silent_or_partial_handshake_is_closed_after_10_seconds,
+            ["R1.6", "R1.7"],
+            SLOW
+        ),
+        exit_case!(link::a_failed_handshake_touches_nothing_else, ["R1.8"]),
+        exit_case!(
+            link::variable_padding_and_unknown_cells_are_ignored,
+            ["R1.10", "R2.2", "R2.6"]
+        ),
+        exit_case!(link::relay_early_is_handled_as_relay, ["R2.3"]),
+        exit_case!(
+            link::create_and_create2_get_destroy_protocol,
+            ["R2.4", "R2.5"]
+        ),
+        // §3, §4
+        exit_case!(
+            circuit::created_fast_carries_y_and_kh,
+            ["R3.2", "R3.3", "R3.5"]
+        ),
+        exit_case!(
+            circuit::create_fast_on_a_circid_in_use_destroys_that_circuit,
+            ["R3.6", "R3.12"]
+        ),
+        exit_case!(
+            circuit::create_fast_with_the_top_bit_clear_is_a_violation,
+            ["R3.6"]
+        ),
+        exit_case!(
+            circuit::a_destroyed_circid_drops_late_cells_and_is_free_again,
+            ["R3.7", "R3.11"]
+        ),
+        exit_case!(
+            circuit::circuits_up_to_the_limit_and_resourcelimit_beyond,
+            ["R3.8", "R3.9"],
+            SLOW
+        ),
+        exit_case!(circuit::destroy_aborts_the_circuits_streams, ["R3.10"]),
+        exit_case!(
+            circuit::a_violation_destroys_only_its_circuit,
+            ["R3.12", "R4.8"]
+        ),
+        exit_case!(circuit::a_lost_link_resets_every_stream, ["R3.13"]),
+        exit_case!(
+            circuit::cells_for_circuits_never_created_are_dropped,
+            ["R3.14"]
+        ),
+        exit_case!(
+            circuit::relay_header_violations_destroy_the_circuit,
+            ["R4.4"]
+        ),
+        exit_case!(
+            circuit::relay_cells_are_laid_out_as_specified,
+            ["R4.1", "R4.2", "R4.3", "R4.5"]
+        ),
+        exit_case!(circuit::wrong_way_commands_are_violations, ["R4.6"]),
+        exit_case!(circuit::stream_zero_is_a_violation, ["R4.8", "R4.10"]),
+        exit_case!(
+            circuit::drop_and_unknown_relay_commands_are_dropped,
+            ["R4.9"]
+        ),
+        // §5, §6
+        exit_case!(
+            stream::begin_connects_and_connected_comes_first_and_once,
+            ["R5.3", "R5.4", "R5.20"]
+        ),
+        exit_case!(
+            stream::malformed_begins_get_end_torprotocol,
+            ["R5.2", "R5.5"]
+        ),
+        exit_case!(
+            stream::a_target_outside_the_policy_gets_end_exitpolicy,
+            ["R5.6"]
+        ),
+        exit_case!(
+            stream::a_name_that_does_not_resolve_gets_end_resolvefailed,
+            ["R5.7"]
+        ),
+        exit_case!(
+            stream::a_refused_connection_gets_end_connectrefused,
+            ["R5.8"]
+        ),
+        exit_case!(
+            stream::a_begin_on_an_open_stream_id_is_a_violation,
+            ["R5.13"]
+        ),
+        exit_case!(
+            stream::a_begin_on_a_recently_closed_id_opens_a_new_stream,
+            ["R5.14", "R9.1"]
+        ),
+        exit_case!(
+            stream::optimistic_data_and_fin_arrive_in_order_once_connected,
+            ["R5.15"]
+        ),
+        exit_case!(
+            stream::optimistic_data_for_a_refused_begin_is_discarded,
+            ["R5.16"]
+        ),
+        exit_case!(
+            stream::data_travels_in_order_in_cells_of_at_most_498_bytes,
+            ["R6.1", "R6.2", "R6.4"]
+        ),
+        exit_case!(
+            stream::an_empty_data_cell_is_accepted_and_writes_nothing,
+            ["R6.3"]
+        ),
+        // §7, §8, §9
+        exit_case!(
+            close::the_clients_fin_half_closes_and_the_reply_still_flows,
+            ["R7.3", "R7.4", "R7.9", "R7.10"]
+        ),
+        exit_case!(
+            close::the_targets_fin_comes_after_its_data_and_the_request_still_flows,
+            ["R7.1", "R7.2", "R7.5", "R7.9", "R7.10"]
+        ),
+        exit_case!(close::data_or_fin_after_fin_is_a_violation, ["R7.6"]),
+        exit_case!(
+            close::end_resets_the_target_and_nothing_follows_it,
+            ["R7.8", "R8.8", "R8.9"]
+        ),
+        exit_case!(close::end_discards_what_is_queued_for_the_target, ["R8.8"]),
+        exit_case!(
+            close::a_target_reset_becomes_end_connreset,
+            ["R7.7", "R8.1", "R8.2", "R8.7"]
+        ),
+        exit_case!(
+            close::a_target_reset_while_half_closed_becomes_end_connreset,
+            ["R7.7"]
+        ),
+        exit_case!(
+            close::late_cells_for_closed_and_unknown_streams_are_dropped,
+            ["R9.1", "R9.3", "R9.5"]
+        ),
+        exit_case!(
+            close::cells_after_a_clean_close_are_late_cells,
+            ["R9.1", "R9.3"]
+        ),
+        // §10
+        exit_case!(
+            flow::the_receiver_sends_sendmes_as_data_arrives,
+            ["R10.2", "R10.3", "R10.5", "R10.6", "R10.12"]
+        ),
+        exit_case!(
+            flow::the_sender_stops_at_its_windows_and_resumes_on_sendme,
+            ["R10.4", "R10.8", "R10.9"]
+        ),
+        exit_case!(
+            flow::a_sendme_beyond_the_start_value_is_a_violation,
+            ["R10.11"]
+        ),
+    ];
+    // Names without their module path: the section is in the IDs.
+    for c in &mut cases {
+        c.name = c.name.rsplit("::").next().unwrap_or(c.name).trim();
+    }
+    cases
+}

@@ -1,0 +1,213 @@
+//! §5 (opening a stream) and §6 (data), the exit's side.
+
+use super::common::*;
+use crate::case::{check, fail, Ctx, Verdict};
+use crate::link::{describe, ANSWER};
+use crate::targets::{ending, read_n, write_all, Ending, Target};
+use halfpipe_proto::cell::destroy_reason;
+use halfpipe_proto::relay::{end_reason, relay_cmd};
+use std::time::Duration;
+
+/// A port nothing listens on (bound, then closed).
+fn closed_port() -> u16 {
+    crate::subject::free_port()
+}
+
+pub fn begin_connects_and_connected_comes_first_and_once(cx: &mut Ctx) -> Verdict {
+    // R5.3, R5.4: CONNECTED carries 127.0.0.1 and a TTL; R5.20: it is the
+    // stream's first cell and comes once.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, &t.begin())?;
+    let mut conn = t.accept(ANSWER)?;
+    write_all(&mut conn, b"early bytes")?;
+    let c = l.expect(
+        "CONNECTED as the stream's first cell (R5.20)",
+        |c| c.circ == CIRC && matches!(c.relay(), Some((_, 1, _))),
+        is_sendme,
+    )?;
+    let (command, _, body) = c.relay().expect("a relay cell");
+    check(
+        command == relay_cmd::CONNECTED,
+        "CONNECTED first (R5.20)",
+        describe(&c),
+    )?;
+    check(
+        body.len() == 8 && body[..4] == [127, 0, 0, 1],
+        "CONNECTED with IPv4 127.0.0.1 and a TTL: 8 bytes (R5.4)",
+        format!("{body:02x?}"),
+    )?;
+    let got = recv_data(&mut l, CIRC, 1, 11)?;
+    check(
+        got == b"early bytes",
+        "the target's bytes",
+        format!("{got:?}"),
+    )?;
+    let (cells, _) = l.collect(Duration::from_millis(300));
+    if let Some(c) = cells
+        .iter()
+        .find(|c| c.is_relay(CIRC, relay_cmd::CONNECTED, 1))
+    {
+        return Err(fail("CONNECTED at most once (R5.20)", describe(c)));
+    }
+    Ok(())
+}
+
+pub fn malformed_begins_get_end_torprotocol(cx: &mut Ctx) -> Verdict {
+    // R5.5, with R5.2's grammar: each of these is malformed.
+    let mut l = cx.linked(CIRC)?;
+    let bad: [&[u8]; 8] = [
+        b"127.0.0.1:80",      // no NUL
+        b"127.0.0.1\0",       // no port
+        b"127.0.0.1:0\0",     // port zero
+        b"127.0.0.1:65536\0", // port too large
+        b"127.0.0.1:8x\0",    // port not decimal
+        b"[::1:80\0",         // "[" never closed
+        b"bad host!:80\0",    // bytes outside the set
+        b"\0",                // empty
+    ];
+    for (i, body) in bad.iter().enumerate() {
+        let stream = 10 + i as u16;
+        l.send_relay(CIRC, relay_cmd::BEGIN, stream, body)?;
+        expect_end(&mut l, CIRC, stream, end_reason::TORPROTOCOL)?;
+    }
+    circuit_works(&mut l, CIRC, 1)
+}
+
+pub fn a_target_outside_the_policy_gets_end_exitpolicy(cx: &mut Ctx) -> Verdict {
+    // R5.6: the kit's policy admits 127.0.0.1 only.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let body = format!("127.0.0.2:{}\0", t.addr.port());
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, body.as_bytes())?;
+    expect_end(&mut l, CIRC, 1, end_reason::EXITPOLICY)
+}
+
+pub fn a_name_that_does_not_resolve_gets_end_resolvefailed(cx: &mut Ctx) -> Verdict {
+    // R5.7: `.invalid` never resolves (RFC 6761).
+    let mut l = cx.linked(CIRC)?;
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, b"no-such-host.invalid:80\0")?;
+    expect_end(&mut l, CIRC, 1, end_reason::RESOLVEFAILED)
+}
+
+pub fn a_refused_connection_gets_end_connectrefused(cx: &mut Ctx) -> Verdict {
+    // R5.8.
+    let mut l = cx.linked(CIRC)?;
+    let body = format!("127.0.0.1:{}\0", closed_port());
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, body.as_bytes())?;
+    expect_end(&mut l, CIRC, 1, end_reason::CONNECTREFUSED)
+}
+
+pub fn a_begin_on_an_open_stream_id_is_a_violation(cx: &mut Ctx) -> Verdict {
+    // R5.13.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let _conn = open_stream(&mut l, CIRC, 1, &t)?;
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, &t.begin())?;
+    expect_destroy(&mut l, CIRC, destroy_reason::PROTOCOL)
+}
+
+pub fn a_begin_on_a_recently_closed_id_opens_a_new_stream(cx: &mut Ctx) -> Verdict {
+    // R5.14 (with R9.1: END puts the ID in the set).
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let mut first = open_stream(&mut l, CIRC, 1, &t)?;
+    l.send_relay(CIRC, relay_cmd::END, 1, &[end_reason::DONE])?;
+    match ending(&mut first, ANSWER) {
+        Ending::Reset(_) => {}
+        other => {
+            return Err(fail(
+                "the first stream reset by END (R8.8)",
+                format!("{other:?}"),
+            ))
+        }
+    }
+    let mut second = open_stream(&mut l, CIRC, 1, &t)?;
+    send_data(&mut l, CIRC, 1, b"second")?;
+    let got = read_n(&mut second, 6, ANSWER)?;
+    check(
+        got == b"second",
+        "the new stream's bytes",
+        format!("{got:?}"),
+    )
+}
+
+pub fn optimistic_data_and_fin_arrive_in_order_once_connected(cx: &mut Ctx) -> Verdict {
+    // R5.15: DATA and FIN right after BEGIN are held, then delivered.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, &t.begin())?;
+    send_data(&mut l, CIRC, 1, &data)?;
+    l.send_relay(CIRC, relay_cmd::FIN, 1, &[])?;
+    let mut conn = t.accept(ANSWER)?;
+    match ending(&mut conn, ANSWER) {
+        Ending::Eof(got) if got == data => Ok(()),
+        other => Err(fail(
+            "the 5000 bytes in order, then end of file (R5.15, R7.4)",
+            short(&other),
+        )),
+    }
+}
+
+/// How a connection ended, without its bytes.
+pub fn short(e: &Ending) -> String {
+    match e {
+        Ending::Eof(g) => format!("end of file after {} bytes", g.len()),
+        Ending::Reset(g) => format!("a reset after {} bytes", g.len()),
+        Ending::Open(g) => format!("still open after {} bytes", g.len()),
+    }
+}
+
+pub fn optimistic_data_for_a_refused_begin_is_discarded(cx: &mut Ctx) -> Verdict {
+    // R5.16: END(EXITPOLICY), nothing more for the stream, the circuit
+    // carries on.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let body = format!("127.0.0.2:{}\0", t.addr.port());
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, body.as_bytes())?;
+    send_data(&mut l, CIRC, 1, &[1; 2000])?;
+    l.send_relay(CIRC, relay_cmd::FIN, 1, &[])?;
+    expect_end(&mut l, CIRC, 1, end_reason::EXITPOLICY)?;
+    expect_quiet(&mut l, "nothing after END for the refused stream (R5.16)")?;
+    circuit_works(&mut l, CIRC, 2)
+}
+
+pub fn data_travels_in_order_in_cells_of_at_most_498_bytes(cx: &mut Ctx) -> Verdict {
+    // R6.1, R6.2 (`recv_data` checks each cell), R6.4 both ways.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
+    let up: Vec<u8> = (0..40_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    send_data(&mut l, CIRC, 1, &up)?;
+    let got = read_n(&mut conn, up.len(), ANSWER)?;
+    check(
+        got == up,
+        "the client's 40,000 bytes in order (R6.4)",
+        "other bytes",
+    )?;
+    let down: Vec<u8> = (0..40_000u32).map(|i| (i * 13 % 256) as u8).collect();
+    write_all(&mut conn, &down)?;
+    let back = recv_data(&mut l, CIRC, 1, down.len())?;
+    check(
+        back == down,
+        "the target's 40,000 bytes in order (R6.1)",
+        "other bytes",
+    )
+}
+
+pub fn an_empty_data_cell_is_accepted_and_writes_nothing(cx: &mut Ctx) -> Verdict {
+    // R6.3.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
+    l.send_relay(CIRC, relay_cmd::DATA, 1, &[])?;
+    send_data(&mut l, CIRC, 1, b"after")?;
+    let got = read_n(&mut conn, 5, ANSWER)?;
+    check(
+        got == b"after",
+        "only the non-empty cell's bytes (R6.3)",
+        format!("{got:?}"),
+    )?;
+    expect_quiet(&mut l, "an empty DATA is no violation (R6.3)")
+}

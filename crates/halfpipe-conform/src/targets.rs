@@ -1,0 +1,148 @@
+//! The servers a stream reaches through the exit under test: each case
+//! starts its own on 127.0.0.1 and drives its side by hand.
+
+use crate::case::{fail, CaseError};
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+pub struct Target {
+    listener: TcpListener,
+    pub addr: SocketAddr,
+}
+
+impl Target {
+    pub fn new() -> Target {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let addr = listener.local_addr().expect("its address");
+        Target { listener, addr }
+    }
+
+    /// A BEGIN payload for this target (R5.2): `127.0.0.1:PORT` NUL.
+    pub fn begin(&self) -> Vec<u8> {
+        let mut b = format!("127.0.0.1:{}", self.addr.port()).into_bytes();
+        b.push(0);
+        b
+    }
+
+    /// The exit's connection to this target.
+    pub fn accept(&self, wait: Duration) -> Result<TcpStream, CaseError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.listener.accept() {
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).expect("blocking socket");
+                    return Ok(s);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(fail("the exit to connect to the target", e.to_string())),
+            }
+            if Instant::now() > deadline {
+                return Err(fail(
+                    "the exit to connect to the target",
+                    format!("no connection within {wait:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether a connection arrives within `wait` (for cases where none
+    /// may).
+    pub fn connected_within(&self, wait: Duration) -> bool {
+        self.accept(wait).is_ok()
+    }
+}
+
+impl Default for Target {
+    fn default() -> Self {
+        Target::new()
+    }
+}
+
+/// Reads exactly `n` bytes within `wait`.
+pub fn read_n(s: &mut TcpStream, n: usize, wait: Duration) -> Result<Vec<u8>, CaseError> {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::with_capacity(n);
+    let mut chunk = vec![0u8; 64 * 1024];
+    while got.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(fail(
+                format!("{n} bytes at the target"),
+                format!("{} within {wait:?}", got.len()),
+            ));
+        }
+        s.set_read_timeout(Some(left)).ok();
+        let want = (n - got.len()).min(chunk.len());
+        match s.read(&mut chunk[..want]) {
+            Ok(0) => {
+                return Err(fail(
+                    format!("{n} bytes at the target"),
+                    format!("end of file after {}", got.len()),
+                ))
+            }
+            Ok(k) => got.extend_from_slice(&chunk[..k]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => {
+                return Err(fail(
+                    format!("{n} bytes at the target"),
+                    format!("{e} after {}", got.len()),
+                ))
+            }
+        }
+    }
+    Ok(got)
+}
+
+/// How a TCP connection ended, as its peer sees it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// End of file, after these bytes.
+    Eof(Vec<u8>),
+    /// A reset, after these bytes.
+    Reset(Vec<u8>),
+    /// Still open after the wait, with these bytes.
+    Open(Vec<u8>),
+}
+
+/// Reads until the connection ends or `wait` passes.
+pub fn ending(s: &mut TcpStream, wait: Duration) -> Ending {
+    let deadline = Instant::now() + wait;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ending::Open(got);
+        }
+        s.set_read_timeout(Some(left)).ok();
+        match s.read(&mut chunk) {
+            Ok(0) => return Ending::Eof(got),
+            Ok(k) => got.extend_from_slice(&chunk[..k]),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Ending::Reset(got),
+        }
+    }
+}
+
+/// Resets `s` (SO_LINGER 0, then close): its peer sees a RST.
+pub fn reset(s: TcpStream) {
+    let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+pub fn write_all(s: &mut TcpStream, data: &[u8]) -> Result<(), CaseError> {
+    s.write_all(data)
+        .map_err(|e| fail("to write to the exit's connection", e.to_string()))
+}
