@@ -18,6 +18,7 @@
 pub mod circuit;
 pub mod daemon;
 pub mod edge;
+pub mod fault;
 pub mod link;
 #[cfg(all(test, loom))]
 mod loom_check;

@@ -501,7 +501,16 @@ impl Circuit {
 
     /// R7.4, R7.5: FIN → deliver what came before it, then shutdown(SHUT_WR).
     fn on_fin(&mut self, id: u16) -> Result<()> {
-        let Some(step) = self.map.on_fin(id)? else {
+        let step = self.map.on_fin(id)?;
+        // The conformance kit's fault: a late FIN taken for a violation.
+        if crate::fault::active(crate::fault::Fault::LateCellsAreViolations)
+            && (self.map.is_recently_closed(id)
+                || step
+                    .is_some_and(|s| matches!(s.from, halfpipe_proto::halfclose::State::Closed(_))))
+        {
+            return Err(CircuitViolation::WrongDirection(relay_cmd::FIN).into());
+        }
+        let Some(step) = step else {
             return Ok(()); // R9.3, R9.5
         };
         // R14.4: SENDMEs for the data before the FIN leave before it is

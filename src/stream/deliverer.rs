@@ -4,6 +4,7 @@
 //! (§7), and on the client answers the SOCKS request first (§11).
 
 use super::{DeliverMsg, ExitNotice, Side, Stream, Tid};
+use crate::fault::{self, Fault};
 use crate::runtime::inbox::Inbox;
 use crate::runtime::sockets;
 use crossbeam_channel::Receiver;
@@ -54,7 +55,16 @@ pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart
             sock
         }
     };
-    for msg in rx.iter() {
+    // The conformance kit's fault: optimistic DATA (R5.15) discarded.
+    let mut early = Vec::new();
+    if fault::active(Fault::OptimisticDataDropped) {
+        while let Ok(m) = rx.try_recv() {
+            if !matches!(m, DeliverMsg::Data(_)) {
+                early.push(m);
+            }
+        }
+    }
+    for msg in early.into_iter().chain(rx.iter()) {
         match msg {
             DeliverMsg::Data(batch) => {
                 // R6.4: written in arrival order; R10.7: cells count as
@@ -69,6 +79,10 @@ pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart
                     }
                     return;
                 }
+            }
+            DeliverMsg::Fin if fault::active(Fault::FinAsEnd) => {
+                sockets::reset(&*sock);
+                return;
             }
             DeliverMsg::Fin => {
                 // R7.4, R7.5: every DATA before the FIN is written; now shut

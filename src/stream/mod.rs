@@ -182,7 +182,11 @@ impl Stream {
             }
             (_, _, s) => {
                 if let Some(s) = s {
-                    sockets::reset(s);
+                    if crate::fault::active(crate::fault::Fault::EndAsCleanClose) {
+                        let _ = s.shutdown(Shutdown::Both);
+                    } else {
+                        sockets::reset(s);
+                    }
                 }
                 let _ = self.to_deliverer.send(DeliverMsg::Abort);
             }

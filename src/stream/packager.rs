@@ -5,6 +5,7 @@
 
 use super::{ExitNotice, Side, Stream, Tid};
 use crate::edge::exit::connect::{self, ConnectError, Connecting};
+use crate::fault::{self, Fault};
 use crate::process::Ctx;
 use crate::runtime::sockets;
 use crossbeam_channel::Sender;
@@ -150,6 +151,11 @@ fn package_loop(stream: &Stream, sock: &Socket) {
             // R7.2, R7.3: EOF → FIN after every DATA read before it (one
             // FIFO queue).
             let _ = stream.handle(Event::ReadEof);
+            if fault::active(Fault::HalfCloseDroppedAfterEof) {
+                let _ = stream.handle(Event::Error {
+                    reason: relay::end_reason::MISC,
+                });
+            }
             return;
         }
         let cells = n.div_ceil(relay::DATA_MAX) as u32;

@@ -50,6 +50,12 @@ pub fn connect(
     let addrs = match &target.host {
         Host::Ip(ip) => vec![*ip],
         // R5.7: a name that does not resolve is END(RESOLVEFAILED).
+        Host::Name(_)
+            if crate::fault::active(crate::fault::Fault::PolicyBeforeResolution)
+                && !policy.allows_on(&Default::default(), IpAddr::from([0, 0, 0, 0]), port) =>
+        {
+            return Err(ConnectError::Refused(end_reason::EXITPOLICY));
+        }
         Host::Name(name) => resolve_until(name, ctx, deadline, stream.name(), lookup)
             .map_err(ConnectError::Refused)?,
     };

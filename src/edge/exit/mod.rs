@@ -65,7 +65,12 @@ fn serve_link(
 ) {
     let peer = sock.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     // R1.6: the handshake clock starts now, right after the accept.
-    let transport = match link::establish(sock, Role::Exit, tls, ctx.cfg.handshake_timeout) {
+    let timeout = if crate::fault::active(crate::fault::Fault::NoHandshakeTimeout) {
+        std::time::Duration::from_secs(3600)
+    } else {
+        ctx.cfg.handshake_timeout
+    };
+    let transport = match link::establish(sock, Role::Exit, tls, timeout) {
         Ok(t) => t,
         Err(e) => {
             // R1.7: close without sending VERSIONS; R1.8: one log line that

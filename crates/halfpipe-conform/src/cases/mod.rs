@@ -114,6 +114,10 @@ pub fn all() -> Vec<Case> {
             ["R5.3", "R5.4", "R5.20"]
         ),
         exit_case!(
+            stream::a_name_is_resolved_then_checked_and_connected,
+            ["R5.3"]
+        ),
+        exit_case!(
             stream::malformed_begins_get_end_torprotocol,
             ["R5.2", "R5.5"]
         ),

@@ -53,6 +53,23 @@ pub fn begin_connects_and_connected_comes_first_and_once(cx: &mut Ctx) -> Verdic
     Ok(())
 }
 
+pub fn a_name_is_resolved_then_checked_and_connected(cx: &mut Ctx) -> Verdict {
+    // R5.3: `localhost` resolves to 127.0.0.1 (and perhaps ::1): the
+    // policy, which admits 127.0.0.1 only, is applied to what the name
+    // resolved to, and the exit connects there.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let body = format!("localhost:{}\0", t.addr.port());
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, body.as_bytes())?;
+    let _conn = t.accept(ANSWER)?;
+    l.expect(
+        "CONNECTED for a name that resolves to an allowed address (R5.3)",
+        |c| c.is_relay(CIRC, relay_cmd::CONNECTED, 1),
+        is_sendme,
+    )?;
+    Ok(())
+}
+
 pub fn malformed_begins_get_end_torprotocol(cx: &mut Ctx) -> Verdict {
     // R5.5, with R5.2's grammar: each of these is malformed.
     let mut l = cx.linked(CIRC)?;
