@@ -24,10 +24,16 @@ pub enum Fault {
     PolicyBeforeResolution,
     /// A link that never completes its handshake is kept open.
     NoHandshakeTimeout,
+    /// The client answers a SOCKS CONNECT with success before CONNECTED.
+    SocksReplyBeforeConnected,
+    /// Stream SENDMEs count DATA as it arrives, not as it is written.
+    SendmeOnReceipt,
+    /// A packager whose stream window is 0 goes on reading and sending.
+    NoWindowStop,
 }
 
 impl Fault {
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 10] = [
         Fault::FinAsEnd,
         Fault::HalfCloseDroppedAfterEof,
         Fault::EndAsCleanClose,
@@ -35,6 +41,9 @@ impl Fault {
         Fault::OptimisticDataDropped,
         Fault::PolicyBeforeResolution,
         Fault::NoHandshakeTimeout,
+        Fault::SocksReplyBeforeConnected,
+        Fault::SendmeOnReceipt,
+        Fault::NoWindowStop,
     ];
 
     /// The name `HALFPIPE_FAULT` takes.
@@ -47,6 +56,9 @@ impl Fault {
             Fault::OptimisticDataDropped => "optimistic-data-dropped",
             Fault::PolicyBeforeResolution => "policy-before-resolution",
             Fault::NoHandshakeTimeout => "no-handshake-timeout",
+            Fault::SocksReplyBeforeConnected => "socks-reply-before-connected",
+            Fault::SendmeOnReceipt => "sendme-on-receipt",
+            Fault::NoWindowStop => "no-window-stop",
         }
     }
 }

@@ -66,6 +66,12 @@ enum Command {
     Client(ClientArgs),
     /// Print the stream table of a daemon running with --status.
     Status(status::StatusArgs),
+    /// Exit 0 if this build has FEATURE (resolve, socks4, flow-v2, tls), 127
+    /// if not: how the conformance kit asks (docs/conformance.md).
+    Supports {
+        /// resolve, socks4, flow-v2 or tls.
+        feature: String,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -386,7 +392,7 @@ where
     };
     // Every command but `status` takes --config (the `Common` options).
     let path = match name.as_deref() {
-        Some("status") => None,
+        Some("status" | "supports") => None,
         _ => sub_matches.get_one::<PathBuf>("config").cloned(),
     };
     let Some(path) = path else {
@@ -494,7 +500,7 @@ fn tls_setup(command: &Command) -> Result<(Option<TlsSetup>, Option<String>), St
         Command::Run(a) => (&a.common, false),
         Command::Exit(a) => (&a.common, !a.listen.ip().is_loopback()),
         Command::Client(a) => (&a.common, !exit_is_loopback(&a.exit)),
-        Command::Status(_) => return Ok((None, None)),
+        Command::Status(_) | Command::Supports { .. } => return Ok((None, None)),
     };
     if common.link == LinkKind::Plain {
         if leaves_host {
@@ -551,7 +557,7 @@ fn tls_setup(command: &Command) -> Result<(Option<TlsSetup>, Option<String>), St
                 clients: None,
             }
         }
-        Command::Status(_) => unreachable!("handled above"),
+        Command::Status(_) | Command::Supports { .. } => unreachable!("handled above"),
     };
     Ok((Some(setup), Some(format!("fingerprint: {fp}"))))
 }
@@ -614,7 +620,7 @@ fn live_settings(command: &Command) -> (Option<Policy>, &str) {
         Command::Run(a) => (Some(a.exit_policy.clone()), &a.common.log),
         Command::Exit(a) => (Some(a.exit_policy.clone()), &a.common.log),
         Command::Client(a) => (None, &a.common.log),
-        Command::Status(_) => (None, ""),
+        Command::Status(_) | Command::Supports { .. } => (None, ""),
     }
 }
 
@@ -625,7 +631,7 @@ fn fixed_settings(mut command: Command) -> String {
         Command::Run(a) => (a.exit_policy, a.common.log) = (blank, String::new()),
         Command::Exit(a) => (a.exit_policy, a.common.log) = (blank, String::new()),
         Command::Client(a) => a.common.log = String::new(),
-        Command::Status(_) => {}
+        Command::Status(_) | Command::Supports { .. } => {}
     }
     format!("{command:?}")
 }
@@ -713,6 +719,12 @@ fn main() -> ExitCode {
     let (common, exit_opts, socks_opts, policy, edges) = match &command {
         // `halfpipe status` is a client program: no daemon logging or signals.
         Command::Status(args) => return status::main(args),
+        Command::Supports { feature } => {
+            return match feature.as_str() {
+                "resolve" | "socks4" | "flow-v2" | "tls" => ExitCode::SUCCESS,
+                _ => ExitCode::from(127),
+            }
+        }
         Command::Run(a) => (
             &a.common,
             Some(&a.exit),
@@ -825,7 +837,7 @@ fn main() -> ExitCode {
                     format!("try: curl --socks5-hostname {socks} http://example.com/"),
                 ]
             }),
-        Command::Status(_) => unreachable!("handled above"),
+        Command::Status(_) | Command::Supports { .. } => unreachable!("handled above"),
     };
     match started {
         Ok(more) => lines.extend(more),

@@ -168,6 +168,10 @@ fn same_stream_data(next: &RelayCell<'_>, first: &RelayCell<'_>) -> bool {
 fn send_batch(entry: &mut Entry) {
     if let Some((arrival, cells)) = entry.batch.take() {
         let batch = DataBatch::from_arrival(&arrival, cells);
+        // The conformance kit's fault: SENDMEs for DATA as it arrives.
+        if crate::fault::active(crate::fault::Fault::SendmeOnReceipt) {
+            entry.stream.delivered(batch.cells() as u32, batch.bytes());
+        }
         let _ = entry.stream.to_deliverer.send(DeliverMsg::Data(batch));
     }
 }
@@ -484,6 +488,13 @@ impl Circuit {
         let Some(entry) = self.map.stream_mut(id) else {
             return Ok(());
         };
+        // The conformance kit's fault: DATA for a stream still connecting
+        // (R5.15) is discarded.
+        if crate::fault::active(crate::fault::Fault::OptimisticDataDropped)
+            && entry.stream.state.lock().socket.is_none()
+        {
+            return Ok(());
+        }
         match &mut entry.batch {
             Some((gathered, cells)) => {
                 // `flush` sends every batch after each inbox message, so

@@ -55,21 +55,19 @@ pub fn deliverer(stream: Arc<Stream>, rx: Inbox<DeliverMsg>, start: DeliverStart
             sock
         }
     };
-    // The conformance kit's fault: optimistic DATA (R5.15) discarded.
-    let mut early = Vec::new();
-    if fault::active(Fault::OptimisticDataDropped) {
-        while let Ok(m) = rx.try_recv() {
-            if !matches!(m, DeliverMsg::Data(_)) {
-                early.push(m);
-            }
-        }
-    }
-    for msg in early.into_iter().chain(rx.iter()) {
+    for msg in rx.iter() {
         match msg {
             DeliverMsg::Data(batch) => {
                 // R6.4: written in arrival order; R10.7: cells count as
                 // written once the kernel took their data.
-                let written = batch.write_to(&*sock, |cells, bytes| stream.delivered(cells, bytes));
+                // The conformance kit's fault: counted by the circuit
+                // thread as the batch came, not here as it is written.
+                let on_receipt = fault::active(Fault::SendmeOnReceipt);
+                let written = batch.write_to(&*sock, |cells, bytes| {
+                    if !on_receipt {
+                        stream.delivered(cells, bytes)
+                    }
+                });
                 if let Err(e) = written {
                     if !stream.is_aborted() {
                         tracing::debug!(stream = %stream.name, "write error: {e}");
@@ -116,6 +114,16 @@ fn answer_socks(
     begin_timeout: Duration,
 ) -> bool {
     let deadline = stream.opened + begin_timeout;
+    // The conformance kit's fault: success before CONNECTED (R11.5).
+    let early = fault::active(Fault::SocksReplyBeforeConnected);
+    if early {
+        let mut s = sock;
+        let _ = s.write_all(&socks::connect_reply(
+            version,
+            socks::Reply::Succeeded,
+            None,
+        ));
+    }
     // Set when the exit has said nothing since our BEGIN: the link is
     // dropped once the application has its answer.
     let mut silent_exit = false;
@@ -157,7 +165,11 @@ fn answer_socks(
     };
     stream.metrics.socks_reply(&reply);
     let mut s = sock;
-    let written = s.write_all(&reply);
+    let written = if early && go_on {
+        Ok(())
+    } else {
+        s.write_all(&reply)
+    };
     if silent_exit {
         // Nothing at all from the exit since our BEGIN: it has stopped
         // answering. Drop the link (after the answer: its teardown resets

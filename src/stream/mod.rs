@@ -217,7 +217,7 @@ impl Stream {
     }
 
     /// `cells` cells' data were accepted by the kernel (§10).
-    pub(super) fn delivered(&self, cells: u32, bytes: usize) {
+    pub(crate) fn delivered(&self, cells: u32, bytes: usize) {
         self.metrics.delivered(bytes as u64, cells);
         self.state
             .lock()

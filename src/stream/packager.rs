@@ -118,6 +118,15 @@ impl Connecting for Stream {
 fn package_loop(stream: &Stream, sock: &Socket) {
     let mut read_cells = FIRST_READ_CELLS;
     loop {
+        // The conformance kit's fault: no stop at a shut window (R10.8).
+        if fault::active(Fault::NoWindowStop) && stream.state.lock().read_window().is_none() {
+            let mut buf = Vec::with_capacity(read_cells as usize * CELL_LEN);
+            if let Ok(n @ 1..) = read_into_cells(stream, sock, &mut buf, read_cells) {
+                let _ = n;
+                let _ = stream.link.send(buf);
+                continue;
+            }
+        }
         // R10.8: a sender whose stream package window is 0 stops reading;
         // R10.9: a SENDME that opens it again wakes it (`Wake::Packager`).
         // R7.1: once we may no longer package, the wait ends with 0.

@@ -1,9 +1,11 @@
 //! A case: a named check of one or more requirements, run against a fresh
 //! implementation, with what it needs started for it and cleaned up after.
 
-use crate::link::{RawLink, Trace};
+use crate::link::{describe, Cell, Got, RawLink, Trace, ANSWER};
 use crate::subject::{free_port, Impl, NotStarted, Subject, POLICY};
-use std::net::SocketAddr;
+use halfpipe_proto::cell::cmd;
+use halfpipe_proto::relay::relay_cmd;
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -141,6 +143,62 @@ impl Ctx {
         Ok(l)
     }
 
+    /// The client under test, linked to the kit's own exit: `CMD client
+    /// --socks ADDR --exit ADDR --link plain` and `extra`.
+    pub fn client_with(&mut self, extra: &[&str]) -> Result<ClientRig, CaseError> {
+        let Impl::Command(cmd) = self.imp.clone() else {
+            return Err(CaseError::Skip("a client case needs --impl".into()));
+        };
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .map_err(|e| fail("a loopback port for the kit's exit", e.to_string()))?;
+        let exit = listener.local_addr().expect("its address");
+        let socks: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut args: Vec<String> = [
+            "client",
+            "--socks",
+            &socks.to_string(),
+            "--exit",
+            &exit.to_string(),
+            "--link",
+            "plain",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = self
+            .dir
+            .join(format!("client-{}.log", self.subjects.len() + 1));
+        self.trace
+            .note(format!("started: {cmd} {}", args.join(" ")));
+        match Subject::start(&cmd, &args, socks, &log) {
+            Ok(s) => self.subjects.push(s),
+            Err(NotStarted::Unsupported(why)) => {
+                return Err(CaseError::Skip(format!(
+                    "the implementation does not support it: {why}"
+                )))
+            }
+            Err(NotStarted::Failed(why)) => return Err(fail("the client to start", why)),
+        }
+        let mut link = RawLink::accept(&listener, ANSWER, &self.trace)?;
+        link.accept_handshake()?;
+        Ok(ClientRig {
+            socks,
+            link,
+            listener,
+        })
+    }
+
+    /// `client_with(&[])`, once the circuits the client makes at start (if
+    /// it makes any) are answered: until then it may rightly refuse
+    /// requests as having no link (R11.15).
+    pub fn client(&mut self) -> Result<ClientRig, CaseError> {
+        let mut rig = self.client_with(&[])?;
+        rig.settle()?;
+        Ok(rig)
+    }
+
     /// Whether every started implementation is still running.
     pub fn all_running(&mut self) -> bool {
         self.subjects.iter_mut().all(|s| s.is_running())
@@ -153,5 +211,93 @@ impl Ctx {
 
     pub fn logs(&self) -> Vec<PathBuf> {
         self.subjects.iter().map(|s| s.log.clone()).collect()
+    }
+}
+
+/// A client under test, its SOCKS port, and its link to the kit's exit.
+pub struct ClientRig {
+    pub socks: SocketAddr,
+    pub link: RawLink,
+    /// Where the client links again after losing its link.
+    pub listener: TcpListener,
+}
+
+/// A BEGIN the kit's exit received.
+#[derive(Debug)]
+pub struct Begin {
+    pub circ: u32,
+    pub stream: u16,
+    pub payload: Vec<u8>,
+}
+
+impl ClientRig {
+    /// Answers CREATE_FASTs until the link has been quiet for a moment.
+    pub fn settle(&mut self) -> Result<(), CaseError> {
+        loop {
+            match self.link.recv(crate::link::QUIET) {
+                Got::Cell(c) if c.command == cmd::CREATE_FAST => {
+                    self.link.answer_create_fast(&c, true)?
+                }
+                Got::Cell(_) => {}
+                Got::Nothing => return Ok(()),
+                Got::Closed(why) => {
+                    return Err(fail(
+                        "the client's link to stay up",
+                        format!("it closed ({why})"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Answers CREATE_FASTs (rightly) until a BEGIN comes, and returns it.
+    pub fn await_begin(&mut self) -> Result<Begin, CaseError> {
+        loop {
+            match self.link.recv(ANSWER) {
+                Got::Cell(c) if c.command == cmd::CREATE_FAST => {
+                    self.link.answer_create_fast(&c, true)?
+                }
+                Got::Cell(c) => match c.relay() {
+                    Some((relay_cmd::BEGIN, stream, body)) => {
+                        return Ok(Begin {
+                            circ: c.circ,
+                            stream,
+                            payload: body.to_vec(),
+                        })
+                    }
+                    _ if c.command == cmd::PADDING => {}
+                    Some((relay_cmd::SENDME | relay_cmd::DROP, _, _)) => {}
+                    _ => return Err(fail("BEGIN from the client", describe(&c))),
+                },
+                Got::Nothing => return Err(fail("BEGIN from the client", "nothing")),
+                Got::Closed(why) => {
+                    return Err(fail(
+                        "BEGIN from the client",
+                        format!("the link closed ({why})"),
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Answers CREATE_FASTs until a cell `want` accepts comes.
+    pub fn await_cell(
+        &mut self,
+        what: &str,
+        want: impl Fn(&Cell) -> bool,
+    ) -> Result<Cell, CaseError> {
+        loop {
+            match self.link.recv(ANSWER) {
+                Got::Cell(c) if want(&c) => return Ok(c),
+                Got::Cell(c) if c.command == cmd::CREATE_FAST => {
+                    self.link.answer_create_fast(&c, true)?
+                }
+                Got::Cell(c) if c.command == cmd::PADDING => {}
+                Got::Cell(c) if matches!(c.relay(), Some((relay_cmd::SENDME, _, _))) => {}
+                Got::Cell(c) => return Err(fail(what, describe(&c))),
+                Got::Nothing => return Err(fail(what, "nothing")),
+                Got::Closed(why) => return Err(fail(what, format!("the link closed ({why})"))),
+            }
+        }
     }
 }

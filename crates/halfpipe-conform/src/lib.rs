@@ -7,6 +7,7 @@ pub mod cases;
 pub mod link;
 pub mod report;
 pub mod runner;
+pub mod socks;
 pub mod spec;
 pub mod subject;
 pub mod targets;

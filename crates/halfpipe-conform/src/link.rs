@@ -88,6 +88,7 @@ pub fn describe(c: &Cell) -> String {
         ),
         cmd::VERSIONS => format!("VERSIONS {:02x?}", c.payload),
         cmd::CREATED_FAST => format!("CREATED_FAST circ {:#x}", c.circ),
+        cmd::CREATE_FAST => format!("CREATE_FAST circ {:#x}", c.circ),
         cmd::PADDING => "PADDING".to_string(),
         other => format!(
             "cell command {other} circ {:#x} len {}",
@@ -144,6 +145,67 @@ impl RawLink {
         })
     }
 
+    /// The next connection on `listener` (non-blocking) within `wait`: a
+    /// client under test linking to the kit as its exit.
+    pub fn accept(
+        listener: &std::net::TcpListener,
+        wait: Duration,
+        trace: &Trace,
+    ) -> Result<RawLink, CaseError> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match listener.accept() {
+                Ok((sock, peer)) => {
+                    sock.set_nonblocking(false)
+                        .map_err(|e| fail("a blocking socket", e.to_string()))?;
+                    let _ = sock.set_nodelay(true);
+                    trace.note(format!("link from {peer}"));
+                    return Ok(RawLink {
+                        sock,
+                        buf: Vec::new(),
+                        since: Instant::now(),
+                        trace: trace.clone(),
+                    });
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(fail("the client to link to the kit's exit", e.to_string())),
+            }
+            if Instant::now() > deadline {
+                return Err(fail(
+                    "the client to link to the kit's exit",
+                    format!("no connection within {wait:?}"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// The exit's side of the handshake: the client's VERSIONS must be
+    /// exactly R1.1's seven bytes; ours answers it.
+    pub fn accept_handshake(&mut self) -> Result<(), CaseError> {
+        let versions = self.recv_versions()?;
+        if versions != [4] {
+            return Err(fail(
+                "VERSIONS listing exactly version 4: 00 00 07 00 02 00 04 (R1.1)",
+                format!("VERSIONS {versions:?}"),
+            ));
+        }
+        self.send_raw(&VERSIONS_4, "VERSIONS [4]")
+    }
+
+    /// Answers a CREATE_FAST with Y and KH (R3.3), or a wrong KH.
+    pub fn answer_create_fast(&mut self, c: &Cell, right_kh: bool) -> Result<(), CaseError> {
+        let x: [u8; 20] = c.payload[..20].try_into().expect("20 bytes");
+        let y: [u8; 20] = random();
+        let mut kh = key_hash(&x, &y);
+        if !right_kh {
+            kh[0] ^= 0xFF;
+        }
+        let mut payload = y.to_vec();
+        payload.extend_from_slice(&kh);
+        self.send_cell(c.circ, cmd::CREATED_FAST, &payload)
+    }
+
     fn note(&self, dir: &str, what: String) {
         self.trace.note(format!(
             "{:>8.3}s {dir} {what}",
@@ -176,6 +238,22 @@ impl RawLink {
             payload: shown,
         });
         self.send_raw(&out, &what)
+    }
+
+    /// `send_relay` without a trace line: for the thousands of cells of a
+    /// bulk send.
+    pub fn send_relay_quiet(
+        &mut self,
+        circ: u32,
+        command: u8,
+        stream: u16,
+        body: &[u8],
+    ) -> Result<(), CaseError> {
+        let mut out = Vec::with_capacity(cell::CELL_LEN);
+        relay::encode(&mut out, circ, command, stream, body);
+        self.sock
+            .write_all(&out)
+            .map_err(|e| fail("to send DATA", e.to_string()))
     }
 
     pub fn send_relay(

@@ -19,6 +19,21 @@ impl Target {
         Target { listener, addr }
     }
 
+    /// A target whose connections have a small receive buffer (64 KiB, no
+    /// autotuning): one that reads nothing fills up soon.
+    pub fn small() -> Target {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("a socket");
+        s.set_recv_buffer_size(64 * 1024).expect("SO_RCVBUF");
+        s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .expect("a loopback port");
+        s.listen(16).expect("listen");
+        let listener: TcpListener = s.into();
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let addr = listener.local_addr().expect("its address");
+        Target { listener, addr }
+    }
+
     /// A BEGIN payload for this target (R5.2): `127.0.0.1:PORT` NUL.
     pub fn begin(&self) -> Vec<u8> {
         let mut b = format!("127.0.0.1:{}", self.addr.port()).into_bytes();

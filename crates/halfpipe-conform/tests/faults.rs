@@ -43,6 +43,18 @@ const FAULTS: &[(&str, &str)] = &[
         "a_name_is_resolved_then_checked_and_connected",
     ),
     (
+        "socks-reply-before-connected",
+        "socks_connects_wait_for_connected_and_half_close_end_to_end",
+    ),
+    (
+        "sendme-on-receipt",
+        "a_target_that_reads_nothing_holds_back_stream_sendmes",
+    ),
+    (
+        "no-window-stop",
+        "the_sender_stops_at_its_windows_and_resumes_on_sendme",
+    ),
+    (
         "no-handshake-timeout",
         "a_silent_or_partial_handshake_is_closed_after_10_seconds",
     ),

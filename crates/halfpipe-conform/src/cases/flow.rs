@@ -2,8 +2,8 @@
 //! not offer version 2 (§14), so these windows apply.
 
 use super::common::*;
-use crate::case::{check, fail, Ctx, Verdict};
-use crate::link::{describe, Cell, ANSWER, QUIET};
+use crate::case::{check, fail, CaseError, Ctx, Verdict};
+use crate::link::{describe, Cell, Got, RawLink, ANSWER, QUIET};
 use crate::targets::{write_all, Target};
 use halfpipe_proto::cell::destroy_reason;
 use halfpipe_proto::relay::{relay_cmd, DATA_MAX};
@@ -111,6 +111,81 @@ pub fn the_sender_stops_at_its_windows_and_resumes_on_sendme(cx: &mut Ctx) -> Ve
         format!("{n1} on stream 1 and {n2} on stream 2"),
     )?;
     Ok(())
+}
+
+/// Sends DATA on `stream` as the windows allow, taking the exit's SENDMEs,
+/// until none has come for a second: the stall of a target that reads
+/// nothing. Returns the bytes sent, or fails past `LIMIT`.
+fn fill_until_stalled(l: &mut RawLink, circ: u32, stream: u16) -> Result<usize, CaseError> {
+    const LIMIT: usize = 32 << 20;
+    let (mut stream_w, mut circ_w, mut sent) = (500u32, 1000u32, 0usize);
+    let chunk = [0x5Au8; DATA_MAX];
+    loop {
+        while stream_w > 0 && circ_w > 0 && sent < LIMIT {
+            l.send_relay_quiet(circ, relay_cmd::DATA, stream, &chunk)?;
+            stream_w -= 1;
+            circ_w -= 1;
+            sent += DATA_MAX;
+        }
+        if sent >= LIMIT {
+            return Err(fail(
+                "stream SENDMEs to stop once the target's buffers are full (R10.3, R10.7)",
+                format!(
+                    "{} MiB acknowledged to a target that reads nothing",
+                    LIMIT >> 20
+                ),
+            ));
+        }
+        match l.recv(Duration::from_secs(1)) {
+            Got::Cell(c) => match c.relay() {
+                Some((relay_cmd::SENDME, 0, _)) if c.circ == circ => circ_w += 100,
+                Some((relay_cmd::SENDME, s, _)) if c.circ == circ && s == stream => stream_w += 50,
+                _ => {}
+            },
+            Got::Nothing => return Ok(sent),
+            Got::Closed(why) => return Err(fail("the link to stay open", why)),
+        }
+    }
+}
+
+pub fn a_target_that_reads_nothing_holds_back_stream_sendmes(cx: &mut Ctx) -> Verdict {
+    // R10.3 with R10.7: stream SENDMEs follow what the target's kernel has
+    // taken, so a target that reads nothing stops them once its buffers
+    // are full; the kit, sending as its windows allow, must then stall,
+    // long before 32 MiB. R10.10: one DATA cell past the window is then a
+    // violation.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::small();
+    let _conn = open_stream(&mut l, CIRC, 1, &t)?;
+    let sent = fill_until_stalled(&mut l, CIRC, 1)?;
+    l.send_relay(CIRC, relay_cmd::DATA, 1, b"one too many")?;
+    expect_destroy(&mut l, CIRC, destroy_reason::PROTOCOL).map_err(|e| match e {
+        CaseError::Fail { got, .. } => fail(
+            format!(
+                "DESTROY(PROTOCOL) for DATA past a shut window (R10.10), after {} KiB",
+                sent >> 10
+            ),
+            got,
+        ),
+        other => other,
+    })
+}
+
+pub fn fin_and_end_take_no_window(cx: &mut Ctx) -> Verdict {
+    // R10.1: with the stream's deliver window at 0 (a stalled target), a
+    // FIN is no violation; nor is an END on another stream of the circuit.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::small();
+    let _conn = open_stream(&mut l, CIRC, 1, &t)?;
+    let _other = open_stream(&mut l, CIRC, 2, &t)?;
+    fill_until_stalled(&mut l, CIRC, 1)?;
+    l.send_relay(CIRC, relay_cmd::FIN, 1, &[])?;
+    l.send_relay(CIRC, relay_cmd::END, 2, &[6])?;
+    expect_quiet(
+        &mut l,
+        "FIN and END at a shut window are no violation (R10.1)",
+    )?;
+    circuit_works(&mut l, CIRC, 3)
 }
 
 pub fn a_sendme_beyond_the_start_value_is_a_violation(cx: &mut Ctx) -> Verdict {

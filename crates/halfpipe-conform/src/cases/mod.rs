@@ -1,6 +1,7 @@
 //! Every case, grouped by the section of docs/protocol.md it checks.
 
 mod circuit;
+mod client;
 mod close;
 mod common;
 mod flow;
@@ -23,6 +24,32 @@ macro_rules! exit_case {
             ids: &[$($id),+],
             role: Role::Exit,
             needs: None,
+            timeout: $timeout,
+            run: $f,
+        }
+    };
+    ($f:path, [$($id:literal),+ $(,)?], needs $needs:literal) => {
+        Case {
+            name: stringify!($f),
+            ids: &[$($id),+],
+            role: Role::Exit,
+            needs: Some($needs),
+            timeout: QUICK,
+            run: $f,
+        }
+    };
+}
+
+macro_rules! client_case {
+    ($f:path, [$($id:literal),+ $(,)?]) => {
+        client_case!($f, [$($id),+], None, QUICK)
+    };
+    ($f:path, [$($id:literal),+ $(,)?], $needs:expr, $timeout:expr) => {
+        Case {
+            name: stringify!($f),
+            ids: &[$($id),+],
+            role: Role::Client,
+            needs: $needs,
             timeout: $timeout,
             run: $f,
         }
@@ -149,6 +176,8 @@ pub fn all() -> Vec<Case> {
             stream::optimistic_data_for_a_refused_begin_is_discarded,
             ["R5.16"]
         ),
+        exit_case!(stream::resolve_is_answered_with_resolved_and_opens_no_stream, ["R5.17", "R5.18"], needs "resolve"),
+        exit_case!(stream::a_name_that_does_not_exist_is_resolved_to_one_nontransient_error, ["R5.19"], needs "resolve"),
         exit_case!(
             stream::data_travels_in_order_in_cells_of_at_most_498_bytes,
             ["R6.1", "R6.2", "R6.4"]
@@ -200,6 +229,52 @@ pub fn all() -> Vec<Case> {
         exit_case!(
             flow::a_sendme_beyond_the_start_value_is_a_violation,
             ["R10.11"]
+        ),
+        exit_case!(
+            flow::a_target_that_reads_nothing_holds_back_stream_sendmes,
+            ["R10.3", "R10.7", "R10.10"],
+            SLOW
+        ),
+        exit_case!(flow::fin_and_end_take_no_window, ["R10.1"], SLOW),
+        // The client's side (§1, §3 to §5, §7 to §9 at the client, §11)
+        client_case!(
+            client::the_client_begins_with_versions_4_and_creates_circuits_as_specified,
+            ["R1.1", "R3.1", "R3.2"]
+        ),
+        client_case!(client::the_client_checks_kh, ["R3.4"]),
+        client_case!(
+            client::socks_connects_wait_for_connected_and_half_close_end_to_end,
+            ["R11.1", "R5.1", "R5.2", "R11.5", "R7.2", "R7.4"]
+        ),
+        client_case!(
+            client::an_end_before_connected_gets_its_socks_reply,
+            ["R8.10", "R11.7", "R11.8", "R11.9", "R11.10", "R11.11", "R11.12"]
+        ),
+        client_case!(
+            client::a_circuit_lost_before_connected_is_a_general_failure,
+            ["R11.6"]
+        ),
+        client_case!(client::bind_and_udp_associate_are_not_supported, ["R11.13"]),
+        client_case!(
+            client::credentials_isolate_streams_onto_circuits,
+            ["R11.2", "R11.4"]
+        ),
+        client_case!(client::a_begin_sent_to_the_client_is_a_violation, ["R4.7"]),
+        client_case!(
+            client::the_client_does_not_reuse_recently_closed_ids,
+            ["R9.4"]
+        ),
+        client_case!(
+            client::without_a_link_socks_fails_at_once_and_the_client_links_again,
+            ["R11.15", "R11.16", "R3.13"],
+            None,
+            SLOW
+        ),
+        client_case!(
+            client::socks4_and_4a_connect_and_fail_with_5b,
+            ["R11.3", "R11.14"],
+            Some("socks4"),
+            QUICK
         ),
     ];
     // Names without their module path: the section is in the IDs.

@@ -115,6 +115,75 @@ pub fn a_refused_connection_gets_end_connectrefused(cx: &mut Ctx) -> Verdict {
     expect_end(&mut l, CIRC, 1, end_reason::CONNECTREFUSED)
 }
 
+/// The answers of a RESOLVED payload, each (type, value), or what is
+/// wrong with its layout (R5.18: Type, Length, Value, TTL).
+fn parse_resolved(mut p: &[u8]) -> Result<Vec<(u8, Vec<u8>)>, String> {
+    let mut out = Vec::new();
+    while !p.is_empty() {
+        if p.len() < 2 {
+            return Err(format!("{} stray bytes", p.len()));
+        }
+        let (typ, len) = (p[0], p[1] as usize);
+        if p.len() < 2 + len + 4 {
+            return Err(format!("answer type {typ:#04x} longer than the payload"));
+        }
+        if (typ == 4 && len != 4) || (typ == 6 && len != 16) {
+            return Err(format!("answer type {typ:#04x} with length {len}"));
+        }
+        out.push((typ, p[2..2 + len].to_vec()));
+        p = &p[2 + len + 4..];
+    }
+    if out.is_empty() {
+        return Err("no answer".into());
+    }
+    Ok(out)
+}
+
+fn resolve(
+    l: &mut crate::link::RawLink,
+    stream: u16,
+    name: &str,
+) -> Result<Vec<(u8, Vec<u8>)>, crate::case::CaseError> {
+    let mut body = name.as_bytes().to_vec();
+    body.push(0);
+    l.send_relay(CIRC, relay_cmd::RESOLVE, stream, &body)?;
+    let c = l.expect(
+        &format!("RESOLVED on stream {stream} (R5.17)"),
+        |c| c.is_relay(CIRC, relay_cmd::RESOLVED, stream),
+        is_sendme,
+    )?;
+    let (_, _, payload) = c.relay().expect("a relay cell");
+    parse_resolved(payload).map_err(|why| fail("a RESOLVED payload laid out as R5.18 says", why))
+}
+
+pub fn resolve_is_answered_with_resolved_and_opens_no_stream(cx: &mut Ctx) -> Verdict {
+    // R5.17, R5.18: `localhost` is 127.0.0.1 (or ::1); no stream is left
+    // on the ID, so a BEGIN on it opens one (not R5.13's violation).
+    let mut l = cx.linked(CIRC)?;
+    let answers = resolve(&mut l, 5, "localhost")?;
+    check(
+        answers.iter().any(|(t, v)| {
+            (*t == 4 && v[..] == [127, 0, 0, 1]) || (*t == 6 && v[..15] == [0; 15] && v[15] == 1)
+        }),
+        "an answer 127.0.0.1 or ::1 for localhost (R5.17)",
+        format!("{answers:?}"),
+    )?;
+    let t = Target::new();
+    let _conn = open_stream(&mut l, CIRC, 5, &t)?;
+    Ok(())
+}
+
+pub fn a_name_that_does_not_exist_is_resolved_to_one_nontransient_error(cx: &mut Ctx) -> Verdict {
+    // R5.19.
+    let mut l = cx.linked(CIRC)?;
+    let answers = resolve(&mut l, 6, "no-such-host.invalid")?;
+    check(
+        answers.len() == 1 && answers[0].0 == 0xF1,
+        "a single 0xF1 answer (R5.19)",
+        format!("{answers:?}"),
+    )
+}
+
 pub fn a_begin_on_an_open_stream_id_is_a_violation(cx: &mut Ctx) -> Verdict {
     // R5.13.
     let mut l = cx.linked(CIRC)?;

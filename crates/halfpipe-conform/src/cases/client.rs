@@ -1,0 +1,405 @@
+//! The client's side: the kit is its exit (a fake one on a loopback port)
+//! and its SOCKS application. §1, §3 to §5, §7 to §9 where they bind the
+//! client, and §11.
+
+use super::common::*;
+use crate::case::{check, fail, Begin, ClientRig, Ctx, Verdict};
+use crate::link::{describe, ANSWER, QUIET};
+use crate::socks::{self, Dest};
+use crate::targets::{ending, read_n, write_all, Ending};
+use halfpipe_proto::cell::{cmd, destroy_reason};
+use halfpipe_proto::relay::{end_reason, relay_cmd};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A port for the targets the client asks for: the kit's exit connects
+/// nowhere, so any number does.
+const PORT: u16 = 4321;
+
+/// A SOCKS5 CONNECT through the client; returns the application's socket
+/// and the BEGIN it became.
+fn socks_connect(
+    rig: &mut ClientRig,
+    dest: Dest<'_>,
+    creds: Option<(&str, &str)>,
+) -> Result<(TcpStream, Begin), crate::case::CaseError> {
+    let mut app = socks::connect(rig.socks)?;
+    socks::greet5(&mut app, creds)?;
+    socks::request5(&mut app, 1, &dest, PORT)?;
+    let begin = rig.await_begin()?;
+    Ok((app, begin))
+}
+
+/// CONNECTED for an IPv4 target (R5.4's 8 bytes).
+fn connected(rig: &mut ClientRig, b: &Begin) -> Verdict {
+    rig.link.send_relay(
+        b.circ,
+        relay_cmd::CONNECTED,
+        b.stream,
+        &[127, 0, 0, 1, 0, 0, 1, 44],
+    )
+}
+
+pub fn the_client_begins_with_versions_4_and_creates_circuits_as_specified(
+    cx: &mut Ctx,
+) -> Verdict {
+    // R1.1 (`client()` checks the seven bytes), R3.1: CircIDs with the top
+    // bit set and not in use; R3.2: CREATE_FAST with 20 bytes of X.
+    let mut rig = cx.client()?;
+    let mut apps = Vec::new();
+    let mut circs = Vec::new();
+    // Two credentials: two circuits at least (R11.4).
+    for user in ["a", "b"] {
+        let mut app = socks::connect(rig.socks)?;
+        socks::greet5(&mut app, Some((user, "x")))?;
+        socks::request5(
+            &mut app,
+            1,
+            &Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            PORT,
+        )?;
+        apps.push(app);
+        loop {
+            let c = rig.await_cell("CREATE_FAST or BEGIN", |c| {
+                c.command == cmd::CREATE_FAST || matches!(c.relay(), Some((relay_cmd::BEGIN, _, _)))
+            })?;
+            if c.command == cmd::CREATE_FAST {
+                check(
+                    c.circ & 0x8000_0000 != 0,
+                    "a CircID with its top bit set (R3.1)",
+                    describe(&c),
+                )?;
+                check(
+                    !circs.contains(&c.circ),
+                    "a CircID not in use (R3.1)",
+                    describe(&c),
+                )?;
+                check(
+                    c.payload[..20] != [0; 20],
+                    "20 random bytes of X (R3.2)",
+                    "20 zero bytes",
+                )?;
+                circs.push(c.circ);
+                rig.link.answer_create_fast(&c, true)?;
+            } else {
+                break;
+            }
+        }
+    }
+    check(
+        !circs.is_empty(),
+        "CREATE_FAST before BEGIN (R3.2)",
+        "no CREATE_FAST",
+    )
+}
+
+pub fn the_client_checks_kh(cx: &mut Ctx) -> Verdict {
+    // R3.4: a wrong KH gets DESTROY(PROTOCOL) for that CircID. The
+    // client's first circuit: made at start, or for a first request.
+    let mut rig = cx.client_with(&[])?;
+    let c = match rig.link.recv(QUIET) {
+        crate::link::Got::Cell(c) if c.command == cmd::CREATE_FAST => c,
+        _ => {
+            let mut app = socks::connect(rig.socks)?;
+            socks::greet5(&mut app, None)?;
+            socks::request5(
+                &mut app,
+                1,
+                &Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+                PORT,
+            )?;
+            rig.link
+                .expect("CREATE_FAST", |c| c.command == cmd::CREATE_FAST, |_| false)?
+        }
+    };
+    rig.link.answer_create_fast(&c, false)?;
+    let d = rig.link.expect(
+        "DESTROY(PROTOCOL) for a CREATED_FAST with a wrong KH (R3.4)",
+        |d| d.is_destroy(c.circ),
+        |d| d.command == cmd::CREATE_FAST || d.circ != c.circ,
+    )?;
+    check(
+        d.payload.first() == Some(&destroy_reason::PROTOCOL),
+        "DESTROY(PROTOCOL) (R3.4)",
+        describe(&d),
+    )
+}
+
+pub fn socks_connects_wait_for_connected_and_half_close_end_to_end(cx: &mut Ctx) -> Verdict {
+    // R11.1: IPv4, DOMAINNAME and IPv6 requests; R5.1, R5.2: each a BEGIN
+    // on a fresh non-zero stream ID with a well-formed payload; R11.5: no
+    // reply before CONNECTED, success after it; then R7.2 and R7.4 at the
+    // client: the application's half-close travels as FIN, the reply
+    // still arrives, and the exit's FIN ends it normally.
+    let mut rig = cx.client()?;
+    let mut ids = Vec::new();
+    let cases: [(Dest<'_>, String); 3] = [
+        (
+            Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            format!("127.0.0.1:{PORT}"),
+        ),
+        (Dest::Name("example.test"), format!("example.test:{PORT}")),
+        (
+            Dest::Ip(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            format!("[::1]:{PORT}"),
+        ),
+    ];
+    for (dest, want) in cases {
+        let (mut app, b) = socks_connect(&mut rig, dest, None)?;
+        check(
+            b.stream != 0 && !ids.contains(&b.stream),
+            "a fresh non-zero stream ID (R5.1)",
+            format!("{}", b.stream),
+        )?;
+        ids.push(b.stream);
+        let text = b.payload.split(|&x| x == 0).next().unwrap_or(&[]);
+        check(
+            text == want.as_bytes() && b.payload.get(text.len()) == Some(&0),
+            format!("BEGIN payload {want:?} NUL (R5.2)"),
+            format!("{:?}", String::from_utf8_lossy(&b.payload)),
+        )?;
+        if let Some(code) = socks::reply5(&mut app, QUIET)? {
+            return Err(fail(
+                "no SOCKS reply before CONNECTED (R11.5)",
+                format!("reply {code:#04x}"),
+            ));
+        }
+        connected(&mut rig, &b)?;
+        let code = socks::reply5(&mut app, ANSWER)?;
+        check(
+            code == Some(0),
+            "SOCKS5 success after CONNECTED (R11.5)",
+            format!("{code:?}"),
+        )?;
+        // The request, half-closed.
+        write_all(&mut app, b"request")?;
+        app.shutdown(std::net::Shutdown::Write).ok();
+        let got = recv_data(&mut rig.link, b.circ, b.stream, 7)?;
+        check(got == b"request", "the request's bytes", format!("{got:?}"))?;
+        rig.link.expect(
+            "FIN for the application's end of file (R7.2)",
+            |c| c.is_relay(b.circ, relay_cmd::FIN, b.stream),
+            is_sendme,
+        )?;
+        send_data(&mut rig.link, b.circ, b.stream, b"the reply")?;
+        rig.link.send_relay(b.circ, relay_cmd::FIN, b.stream, &[])?;
+        match ending(&mut app, ANSWER) {
+            Ending::Eof(got) if got == b"the reply" => {}
+            other => {
+                return Err(fail(
+                    "the reply, then end of file (R7.4, R7.9)",
+                    super::stream::short(&other),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn an_end_before_connected_gets_its_socks_reply(cx: &mut Ctx) -> Verdict {
+    // R8.10 and R11.7 to R11.12: the failure each END reason maps to.
+    let mut rig = cx.client()?;
+    for (reason, want) in [
+        (end_reason::EXITPOLICY, 0x02),
+        (end_reason::NOROUTE, 0x03),
+        (end_reason::RESOLVEFAILED, 0x04),
+        (end_reason::CONNECTREFUSED, 0x05),
+        (end_reason::TIMEOUT, 0x06),
+        (end_reason::MISC, 0x01),
+        (end_reason::RESOURCELIMIT, 0x01),
+    ] {
+        let (mut app, b) =
+            socks_connect(&mut rig, Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), None)?;
+        rig.link
+            .send_relay(b.circ, relay_cmd::END, b.stream, &[reason])?;
+        let code = socks::reply5(&mut app, ANSWER)?;
+        check(
+            code == Some(want),
+            format!(
+                "SOCKS5 reply {want:#04x} for END({})",
+                end_reason::name(reason)
+            ),
+            format!("{code:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn a_circuit_lost_before_connected_is_a_general_failure(cx: &mut Ctx) -> Verdict {
+    // R11.6: DESTROY before CONNECTED: 0x01.
+    let mut rig = cx.client()?;
+    let (mut app, b) = socks_connect(&mut rig, Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), None)?;
+    rig.link
+        .send_cell(b.circ, cmd::DESTROY, &[destroy_reason::REQUESTED])?;
+    let code = socks::reply5(&mut app, ANSWER)?;
+    check(
+        code == Some(1),
+        "SOCKS5 reply 0x01 (R11.6)",
+        format!("{code:?}"),
+    )
+}
+
+pub fn bind_and_udp_associate_are_not_supported(cx: &mut Ctx) -> Verdict {
+    // R11.13.
+    let rig = cx.client()?;
+    for command in [2u8, 3] {
+        let mut app = socks::connect(rig.socks)?;
+        socks::greet5(&mut app, None)?;
+        socks::request5(
+            &mut app,
+            command,
+            &Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            PORT,
+        )?;
+        let code = socks::reply5(&mut app, ANSWER)?;
+        check(
+            code == Some(7),
+            format!("reply 0x07 for command {command} (R11.13)"),
+            format!("{code:?}"),
+        )?;
+    }
+    Ok(())
+}
+
+pub fn credentials_isolate_streams_onto_circuits(cx: &mut Ctx) -> Verdict {
+    // R11.2: any username and password; R11.4: different credentials never
+    // share a circuit.
+    let mut rig = cx.client()?;
+    let mut circ_of = Vec::new();
+    for user in ["alice", "bob", "alice"] {
+        let (mut app, b) = socks_connect(
+            &mut rig,
+            Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            Some((user, "any password")),
+        )?;
+        connected(&mut rig, &b)?;
+        let code = socks::reply5(&mut app, ANSWER)?;
+        check(code == Some(0), "success", format!("{code:?}"))?;
+        circ_of.push((user, b.circ, app));
+    }
+    check(
+        circ_of[0].1 != circ_of[1].1,
+        "alice's and bob's streams on different circuits (R11.4)",
+        format!("both on {:#x}", circ_of[0].1),
+    )
+}
+
+pub fn a_begin_sent_to_the_client_is_a_violation(cx: &mut Ctx) -> Verdict {
+    // R4.7: BEGIN (and RESOLVE) the wrong way: DESTROY(PROTOCOL).
+    let mut rig = cx.client()?;
+    let (_app, b) = socks_connect(&mut rig, Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), None)?;
+    rig.link
+        .send_relay(b.circ, relay_cmd::BEGIN, 77, b"127.0.0.1:80\0")?;
+    let d = rig.await_cell("DESTROY(PROTOCOL) (R4.7)", |c| c.is_destroy(b.circ))?;
+    check(
+        d.payload.first() == Some(&destroy_reason::PROTOCOL),
+        "DESTROY(PROTOCOL) (R4.7)",
+        describe(&d),
+    )
+}
+
+pub fn the_client_does_not_reuse_recently_closed_ids(cx: &mut Ctx) -> Verdict {
+    // R9.4: stream IDs ended by END stay out of use.
+    let mut rig = cx.client()?;
+    let mut seen: Vec<(u32, u16)> = Vec::new();
+    for _ in 0..6 {
+        let (mut app, b) =
+            socks_connect(&mut rig, Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), None)?;
+        check(
+            !seen.contains(&(b.circ, b.stream)),
+            "a stream ID not recently closed on its circuit (R9.4)",
+            format!("stream {} on {:#x} again", b.stream, b.circ),
+        )?;
+        seen.push((b.circ, b.stream));
+        connected(&mut rig, &b)?;
+        socks::reply5(&mut app, ANSWER)?;
+        rig.link
+            .send_relay(b.circ, relay_cmd::END, b.stream, &[end_reason::MISC])?;
+        match ending(&mut app, ANSWER) {
+            Ending::Reset(_) => {}
+            other => {
+                return Err(fail(
+                    "a reset for the application (R8.8)",
+                    super::stream::short(&other),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn without_a_link_socks_fails_at_once_and_the_client_links_again(cx: &mut Ctx) -> Verdict {
+    // R11.15: no link: 0x01 at once; R11.16: a new link within 30 s.
+    let mut rig = cx.client()?;
+    let (mut app, b) = socks_connect(&mut rig, Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), None)?;
+    connected(&mut rig, &b)?;
+    socks::reply5(&mut app, ANSWER)?;
+    // The link is lost (R3.13: the application sees a reset).
+    let crate::case::ClientRig {
+        socks: addr,
+        link,
+        listener,
+    } = rig;
+    drop(link);
+    match ending(&mut app, ANSWER) {
+        Ending::Reset(_) => {}
+        other => {
+            return Err(fail(
+                "a reset when the link is lost (R3.13)",
+                super::stream::short(&other),
+            ))
+        }
+    }
+    // Refuse to link for a while: the client must answer at once.
+    let mut refused = Vec::new();
+    let since = Instant::now();
+    let mut s = socks::connect(addr)?;
+    socks::greet5(&mut s, None)?;
+    socks::request5(&mut s, 1, &Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), PORT)?;
+    while let Ok((sock, _)) = listener.accept() {
+        refused.push(sock);
+    }
+    let code = socks::reply5(&mut s, ANSWER)?;
+    check(
+        code == Some(1),
+        "SOCKS5 0x01 while there is no link (R11.15)",
+        format!("{code:?} after {:?}", since.elapsed()),
+    )?;
+    drop(refused);
+    let mut link = crate::link::RawLink::accept(&listener, Duration::from_secs(31), &cx.trace)?;
+    link.accept_handshake()
+}
+
+pub fn socks4_and_4a_connect_and_fail_with_5b(cx: &mut Ctx) -> Verdict {
+    // R11.3 and R11.14.
+    let mut rig = cx.client()?;
+    let mut app = socks::connect(rig.socks)?;
+    socks::request4(&mut app, [127, 0, 0, 1], PORT, "", None)?;
+    let b = rig.await_begin()?;
+    connected(&mut rig, &b)?;
+    let code = socks::reply4(&mut app, ANSWER)?;
+    check(
+        code == 0x5A,
+        "SOCKS4 0x5A after CONNECTED (R11.3, R11.5)",
+        format!("{code:#04x}"),
+    )?;
+    let mut app = socks::connect(rig.socks)?;
+    socks::request4(&mut app, [0, 0, 0, 1], PORT, "", Some("example.test"))?;
+    let b = rig.await_begin()?;
+    check(
+        b.payload
+            .starts_with(format!("example.test:{PORT}\0").as_bytes()),
+        "the SOCKS4a name in BEGIN (R11.3)",
+        format!("{:?}", String::from_utf8_lossy(&b.payload)),
+    )?;
+    rig.link
+        .send_relay(b.circ, relay_cmd::END, b.stream, &[end_reason::EXITPOLICY])?;
+    let code = socks::reply4(&mut app, ANSWER)?;
+    check(
+        code == 0x5B,
+        "SOCKS4 0x5B for a failure (R11.14)",
+        format!("{code:#04x}"),
+    )?;
+    let _ = read_n;
+    Ok(())
+}
