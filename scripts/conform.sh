@@ -41,8 +41,10 @@ BIN=$PWD/target/debug/halfpipe
 
 cat > "$TMP/halfpipe-flow-v1" <<WRAP
 #!/bin/sh
-case "\$1" in
-    exit|client) exec '$BIN' "\$@" --flow v1 ;;
+# The §14 cases ask for --flow themselves.
+case "\$1 \$*" in
+    *" --flow "*) exec '$BIN' "\$@" ;;
+    exit*|client*) exec '$BIN' "\$@" --flow v1 ;;
     *) exec '$BIN' "\$@" ;;
 esac
 WRAP

@@ -161,3 +161,50 @@ pub fn write_all(s: &mut TcpStream, data: &[u8]) -> Result<(), CaseError> {
     s.write_all(data)
         .map_err(|e| fail("to write to the exit's connection", e.to_string()))
 }
+
+/// A loopback port that answers no SYN: a listen(0) socket whose accept
+/// queue is full of connections nobody accepts (Linux then drops SYNs), so
+/// a connect to it waits until it times out.
+pub struct Unanswering {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fill: Vec<TcpStream>,
+}
+
+impl Unanswering {
+    pub fn new() -> Result<Unanswering, CaseError> {
+        use socket2::{Domain, Socket, Type};
+        let what = "a loopback port that answers no SYN";
+        let listener =
+            Socket::new(Domain::IPV4, Type::STREAM, None).map_err(|e| fail(what, e.to_string()))?;
+        listener
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .map_err(|e| fail(what, e.to_string()))?;
+        listener.listen(0).map_err(|e| fail(what, e.to_string()))?;
+        let addr = listener
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .ok_or_else(|| fail(what, "no address"))?;
+        let mut fill = Vec::new();
+        for _ in 0..8 {
+            match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(s) => fill.push(s),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+                    ) =>
+                {
+                    return Ok(Unanswering {
+                        addr,
+                        _listener: listener,
+                        _fill: fill,
+                    })
+                }
+                Err(e) => return Err(fail(what, e.to_string())),
+            }
+        }
+        Err(fail(what, "listen(0) kept accepting SYNs"))
+    }
+}

@@ -5,6 +5,7 @@ mod client;
 mod close;
 mod common;
 mod flow;
+mod flow2;
 mod link;
 mod stream;
 
@@ -161,6 +162,11 @@ pub fn all() -> Vec<Case> {
             ["R5.8"]
         ),
         exit_case!(
+            stream::a_target_that_never_answers_gets_end_timeout,
+            ["R5.9"],
+            Duration::from_secs(75)
+        ),
+        exit_case!(
             stream::a_begin_on_an_open_stream_id_is_a_violation,
             ["R5.13"]
         ),
@@ -236,6 +242,29 @@ pub fn all() -> Vec<Case> {
             SLOW
         ),
         exit_case!(flow::fin_and_end_take_no_window, ["R10.1"], SLOW),
+        // §14, behind `CMD supports flow-v2`
+        exit_case!(flow2::an_exit_accepts_the_offer_and_nothing_else, ["R14.2"], needs "flow-v2"),
+        exit_case!(flow2::circuit_sendmes_every_31_cells_and_no_stream_sendmes, ["R14.4", "R14.8"], needs "flow-v2"),
+        exit_case!(flow2::the_exit_sends_within_its_congestion_window, ["R14.5"], needs "flow-v2"),
+        exit_case!(flow2::sendmes_for_cells_never_sent_and_stream_sendmes_are_violations, ["R14.6", "R14.8"], needs "flow-v2"),
+        exit_case!(flow2::xoff_when_cells_pile_up_and_xon_when_they_drain, ["R14.9", "R14.10"], needs "flow-v2"),
+        exit_case!(flow2::xoff_stops_the_exits_sender_until_xon, ["R14.11", "R14.12"], needs "flow-v2"),
+        exit_case!(flow2::xon_and_xoff_for_ended_or_unknown_streams_are_dropped, ["R14.13"], needs "flow-v2"),
+        exit_case!(flow2::malformed_xon_and_xoff_are_violations, ["R14.14"], needs "flow-v2"),
+        exit_case!(flow2::a_sender_that_ignores_xoff_is_a_violation, ["R14.15"], needs "flow-v2"),
+        exit_case!(flow2::xon_and_xoff_on_a_v1_circuit_are_dropped, ["R14.16"], needs "flow-v2"),
+        client_case!(
+            flow2::the_client_offers_v2_and_runs_what_the_exit_answered,
+            ["R14.1", "R14.3", "R14.4"],
+            Some("flow-v2"),
+            QUICK
+        ),
+        client_case!(
+            flow2::a_client_without_v2_makes_no_offer,
+            ["R14.1"],
+            Some("flow-v2"),
+            QUICK
+        ),
         // The client's side (§1, §3 to §5, §7 to §9 at the client, §11)
         client_case!(
             client::the_client_begins_with_versions_4_and_creates_circuits_as_specified,

@@ -184,6 +184,37 @@ pub fn a_name_that_does_not_exist_is_resolved_to_one_nontransient_error(cx: &mut
     )
 }
 
+pub fn a_target_that_never_answers_gets_end_timeout(cx: &mut Ctx) -> Verdict {
+    // R5.9: protocol.md fixes no connect timeout; this case waits a minute
+    // for the END (halfpipe's is 10 s).
+    let mut l = cx.linked(CIRC)?;
+    let t = crate::targets::Unanswering::new()?;
+    let body = format!("127.0.0.1:{}\0", t.addr.port());
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, body.as_bytes())?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match l.recv(deadline.saturating_duration_since(std::time::Instant::now())) {
+            crate::link::Got::Cell(c) if c.is_relay(CIRC, relay_cmd::END, 1) => {
+                let (_, _, body) = c.relay().expect("END");
+                return check(
+                    body.first() == Some(&end_reason::TIMEOUT),
+                    "END(TIMEOUT) for a target that never answers (R5.9)",
+                    describe(&c),
+                );
+            }
+            crate::link::Got::Cell(c)
+                if c.relay()
+                    .is_some_and(|(cmd, _, _)| cmd == relay_cmd::SENDME) => {}
+            crate::link::Got::Cell(c) if c.command == halfpipe_proto::cell::cmd::PADDING => {}
+            crate::link::Got::Cell(c) => return Err(fail("END(TIMEOUT) (R5.9)", describe(&c))),
+            crate::link::Got::Nothing => {
+                return Err(fail("END(TIMEOUT) within a minute (R5.9)", "nothing"))
+            }
+            crate::link::Got::Closed(why) => return Err(fail("END(TIMEOUT) (R5.9)", why)),
+        }
+    }
+}
+
 pub fn a_begin_on_an_open_stream_id_is_a_violation(cx: &mut Ctx) -> Verdict {
     // R5.13.
     let mut l = cx.linked(CIRC)?;
