@@ -38,7 +38,8 @@ pub struct Actions {
 /// Starts `signals`; closing the returned handle ends it.
 pub fn spawn(mut signals: Signals, actions: Actions) -> io::Result<(Handle, JoinHandle<()>)> {
     let handle = signals.handle();
-    let thread = threads::spawn("signals".into(), move || {
+    // SIGHUP parses the command line again (clap): a large stack.
+    let thread = threads::spawn_with_stack("signals".into(), threads::LARGE_STACK, move || {
         for sig in signals.forever() {
             match sig {
                 SIGTERM => (actions.terminate)(),

@@ -13,17 +13,28 @@ use std::thread::{self, JoinHandle};
 /// packager, which needs well under this.
 pub const SMALL_STACK: usize = 256 * 1024;
 
+/// Stack for the one thread that parses the command line again (SIGHUP):
+/// clap's parser, unoptimised in a debug build, needs more than a stream
+/// thread's stack.
+pub const LARGE_STACK: usize = 4 * 1024 * 1024;
+
 /// Spawns a named thread with a small stack.
 pub fn spawn<F, T>(name: String, f: F) -> io::Result<JoinHandle<T>>
 where
     F: FnOnce() -> T + Send + 'static,
     T: Send + 'static,
 {
+    spawn_with_stack(name, SMALL_STACK, f)
+}
+
+/// Spawns a named thread with a stack of `size` bytes.
+pub fn spawn_with_stack<F, T>(name: String, size: usize, f: F) -> io::Result<JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
     // Linux shows the first 15 bytes; std passes the rest to logs only.
-    thread::Builder::new()
-        .name(name)
-        .stack_size(SMALL_STACK)
-        .spawn(f)
+    thread::Builder::new().name(name).stack_size(size).spawn(f)
 }
 
 /// Joins a thread. A panic in it is a bug: it is logged with the thread's

@@ -7,6 +7,7 @@ use halfpipe_proto::cell::cmd;
 use halfpipe_proto::relay::relay_cmd;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Why a case did not pass.
@@ -77,6 +78,53 @@ impl Ctx {
     /// The exit under test, started with `extra` after the standard
     /// arguments (`exit --listen ADDR --exit-policy POLICY --link plain`).
     pub fn exit_with(&mut self, extra: &[&str]) -> Result<SocketAddr, CaseError> {
+        self.start_exit(&["--link", "plain"], extra)
+    }
+
+    /// The fingerprint `CMD ROLE --print-fingerprint --data-dir DIR`
+    /// prints (§13), making the identity in `DIR`.
+    pub fn fingerprint_of(
+        &mut self,
+        role: &str,
+        dir: &std::path::Path,
+    ) -> Result<String, CaseError> {
+        let Impl::Command(cmd) = &self.imp else {
+            return Err(CaseError::Skip("needs --impl".into()));
+        };
+        let out = std::process::Command::new(cmd)
+            .args([role, "--print-fingerprint", "--data-dir"])
+            .arg(dir)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .map_err(|e| fail("the fingerprint", e.to_string()))?;
+        if out.status.code() == Some(crate::subject::UNSUPPORTED) {
+            return Err(CaseError::Skip(format!(
+                "`{cmd} {role} --print-fingerprint` exited 127"
+            )));
+        }
+        let fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if !out.status.success() || fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(fail(
+                format!("`{role} --print-fingerprint` to print 64 hex digits and exit 0"),
+                format!("{:?}, {}", fp, out.status),
+            ));
+        }
+        Ok(fp)
+    }
+
+    /// The exit under test on a TLS link (`--link tls --data-dir DIR`),
+    /// with its fingerprint.
+    pub fn tls_exit(&mut self, extra: &[&str]) -> Result<(SocketAddr, String), CaseError> {
+        let dir = self
+            .dir
+            .join(format!("exit-data-{}", self.subjects.len() + 1));
+        let fp = self.fingerprint_of("exit", &dir)?;
+        let d = dir.display().to_string();
+        let addr = self.start_exit(&["--link", "tls", "--data-dir", &d], extra)?;
+        Ok((addr, fp))
+    }
+
+    fn start_exit(&mut self, link: &[&str], extra: &[&str]) -> Result<SocketAddr, CaseError> {
         let cmd = match &self.imp {
             Impl::RunningExit(addr) => {
                 if !extra.is_empty() {
@@ -95,12 +143,11 @@ impl Ctx {
             &addr.to_string(),
             "--exit-policy",
             POLICY,
-            "--link",
-            "plain",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(link.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = self
             .dir
@@ -146,6 +193,62 @@ impl Ctx {
     /// The client under test, linked to the kit's own exit: `CMD client
     /// --socks ADDR --exit ADDR --link plain` and `extra`.
     pub fn client_with(&mut self, extra: &[&str]) -> Result<ClientRig, CaseError> {
+        let (listener, socks) = self.start_client(&["--link", "plain"], extra)?;
+        let mut link = RawLink::accept(&listener, ANSWER, &self.trace)?;
+        link.accept_handshake()?;
+        Ok(ClientRig {
+            socks,
+            link,
+            listener,
+        })
+    }
+
+    /// The client under test on a TLS link (`--link tls --data-dir DIR
+    /// --exit-fingerprint PIN`) to the kit's exit, which shows `exit` and
+    /// asks for the client's certificate. Returns the rig, or why the TLS
+    /// handshake failed, and the client's fingerprint and what certificate
+    /// it showed.
+    pub fn tls_client(
+        &mut self,
+        exit: &crate::tls::KitIdentity,
+        pin: &str,
+    ) -> Result<TlsClient, CaseError> {
+        let dir = self
+            .dir
+            .join(format!("client-data-{}", self.subjects.len() + 1));
+        let fp = self.fingerprint_of("client", &dir)?;
+        let d = dir.display().to_string();
+        let (listener, socks) = self.start_client(
+            &["--link", "tls", "--data-dir", &d, "--exit-fingerprint", pin],
+            &[],
+        )?;
+        let seen = Arc::new(crate::tls::Seen::default());
+        let config = crate::tls::server_config(exit, true, seen.clone());
+        let rig = match RawLink::accept_tls(&listener, ANSWER, config, &self.trace)? {
+            Ok(mut link) => {
+                link.accept_handshake()?;
+                Ok(ClientRig {
+                    socks,
+                    link,
+                    listener,
+                })
+            }
+            Err(why) => Err(why),
+        };
+        Ok(TlsClient {
+            rig,
+            fingerprint: fp,
+            seen,
+        })
+    }
+
+    /// Starts `CMD client --socks ADDR --exit ADDR LINK EXTRA`; returns the
+    /// kit's exit's listener and the SOCKS address.
+    fn start_client(
+        &mut self,
+        link: &[&str],
+        extra: &[&str],
+    ) -> Result<(TcpListener, SocketAddr), CaseError> {
         let Impl::Command(cmd) = self.imp.clone() else {
             return Err(CaseError::Skip("a client case needs --impl".into()));
         };
@@ -160,12 +263,11 @@ impl Ctx {
             &socks.to_string(),
             "--exit",
             &exit.to_string(),
-            "--link",
-            "plain",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args.extend(link.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = self
             .dir
@@ -181,13 +283,7 @@ impl Ctx {
             }
             Err(NotStarted::Failed(why)) => return Err(fail("the client to start", why)),
         }
-        let mut link = RawLink::accept(&listener, ANSWER, &self.trace)?;
-        link.accept_handshake()?;
-        Ok(ClientRig {
-            socks,
-            link,
-            listener,
-        })
+        Ok((listener, socks))
     }
 
     /// `client_with(&[])`, once the circuits the client makes at start (if
@@ -197,6 +293,13 @@ impl Ctx {
         let mut rig = self.client_with(&[])?;
         rig.settle()?;
         Ok(rig)
+    }
+
+    /// Sends `signal` to every implementation started for the case.
+    pub fn signal_all(&self, signal: i32) {
+        for s in &self.subjects {
+            s.signal(signal);
+        }
     }
 
     /// Whether every started implementation is still running.
@@ -212,6 +315,16 @@ impl Ctx {
     pub fn logs(&self) -> Vec<PathBuf> {
         self.subjects.iter().map(|s| s.log.clone()).collect()
     }
+}
+
+/// A client under test on a TLS link (`Ctx::tls_client`).
+pub struct TlsClient {
+    /// The rig, or why the TLS handshake with the kit's exit failed.
+    pub rig: Result<ClientRig, String>,
+    /// What `CMD client --print-fingerprint` printed.
+    pub fingerprint: String,
+    /// The certificate the client showed.
+    pub seen: Arc<crate::tls::Seen>,
 }
 
 /// A client under test, its SOCKS port, and its link to the kit's exit.

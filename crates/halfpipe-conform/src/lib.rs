@@ -11,3 +11,4 @@ pub mod socks;
 pub mod spec;
 pub mod subject;
 pub mod targets;
+pub mod tls;

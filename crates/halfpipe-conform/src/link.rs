@@ -125,6 +125,8 @@ pub enum Got {
 
 pub struct RawLink {
     sock: TcpStream,
+    /// A TLS session over `sock` (§13), or none on a plain link.
+    tls: Option<rustls::Connection>,
     buf: Vec<u8>,
     since: Instant,
     trace: Trace,
@@ -139,6 +141,7 @@ impl RawLink {
         trace.note(format!("connected to {addr}"));
         Ok(RawLink {
             sock,
+            tls: None,
             buf: Vec::new(),
             since: Instant::now(),
             trace: trace.clone(),
@@ -162,6 +165,7 @@ impl RawLink {
                     trace.note(format!("link from {peer}"));
                     return Ok(RawLink {
                         sock,
+                        tls: None,
                         buf: Vec::new(),
                         since: Instant::now(),
                         trace: trace.clone(),
@@ -216,8 +220,7 @@ impl RawLink {
     /// Sends bytes as they are.
     pub fn send_raw(&mut self, bytes: &[u8], what: &str) -> Result<(), CaseError> {
         self.note("->", what.to_string());
-        self.sock
-            .write_all(bytes)
+        self.write_bytes(bytes)
             .map_err(|e| fail(format!("to send {what}"), e.to_string()))
     }
 
@@ -251,8 +254,7 @@ impl RawLink {
     ) -> Result<(), CaseError> {
         let mut out = Vec::with_capacity(cell::CELL_LEN);
         relay::encode(&mut out, circ, command, stream, body);
-        self.sock
-            .write_all(&out)
+        self.write_bytes(&out)
             .map_err(|e| fail("to send DATA", e.to_string()))
     }
 
@@ -293,7 +295,7 @@ impl RawLink {
             }
             let _ = self.sock.set_read_timeout(Some(left));
             let mut chunk = [0u8; 16 * 1024];
-            match self.sock.read(&mut chunk) {
+            match self.read_some(&mut chunk) {
                 Ok(0) => {
                     self.note("<-", "FIN".into());
                     return Got::Closed("end of file".into());
@@ -390,7 +392,7 @@ impl RawLink {
             }
             let _ = self.sock.set_read_timeout(Some(left));
             let mut chunk = [0u8; 1024];
-            match self.sock.read(&mut chunk) {
+            match self.read_some(&mut chunk) {
                 Ok(0) => return Err(fail(what, "the link closed")),
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
                 Err(e)
@@ -446,6 +448,146 @@ impl RawLink {
     pub fn shutdown_write(&mut self) {
         self.note("->", "FIN".into());
         let _ = self.sock.shutdown(Shutdown::Write);
+    }
+
+    /// TLS: a close_notify, then FIN (R13.10).
+    pub fn close_notify(&mut self) {
+        if let Some(c) = &mut self.tls {
+            c.send_close_notify();
+            while c.wants_write() {
+                if c.write_tls(&mut self.sock).is_err() {
+                    break;
+                }
+            }
+        }
+        self.note("->", "close_notify".into());
+        self.shutdown_write();
+    }
+
+    /// TLS: `bytes` sealed into a record with one bit of its ciphertext
+    /// flipped, as a tampering path would (R13.9).
+    pub fn send_tampered(&mut self, bytes: &[u8]) -> Result<(), CaseError> {
+        let Some(c) = &mut self.tls else {
+            return Err(fail("a TLS link", "a plain one"));
+        };
+        c.writer()
+            .write_all(bytes)
+            .map_err(|e| fail("to seal a record", e.to_string()))?;
+        let mut wire = Vec::new();
+        while c.wants_write() {
+            c.write_tls(&mut wire)
+                .map_err(|e| fail("to seal a record", e.to_string()))?;
+        }
+        let at = wire.len() / 2;
+        wire[at] ^= 0x08;
+        self.note(
+            "->",
+            format!("a record of {} bytes with a bit flipped", wire.len()),
+        );
+        self.sock
+            .write_all(&wire)
+            .map_err(|e| fail("to send the record", e.to_string()))
+    }
+
+    /// A TLS handshake on a link just connected or accepted, within
+    /// `ANSWER`; the error is rustls's (or the socket's) message.
+    fn tls_handshake(&mut self, mut conn: rustls::Connection) -> Result<(), String> {
+        let _ = self.sock.set_read_timeout(Some(ANSWER));
+        let _ = self.sock.set_write_timeout(Some(ANSWER));
+        let deadline = Instant::now() + ANSWER;
+        while conn.is_handshaking() {
+            if Instant::now() > deadline {
+                return Err(format!("no TLS handshake within {ANSWER:?}"));
+            }
+            match conn.complete_io(&mut self.sock) {
+                Ok((0, 0)) if conn.is_handshaking() => return Err("end of file".into()),
+                Ok(_) => {}
+                Err(e) => {
+                    // Tell the peer why, as rustls has queued it.
+                    let _ = conn.write_tls(&mut self.sock);
+                    return Err(e.to_string());
+                }
+            }
+        }
+        // The last flight (the client's Finished).
+        while conn.wants_write() {
+            conn.write_tls(&mut self.sock).map_err(|e| e.to_string())?;
+        }
+        self.note(
+            "==",
+            format!(
+                "TLS {:?} {:?} ALPN {:?}",
+                conn.protocol_version(),
+                conn.negotiated_cipher_suite().map(|s| s.suite()),
+                conn.alpn_protocol().map(String::from_utf8_lossy)
+            ),
+        );
+        self.tls = Some(conn);
+        Ok(())
+    }
+
+    /// A TLS client link to `addr`: `Err` carries why the handshake failed.
+    pub fn connect_tls(
+        addr: SocketAddr,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        trace: &Trace,
+    ) -> Result<Result<RawLink, String>, CaseError> {
+        let mut l = RawLink::connect(addr, trace)?;
+        let conn = rustls::ClientConnection::new(config, addr.ip().into())
+            .map_err(|e| fail("a TLS client", e.to_string()))?;
+        Ok(l.tls_handshake(conn.into()).map(|()| l))
+    }
+
+    /// A TLS link accepted on `listener`, handshake done as the exit.
+    pub fn accept_tls(
+        listener: &std::net::TcpListener,
+        wait: Duration,
+        config: std::sync::Arc<rustls::ServerConfig>,
+        trace: &Trace,
+    ) -> Result<Result<RawLink, String>, CaseError> {
+        let mut l = RawLink::accept(listener, wait, trace)?;
+        let conn = rustls::ServerConnection::new(config)
+            .map_err(|e| fail("a TLS server", e.to_string()))?;
+        Ok(l.tls_handshake(conn.into()).map(|()| l))
+    }
+
+    /// Writes `bytes` on the link: as TLS records on a TLS link.
+    fn write_bytes(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.tls {
+            None => self.sock.write_all(bytes),
+            Some(c) => {
+                c.writer().write_all(bytes)?;
+                while c.wants_write() {
+                    c.write_tls(&mut self.sock)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// One read from the link, within the socket's read timeout: 0 is the
+    /// end (close_notify on a TLS link; a FIN without it is an error).
+    fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(c) = &mut self.tls else {
+            return self.sock.read(buf);
+        };
+        let mut eof = false;
+        loop {
+            match c.reader().read(buf) {
+                Ok(n) => return Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock && !eof => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "end of file without close_notify",
+                    ))
+                }
+                Err(e) => return Err(e),
+            }
+            eof = c.read_tls(&mut self.sock)? == 0;
+            c.process_new_packets()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
     }
 }
 

@@ -49,16 +49,25 @@ struct Cli {
     total: u64,
 }
 
+/// println! that does not panic when stdout is a closed pipe
+/// (`halfpipe-conform --list | head`): the rest is dropped.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let reqs = spec::requirements();
     let all = cases::all();
     if cli.list {
         for c in &all {
-            println!("{} ({:?})", c.name, c.role);
+            say!("{} ({:?})", c.name, c.role);
             for id in c.ids {
                 let text = Id::parse(id).and_then(|i| reqs.get(&i)).map(String::as_str);
-                println!("    {id}: {}", text.unwrap_or("(not in docs/protocol.md)"));
+                say!("    {id}: {}", text.unwrap_or("(not in docs/protocol.md)"));
             }
         }
         return ExitCode::SUCCESS;
@@ -73,12 +82,12 @@ fn main() -> ExitCode {
             reqs.iter().filter(|(id, _)| !named.contains(id)).collect();
         let unknown: Vec<&Id> = named.iter().filter(|id| !reqs.contains_key(id)).collect();
         for id in &unknown {
-            println!("{id}: named by a case, but not in docs/protocol.md");
+            say!("{id}: named by a case, but not in docs/protocol.md");
         }
         for (id, text) in &missing {
-            println!("{id}: {text}");
+            say!("{id}: {text}");
         }
-        println!(
+        say!(
             "{} of {} requirements have a case; {} have none",
             reqs.len() - missing.len(),
             reqs.len(),
@@ -105,10 +114,10 @@ fn main() -> ExitCode {
         keep: cli.keep,
         total: Duration::from_secs(cli.total),
     };
-    println!("halfpipe-conform: {subject}");
-    let results = runner::run(all, &opts, |r| println!("{}", r.line()));
+    say!("halfpipe-conform: {subject}");
+    let results = runner::run(all, &opts, |r| say!("{}", r.line()));
     let tally = Tally::of(&results);
-    println!("{}", tally.line());
+    say!("{}", tally.line());
     if let Some(path) = &cli.junit {
         if let Err(e) = std::fs::write(path, report::junit(&results, &subject)) {
             eprintln!("halfpipe-conform: cannot write {}: {e}", path.display());

@@ -174,6 +174,45 @@ pub fn a_target_reset_while_half_closed_becomes_end_connreset(cx: &mut Ctx) -> V
     expect_end(&mut l, CIRC, 1, end_reason::CONNRESET)
 }
 
+pub fn streams_open_at_the_shutdown_deadline_get_end_hibernating(cx: &mut Ctx) -> Verdict {
+    // R8.5: the exit is told to stop (SIGTERM) while a stream is open and
+    // idle; when its shutdown deadline passes (its own grace period; this
+    // case waits a minute), the stream gets END(HIBERNATING) and its
+    // target a reset (R8.7).
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
+    cx.signal_all(libc::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match l.recv(deadline.saturating_duration_since(std::time::Instant::now())) {
+            crate::link::Got::Cell(c) if c.is_relay(CIRC, relay_cmd::END, 1) => {
+                let (_, _, body) = c.relay().expect("END");
+                check(
+                    body.first() == Some(&end_reason::HIBERNATING),
+                    "END(HIBERNATING) at the shutdown deadline (R8.5)",
+                    describe(&c),
+                )?;
+                break;
+            }
+            crate::link::Got::Cell(_) => {}
+            crate::link::Got::Nothing => {
+                return Err(fail(
+                    "END(HIBERNATING) within a minute of SIGTERM (R8.5)",
+                    "nothing",
+                ))
+            }
+            crate::link::Got::Closed(why) => {
+                return Err(fail("END(HIBERNATING) before the link closed (R8.5)", why))
+            }
+        }
+    }
+    match ending(&mut conn, ANSWER) {
+        Ending::Reset(_) => Ok(()),
+        other => Err(fail("a reset at the target (R8.7)", short(&other))),
+    }
+}
+
 pub fn late_cells_for_closed_and_unknown_streams_are_dropped(cx: &mut Ctx) -> Verdict {
     // R9.1, R9.3: after our END, SENDME, DATA, FIN and END for the stream
     // are dropped silently; R9.5: so are cells for a stream never opened.

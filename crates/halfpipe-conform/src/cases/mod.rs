@@ -8,6 +8,7 @@ mod flow;
 mod flow2;
 mod link;
 mod stream;
+mod tls;
 
 use crate::case::{Case, Role};
 use std::time::Duration;
@@ -216,6 +217,11 @@ pub fn all() -> Vec<Case> {
             ["R7.7"]
         ),
         exit_case!(
+            close::streams_open_at_the_shutdown_deadline_get_end_hibernating,
+            ["R8.5", "R8.7"],
+            Duration::from_secs(75)
+        ),
+        exit_case!(
             close::late_cells_for_closed_and_unknown_streams_are_dropped,
             ["R9.1", "R9.3", "R9.5"]
         ),
@@ -242,6 +248,25 @@ pub fn all() -> Vec<Case> {
             SLOW
         ),
         exit_case!(flow::fin_and_end_take_no_window, ["R10.1"], SLOW),
+        // §13, behind `CMD supports tls`
+        exit_case!(tls::a_tls_exit_speaks_tls_13_with_its_identity_and_cells_inside, ["R13.1", "R13.3", "R13.4"], needs "tls"),
+        exit_case!(tls::a_client_without_alpn_halfpipe_1_gets_no_cell, ["R13.2"], needs "tls"),
+        exit_case!(tls::a_plain_link_at_a_tls_exit_is_closed, ["R13.3"], needs "tls"),
+        exit_case!(tls::an_exit_serves_any_client_or_only_the_listed_ones, ["R13.6", "R13.7"], needs "tls"),
+        exit_case!(tls::a_tampered_record_ends_the_link_and_reaches_no_stream, ["R13.9"], needs "tls"),
+        exit_case!(tls::close_notify_ends_a_link_cleanly_and_a_bare_fin_loses_it, ["R13.10"], needs "tls"),
+        client_case!(
+            tls::a_tls_client_pins_its_exit_and_shows_its_identity,
+            ["R13.1", "R13.3", "R13.5", "R13.6", "R13.8"],
+            Some("tls"),
+            QUICK
+        ),
+        client_case!(
+            tls::a_tls_client_with_another_pin_sends_no_cell,
+            ["R13.5"],
+            Some("tls"),
+            QUICK
+        ),
         // §14, behind `CMD supports flow-v2`
         exit_case!(flow2::an_exit_accepts_the_offer_and_nothing_else, ["R14.2"], needs "flow-v2"),
         exit_case!(flow2::circuit_sendmes_every_31_cells_and_no_stream_sendmes, ["R14.4", "R14.8"], needs "flow-v2"),
