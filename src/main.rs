@@ -66,10 +66,13 @@ enum Command {
     Client(ClientArgs),
     /// Print the stream table of a daemon running with --status.
     Status(status::StatusArgs),
-    /// Exit 0 if this build has FEATURE (resolve, socks4, flow-v2, tls), 127
-    /// if not: how the conformance kit asks (docs/conformance.md).
+    /// Exit 0 if this build has FEATURE (resolve, socks4, flow-v2, tls,
+    /// stream-limit, circuit-limit, idle-timeout, shutdown-grace), 127 if
+    /// not: how the
+    /// conformance kit asks (docs/conformance.md).
     Supports {
-        /// resolve, socks4, flow-v2 or tls.
+        /// resolve, socks4, flow-v2, tls, stream-limit, circuit-limit,
+        /// idle-timeout or shutdown-grace.
         feature: String,
     },
 }
@@ -721,7 +724,8 @@ fn main() -> ExitCode {
         Command::Status(args) => return status::main(args),
         Command::Supports { feature } => {
             return match feature.as_str() {
-                "resolve" | "socks4" | "flow-v2" | "tls" => ExitCode::SUCCESS,
+                "resolve" | "socks4" | "flow-v2" | "tls" | "stream-limit" | "idle-timeout"
+                | "shutdown-grace" | "circuit-limit" => ExitCode::SUCCESS,
                 _ => ExitCode::from(127),
             }
         }

@@ -62,6 +62,9 @@ pub struct Ctx {
     pub trace: Trace,
     subjects: Vec<Subject>,
     exit: Option<SocketAddr>,
+    /// The PIDs (and groups) of what the case started, for the runner to
+    /// kill if the case overruns its bound.
+    pub pids: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
 impl Ctx {
@@ -72,6 +75,7 @@ impl Ctx {
             trace: Trace::default(),
             subjects: Vec::new(),
             exit: None,
+            pids: Arc::default(),
         }
     }
 
@@ -91,22 +95,27 @@ impl Ctx {
         let Impl::Command(cmd) = &self.imp else {
             return Err(CaseError::Skip("needs --impl".into()));
         };
-        let out = std::process::Command::new(cmd)
-            .args([role, "--print-fingerprint", "--data-dir"])
-            .arg(dir)
-            .stdin(std::process::Stdio::null())
-            .output()
-            .map_err(|e| fail("the fingerprint", e.to_string()))?;
-        if out.status.code() == Some(crate::subject::UNSUPPORTED) {
+        let (code, stdout) = crate::subject::run_briefly(
+            cmd,
+            &[
+                role.as_ref(),
+                "--print-fingerprint".as_ref(),
+                "--data-dir".as_ref(),
+                dir.as_os_str(),
+            ],
+            ANSWER,
+        )
+        .map_err(|e| fail("the fingerprint", e))?;
+        if code == Some(crate::subject::UNSUPPORTED) {
             return Err(CaseError::Skip(format!(
                 "`{cmd} {role} --print-fingerprint` exited 127"
             )));
         }
-        let fp = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if !out.status.success() || fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+        let fp = String::from_utf8_lossy(&stdout).trim().to_string();
+        if code != Some(0) || fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(fail(
                 format!("`{role} --print-fingerprint` to print 64 hex digits and exit 0"),
-                format!("{:?}, {}", fp, out.status),
+                format!("{fp:?}, exit status {code:?}"),
             ));
         }
         Ok(fp)
@@ -156,7 +165,7 @@ impl Ctx {
             .note(format!("started: {cmd} {}", args.join(" ")));
         match Subject::start(&cmd, &args, addr, &log) {
             Ok(s) => {
-                self.subjects.push(s);
+                self.started(s);
                 self.exit = Some(addr);
                 Ok(addr)
             }
@@ -275,7 +284,7 @@ impl Ctx {
         self.trace
             .note(format!("started: {cmd} {}", args.join(" ")));
         match Subject::start(&cmd, &args, socks, &log) {
-            Ok(s) => self.subjects.push(s),
+            Ok(s) => self.started(s),
             Err(NotStarted::Unsupported(why)) => {
                 return Err(CaseError::Skip(format!(
                     "the implementation does not support it: {why}"
@@ -293,6 +302,13 @@ impl Ctx {
         let mut rig = self.client_with(&[])?;
         rig.settle()?;
         Ok(rig)
+    }
+
+    fn started(&mut self, s: Subject) {
+        if let Ok(mut p) = self.pids.lock() {
+            p.push(s.pid());
+        }
+        self.subjects.push(s);
     }
 
     /// Sends `signal` to every implementation started for the case.
@@ -346,7 +362,14 @@ pub struct Begin {
 impl ClientRig {
     /// Answers CREATE_FASTs until the link has been quiet for a moment.
     pub fn settle(&mut self) -> Result<(), CaseError> {
+        let deadline = std::time::Instant::now() + ANSWER * 2;
         loop {
+            if std::time::Instant::now() > deadline {
+                return Err(fail(
+                    "the client's link to go quiet after its start",
+                    "cells for 10 s",
+                ));
+            }
             match self.link.recv(crate::link::QUIET) {
                 Got::Cell(c) if c.command == cmd::CREATE_FAST => {
                     self.link.answer_create_fast(&c, true)?
@@ -365,8 +388,12 @@ impl ClientRig {
 
     /// Answers CREATE_FASTs (rightly) until a BEGIN comes, and returns it.
     pub fn await_begin(&mut self) -> Result<Begin, CaseError> {
+        let deadline = std::time::Instant::now() + ANSWER;
         loop {
-            match self.link.recv(ANSWER) {
+            match self
+                .link
+                .recv(deadline.saturating_duration_since(std::time::Instant::now()))
+            {
                 Got::Cell(c) if c.command == cmd::CREATE_FAST => {
                     self.link.answer_create_fast(&c, true)?
                 }
@@ -378,7 +405,7 @@ impl ClientRig {
                             payload: body.to_vec(),
                         })
                     }
-                    _ if c.command == cmd::PADDING => {}
+                    _ if crate::link::is_padding(&c) => {}
                     Some((relay_cmd::SENDME | relay_cmd::DROP, _, _)) => {}
                     _ => return Err(fail("BEGIN from the client", describe(&c))),
                 },
@@ -399,13 +426,17 @@ impl ClientRig {
         what: &str,
         want: impl Fn(&Cell) -> bool,
     ) -> Result<Cell, CaseError> {
+        let deadline = std::time::Instant::now() + ANSWER;
         loop {
-            match self.link.recv(ANSWER) {
+            match self
+                .link
+                .recv(deadline.saturating_duration_since(std::time::Instant::now()))
+            {
                 Got::Cell(c) if want(&c) => return Ok(c),
                 Got::Cell(c) if c.command == cmd::CREATE_FAST => {
                     self.link.answer_create_fast(&c, true)?
                 }
-                Got::Cell(c) if c.command == cmd::PADDING => {}
+                Got::Cell(c) if crate::link::is_padding(&c) => {}
                 Got::Cell(c) if matches!(c.relay(), Some((relay_cmd::SENDME, _, _))) => {}
                 Got::Cell(c) => return Err(fail(what, describe(&c))),
                 Got::Nothing => return Err(fail(what, "nothing")),

@@ -15,6 +15,9 @@ pub const ANSWER: Duration = Duration::from_secs(5);
 /// How long the kit watches for something that must not come. A quiet
 /// check can only miss a fault, never fail a correct implementation.
 pub const QUIET: Duration = Duration::from_millis(300);
+/// How long a write may wait for the implementation to read: past it, the
+/// case fails (it has stopped reading).
+pub const STALLED: Duration = Duration::from_secs(10);
 
 /// The case's record of cells, shared with the runner.
 #[derive(Clone, Default)]
@@ -58,6 +61,23 @@ impl Cell {
     pub fn is_destroy(&self, circ: u32) -> bool {
         self.circ == circ && self.command == cmd::DESTROY
     }
+}
+
+/// PADDING, VPADDING and the other cells a receiver ignores (R1.10, R2.2,
+/// R2.6): never an answer to anything.
+pub fn is_padding(c: &Cell) -> bool {
+    let known = matches!(
+        c.command,
+        cmd::CREATE
+            | cmd::RELAY
+            | cmd::DESTROY
+            | cmd::CREATE_FAST
+            | cmd::CREATED_FAST
+            | cmd::VERSIONS
+            | cmd::RELAY_EARLY
+            | cmd::CREATE2
+    );
+    c.command == cmd::PADDING || c.command >= 128 || !known
 }
 
 /// One line about a cell, for traces and failures.
@@ -138,6 +158,8 @@ impl RawLink {
         let sock = TcpStream::connect_timeout(&addr, ANSWER)
             .map_err(|e| fail("a TCP connection to the exit", e.to_string()))?;
         let _ = sock.set_nodelay(true);
+        // An implementation that stops reading fails the case, never hangs it.
+        let _ = sock.set_write_timeout(Some(STALLED));
         trace.note(format!("connected to {addr}"));
         Ok(RawLink {
             sock,
@@ -162,6 +184,7 @@ impl RawLink {
                     sock.set_nonblocking(false)
                         .map_err(|e| fail("a blocking socket", e.to_string()))?;
                     let _ = sock.set_nodelay(true);
+                    let _ = sock.set_write_timeout(Some(STALLED));
                     trace.note(format!("link from {peer}"));
                     return Ok(RawLink {
                         sock,
@@ -327,7 +350,7 @@ impl RawLink {
         loop {
             match self.recv(deadline.saturating_duration_since(Instant::now())) {
                 Got::Cell(c) if want(&c) => return Ok(c),
-                Got::Cell(c) if c.command == cmd::PADDING || skip(&c) => {}
+                Got::Cell(c) if is_padding(&c) || skip(&c) => {}
                 Got::Cell(c) => return Err(fail(what, describe(&c))),
                 Got::Nothing => return Err(fail(what, format!("nothing within {ANSWER:?}"))),
                 Got::Closed(why) => return Err(fail(what, format!("the link closed ({why})"))),
@@ -341,7 +364,7 @@ impl RawLink {
         let mut cells = Vec::new();
         loop {
             match self.recv(deadline.saturating_duration_since(Instant::now())) {
-                Got::Cell(c) if c.command == cmd::PADDING => {}
+                Got::Cell(c) if is_padding(&c) => {}
                 Got::Cell(c) => cells.push(c),
                 Got::Nothing => return (cells, None),
                 Got::Closed(why) => return (cells, Some(why)),
@@ -359,6 +382,32 @@ impl RawLink {
                 Got::Cell(c) => cells.push(c),
                 Got::Nothing => return None,
                 Got::Closed(_) => return Some(cells),
+            }
+        }
+    }
+
+    /// Bytes (not cells: no framing is agreed before the handshake) that
+    /// arrive within `wait`, and why the connection ended if it did.
+    pub fn raw_within(&mut self, wait: Duration) -> (Vec<u8>, Option<String>) {
+        let deadline = Instant::now() + wait;
+        let mut got = std::mem::take(&mut self.buf);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return (got, None);
+            }
+            let _ = self.sock.set_read_timeout(Some(left));
+            let mut chunk = [0u8; 4096];
+            match self.read_some(&mut chunk) {
+                Ok(0) => return (got, Some("end of file".into())),
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return (got, Some(e.to_string())),
             }
         }
     }
@@ -493,7 +542,6 @@ impl RawLink {
     /// `ANSWER`; the error is rustls's (or the socket's) message.
     fn tls_handshake(&mut self, mut conn: rustls::Connection) -> Result<(), String> {
         let _ = self.sock.set_read_timeout(Some(ANSWER));
-        let _ = self.sock.set_write_timeout(Some(ANSWER));
         let deadline = Instant::now() + ANSWER;
         while conn.is_handshaking() {
             if Instant::now() > deadline {

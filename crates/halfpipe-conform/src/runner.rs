@@ -42,7 +42,7 @@ pub fn run(cases: Vec<Case>, opts: &Options, mut each: impl FnMut(&CaseResult)) 
         }
         let started = Instant::now();
         let outcome_and_kept = match precheck(&case, opts, since) {
-            Some(skip) => (Outcome::Skip(skip), Vec::new()),
+            Some(outcome) => (outcome, Vec::new()),
             None => run_one(&case, opts, opts.total.saturating_sub(since.elapsed())),
         };
         let r = CaseResult {
@@ -58,22 +58,34 @@ pub fn run(cases: Vec<Case>, opts: &Options, mut each: impl FnMut(&CaseResult)) 
     results
 }
 
-/// Why a case is skipped before it starts, if it is.
-fn precheck(case: &Case, opts: &Options, since: Instant) -> Option<String> {
+/// How a case ends before it starts, if it does: skipped, or failed when
+/// the implementation's answer to `supports` is neither yes nor no.
+fn precheck(case: &Case, opts: &Options, since: Instant) -> Option<Outcome> {
     if since.elapsed() >= opts.total {
-        return Some(format!(
+        return Some(Outcome::Skip(format!(
             "the run's total bound ({:?}) has passed",
             opts.total
-        ));
+        )));
     }
     if case.role == Role::Client && matches!(opts.imp, Impl::RunningExit(_)) {
-        return Some("a client case, and the implementation is a running exit".into());
+        return Some(Outcome::Skip(
+            "a client case, and the implementation is a running exit".into(),
+        ));
     }
     if let Some(feature) = case.needs {
         match opts.imp.supports(feature) {
             Ok(true) => {}
-            Ok(false) => return Some(format!("the implementation does not support {feature}")),
-            Err(e) => return Some(e),
+            Ok(false) => {
+                return Some(Outcome::Skip(format!(
+                    "the implementation does not support {feature}"
+                )))
+            }
+            Err(e) => {
+                return Some(Outcome::Fail {
+                    expected: format!("`CMD supports {feature}` to exit 0 or 127"),
+                    got: e,
+                })
+            }
         }
     }
     None
@@ -96,10 +108,13 @@ fn run_one(case: &Case, opts: &Options, left: Duration) -> (Outcome, Vec<PathBuf
     let run = case.run;
     let imp = opts.imp.clone();
     let case_dir = dir.clone();
+    let pids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let case_pids = pids.clone();
     let thread = std::thread::Builder::new()
         .name(format!("case {}", case.name))
         .spawn(move || {
             let mut cx = Ctx::new(imp, case_dir);
+            cx.pids = case_pids;
             let verdict = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (run)(&mut cx)));
             let trace = cx.trace.lines();
             let logs = cx.logs();
@@ -134,10 +149,16 @@ fn run_one(case: &Case, opts: &Options, left: Duration) -> (Outcome, Vec<PathBuf
             (outcome, trace, logs)
         }
         Err(_) => {
-            // Every wait in a case is bounded, so the thread ends on its
-            // own; its implementation is stopped when it does.
+            // Past its bound: stop what the case started, which ends the
+            // case's blocked socket calls; a thread that still does not end
+            // is left behind rather than waited for.
+            for pid in pids.lock().map(|p| p.clone()).unwrap_or_default() {
+                crate::subject::kill_group(pid, libc::SIGKILL);
+            }
             let late = rx.recv_timeout(Duration::from_secs(30));
-            let _ = thread.join();
+            if late.is_ok() {
+                let _ = thread.join();
+            }
             let (trace, logs) = late.map(|(_, t, l)| (t, l)).unwrap_or_default();
             (
                 Outcome::Fail {

@@ -8,13 +8,15 @@
 
 use std::fs::File;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The exit policy the kit's exits run with: the kit's targets listen on
-/// 127.0.0.1, and 127.0.0.2 stays outside it for the refusal cases.
-pub const POLICY: &str = "accept 127.0.0.1:*";
+/// 127.0.0.1 (and ::1, for a name that resolves to both), and 127.0.0.2
+/// stays outside it for the refusal cases.
+pub const POLICY: &str = "accept 127.0.0.1:*,accept [::1]:*";
 
 /// How long an implementation may take to start listening.
 const START: Duration = Duration::from_secs(10);
@@ -46,14 +48,8 @@ impl Impl {
         let Impl::Command(cmd) = self else {
             return Ok(true);
         };
-        let status = Command::new(cmd)
-            .args(["supports", feature])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map_err(|e| format!("cannot run {cmd}: {e}"))?;
-        match status.code() {
+        let (code, _) = run_briefly(cmd, &["supports".as_ref(), feature.as_ref()], START)?;
+        match code {
             Some(0) => Ok(true),
             Some(UNSUPPORTED) => Ok(false),
             other => Err(format!(
@@ -100,6 +96,9 @@ impl Subject {
             .map_err(|e| NotStarted::Failed(e.to_string()))?;
         let child = Command::new(cmd)
             .args(args)
+            // Its own process group: a wrapper that does not exec is
+            // stopped with what it started.
+            .process_group(0)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -134,10 +133,14 @@ impl Subject {
         }
     }
 
-    /// Sends `signal` to the process.
+    /// Sends `signal` to the process (and its group).
     pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on our own child's PID, which we have not reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        kill_group(self.child.id(), signal);
+    }
+
+    /// The process's ID, which is its group's too.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether the process is still running.
@@ -155,8 +158,7 @@ impl Drop for Subject {
     fn drop(&mut self) {
         // SIGTERM first: a daemon that shuts down cleanly leaves its log
         // whole; SIGKILL if it does not within a second.
-        // SAFETY: kill(2) on our own child's PID, which we have not reaped.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        kill_group(self.child.id(), libc::SIGTERM);
         let since = Instant::now();
         while since.elapsed() < Duration::from_secs(1) {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -164,7 +166,51 @@ impl Drop for Subject {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let _ = self.child.kill();
+        kill_group(self.child.id(), libc::SIGKILL);
         let _ = self.child.wait();
+    }
+}
+
+/// Sends `signal` to the process group `pid` leads (the implementation and
+/// anything a wrapper of it started).
+pub fn kill_group(pid: u32, signal: i32) {
+    // SAFETY: kill(2) on the group of a child we started and have not
+    // reaped; a group that is gone gets ESRCH, which is harmless.
+    unsafe { libc::kill(-(pid as libc::pid_t), signal) };
+}
+
+/// Runs `cmd args` to its end, within `wait` (then kills it): its exit
+/// code and standard output.
+pub fn run_briefly(
+    cmd: &str,
+    args: &[&std::ffi::OsStr],
+    wait: Duration,
+) -> Result<(Option<i32>, Vec<u8>), String> {
+    let mut child = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("cannot run {cmd}: {e}"))?;
+    let since = Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let mut out = Vec::new();
+                if let Some(mut o) = child.stdout.take() {
+                    let _ = std::io::Read::read_to_end(&mut o, &mut out);
+                }
+                return Ok((status.code(), out));
+            }
+            Ok(None) if since.elapsed() > wait => {
+                kill_group(child.id(), libc::SIGKILL);
+                let _ = child.wait();
+                return Err(format!("`{cmd}` did not end within {wait:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(e.to_string()),
+        }
     }
 }

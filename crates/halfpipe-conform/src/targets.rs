@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 pub struct Target {
     listener: TcpListener,
+    /// The same port on ::1, for a target named `localhost`.
+    v6: Option<TcpListener>,
     pub addr: SocketAddr,
 }
 
@@ -16,7 +18,27 @@ impl Target {
         let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
         listener.set_nonblocking(true).expect("non-blocking accept");
         let addr = listener.local_addr().expect("its address");
-        Target { listener, addr }
+        Target {
+            listener,
+            v6: None,
+            addr,
+        }
+    }
+
+    /// A target on 127.0.0.1 and on ::1, at one port: what a name that
+    /// resolves to both reaches, whichever address the exit tries.
+    pub fn dual() -> Target {
+        for _ in 0..20 {
+            let mut t = Target::new();
+            let v6 = SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), t.addr.port());
+            if let Ok(l) = TcpListener::bind(v6) {
+                l.set_nonblocking(true).expect("non-blocking accept");
+                t.v6 = Some(l);
+                return t;
+            }
+        }
+        // No IPv6 loopback: 127.0.0.1 alone.
+        Target::new()
     }
 
     /// A target whose connections have a small receive buffer (64 KiB, no
@@ -31,7 +53,11 @@ impl Target {
         let listener: TcpListener = s.into();
         listener.set_nonblocking(true).expect("non-blocking accept");
         let addr = listener.local_addr().expect("its address");
-        Target { listener, addr }
+        Target {
+            listener,
+            v6: None,
+            addr,
+        }
     }
 
     /// A BEGIN payload for this target (R5.2): `127.0.0.1:PORT` NUL.
@@ -45,13 +71,16 @@ impl Target {
     pub fn accept(&self, wait: Duration) -> Result<TcpStream, CaseError> {
         let deadline = Instant::now() + wait;
         loop {
-            match self.listener.accept() {
-                Ok((s, _)) => {
-                    s.set_nonblocking(false).expect("blocking socket");
-                    return Ok(s);
+            for l in std::iter::once(&self.listener).chain(self.v6.as_ref()) {
+                match l.accept() {
+                    Ok((s, _)) => {
+                        s.set_nonblocking(false).expect("blocking socket");
+                        let _ = s.set_write_timeout(Some(crate::link::STALLED));
+                        return Ok(s);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(fail("the exit to connect to the target", e.to_string())),
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(fail("the exit to connect to the target", e.to_string())),
             }
             if Instant::now() > deadline {
                 return Err(fail(

@@ -105,6 +105,21 @@ pub fn circuits_up_to_the_limit_and_resourcelimit_beyond(cx: &mut Ctx) -> Verdic
     Ok(())
 }
 
+pub fn a_circuit_past_the_limit_gets_destroy_resourcelimit(cx: &mut Ctx) -> Verdict {
+    // R3.8, with the limit set on the command line (R3.9: configurable):
+    // `--max-circuits-per-link 3`.
+    let addr = cx.exit_with(&["--max-circuits-per-link", "3"])?;
+    let mut l = crate::link::RawLink::connect(addr, &cx.trace)?;
+    l.handshake()?;
+    for i in 0..3u32 {
+        l.create_circuit(0x8000_2000 + i)?;
+    }
+    l.send_cell(0x8000_2003, cmd::CREATE_FAST, &random::<20>())?;
+    expect_destroy(&mut l, 0x8000_2003, destroy_reason::RESOURCELIMIT)?;
+    // The link and its circuits carry on.
+    circuit_works(&mut l, 0x8000_2000, 1)
+}
+
 pub fn destroy_aborts_the_circuits_streams(cx: &mut Ctx) -> Verdict {
     // R3.10: each stream as though END(DESTROY): its TCP connection reset.
     let mut l = cx.linked(CIRC)?;

@@ -16,6 +16,23 @@ use std::time::{Duration, Instant};
 /// nowhere, so any number does.
 const PORT: u16 = 4321;
 
+/// Whether a BEGIN's ADDRESS ":" PORT names `want`: the same text, or for
+/// an IPv6 address any text form of it (R5.2's grammar allows them all).
+fn same_target(text: &[u8], want: &str) -> bool {
+    if text == want.as_bytes() {
+        return true;
+    }
+    let parse = |t: &str| -> Option<(std::net::IpAddr, u16)> {
+        let (host, port) = t.rsplit_once(':')?;
+        let host = host.strip_prefix('[')?.strip_suffix(']')?;
+        Some((host.parse().ok()?, port.parse().ok()?))
+    };
+    match (std::str::from_utf8(text).ok().and_then(parse), parse(want)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
 /// A SOCKS5 CONNECT through the client; returns the application's socket
 /// and the BEGIN it became.
 fn socks_connect(
@@ -43,12 +60,40 @@ fn connected(rig: &mut ClientRig, b: &Begin) -> Verdict {
 pub fn the_client_begins_with_versions_4_and_creates_circuits_as_specified(
     cx: &mut Ctx,
 ) -> Verdict {
-    // R1.1 (`client()` checks the seven bytes), R3.1: CircIDs with the top
-    // bit set and not in use; R3.2: CREATE_FAST with 20 bytes of X.
-    let mut rig = cx.client()?;
-    let mut apps = Vec::new();
+    // R1.1 (`client_with` checks the seven bytes), R3.1: CircIDs with the
+    // top bit set and not in use; R3.2: CREATE_FAST with 20 bytes of X.
+    // Every CREATE_FAST is checked: those the client makes at start and
+    // those two isolated requests make (R11.4).
+    let mut rig = cx.client_with(&[])?;
     let mut circs = Vec::new();
-    // Two credentials: two circuits at least (R11.4).
+    let check_create = |c: &crate::link::Cell, circs: &mut Vec<u32>| -> Verdict {
+        check(
+            c.circ & 0x8000_0000 != 0,
+            "a CircID with its top bit set (R3.1)",
+            describe(c),
+        )?;
+        check(
+            !circs.contains(&c.circ),
+            "a CircID not in use (R3.1)",
+            describe(c),
+        )?;
+        check(
+            c.payload[..20] != [0; 20],
+            "20 random bytes of X (R3.2)",
+            "20 zero bytes",
+        )?;
+        circs.push(c.circ);
+        Ok(())
+    };
+    // The circuits made at start, if any.
+    while let crate::link::Got::Cell(c) = rig.link.recv(QUIET) {
+        if c.command == cmd::CREATE_FAST {
+            check_create(&c, &mut circs)?;
+            rig.link.answer_create_fast(&c, true)?;
+        }
+    }
+    let mut apps = Vec::new();
+    let mut begins = 0;
     for user in ["a", "b"] {
         let mut app = socks::connect(rig.socks)?;
         socks::greet5(&mut app, Some((user, "x")))?;
@@ -63,33 +108,18 @@ pub fn the_client_begins_with_versions_4_and_creates_circuits_as_specified(
             let c = rig.await_cell("CREATE_FAST or BEGIN", |c| {
                 c.command == cmd::CREATE_FAST || matches!(c.relay(), Some((relay_cmd::BEGIN, _, _)))
             })?;
-            if c.command == cmd::CREATE_FAST {
-                check(
-                    c.circ & 0x8000_0000 != 0,
-                    "a CircID with its top bit set (R3.1)",
-                    describe(&c),
-                )?;
-                check(
-                    !circs.contains(&c.circ),
-                    "a CircID not in use (R3.1)",
-                    describe(&c),
-                )?;
-                check(
-                    c.payload[..20] != [0; 20],
-                    "20 random bytes of X (R3.2)",
-                    "20 zero bytes",
-                )?;
-                circs.push(c.circ);
-                rig.link.answer_create_fast(&c, true)?;
-            } else {
+            if c.command != cmd::CREATE_FAST {
+                begins += 1;
                 break;
             }
+            check_create(&c, &mut circs)?;
+            rig.link.answer_create_fast(&c, true)?;
         }
     }
     check(
-        !circs.is_empty(),
-        "CREATE_FAST before BEGIN (R3.2)",
-        "no CREATE_FAST",
+        circs.len() >= 2 && begins == 2,
+        "a circuit of its own for each of two credentials (R3.2, R11.4)",
+        format!("{} circuits for {begins} BEGINs", circs.len()),
     )
 }
 
@@ -97,17 +127,14 @@ pub fn the_client_checks_kh(cx: &mut Ctx) -> Verdict {
     // R3.4: a wrong KH gets DESTROY(PROTOCOL) for that CircID. The
     // client's first circuit: made at start, or for a first request.
     let mut rig = cx.client_with(&[])?;
+    // Kept open: the request that made the circuit.
+    let mut _app = None;
     let c = match rig.link.recv(QUIET) {
         crate::link::Got::Cell(c) if c.command == cmd::CREATE_FAST => c,
         _ => {
-            let mut app = socks::connect(rig.socks)?;
-            socks::greet5(&mut app, None)?;
-            socks::request5(
-                &mut app,
-                1,
-                &Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-                PORT,
-            )?;
+            let app = _app.insert(socks::connect(rig.socks)?);
+            socks::greet5(app, None)?;
+            socks::request5(app, 1, &Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), PORT)?;
             rig.link
                 .expect("CREATE_FAST", |c| c.command == cmd::CREATE_FAST, |_| false)?
         }
@@ -154,7 +181,7 @@ pub fn socks_connects_wait_for_connected_and_half_close_end_to_end(cx: &mut Ctx)
         ids.push(b.stream);
         let text = b.payload.split(|&x| x == 0).next().unwrap_or(&[]);
         check(
-            text == want.as_bytes() && b.payload.get(text.len()) == Some(&0),
+            same_target(text, &want) && b.payload.get(text.len()) == Some(&0),
             format!("BEGIN payload {want:?} NUL (R5.2)"),
             format!("{:?}", String::from_utf8_lossy(&b.payload)),
         )?;
@@ -366,7 +393,26 @@ pub fn without_a_link_socks_fails_at_once_and_the_client_links_again(cx: &mut Ct
         format!("{code:?} after {:?}", since.elapsed()),
     )?;
     drop(refused);
-    let mut link = crate::link::RawLink::accept(&listener, Duration::from_secs(31), &cx.trace)?;
+    // R11.16: it tries again, and again after each failure, never waiting
+    // more than 30 s between tries: two tries closed at once, the third
+    // linked.
+    for _ in 0..2 {
+        let l = crate::link::RawLink::accept(&listener, Duration::from_secs(31), &cx.trace)
+            .map_err(|_| {
+                fail(
+                    "another try within 30 s of the last (R11.16)",
+                    "none within 31 s",
+                )
+            })?;
+        drop(l);
+    }
+    let mut link = crate::link::RawLink::accept(&listener, Duration::from_secs(31), &cx.trace)
+        .map_err(|_| {
+            fail(
+                "another try within 30 s of the last (R11.16)",
+                "none within 31 s",
+            )
+        })?;
     link.accept_handshake()
 }
 

@@ -65,8 +65,19 @@ pub fn the_receiver_sends_sendmes_as_data_arrives(cx: &mut Ctx) -> Verdict {
 }
 
 /// DATA cells per stream that arrive within `wait`, up to silence.
-fn count_data(l: &mut crate::link::RawLink, wait: Duration) -> (usize, usize) {
-    let (cells, _) = l.collect(wait);
+/// DATA cells per stream (1, 2) until the link has been quiet for `quiet`
+/// (at most 20 s in all).
+fn count_data(l: &mut crate::link::RawLink, quiet: Duration) -> (usize, usize) {
+    let since = std::time::Instant::now();
+    let mut cells = Vec::new();
+    loop {
+        let (more, closed) = l.collect(quiet);
+        let done = more.is_empty() || closed.is_some() || since.elapsed() > Duration::from_secs(20);
+        cells.extend(more);
+        if done {
+            break;
+        }
+    }
     let on = |s: u16| {
         cells
             .iter()
@@ -116,36 +127,53 @@ pub fn the_sender_stops_at_its_windows_and_resumes_on_sendme(cx: &mut Ctx) -> Ve
 /// Sends DATA on `stream` as the windows allow, taking the exit's SENDMEs,
 /// until none has come for a second: the stall of a target that reads
 /// nothing. Returns the bytes sent, or fails past `LIMIT`.
-fn fill_until_stalled(l: &mut RawLink, circ: u32, stream: u16) -> Result<usize, CaseError> {
-    const LIMIT: usize = 32 << 20;
+pub(super) fn fill_until_stalled(
+    l: &mut RawLink,
+    circ: u32,
+    stream: u16,
+) -> Result<(usize, Option<Cell>), CaseError> {
+    // What the kernel may take for a target that reads nothing: the
+    // exit's send buffer and the target's receive buffer at their largest.
+    let limit = 2 * (kernel_max("tcp_wmem") + kernel_max("tcp_rmem")) + (4 << 20);
     let (mut stream_w, mut circ_w, mut sent) = (500u32, 1000u32, 0usize);
+    let mut xon_xoff = None;
     let chunk = [0x5Au8; DATA_MAX];
     loop {
-        while stream_w > 0 && circ_w > 0 && sent < LIMIT {
+        while stream_w > 0 && circ_w > 0 && sent < limit {
             l.send_relay_quiet(circ, relay_cmd::DATA, stream, &chunk)?;
             stream_w -= 1;
             circ_w -= 1;
             sent += DATA_MAX;
         }
-        if sent >= LIMIT {
+        if sent >= limit {
             return Err(fail(
                 "stream SENDMEs to stop once the target's buffers are full (R10.3, R10.7)",
                 format!(
                     "{} MiB acknowledged to a target that reads nothing",
-                    LIMIT >> 20
+                    limit >> 20
                 ),
             ));
         }
-        match l.recv(Duration::from_secs(1)) {
+        match l.recv(Duration::from_secs(2)) {
             Got::Cell(c) => match c.relay() {
                 Some((relay_cmd::SENDME, 0, _)) if c.circ == circ => circ_w += 100,
                 Some((relay_cmd::SENDME, s, _)) if c.circ == circ && s == stream => stream_w += 50,
+                Some((relay_cmd::XOFF | relay_cmd::XON, _, _)) => xon_xoff = Some(c),
                 _ => {}
             },
-            Got::Nothing => return Ok(sent),
+            Got::Nothing => return Ok((sent, xon_xoff)),
             Got::Closed(why) => return Err(fail("the link to stay open", why)),
         }
     }
+}
+
+/// The largest buffer size of `/proc/sys/net/ipv4/NAME` (4 MiB if it
+/// cannot be read).
+pub(super) fn kernel_max(name: &str) -> usize {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv4/{name}"))
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(4 << 20)
 }
 
 pub fn a_target_that_reads_nothing_holds_back_stream_sendmes(cx: &mut Ctx) -> Verdict {
@@ -157,7 +185,7 @@ pub fn a_target_that_reads_nothing_holds_back_stream_sendmes(cx: &mut Ctx) -> Ve
     let mut l = cx.linked(CIRC)?;
     let t = Target::small();
     let _conn = open_stream(&mut l, CIRC, 1, &t)?;
-    let sent = fill_until_stalled(&mut l, CIRC, 1)?;
+    let (sent, _) = fill_until_stalled(&mut l, CIRC, 1)?;
     l.send_relay(CIRC, relay_cmd::DATA, 1, b"one too many")?;
     expect_destroy(&mut l, CIRC, destroy_reason::PROTOCOL).map_err(|e| match e {
         CaseError::Fail { got, .. } => fail(

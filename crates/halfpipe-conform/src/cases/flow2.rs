@@ -61,14 +61,22 @@ pub fn an_exit_accepts_the_offer_and_nothing_else(cx: &mut Ctx) -> Verdict {
     }
     let t = Target::new();
     let mut conn = open_stream(&mut l, CIRC2, 1, &t)?;
-    send_data(&mut l, CIRC2, 1, &[1; 60 * DATA_MAX])?;
-    read_n(&mut conn, 60 * DATA_MAX, ANSWER)?;
-    l.expect(
-        "a stream SENDME on the circuit without v2 (R14.2, R10.3)",
-        |c| c.is_relay(CIRC2, relay_cmd::SENDME, 1),
-        |c| c.is_relay(CIRC2, relay_cmd::SENDME, 0),
-    )?;
-    Ok(())
+    send_data(&mut l, CIRC2, 1, &vec![1; 100 * DATA_MAX])?;
+    read_n(&mut conn, 100 * DATA_MAX, ANSWER)?;
+    let (cells, _) = l.collect(Duration::from_secs(1));
+    let circuit = cells
+        .iter()
+        .filter(|c| c.is_relay(CIRC2, relay_cmd::SENDME, 0))
+        .count();
+    let stream = cells
+        .iter()
+        .filter(|c| c.is_relay(CIRC2, relay_cmd::SENDME, 1))
+        .count();
+    check(
+        circuit == 1 && stream == 2,
+        "§10 on the circuit without v2: one circuit SENDME and two stream SENDMEs for 100 DATA cells (R14.2)",
+        format!("{circuit} circuit and {stream} stream SENDMEs"),
+    )
 }
 
 pub fn circuit_sendmes_every_31_cells_and_no_stream_sendmes(cx: &mut Ctx) -> Verdict {
@@ -152,7 +160,12 @@ pub fn sendmes_for_cells_never_sent_and_stream_sendmes_are_violations(cx: &mut C
 fn send_until_xoff(l: &mut RawLink) -> Result<usize, CaseError> {
     let chunk = [0x33u8; DATA_MAX];
     let mut sent = 0;
-    while sent < 40_000 {
+    // What the kernel may take first: the exit's send buffer and the
+    // target's receive buffer at their largest, then 500 held cells.
+    let limit = (2 * (super::flow::kernel_max("tcp_wmem") + super::flow::kernel_max("tcp_rmem")))
+        / DATA_MAX
+        + 8_000;
+    while sent < limit {
         for _ in 0..SENDME_INC {
             l.send_relay_quiet(CIRC, relay_cmd::DATA, 1, &chunk)?;
         }
@@ -241,6 +254,8 @@ pub fn xoff_stops_the_exits_sender_until_xon(cx: &mut Ctx) -> Verdict {
     v2_circuit(&mut l, CIRC)?;
     let t = Target::new();
     let conn = open_stream(&mut l, CIRC, 1, &t)?;
+    // Bounded: the writer ends on its own if the exit stops reading for good.
+    conn.set_write_timeout(Some(Duration::from_secs(5))).ok();
     let writer = std::thread::Builder::new()
         .name("conform target writer".into())
         .spawn(move || {
@@ -290,6 +305,49 @@ pub fn xoff_stops_the_exits_sender_until_xon(cx: &mut Ctx) -> Verdict {
     drop(l);
     let _ = writer.join();
     verdict
+}
+
+pub fn xon_and_xoff_take_no_window_and_change_no_state(cx: &mut Ctx) -> Verdict {
+    // R14.12: XOFF and XON are no part of the SENDME_INC count (31 DATA
+    // cells with an XOFF and an XON among them get one circuit SENDME,
+    // sent when the 31st DATA arrives) and change no §7 state (a FIN after
+    // them still half-closes the stream, and the reply still flows).
+    let mut l = v2_exit(cx)?;
+    v2_circuit(&mut l, CIRC)?;
+    let t = Target::new();
+    let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
+    send_data(&mut l, CIRC, 1, &vec![3; 30 * DATA_MAX])?;
+    l.send_relay(CIRC, relay_cmd::XOFF, 1, &[0])?;
+    l.send_relay(CIRC, relay_cmd::XON, 1, &[0, 0, 0, 0, 0])?;
+    let (cells, _) = l.collect(QUIET);
+    check(
+        !cells.iter().any(|c| c.is_relay(CIRC, relay_cmd::SENDME, 0)),
+        "no circuit SENDME for 30 DATA cells and an XOFF and an XON (R14.12)",
+        "a SENDME",
+    )?;
+    send_data(&mut l, CIRC, 1, &[4; DATA_MAX])?;
+    l.expect(
+        "a circuit SENDME once the 31st DATA cell arrives (R14.12, R14.4)",
+        |c| c.is_relay(CIRC, relay_cmd::SENDME, 0),
+        |_| false,
+    )?;
+    l.send_relay(CIRC, relay_cmd::FIN, 1, &[])?;
+    match crate::targets::ending(&mut conn, ANSWER) {
+        crate::targets::Ending::Eof(got) if got.len() == 31 * DATA_MAX => {}
+        other => {
+            return Err(fail(
+                "the 31 cells' data, then end of file (R14.12, R7.4)",
+                super::stream::short(&other),
+            ))
+        }
+    }
+    crate::targets::write_all(&mut conn, b"reply")?;
+    let got = recv_data(&mut l, CIRC, 1, 5)?;
+    check(
+        got == b"reply",
+        "the reply after the half-close",
+        format!("{got:?}"),
+    )
 }
 
 pub fn xon_and_xoff_for_ended_or_unknown_streams_are_dropped(cx: &mut Ctx) -> Verdict {
@@ -348,6 +406,17 @@ pub fn xon_and_xoff_on_a_v1_circuit_are_dropped(cx: &mut Ctx) -> Verdict {
     let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
     l.send_relay(CIRC, relay_cmd::XOFF, 1, &[0])?;
     expect_quiet(&mut l, "XOFF on a v1 circuit is dropped (R14.16)")?;
+    // And it sends none itself, even for a stream whose target reads
+    // nothing (on a v2 circuit that would bring XOFF, R14.9).
+    let small = Target::small();
+    let _stalled = open_stream(&mut l, CIRC, 2, &small)?;
+    let (_, xon_xoff) = super::flow::fill_until_stalled(&mut l, CIRC, 2)?;
+    if let Some(c) = xon_xoff {
+        return Err(fail(
+            "no XOFF or XON sent on a v1 circuit (R14.16)",
+            describe(&c),
+        ));
+    }
     crate::targets::write_all(&mut conn, b"still flowing")?;
     let got = recv_data(&mut l, CIRC, 1, 13)?;
     check(
@@ -368,67 +437,77 @@ pub fn xon_and_xoff_on_a_v1_circuit_are_dropped(cx: &mut Ctx) -> Verdict {
     }
 }
 
-pub fn the_client_offers_v2_and_runs_what_the_exit_answered(cx: &mut Ctx) -> Verdict {
-    // R14.1: the offer at bytes 20 to 29 of CREATE_FAST; R14.3: accepted,
-    // the client acknowledges with circuit SENDMEs every 31 cells and no
-    // stream SENDMEs (R14.4, R14.8).
-    let mut rig = cx.client_with(&["--flow", "v2"])?;
-    let mut app = crate::socks::connect(rig.socks)?;
-    let c = loop {
-        match rig.link.recv(QUIET) {
-            Got::Cell(c) if c.command == cmd::CREATE_FAST => break c,
-            Got::Cell(_) => {}
-            Got::Nothing => {
-                crate::socks::greet5(&mut app, None)?;
-                crate::socks::request5(&mut app, 1, &crate::socks::Dest::Name("example.test"), 80)?;
-            }
-            Got::Closed(why) => return Err(fail("CREATE_FAST", why)),
-        }
-    };
+/// Checks the offer in a client's CREATE_FAST (R14.1) and accepts it.
+fn accept_v2(l: &mut RawLink, c: &Cell) -> Verdict {
     check(
         c.payload[20..30] == MARK,
         "the offer at bytes 20 to 29 of CREATE_FAST (R14.1)",
         format!("{:02x?}", &c.payload[20..30]),
     )?;
-    // Accept it.
     let x: [u8; 20] = c.payload[..20].try_into().expect("X");
     let y: [u8; 20] = crate::link::random();
     let mut payload = y.to_vec();
     payload.extend_from_slice(&crate::link::key_hash(&x, &y));
     payload.extend_from_slice(&MARK);
-    rig.link.send_cell(c.circ, cmd::CREATED_FAST, &payload)?;
-    rig.settle()?;
+    l.send_cell(c.circ, cmd::CREATED_FAST, &payload)
+}
+
+pub fn the_client_offers_v2_and_runs_what_the_exit_answered(cx: &mut Ctx) -> Verdict {
+    // R14.1: every CREATE_FAST carries the offer; R14.3: accepted, the
+    // client acknowledges with circuit SENDMEs every 31 cells and no
+    // stream SENDMEs (R14.4, R14.8).
+    let mut rig = cx.client_with(&["--flow", "v2"])?;
+    let mut creates = 0;
+    while let Got::Cell(c) = rig.link.recv(QUIET) {
+        if c.command == cmd::CREATE_FAST {
+            accept_v2(&mut rig.link, &c)?;
+            creates += 1;
+        }
+    }
     let mut app = crate::socks::connect(rig.socks)?;
     crate::socks::greet5(&mut app, None)?;
     crate::socks::request5(&mut app, 1, &crate::socks::Dest::Name("example.test"), 80)?;
-    let b = rig.await_begin()?;
+    let b = loop {
+        let c = rig.await_cell("CREATE_FAST or BEGIN", |c| {
+            c.command == cmd::CREATE_FAST || matches!(c.relay(), Some((relay_cmd::BEGIN, _, _)))
+        })?;
+        if c.command == cmd::CREATE_FAST {
+            accept_v2(&mut rig.link, &c)?;
+            creates += 1;
+            continue;
+        }
+        let (_, stream, _) = c.relay().expect("BEGIN");
+        break (c.circ, stream);
+    };
+    check(creates > 0, "a CREATE_FAST before the BEGIN (R3.2)", "none")?;
+    let (circ, stream) = b;
     rig.link.send_relay(
-        b.circ,
+        circ,
         relay_cmd::CONNECTED,
-        b.stream,
+        stream,
         &[127, 0, 0, 1, 0, 0, 1, 44],
     )?;
     crate::socks::reply5(&mut app, ANSWER)?;
-    send_data(&mut rig.link, b.circ, b.stream, &vec![9; 62 * DATA_MAX])?;
+    send_data(&mut rig.link, circ, stream, &vec![9; 62 * DATA_MAX])?;
     read_n(&mut app, 62 * DATA_MAX, ANSWER)?;
     let (cells, _) = rig.link.collect(Duration::from_secs(1));
-    let circuit = cells
-        .iter()
-        .filter(|c| c.is_relay(b.circ, relay_cmd::SENDME, 0))
-        .count();
     if let Some(c) = cells
         .iter()
-        .find(|c| c.is_relay(b.circ, relay_cmd::SENDME, b.stream))
+        .find(|c| c.is_relay(circ, relay_cmd::SENDME, stream))
     {
         return Err(fail(
             "no stream SENDME once v2 was agreed (R14.3, R14.8)",
             describe(c),
         ));
     }
+    let n = cells
+        .iter()
+        .filter(|c| c.is_relay(circ, relay_cmd::SENDME, 0))
+        .count();
     check(
-        circuit == 2,
+        n == 2,
         "2 circuit SENDMEs for 62 DATA cells (R14.3, R14.4)",
-        format!("{circuit}"),
+        format!("{n}"),
     )
 }
 
@@ -436,14 +515,22 @@ pub fn a_client_without_v2_makes_no_offer(cx: &mut Ctx) -> Verdict {
     // R14.1: no offer from a client that does not use version 2.
     let mut rig = cx.client_with(&["--flow", "v1"])?;
     let mut app = crate::socks::connect(rig.socks)?;
+    let mut asked = false;
+    let deadline = Instant::now() + ANSWER;
     let c = loop {
         match rig.link.recv(QUIET) {
             Got::Cell(c) if c.command == cmd::CREATE_FAST => break c,
             Got::Cell(_) => {}
-            Got::Nothing => {
+            // No circuit at start: one request makes one.
+            Got::Nothing if !asked => {
+                asked = true;
                 crate::socks::greet5(&mut app, None)?;
                 crate::socks::request5(&mut app, 1, &crate::socks::Dest::Name("example.test"), 80)?;
             }
+            Got::Nothing if Instant::now() > deadline => {
+                return Err(fail("CREATE_FAST for a request", "none"))
+            }
+            Got::Nothing => {}
             Got::Closed(why) => return Err(fail("CREATE_FAST", why)),
         }
     };
