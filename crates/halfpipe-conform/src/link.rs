@@ -346,13 +346,25 @@ impl RawLink {
         want: impl Fn(&Cell) -> bool,
         skip: impl Fn(&Cell) -> bool,
     ) -> Result<Cell, CaseError> {
-        let deadline = Instant::now() + ANSWER;
+        self.expect_within(what, ANSWER, want, skip)
+    }
+
+    /// `expect`, waiting up to `wait` (for answers that take long: a
+    /// connect timeout, a shutdown deadline).
+    pub fn expect_within(
+        &mut self,
+        what: &str,
+        wait: Duration,
+        want: impl Fn(&Cell) -> bool,
+        skip: impl Fn(&Cell) -> bool,
+    ) -> Result<Cell, CaseError> {
+        let deadline = Instant::now() + wait;
         loop {
             match self.recv(deadline.saturating_duration_since(Instant::now())) {
                 Got::Cell(c) if want(&c) => return Ok(c),
                 Got::Cell(c) if is_padding(&c) || skip(&c) => {}
                 Got::Cell(c) => return Err(fail(what, describe(&c))),
-                Got::Nothing => return Err(fail(what, format!("nothing within {ANSWER:?}"))),
+                Got::Nothing => return Err(fail(what, format!("nothing within {wait:?}"))),
                 Got::Closed(why) => return Err(fail(what, format!("the link closed ({why})"))),
             }
         }

@@ -215,7 +215,7 @@ pub fn socks_connects_wait_for_connected_and_half_close_end_to_end(cx: &mut Ctx)
             other => {
                 return Err(fail(
                     "the reply, then end of file (R7.4, R7.9)",
-                    super::stream::short(&other),
+                    short(&other),
                 ))
             }
         }
@@ -344,12 +344,7 @@ pub fn the_client_does_not_reuse_recently_closed_ids(cx: &mut Ctx) -> Verdict {
             .send_relay(b.circ, relay_cmd::END, b.stream, &[end_reason::MISC])?;
         match ending(&mut app, ANSWER) {
             Ending::Reset(_) => {}
-            other => {
-                return Err(fail(
-                    "a reset for the application (R8.8)",
-                    super::stream::short(&other),
-                ))
-            }
+            other => return Err(fail("a reset for the application (R8.8)", short(&other))),
         }
     }
     Ok(())
@@ -370,12 +365,7 @@ pub fn without_a_link_socks_fails_at_once_and_the_client_links_again(cx: &mut Ct
     drop(link);
     match ending(&mut app, ANSWER) {
         Ending::Reset(_) => {}
-        other => {
-            return Err(fail(
-                "a reset when the link is lost (R3.13)",
-                super::stream::short(&other),
-            ))
-        }
+        other => return Err(fail("a reset when the link is lost (R3.13)", short(&other))),
     }
     // Refuse to link for a while: the client must answer at once.
     let mut refused = Vec::new();

@@ -2,7 +2,6 @@
 //! side: the part of the protocol halfpipe exists for.
 
 use super::common::*;
-use super::stream::short;
 use crate::case::{check, fail, Ctx, Verdict};
 use crate::link::{describe, ANSWER};
 use crate::targets::{ending, read_n, reset, write_all, Ending, Target};
@@ -190,21 +189,14 @@ pub fn an_idle_stream_past_its_timeout_gets_end_timeout(cx: &mut Ctx) -> Verdict
     let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
     send_data(&mut l, CIRC, 1, b"x")?;
     read_n(&mut conn, 1, ANSWER)?;
-    let c = l.expect(
-        "END(TIMEOUT) for a stream idle past --idle-timeout (R8.3)",
-        |c| c.is_relay(CIRC, relay_cmd::END, 1),
-        is_sendme,
+    expect_end_within(
+        &mut l,
+        (CIRC, 1),
+        end_reason::TIMEOUT,
+        ANSWER,
+        "a stream idle past --idle-timeout, R8.3",
     )?;
-    let (_, _, body) = c.relay().expect("END");
-    check(
-        body.first() == Some(&end_reason::TIMEOUT),
-        "END(TIMEOUT) (R8.3)",
-        describe(&c),
-    )?;
-    match ending(&mut conn, ANSWER) {
-        Ending::Reset(_) => Ok(()),
-        other => Err(fail("a reset at the target (R8.7)", short(&other))),
-    }
+    expect_reset(&mut conn, "R8.7")
 }
 
 pub fn streams_open_at_the_shutdown_deadline_get_end_hibernating(cx: &mut Ctx) -> Verdict {
@@ -216,34 +208,14 @@ pub fn streams_open_at_the_shutdown_deadline_get_end_hibernating(cx: &mut Ctx) -
     let t = Target::new();
     let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
     cx.signal_all(libc::SIGTERM);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match l.recv(deadline.saturating_duration_since(std::time::Instant::now())) {
-            crate::link::Got::Cell(c) if c.is_relay(CIRC, relay_cmd::END, 1) => {
-                let (_, _, body) = c.relay().expect("END");
-                check(
-                    body.first() == Some(&end_reason::HIBERNATING),
-                    "END(HIBERNATING) at the shutdown deadline (R8.5)",
-                    describe(&c),
-                )?;
-                break;
-            }
-            crate::link::Got::Cell(_) => {}
-            crate::link::Got::Nothing => {
-                return Err(fail(
-                    "END(HIBERNATING) within a minute of SIGTERM (R8.5)",
-                    "nothing",
-                ))
-            }
-            crate::link::Got::Closed(why) => {
-                return Err(fail("END(HIBERNATING) before the link closed (R8.5)", why))
-            }
-        }
-    }
-    match ending(&mut conn, ANSWER) {
-        Ending::Reset(_) => Ok(()),
-        other => Err(fail("a reset at the target (R8.7)", short(&other))),
-    }
+    expect_end_within(
+        &mut l,
+        (CIRC, 1),
+        end_reason::HIBERNATING,
+        Duration::from_secs(60),
+        "the shutdown deadline, R8.5",
+    )?;
+    expect_reset(&mut conn, "R8.7")
 }
 
 pub fn late_cells_for_closed_and_unknown_streams_are_dropped(cx: &mut Ctx) -> Verdict {

@@ -85,6 +85,52 @@ pub fn expect_end(l: &mut RawLink, circ: u32, stream: u16, reason: u8) -> Verdic
     )
 }
 
+/// END with `reason` on `(circ, stream)` within `wait`, for answers that
+/// take long; `why` names the requirement.
+pub fn expect_end_within(
+    l: &mut RawLink,
+    (circ, stream): (u32, u16),
+    reason: u8,
+    wait: std::time::Duration,
+    why: &str,
+) -> Verdict {
+    let c = l.expect_within(
+        &format!(
+            "END({}) on stream {stream} ({why})",
+            end_reason::name(reason)
+        ),
+        wait,
+        |c| c.is_relay(circ, relay_cmd::END, stream),
+        is_sendme,
+    )?;
+    let (_, _, body) = c.relay().expect("an END cell");
+    check(
+        body.first() == Some(&reason),
+        format!("END reason {} ({why})", end_reason::name(reason)),
+        describe(&c),
+    )
+}
+
+/// The target's connection must be reset (`why` names the requirement).
+pub fn expect_reset(conn: &mut TcpStream, why: &str) -> Verdict {
+    match crate::targets::ending(conn, ANSWER) {
+        crate::targets::Ending::Reset(_) => Ok(()),
+        other => Err(fail(
+            format!("a reset at the target ({why})"),
+            short(&other),
+        )),
+    }
+}
+
+/// How a connection ended, without its bytes.
+pub fn short(e: &crate::targets::Ending) -> String {
+    match e {
+        crate::targets::Ending::Eof(g) => format!("end of file after {} bytes", g.len()),
+        crate::targets::Ending::Reset(g) => format!("a reset after {} bytes", g.len()),
+        crate::targets::Ending::Open(g) => format!("still open after {} bytes", g.len()),
+    }
+}
+
 /// The next cell on `circ` must be DESTROY with `reason` (R2.4).
 pub fn expect_destroy(l: &mut RawLink, circ: u32, reason: u8) -> Verdict {
     let c = l.expect(

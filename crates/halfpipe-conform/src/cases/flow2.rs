@@ -337,7 +337,7 @@ pub fn xon_and_xoff_take_no_window_and_change_no_state(cx: &mut Ctx) -> Verdict 
         other => {
             return Err(fail(
                 "the 31 cells' data, then end of file (R14.12, R7.4)",
-                super::stream::short(&other),
+                short(&other),
             ))
         }
     }

@@ -201,28 +201,13 @@ pub fn a_target_that_never_answers_gets_end_timeout(cx: &mut Ctx) -> Verdict {
     let t = crate::targets::Unanswering::new()?;
     let body = format!("127.0.0.1:{}\0", t.addr.port());
     l.send_relay(CIRC, relay_cmd::BEGIN, 1, body.as_bytes())?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(140);
-    loop {
-        match l.recv(deadline.saturating_duration_since(std::time::Instant::now())) {
-            crate::link::Got::Cell(c) if c.is_relay(CIRC, relay_cmd::END, 1) => {
-                let (_, _, body) = c.relay().expect("END");
-                return check(
-                    body.first() == Some(&end_reason::TIMEOUT),
-                    "END(TIMEOUT) for a target that never answers (R5.9)",
-                    describe(&c),
-                );
-            }
-            crate::link::Got::Cell(c)
-                if c.relay()
-                    .is_some_and(|(cmd, _, _)| cmd == relay_cmd::SENDME) => {}
-            crate::link::Got::Cell(c) if c.command == halfpipe_proto::cell::cmd::PADDING => {}
-            crate::link::Got::Cell(c) => return Err(fail("END(TIMEOUT) (R5.9)", describe(&c))),
-            crate::link::Got::Nothing => {
-                return Err(fail("END(TIMEOUT) within 140 s (R5.9)", "nothing"))
-            }
-            crate::link::Got::Closed(why) => return Err(fail("END(TIMEOUT) (R5.9)", why)),
-        }
-    }
+    expect_end_within(
+        &mut l,
+        (CIRC, 1),
+        end_reason::TIMEOUT,
+        Duration::from_secs(140),
+        "a target that never answers, R5.9",
+    )
 }
 
 pub fn a_begin_past_the_stream_limit_gets_end_resourcelimit(cx: &mut Ctx) -> Verdict {
@@ -288,15 +273,6 @@ pub fn optimistic_data_and_fin_arrive_in_order_once_connected(cx: &mut Ctx) -> V
             "the 5000 bytes in order, then end of file (R5.15, R7.4)",
             short(&other),
         )),
-    }
-}
-
-/// How a connection ended, without its bytes.
-pub fn short(e: &Ending) -> String {
-    match e {
-        Ending::Eof(g) => format!("end of file after {} bytes", g.len()),
-        Ending::Reset(g) => format!("a reset after {} bytes", g.len()),
-        Ending::Open(g) => format!("still open after {} bytes", g.len()),
     }
 }
 

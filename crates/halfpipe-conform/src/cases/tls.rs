@@ -144,7 +144,7 @@ pub fn a_tampered_record_ends_the_link_and_reaches_no_stream(cx: &mut Ctx) -> Ve
         Ending::Reset(_) => Ok(()),
         other => Err(fail(
             "the stream reset: the link is lost (R13.9, R3.13)",
-            super::stream::short(&other),
+            short(&other),
         )),
     }
 }
@@ -174,7 +174,7 @@ pub fn close_notify_ends_a_link_cleanly_and_a_bare_fin_loses_it(cx: &mut Ctx) ->
                         "the stream reset when the link ends ({}, R13.10, R3.13)",
                         if clean { "close_notify" } else { "a bare FIN" }
                     ),
-                    super::stream::short(&other),
+                    short(&other),
                 ))
             }
         }
