@@ -60,8 +60,8 @@ const FAULTS: &[(&str, &str)] = &[
     ),
 ];
 
-/// Whether `text` names requirement `id` (as "(R7.4)", "R7.4," or "R7.4;":
-/// not R7.40).
+/// Whether `text` names requirement `id`, followed by ")", "," or ";"
+/// (so that an ID is not found inside a longer one).
 fn names(text: &str, id: &str) -> bool {
     [")", ",", ";"]
         .iter()
