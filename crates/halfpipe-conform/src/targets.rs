@@ -196,8 +196,8 @@ pub fn write_all(s: &mut TcpStream, data: &[u8]) -> Result<(), CaseError> {
 /// a connect to it waits until it times out.
 pub struct Unanswering {
     pub addr: SocketAddr,
-    _listener: socket2::Socket,
-    _fill: Vec<TcpStream>,
+    listener: socket2::Socket,
+    fill: Vec<TcpStream>,
 }
 
 impl Unanswering {
@@ -227,13 +227,48 @@ impl Unanswering {
                 {
                     return Ok(Unanswering {
                         addr,
-                        _listener: listener,
-                        _fill: fill,
+                        listener,
+                        fill,
                     })
                 }
                 Err(e) => return Err(fail(what, e.to_string())),
             }
         }
         Err(fail(what, "listen(0) kept accepting SYNs"))
+    }
+}
+
+impl Unanswering {
+    /// Frees the accept queue, so that the next SYN a connecting peer
+    /// retries gets through (Linux retries after 1 s, then 3 s), and
+    /// returns that peer's connection: a connect held up for a second.
+    pub fn release(self) -> Result<TcpStream, CaseError> {
+        let fillers: Vec<SocketAddr> = self
+            .fill
+            .iter()
+            .filter_map(|s| s.local_addr().ok())
+            .collect();
+        let listener: TcpListener = self.listener.into();
+        listener.set_nonblocking(true).expect("non-blocking accept");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match listener.accept() {
+                Ok((s, peer)) if fillers.contains(&peer) => drop(s),
+                Ok((s, _)) => {
+                    s.set_nonblocking(false).expect("blocking socket");
+                    let _ = s.set_write_timeout(Some(crate::link::STALLED));
+                    return Ok(s);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(fail("the exit's connection", e.to_string())),
+            }
+            if Instant::now() > deadline {
+                return Err(fail(
+                    "the exit to connect once the target answers (R5.3)",
+                    "no connection within 10 s",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 }
