@@ -61,6 +61,8 @@ pub enum Kernel {
 /// for our key update, which the reader hears and the writer answers.
 struct Keys {
     kernel: Mutex<Kernel>,
+    /// This side is the client (it may get session tickets).
+    client: bool,
     update_requested: AtomicBool,
     suite: &'static Tls13CipherSuite,
 }
@@ -108,6 +110,7 @@ pub fn split(
     let (tx_key, tx_iv) = key_and_iv(tx)?;
     let (rx_key, rx_iv) = key_and_iv(rx)?;
     let keys = Arc::new(Keys {
+        client: matches!(kernel, Kernel::Client(_)),
         kernel: Mutex::new(kernel),
         update_requested: AtomicBool::new(false),
         suite,
@@ -145,7 +148,8 @@ fn fatal(e: Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
 
-/// What one `Opener::read` brought.
+/// What one read of a link brought (`Opener::read`, and `Transport::read`
+/// on a plain link too).
 #[derive(Debug, PartialEq, Eq)]
 pub struct Opened {
     /// Plaintext bytes appended.
@@ -379,8 +383,7 @@ impl Opener {
                 }
                 // A session ticket from an exit that is not halfpipe:
                 // resumption is off (R13.1), so it is not kept.
-                (HandshakeType::NewSessionTicket, _)
-                    if matches!(*self.keys.kernel.lock(), Kernel::Client(_)) => {}
+                (HandshakeType::NewSessionTicket, _) if self.keys.client => {}
                 (typ, _) => {
                     return Err(fatal(Error::InappropriateHandshakeMessage {
                         expect_types: vec![HandshakeType::KeyUpdate],

@@ -387,39 +387,38 @@ trait Unbuffered {
     fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error>;
 }
 
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn common(&self) -> &CommonState {
-        self
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error> {
-        let (secrets, k) = self.dangerous_into_kernel_connection()?;
-        Ok((secrets, Kernel::Client(k)))
-    }
+/// The two impls differ in their types and the `Kernel` variant only.
+macro_rules! unbuffered {
+    ($conn:ty, $data:ty, $kernel:path) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn common(&self) -> &CommonState {
+                self
+            }
+            fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error> {
+                let (secrets, k) = self.dangerous_into_kernel_connection()?;
+                Ok((secrets, $kernel(k)))
+            }
+        }
+    };
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn common(&self) -> &CommonState {
-        self
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, Kernel), Error> {
-        let (secrets, k) = self.dangerous_into_kernel_connection()?;
-        Ok((secrets, Kernel::Server(k)))
-    }
-}
+unbuffered!(
+    UnbufferedClientConnection,
+    ClientConnectionData,
+    Kernel::Client
+);
+unbuffered!(
+    UnbufferedServerConnection,
+    ServerConnectionData,
+    Kernel::Server
+);
 
 /// Runs the TLS handshake on `tcp` to the end, before `deadline` (R13.3:
 /// the same clock as VERSIONS, R1.6). The exit first looks at what the

@@ -30,18 +30,9 @@ pub struct ReadState(Option<Opener>);
 /// The link writer's own state: on a TLS link, the sealing half.
 pub struct WriteState(Option<Sealer>);
 
-/// What one `read` brought.
-pub struct Read {
-    /// Plaintext bytes appended.
-    pub n: usize,
-    /// The end of the link: the peer's FIN on a plain link, its
-    /// close_notify on a TLS link (a FIN without one is an error there,
-    /// R13.10).
-    pub end: bool,
-    /// The TLS session has a record to send that the writer must flush
-    /// (our key update, which the peer asked for).
-    pub wants_write: bool,
-}
+/// What one `read` brought: on a plain link, `end` is the peer's FIN and
+/// `wants_write` is never set.
+pub use super::record::Opened as Read;
 
 fn fatal(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
@@ -86,12 +77,7 @@ impl Transport {
     /// capacity (which must not be full).
     pub fn read(&self, buf: &mut Vec<u8>, st: &mut ReadState) -> io::Result<Read> {
         if self.tls.is_some() {
-            let opened = st.0.as_mut().ok_or_else(taken)?.read(&self.tcp, buf)?;
-            return Ok(Read {
-                n: opened.n,
-                end: opened.end,
-                wants_write: opened.wants_write,
-            });
+            return st.0.as_mut().ok_or_else(taken)?.read(&self.tcp, buf);
         }
         let spare = buf.spare_capacity_mut();
         let n = loop {

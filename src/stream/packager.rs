@@ -121,8 +121,7 @@ fn package_loop(stream: &Stream, sock: &Socket) {
         // The conformance kit's fault: no stop at a shut window (R10.8).
         if fault::active(Fault::NoWindowStop) && stream.state.lock().read_window().is_none() {
             let mut buf = Vec::with_capacity(read_cells as usize * CELL_LEN);
-            if let Ok(n @ 1..) = read_into_cells(stream, sock, &mut buf, read_cells) {
-                let _ = n;
+            if let Ok(1..) = read_into_cells(stream, sock, &mut buf, read_cells) {
                 let _ = stream.link.send(buf);
                 continue;
             }

@@ -146,33 +146,37 @@ impl Ctx {
             Impl::Command(cmd) => cmd.clone(),
         };
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut args: Vec<String> = [
+        let head = [
             "exit",
             "--listen",
             &addr.to_string(),
             "--exit-policy",
             POLICY,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(link.iter().map(|s| s.to_string()));
-        args.extend(extra.iter().map(|s| s.to_string()));
+        ];
+        self.launch(&cmd, &[&head[..], link, extra].concat(), addr)?;
+        self.exit = Some(addr);
+        Ok(addr)
+    }
+
+    /// Starts `cmd args` (the case's ROLE first in `args`), listening on
+    /// `addr`, with its log in the case's directory.
+    fn launch(&mut self, cmd: &str, args: &[&str], addr: SocketAddr) -> Result<(), CaseError> {
+        let role = args[0];
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
         let log = self
             .dir
-            .join(format!("exit-{}.log", self.subjects.len() + 1));
+            .join(format!("{role}-{}.log", self.subjects.len() + 1));
         self.trace
             .note(format!("started: {cmd} {}", args.join(" ")));
-        match Subject::start(&cmd, &args, addr, &log) {
+        match Subject::start(cmd, &args, addr, &log) {
             Ok(s) => {
                 self.started(s);
-                self.exit = Some(addr);
-                Ok(addr)
+                Ok(())
             }
             Err(NotStarted::Unsupported(why)) => Err(CaseError::Skip(format!(
                 "the implementation does not support it: {why}"
             ))),
-            Err(NotStarted::Failed(why)) => Err(fail("the exit to start", why)),
+            Err(NotStarted::Failed(why)) => Err(fail(format!("the {role} to start"), why)),
         }
     }
 
@@ -266,32 +270,14 @@ impl Ctx {
             .map_err(|e| fail("a loopback port for the kit's exit", e.to_string()))?;
         let exit = listener.local_addr().expect("its address");
         let socks: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let mut args: Vec<String> = [
+        let head = [
             "client",
             "--socks",
             &socks.to_string(),
             "--exit",
             &exit.to_string(),
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(link.iter().map(|s| s.to_string()));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let log = self
-            .dir
-            .join(format!("client-{}.log", self.subjects.len() + 1));
-        self.trace
-            .note(format!("started: {cmd} {}", args.join(" ")));
-        match Subject::start(&cmd, &args, socks, &log) {
-            Ok(s) => self.started(s),
-            Err(NotStarted::Unsupported(why)) => {
-                return Err(CaseError::Skip(format!(
-                    "the implementation does not support it: {why}"
-                )))
-            }
-            Err(NotStarted::Failed(why)) => return Err(fail("the client to start", why)),
-        }
+        ];
+        self.launch(&cmd, &[&head[..], link, extra].concat(), socks)?;
         Ok((listener, socks))
     }
 
@@ -316,16 +302,6 @@ impl Ctx {
         for s in &self.subjects {
             s.signal(signal);
         }
-    }
-
-    /// Whether every started implementation is still running.
-    pub fn all_running(&mut self) -> bool {
-        self.subjects.iter_mut().all(|s| s.is_running())
-    }
-
-    /// The implementations' logs so far.
-    pub fn log_text(&self) -> String {
-        self.subjects.iter().map(|s| s.log_text()).collect()
     }
 
     pub fn logs(&self) -> Vec<PathBuf> {

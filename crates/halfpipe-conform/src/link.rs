@@ -177,34 +177,21 @@ impl RawLink {
         wait: Duration,
         trace: &Trace,
     ) -> Result<RawLink, CaseError> {
-        let deadline = Instant::now() + wait;
-        loop {
-            match listener.accept() {
-                Ok((sock, peer)) => {
-                    sock.set_nonblocking(false)
-                        .map_err(|e| fail("a blocking socket", e.to_string()))?;
-                    let _ = sock.set_nodelay(true);
-                    let _ = sock.set_write_timeout(Some(STALLED));
-                    trace.note(format!("link from {peer}"));
-                    return Ok(RawLink {
-                        sock,
-                        tls: None,
-                        buf: Vec::new(),
-                        since: Instant::now(),
-                        trace: trace.clone(),
-                    });
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(fail("the client to link to the kit's exit", e.to_string())),
-            }
-            if Instant::now() > deadline {
-                return Err(fail(
-                    "the client to link to the kit's exit",
-                    format!("no connection within {wait:?}"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let (sock, peer) = crate::targets::accept_within(
+            &[listener],
+            wait,
+            |_| false,
+            "the client to link to the kit's exit",
+        )?;
+        let _ = sock.set_nodelay(true);
+        trace.note(format!("link from {peer}"));
+        Ok(RawLink {
+            sock,
+            tls: None,
+            buf: Vec::new(),
+            since: Instant::now(),
+            trace: trace.clone(),
+        })
     }
 
     /// The exit's side of the handshake: the client's VERSIONS must be
@@ -380,20 +367,6 @@ impl RawLink {
                 Got::Cell(c) => cells.push(c),
                 Got::Nothing => return (cells, None),
                 Got::Closed(why) => return (cells, Some(why)),
-            }
-        }
-    }
-
-    /// Waits for the implementation to close the link, reading what comes;
-    /// returns what came, or `None` if it stayed open for `wait`.
-    pub fn closed_within(&mut self, wait: Duration) -> Option<Vec<Cell>> {
-        let deadline = Instant::now() + wait;
-        let mut cells = Vec::new();
-        loop {
-            match self.recv(deadline.saturating_duration_since(Instant::now())) {
-                Got::Cell(c) => cells.push(c),
-                Got::Nothing => return None,
-                Got::Closed(_) => return Some(cells),
             }
         }
     }

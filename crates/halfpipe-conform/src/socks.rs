@@ -5,7 +5,7 @@ use crate::case::{fail, CaseError};
 use crate::link::ANSWER;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A SOCKS request's target.
 pub enum Dest<'a> {
@@ -21,36 +21,6 @@ pub fn connect(addr: SocketAddr) -> Result<TcpStream, CaseError> {
     Ok(s)
 }
 
-fn read_exact(
-    s: &mut TcpStream,
-    n: usize,
-    what: &str,
-    wait: Duration,
-) -> Result<Vec<u8>, CaseError> {
-    let deadline = Instant::now() + wait;
-    let mut got = vec![0u8; n];
-    let mut have = 0;
-    while have < n {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(fail(what, format!("{have} of {n} bytes within {wait:?}")));
-        }
-        s.set_read_timeout(Some(left)).ok();
-        match s.read(&mut got[have..]) {
-            Ok(0) => return Err(fail(what, format!("end of file after {have} bytes"))),
-            Ok(k) => have += k,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(fail(what, format!("{e} after {have} bytes"))),
-        }
-    }
-    Ok(got)
-}
-
 fn send(s: &mut TcpStream, bytes: &[u8]) -> Result<(), CaseError> {
     s.write_all(bytes)
         .map_err(|e| fail("to write to the SOCKS port", e.to_string()))
@@ -62,7 +32,7 @@ pub fn greet5(s: &mut TcpStream, creds: Option<(&str, &str)>) -> Result<(), Case
         None => send(s, &[5, 1, 0])?,
         Some(_) => send(s, &[5, 1, 2])?,
     }
-    let m = read_exact(s, 2, "the SOCKS5 method choice", ANSWER)?;
+    let m = crate::targets::read_exact_within(s, 2, ANSWER, "the SOCKS5 method choice")?;
     let want = if creds.is_some() { 2 } else { 0 };
     if m != [5, want] {
         return Err(fail(
@@ -76,7 +46,7 @@ pub fn greet5(s: &mut TcpStream, creds: Option<(&str, &str)>) -> Result<(), Case
         auth.push(pass.len() as u8);
         auth.extend_from_slice(pass.as_bytes());
         send(s, &auth)?;
-        let r = read_exact(s, 2, "the RFC 1929 answer", ANSWER)?;
+        let r = crate::targets::read_exact_within(s, 2, ANSWER, "the RFC 1929 answer")?;
         if r != [1, 0] {
             return Err(fail(
                 "any username and password accepted (R11.2)",
@@ -126,7 +96,7 @@ pub fn reply5(s: &mut TcpStream, wait: Duration) -> Result<Option<u8>, CaseError
         }
         Err(e) => return Err(fail("a SOCKS5 reply", e.to_string())),
     }
-    let rest = read_exact(s, 3, "a SOCKS5 reply", ANSWER)?;
+    let rest = crate::targets::read_exact_within(s, 3, ANSWER, "a SOCKS5 reply")?;
     head[1..].copy_from_slice(&rest);
     if head[0] != 5 {
         return Err(fail("a SOCKS5 reply (version 5)", format!("{head:02x?}")));
@@ -134,10 +104,12 @@ pub fn reply5(s: &mut TcpStream, wait: Duration) -> Result<Option<u8>, CaseError
     let addr_len = match head[3] {
         1 => 4,
         4 => 16,
-        3 => read_exact(s, 1, "the reply's name length", ANSWER)?[0] as usize,
+        3 => {
+            crate::targets::read_exact_within(s, 1, ANSWER, "the reply's name length")?[0] as usize
+        }
         other => return Err(fail("a SOCKS5 reply address type", format!("{other}"))),
     };
-    read_exact(s, addr_len + 2, "the reply's address", ANSWER)?;
+    crate::targets::read_exact_within(s, addr_len + 2, ANSWER, "the reply's address")?;
     Ok(Some(head[1]))
 }
 
@@ -166,7 +138,7 @@ pub fn request4(
 
 /// The SOCKS4 reply code (0x5A granted, 0x5B refused), within `wait`.
 pub fn reply4(s: &mut TcpStream, wait: Duration) -> Result<u8, CaseError> {
-    let r = read_exact(s, 8, "a SOCKS4 reply", wait)?;
+    let r = crate::targets::read_exact_within(s, 8, wait, "a SOCKS4 reply")?;
     if r[0] != 0 {
         return Err(fail("a SOCKS4 reply (version 0)", format!("{r:02x?}")));
     }

@@ -69,27 +69,16 @@ impl Target {
 
     /// The exit's connection to this target.
     pub fn accept(&self, wait: Duration) -> Result<TcpStream, CaseError> {
-        let deadline = Instant::now() + wait;
-        loop {
-            for l in std::iter::once(&self.listener).chain(self.v6.as_ref()) {
-                match l.accept() {
-                    Ok((s, _)) => {
-                        s.set_nonblocking(false).expect("blocking socket");
-                        let _ = s.set_write_timeout(Some(crate::link::STALLED));
-                        return Ok(s);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(fail("the exit to connect to the target", e.to_string())),
-                }
-            }
-            if Instant::now() > deadline {
-                return Err(fail(
-                    "the exit to connect to the target",
-                    format!("no connection within {wait:?}"),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let listeners: Vec<&TcpListener> = std::iter::once(&self.listener)
+            .chain(self.v6.as_ref())
+            .collect();
+        accept_within(
+            &listeners,
+            wait,
+            |_| false,
+            "the exit to connect to the target",
+        )
+        .map(|(s, _)| s)
     }
 
     /// Whether a connection arrives within `wait` (for cases where none
@@ -105,43 +94,80 @@ impl Default for Target {
     }
 }
 
-/// Reads exactly `n` bytes within `wait`.
-pub fn read_n(s: &mut TcpStream, n: usize, wait: Duration) -> Result<Vec<u8>, CaseError> {
+/// The next connection on any of `listeners` (non-blocking) within `wait`
+/// whose peer `skip` does not pass over, made blocking and given the kit's
+/// write timeout; `what` is what was expected.
+pub fn accept_within(
+    listeners: &[&TcpListener],
+    wait: Duration,
+    skip: impl Fn(&SocketAddr) -> bool,
+    what: &str,
+) -> Result<(TcpStream, SocketAddr), CaseError> {
     let deadline = Instant::now() + wait;
-    let mut got = Vec::with_capacity(n);
-    let mut chunk = vec![0u8; 64 * 1024];
-    while got.len() < n {
+    loop {
+        for l in listeners {
+            match l.accept() {
+                Ok((_, peer)) if skip(&peer) => {}
+                Ok((s, peer)) => {
+                    s.set_nonblocking(false)
+                        .map_err(|e| fail(what, e.to_string()))?;
+                    let _ = s.set_write_timeout(Some(crate::link::STALLED));
+                    return Ok((s, peer));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(fail(what, e.to_string())),
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(fail(what, format!("no connection within {wait:?}")));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reads exactly `n` bytes from the exit's connection within `wait`.
+pub fn read_n(s: &mut TcpStream, n: usize, wait: Duration) -> Result<Vec<u8>, CaseError> {
+    read_exact_within(s, n, wait, &format!("{n} bytes at the target"))
+}
+
+/// Reads exactly `n` bytes within `wait`; `what` is what was expected.
+pub fn read_exact_within(
+    s: &mut TcpStream,
+    n: usize,
+    wait: Duration,
+    what: &str,
+) -> Result<Vec<u8>, CaseError> {
+    let deadline = Instant::now() + wait;
+    let mut got = vec![0u8; n];
+    let mut have = 0;
+    while have < n {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(fail(
-                format!("{n} bytes at the target"),
-                format!("{} within {wait:?}", got.len()),
-            ));
+            return Err(fail(what, format!("{have} of {n} bytes within {wait:?}")));
         }
-        s.set_read_timeout(Some(left)).ok();
-        let want = (n - got.len()).min(chunk.len());
-        match s.read(&mut chunk[..want]) {
-            Ok(0) => {
-                return Err(fail(
-                    format!("{n} bytes at the target"),
-                    format!("end of file after {}", got.len()),
-                ))
-            }
-            Ok(k) => got.extend_from_slice(&chunk[..k]),
+        s.set_read_timeout(Some(left))
+            .map_err(|e| fail(what, e.to_string()))?;
+        match s.read(&mut got[have..]) {
+            Ok(0) => return Err(fail(what, format!("end of file after {have} bytes"))),
+            Ok(k) => have += k,
             Err(e)
                 if matches!(
                     e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
                 ) => {}
-            Err(e) => {
-                return Err(fail(
-                    format!("{n} bytes at the target"),
-                    format!("{e} after {}", got.len()),
-                ))
-            }
+            Err(e) => return Err(fail(what, format!("{e} after {have} bytes"))),
         }
     }
     Ok(got)
+}
+
+/// Shuts the write side of `s`: the half-close a case is about, so a
+/// failure fails the case.
+pub fn half_close(s: &TcpStream) -> Result<(), CaseError> {
+    s.shutdown(std::net::Shutdown::Write)
+        .map_err(|e| fail("to shut the write side (a half-close)", e.to_string()))
 }
 
 /// How a TCP connection ended, as its peer sees it.
@@ -250,25 +276,12 @@ impl Unanswering {
             .collect();
         let listener: TcpListener = self.listener.into();
         listener.set_nonblocking(true).expect("non-blocking accept");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match listener.accept() {
-                Ok((s, peer)) if fillers.contains(&peer) => drop(s),
-                Ok((s, _)) => {
-                    s.set_nonblocking(false).expect("blocking socket");
-                    let _ = s.set_write_timeout(Some(crate::link::STALLED));
-                    return Ok(s);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(fail("the exit's connection", e.to_string())),
-            }
-            if Instant::now() > deadline {
-                return Err(fail(
-                    "the exit to connect once the target answers (R5.3)",
-                    "no connection within 10 s",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        accept_within(
+            &[&listener],
+            Duration::from_secs(10),
+            |peer| fillers.contains(peer),
+            "the exit to connect once the target answers (R5.3)",
+        )
+        .map(|(s, _)| s)
     }
 }

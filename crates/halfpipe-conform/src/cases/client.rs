@@ -200,7 +200,7 @@ pub fn socks_connects_wait_for_connected_and_half_close_end_to_end(cx: &mut Ctx)
         )?;
         // The request, half-closed.
         write_all(&mut app, b"request")?;
-        app.shutdown(std::net::Shutdown::Write).ok();
+        crate::targets::half_close(&app)?;
         let got = recv_data(&mut rig.link, b.circ, b.stream, 7)?;
         check(got == b"request", "the request's bytes", format!("{got:?}"))?;
         rig.link.expect(

@@ -7,7 +7,6 @@ use crate::link::{describe, ANSWER};
 use crate::targets::{ending, read_n, reset, write_all, Ending, Target};
 use halfpipe_proto::cell::destroy_reason;
 use halfpipe_proto::relay::{end_reason, relay_cmd};
-use std::net::Shutdown;
 use std::time::Duration;
 
 /// How long a half-closed stream is left alone before its other direction
@@ -41,7 +40,7 @@ pub fn the_clients_fin_half_closes_and_the_reply_still_flows(cx: &mut Ctx) -> Ve
         "the reply after the half-close (R7.10)",
         format!("{got:?}"),
     )?;
-    conn.shutdown(Shutdown::Write).ok();
+    crate::targets::half_close(&conn)?;
     l.expect(
         "FIN after the reply's DATA (R7.3)",
         |c| c.is_relay(CIRC, relay_cmd::FIN, 1),
@@ -64,7 +63,7 @@ pub fn the_targets_fin_comes_after_its_data_and_the_request_still_flows(cx: &mut
     let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
     let banner: Vec<u8> = (0..3000u32).map(|i| (i % 200) as u8).collect();
     write_all(&mut conn, &banner)?;
-    conn.shutdown(Shutdown::Write).ok();
+    crate::targets::half_close(&conn)?;
     let got = recv_data(&mut l, CIRC, 1, banner.len())?;
     check(got == banner, "the target's bytes in order", "other bytes")?;
     l.expect(
@@ -249,7 +248,7 @@ pub fn cells_after_a_clean_close_are_late_cells(cx: &mut Ctx) -> Verdict {
         Ending::Eof(_) => {}
         other => return Err(fail("end of file at the target (R7.4)", short(&other))),
     }
-    conn.shutdown(Shutdown::Write).ok();
+    crate::targets::half_close(&conn)?;
     l.expect(
         "FIN from the exit",
         |c| c.is_relay(CIRC, relay_cmd::FIN, 1),

@@ -72,17 +72,7 @@ pub fn recv_data(l: &mut RawLink, circ: u32, stream: u16, n: usize) -> Result<Ve
 
 /// The next cell for `stream` must be END with `reason` (R8.1).
 pub fn expect_end(l: &mut RawLink, circ: u32, stream: u16, reason: u8) -> Verdict {
-    let c = l.expect(
-        &format!("END({}) on stream {stream}", end_reason::name(reason)),
-        |c| c.is_relay(circ, relay_cmd::END, stream),
-        is_sendme,
-    )?;
-    let (_, _, body) = c.relay().expect("an END cell");
-    check(
-        body.first() == Some(&reason),
-        format!("END reason {} ({reason})", end_reason::name(reason)),
-        describe(&c),
-    )
+    expect_end_within(l, (circ, stream), reason, ANSWER, "R8.1")
 }
 
 /// END with `reason` on `(circ, stream)` within `wait`, for answers that

@@ -288,7 +288,9 @@ pub fn optimistic_data_for_a_refused_begin_is_discarded(cx: &mut Ctx) -> Verdict
     let mut l = cx.linked(CIRC)?;
     let refused = std::net::TcpListener::bind("127.0.0.2:0")
         .map_err(|e| fail("a listener on 127.0.0.2", e.to_string()))?;
-    refused.set_nonblocking(true).ok();
+    refused
+        .set_nonblocking(true)
+        .map_err(|e| fail("a non-blocking listener", e.to_string()))?;
     let port = refused.local_addr().map(|a| a.port()).unwrap_or(9);
     l.send_relay(
         CIRC,
