@@ -43,10 +43,9 @@ pub fn gettid() -> i32 {
 pub fn end_reason_for(err: &io::Error) -> u8 {
     use halfpipe_proto::relay::end_reason;
     match err.kind() {
-        // R8.2: the TCP connection was reset.
-        io::ErrorKind::ConnectionReset
-        | io::ErrorKind::BrokenPipe
-        | io::ErrorKind::ConnectionAborted => end_reason::CONNRESET,
+        // R8.2: the TCP connection was reset. ECONNABORTED is not here:
+        // the host aborted the connection (`ss -K`), not its peer.
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => end_reason::CONNRESET,
         // R8.3: a timeout.
         io::ErrorKind::TimedOut => end_reason::TIMEOUT,
         // R8.4: a local resource failure (no buffer space, no memory).
@@ -99,15 +98,15 @@ mod tests {
         // memory is RESOURCELIMIT; R8.6: any other error is MISC.
         use halfpipe_proto::relay::end_reason;
         let reason = |kind| end_reason_for(&io::Error::from(kind));
-        for kind in [
-            io::ErrorKind::ConnectionReset,
-            io::ErrorKind::BrokenPipe,
-            io::ErrorKind::ConnectionAborted,
-        ] {
+        for kind in [io::ErrorKind::ConnectionReset, io::ErrorKind::BrokenPipe] {
             assert_eq!(reason(kind), end_reason::CONNRESET, "{kind:?}");
         }
         assert_eq!(reason(io::ErrorKind::TimedOut), end_reason::TIMEOUT);
-        for kind in [io::ErrorKind::Other, io::ErrorKind::InvalidData] {
+        for kind in [
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::Other,
+            io::ErrorKind::InvalidData,
+        ] {
             assert_eq!(reason(kind), end_reason::MISC, "{kind:?}");
         }
         let eio = io::Error::from_raw_os_error(libc::EIO);

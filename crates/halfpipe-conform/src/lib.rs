@@ -3,6 +3,7 @@
 //! requirements it checks. See the crate's README and docs/conformance.md.
 
 pub mod case;
+pub mod host;
 pub mod cases;
 pub mod link;
 pub mod report;

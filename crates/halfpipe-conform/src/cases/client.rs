@@ -4,7 +4,7 @@
 
 use super::common::*;
 use crate::case::{check, fail, Begin, ClientRig, Ctx, Verdict};
-use crate::link::{describe, ANSWER, QUIET};
+use crate::link::{describe, Got, ANSWER, QUIET};
 use crate::socks::{self, Dest};
 use crate::targets::{ending, read_n, write_all, Ending};
 use halfpipe_proto::cell::{cmd, destroy_reason};
@@ -438,4 +438,240 @@ pub fn socks4_and_4a_connect_and_fail_with_5b(cx: &mut Ctx) -> Verdict {
     )?;
     let _ = read_n;
     Ok(())
+}
+
+/// How many requests the R8.4 case makes before it concludes that the
+/// client needs no new thread per stream.
+const THREADLESS_TRIES: usize = 40;
+
+/// What became of one SOCKS request made while the client could start
+/// no more threads than the case allowed.
+enum Squeezed {
+    /// Refused before any BEGIN: the failure came before a stream existed.
+    NoStream,
+    /// The stream opened and works: the client had threads enough.
+    Opened(TcpStream),
+    /// The client ended the stream itself, with this END reason, and the
+    /// application's request came to this SOCKS reply code (None: the
+    /// connection closed or was reset).
+    Ended(u8, Option<u8>),
+}
+
+/// One SOCKS request under the cap: a BEGIN or not, then END or not.
+fn squeezed_request(rig: &mut ClientRig) -> Result<Squeezed, crate::case::CaseError> {
+    let mut app = socks::connect(rig.socks)?;
+    let asked = socks::greet5(&mut app, None)
+        .and_then(|_| socks::request5(&mut app, 1, &Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), PORT));
+    if asked.is_err() {
+        return Ok(Squeezed::NoStream);
+    }
+    let deadline = Instant::now() + QUIET * 3;
+    let begin = loop {
+        match rig.link.recv(deadline.saturating_duration_since(Instant::now())) {
+            Got::Cell(c) if matches!(c.relay(), Some((relay_cmd::BEGIN, _, _))) => break c,
+            Got::Cell(c) if c.command == cmd::CREATE_FAST => rig.link.answer_create_fast(&c, true)?,
+            Got::Cell(_) => {}
+            Got::Nothing => return Ok(Squeezed::NoStream),
+            Got::Closed(why) => return Err(fail("the link to stay up", why)),
+        }
+    };
+    let (circ, stream) = (begin.circ, begin.relay().map(|r| r.1).unwrap_or(0));
+    let b = Begin {
+        circ,
+        stream,
+        payload: Vec::new(),
+    };
+    // The client's END, at once or once CONNECTED has come.
+    let ended = |rig: &mut ClientRig, wait| -> Option<u8> {
+        let (cells, _) = rig.link.collect(wait);
+        cells
+            .iter()
+            .find(|c| c.is_relay(circ, relay_cmd::END, stream))
+            .map(|c| c.relay().and_then(|r| r.2.first().copied()).unwrap_or(end_reason::MISC))
+    };
+    if let Some(reason) = ended(rig, QUIET * 2) {
+        return Ok(Squeezed::Ended(reason, socks::reply5(&mut app, ANSWER).ok().flatten()));
+    }
+    connected(rig, &b)?;
+    let code = socks::reply5(&mut app, ANSWER).ok().flatten();
+    if let Some(reason) = ended(rig, QUIET) {
+        return Ok(Squeezed::Ended(reason, code));
+    }
+    check(
+        code == Some(0),
+        "SOCKS5 success after CONNECTED on a stream the client did not end",
+        format!("{code:?}"),
+    )?;
+    Ok(Squeezed::Opened(app))
+}
+
+pub fn a_stream_that_cannot_have_a_thread_is_ended_with_resourcelimit(cx: &mut Ctx) -> Verdict {
+    // R8.4: a local resource failure on a stream is answered with
+    // END(RESOURCELIMIT), and the application's request fails. The kit
+    // brings one about from outside: the client goes into a pids cgroup
+    // that lets it start no task beyond those it has, or one more at a
+    // time while requests are refused before any stream exists (a client
+    // that needs a thread to read SOCKS). Streams that still open are held
+    // open, so the threads they have stay taken. A client that needs no
+    // new thread per stream shows no such failure: the case is skipped.
+    let mut rig = cx.client()?;
+    let pid = cx
+        .pids
+        .lock()
+        .ok()
+        .and_then(|p| p.first().copied())
+        .ok_or_else(|| fail("the client's process", "none started"))?;
+    // One stream first, end to end: the link, the circuit and whatever the
+    // client starts once are up before the cap.
+    let (mut first, b) = socks_connect(&mut rig, Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST)), None)?;
+    connected(&mut rig, &b)?;
+    let code = socks::reply5(&mut first, ANSWER)?;
+    check(code == Some(0), "SOCKS5 success before the cap", format!("{code:?}"))?;
+    let cap = crate::host::ThreadCap::new(pid).map_err(crate::case::CaseError::Skip)?;
+    let mut held = vec![first];
+    let mut spare = 0;
+    for _ in 0..THREADLESS_TRIES {
+        cap.allow_more(spare).map_err(|e| fail("the cap to be set", e))?;
+        match squeezed_request(&mut rig)? {
+            Squeezed::NoStream => spare += 1,
+            Squeezed::Opened(app) => {
+                held.push(app);
+                spare = 0;
+            }
+            Squeezed::Ended(reason, code) => {
+                check(
+                    reason == end_reason::RESOURCELIMIT,
+                    "END(RESOURCELIMIT) for a stream whose thread could not start (R8.4)",
+                    format!("END({reason})"),
+                )?;
+                return check(
+                    code != Some(0),
+                    "the SOCKS request to fail, not succeed",
+                    "SOCKS5 success",
+                );
+            }
+        }
+    }
+    Err(crate::case::CaseError::Skip(format!(
+        "{} streams opened under the cap: the client needs no new thread per stream",
+        held.len()
+    )))
+}
+
+/// Stream IDs on a circuit: the client must close every one of them once
+/// before it can need one that left its recently-closed set.
+const ALL_IDS: usize = u16::MAX as usize;
+
+/// The applications the R9.2 case runs at once.
+const APPS: usize = 4;
+
+pub fn a_circuit_outlives_its_stream_ids(cx: &mut Ctx) -> Verdict {
+    // R9.2: the recently-closed set is bounded. From outside the bound
+    // shows at the client: once every stream ID has been used and closed
+    // on a circuit, it must still open streams there, on IDs that have
+    // left the set (R9.4 keeps it off the others); a set that forgot
+    // nothing would leave it no ID. The kit's exit refuses each BEGIN at
+    // once (END(EXITPOLICY)), so each stream closes as soon as it opens,
+    // and APPS applications keep the client busy. Which IDs come back is
+    // the allocator's choice: what is checked is that IDs come back on the
+    // circuit that used them all.
+    let mut rig = cx.client()?;
+    let socks_addr = rig.socks;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let failures = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let apps: Vec<_> = (0..APPS)
+        .map(|_| {
+            let (stop, failures) = (stop.clone(), failures.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let asked = socks::connect(socks_addr).and_then(|mut app| {
+                        socks::greet5(&mut app, None)?;
+                        let dest = Dest::Ip(IpAddr::V4(Ipv4Addr::LOCALHOST));
+                        socks::request5(&mut app, 1, &dest, PORT)?;
+                        socks::reply5(&mut app, ANSWER)
+                    });
+                    match asked {
+                        Ok(Some(code)) if code != 0 => {}
+                        other => {
+                            if let Ok(mut f) = failures.lock() {
+                                f.push(format!("{other:?}"));
+                            }
+                            return;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let outcome = serve_refusing(&mut rig);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // The requests still on their way are refused too, so that every
+    // application sees its answer and ends.
+    let deadline = Instant::now() + ANSWER;
+    while !apps.iter().all(|a| a.is_finished()) && Instant::now() < deadline {
+        if let Got::Cell(c) = rig.link.recv(QUIET) {
+            if let Some((relay_cmd::BEGIN, id, _)) = c.relay() {
+                rig.link
+                    .send_relay_quiet(c.circ, relay_cmd::END, id, &[end_reason::EXITPOLICY])?;
+            }
+        }
+    }
+    for app in apps {
+        let _ = app.join();
+    }
+    let (circ, id, closes) = outcome?;
+    if let Some(f) = failures.lock().ok().and_then(|f| f.first().cloned()) {
+        return Err(fail("every request refused with SOCKS5 0x02", f));
+    }
+    cx.trace.note(format!(
+        "stream {id} reused on {circ:#x} after {closes} streams closed there"
+    ));
+    Ok(())
+}
+
+/// The R9.2 case's exit: END(EXITPOLICY) for every BEGIN, until one comes
+/// on an ID its circuit has already closed. Returns that circuit, ID and
+/// how many streams had closed on it.
+fn serve_refusing(rig: &mut ClientRig) -> Result<(u32, u16, usize), crate::case::CaseError> {
+    use std::collections::{HashMap, HashSet};
+    let mut closed: HashMap<u32, (HashSet<u16>, usize)> = HashMap::new();
+    let mut full: Option<u32> = None;
+    let bound = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < bound {
+        let c = match rig.link.recv(ANSWER) {
+            Got::Cell(c) => c,
+            Got::Nothing => return Err(fail("another BEGIN", "nothing")),
+            Got::Closed(why) => return Err(fail("the link to stay up", why)),
+        };
+        if c.command == cmd::CREATE_FAST {
+            rig.link.answer_create_fast(&c, true)?;
+            continue;
+        }
+        let Some((relay_cmd::BEGIN, id, _)) = c.relay() else {
+            continue;
+        };
+        if let Some(f) = full.filter(|&f| f != c.circ) {
+            return Err(fail(
+                format!("streams still opened on {f:#x}, every ID of which had closed once (R9.2)"),
+                format!("a BEGIN on {:#x} instead", c.circ),
+            ));
+        }
+        rig.link
+            .send_relay_quiet(c.circ, relay_cmd::END, id, &[end_reason::EXITPOLICY])?;
+        let (ids, count) = closed.entry(c.circ).or_default();
+        if !ids.insert(id) {
+            return Ok((c.circ, id, *count));
+        }
+        *count += 1;
+        if *count == ALL_IDS {
+            full = Some(c.circ);
+        }
+    }
+    Err(fail(
+        "a stream ID reused within 60 s of closes",
+        format!(
+            "{} streams closed, none on an ID closed before",
+            closed.values().map(|v| v.1).sum::<usize>()
+        ),
+    ))
 }

@@ -2,7 +2,7 @@
 //! side: the part of the protocol halfpipe exists for.
 
 use super::common::*;
-use crate::case::{check, fail, Ctx, Verdict};
+use crate::case::{check, fail, CaseError, Ctx, Verdict};
 use crate::link::{describe, ANSWER};
 use crate::targets::{ending, read_n, reset, write_all, Ending, Target};
 use halfpipe_proto::cell::destroy_reason;
@@ -130,6 +130,30 @@ pub fn end_resets_the_target_and_nothing_follows_it(cx: &mut Ctx) -> Verdict {
         return Err(fail("no cell on the stream after END (R8.9)", describe(c)));
     }
     circuit_works(&mut l, CIRC, 3)
+}
+
+pub fn a_connection_aborted_on_the_host_is_ended_with_misc(cx: &mut Ctx) -> Verdict {
+    // R8.6: an error on an open stream that is not a reset by the peer, a
+    // timeout or a lack of resources. The kit aborts the exit's own
+    // connection to the target on this host (`ss -K`): the exit's next read
+    // fails with ECONNABORTED. It must send END(MISC), and the circuit
+    // carries on.
+    let mut l = cx.linked(CIRC)?;
+    let t = Target::new();
+    let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
+    let (exit_side, target_side) = (
+        conn.peer_addr().map_err(|e| fail("the target's peer", e.to_string()))?,
+        conn.local_addr().map_err(|e| fail("the target's address", e.to_string()))?,
+    );
+    crate::host::abort_connection(exit_side, target_side).map_err(CaseError::Skip)?;
+    // The abort resets the target's side too: the proof that it took.
+    if !matches!(ending(&mut conn, ANSWER), Ending::Reset(_)) {
+        return Err(CaseError::Skip(
+            "`ss -K` did not abort the exit's connection (needs root and SOCK_DESTROY)".into(),
+        ));
+    }
+    expect_end(&mut l, CIRC, 1, end_reason::MISC)?;
+    circuit_works(&mut l, CIRC, 2)
 }
 
 pub fn end_discards_what_is_queued_for_the_target(cx: &mut Ctx) -> Verdict {

@@ -175,7 +175,9 @@ pub fn all() -> Vec<Case> {
             ["R5.9"],
             Duration::from_secs(150)
         ),
+        exit_case!(stream::an_unreachable_network_gets_end_noroute, ["R5.10"]),
         exit_case!(stream::a_begin_past_the_stream_limit_gets_end_resourcelimit, ["R5.11"], needs "stream-limit"),
+        exit_case!(stream::a_connect_that_fails_otherwise_gets_end_misc, ["R5.12"]),
         exit_case!(
             stream::a_begin_on_an_open_stream_id_is_a_violation,
             ["R5.13"]
@@ -231,6 +233,10 @@ pub fn all() -> Vec<Case> {
             ["R8.5", "R8.7"],
             needs "shutdown-grace",
             Duration::from_secs(75)
+        ),
+        exit_case!(
+            close::a_connection_aborted_on_the_host_is_ended_with_misc,
+            ["R8.6"]
         ),
         exit_case!(
             close::late_cells_for_closed_and_unknown_streams_are_dropped,
@@ -329,6 +335,16 @@ pub fn all() -> Vec<Case> {
         client_case!(
             client::the_client_does_not_reuse_recently_closed_ids,
             ["R9.4"]
+        ),
+        client_case!(
+            client::a_circuit_outlives_its_stream_ids,
+            ["R9.2"],
+            None,
+            Duration::from_secs(90)
+        ),
+        client_case!(
+            client::a_stream_that_cannot_have_a_thread_is_ended_with_resourcelimit,
+            ["R8.4"]
         ),
         client_case!(
             client::without_a_link_socks_fails_at_once_and_the_client_links_again,

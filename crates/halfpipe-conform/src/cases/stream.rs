@@ -1,7 +1,7 @@
 //! §5 (opening a stream) and §6 (data), the exit's side.
 
 use super::common::*;
-use crate::case::{check, fail, Ctx, Verdict};
+use crate::case::{check, fail, CaseError, Ctx, Verdict};
 use crate::link::{describe, ANSWER};
 use crate::targets::{ending, read_n, write_all, Ending, Target};
 use halfpipe_proto::cell::destroy_reason;
@@ -101,6 +101,43 @@ pub fn a_target_outside_the_policy_gets_end_exitpolicy(cx: &mut Ctx) -> Verdict 
     let body = format!("127.0.0.2:{}\0", t.addr.port());
     l.send_relay(CIRC, relay_cmd::BEGIN, 1, body.as_bytes())?;
     expect_end(&mut l, CIRC, 1, end_reason::EXITPOLICY)
+}
+
+/// The error this host's own connect to `target` fails with at once, or
+/// why the case cannot use it: the kit asks the same of the kernel before
+/// it asks the exit, so a host that behaves otherwise skips the case.
+fn local_connect_error(target: &str, want: i32) -> Result<(), CaseError> {
+    let addr: std::net::SocketAddr = target.parse().expect("a socket address");
+    match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+        Err(e) if e.raw_os_error() == Some(want) => Ok(()),
+        other => Err(CaseError::Skip(format!(
+            "this host's own connect to {target} gave {other:?}, not the error the case needs"
+        ))),
+    }
+}
+
+pub fn an_unreachable_network_gets_end_noroute(cx: &mut Ctx) -> Verdict {
+    // R5.10: the kit's policy admits 224.0.0.1:9. A TCP connect to a
+    // multicast address fails in the connecting host's kernel with
+    // ENETUNREACH before any packet is sent, so the case stays on this
+    // host and still meets a network the target cannot be reached on.
+    local_connect_error("224.0.0.1:9", libc::ENETUNREACH)?;
+    let mut l = cx.linked(CIRC)?;
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, b"224.0.0.1:9\0")?;
+    expect_end(&mut l, CIRC, 1, end_reason::NOROUTE)?;
+    circuit_works(&mut l, CIRC, 2)
+}
+
+pub fn a_connect_that_fails_otherwise_gets_end_misc(cx: &mut Ctx) -> Verdict {
+    // R5.12: a failure that no other row names. The kit's policy admits
+    // [fe80::1]:9; a link-local address without an interface cannot be
+    // connected to (EINVAL, in the kernel, before any packet): neither a
+    // refusal, a timeout, an unreachable network nor a lack of resources.
+    local_connect_error("[fe80::1]:9", libc::EINVAL)?;
+    let mut l = cx.linked(CIRC)?;
+    l.send_relay(CIRC, relay_cmd::BEGIN, 1, b"[fe80::1]:9\0")?;
+    expect_end(&mut l, CIRC, 1, end_reason::MISC)?;
+    circuit_works(&mut l, CIRC, 2)
 }
 
 pub fn a_name_that_does_not_resolve_gets_end_resolvefailed(cx: &mut Ctx) -> Verdict {
