@@ -1,10 +1,10 @@
 //! halfpipe-conform: checks an implementation of docs/protocol.md from the
 //! outside, through sockets only, case by case, each case naming the
-//! requirements it checks. See the crate's README and docs/conformance.md.
+//! requirements it checks. See docs/conformance.md.
 
 pub mod case;
-pub mod host;
 pub mod cases;
+pub mod host;
 pub mod link;
 pub mod report;
 pub mod runner;

@@ -21,8 +21,8 @@ struct Cli {
     /// (`CMD exit --listen ADDR --exit-policy POLICY --link plain ...`).
     #[arg(long = "impl", value_name = "CMD", conflicts_with = "exit_addr")]
     imp: Option<String>,
-    /// An exit already running (plain link, exit policy admitting
-    /// 127.0.0.1:* and nothing else): exit cases only.
+    /// An exit already running (plain link, with the exit policy of
+    /// docs/conformance.md): exit cases only.
     #[arg(long, value_name = "HOST:PORT")]
     exit_addr: Option<SocketAddr>,
     /// Print every case with the requirements it checks, quoted.
@@ -35,6 +35,10 @@ struct Cli {
     /// requirement (R7.4) or section (R7) PATTERN.
     #[arg(long, value_name = "PATTERN")]
     only: Option<String>,
+    /// Leave out the cases PATTERN selects (as for --only); may be given
+    /// more than once.
+    #[arg(long, value_name = "PATTERN")]
+    skip: Vec<String>,
     /// Write a JUnit XML report.
     #[arg(long, value_name = "FILE")]
     junit: Option<PathBuf>,
@@ -111,6 +115,7 @@ fn main() -> ExitCode {
     let opts = Options {
         imp,
         only: cli.only,
+        skip: cli.skip,
         keep: cli.keep,
         total: Duration::from_secs(cli.total),
     };

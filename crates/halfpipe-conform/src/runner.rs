@@ -12,24 +12,27 @@ pub struct Options {
     pub imp: Impl,
     /// Only cases whose name or requirement IDs contain this.
     pub only: Option<String>,
+    /// Cases left out: any a pattern here selects (`--skip`).
+    pub skip: Vec<String>,
     /// Where each case's files go (kept for failures only).
     pub keep: PathBuf,
     /// The whole run's bound.
     pub total: Duration,
 }
 
-/// Whether `case` is selected by `--only`.
-pub fn selected(case: &Case, only: Option<&str>) -> bool {
-    match only {
-        None => true,
-        Some(p) => {
-            case.name.contains(p)
-                || case
-                    .ids
-                    .iter()
-                    .any(|id| *id == p || id.starts_with(&format!("{p}.")))
-        }
-    }
+/// Whether `case` is selected by `--only` (and not left out by `--skip`).
+pub fn selected(case: &Case, only: Option<&str>, skip: &[String]) -> bool {
+    only.is_none_or(|p| matches(case, p)) && !skip.iter().any(|p| matches(case, p))
+}
+
+/// Whether `pattern` names `case`: part of its name, one of its
+/// requirement IDs (R7.4) or their section (R7).
+fn matches(case: &Case, pattern: &str) -> bool {
+    case.name.contains(pattern)
+        || case
+            .ids
+            .iter()
+            .any(|id| *id == pattern || id.starts_with(&format!("{pattern}.")))
 }
 
 /// Runs the selected cases; `each` sees every result as it comes.
@@ -37,7 +40,7 @@ pub fn run(cases: Vec<Case>, opts: &Options, mut each: impl FnMut(&CaseResult)) 
     let since = Instant::now();
     let mut results = Vec::new();
     for case in cases {
-        if !selected(&case, opts.only.as_deref()) {
+        if !selected(&case, opts.only.as_deref(), &opts.skip) {
             continue;
         }
         let started = Instant::now();

@@ -89,6 +89,7 @@ fn run(cmd: &Path, only: &str, keep: &Path) -> Vec<CaseResult> {
     let opts = Options {
         imp: Impl::Command(cmd.display().to_string()),
         only: Some(only.to_string()),
+        skip: Vec::new(),
         keep: keep.to_path_buf(),
         total: Duration::from_secs(300),
     };

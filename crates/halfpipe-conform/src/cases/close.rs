@@ -142,8 +142,10 @@ pub fn a_connection_aborted_on_the_host_is_ended_with_misc(cx: &mut Ctx) -> Verd
     let t = Target::new();
     let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
     let (exit_side, target_side) = (
-        conn.peer_addr().map_err(|e| fail("the target's peer", e.to_string()))?,
-        conn.local_addr().map_err(|e| fail("the target's address", e.to_string()))?,
+        conn.peer_addr()
+            .map_err(|e| fail("the target's peer", e.to_string()))?,
+        conn.local_addr()
+            .map_err(|e| fail("the target's address", e.to_string()))?,
     );
     crate::host::abort_connection(exit_side, target_side).map_err(CaseError::Skip)?;
     // The abort resets the target's side too: the proof that it took.

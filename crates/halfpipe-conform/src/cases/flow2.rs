@@ -12,13 +12,13 @@ use std::time::{Duration, Instant};
 
 /// The offer in CREATE_FAST, and the acceptance in CREATED_FAST.
 const MARK: [u8; 10] = *b"halfpipe\x02\x1f";
-const SENDME_INC: usize = 31;
-const CWND_MIN: usize = 4000;
+pub(super) const SENDME_INC: usize = 31;
+pub(super) const CWND_MIN: usize = 4000;
 const CWND_MAX: usize = 10000;
 const XOFF_GRACE: usize = 1000;
 
 /// The exit under test, with version 2.
-fn v2_exit(cx: &mut Ctx) -> Result<RawLink, CaseError> {
+pub(super) fn v2_exit(cx: &mut Ctx) -> Result<RawLink, CaseError> {
     let addr = cx.exit_with(&["--flow", "v2"])?;
     let mut l = RawLink::connect(addr, &cx.trace)?;
     l.handshake()?;
@@ -26,7 +26,7 @@ fn v2_exit(cx: &mut Ctx) -> Result<RawLink, CaseError> {
 }
 
 /// A version 2 circuit: the offer sent, the acceptance checked (R14.2).
-fn v2_circuit(l: &mut RawLink, circ: u32) -> Verdict {
+pub(super) fn v2_circuit(l: &mut RawLink, circ: u32) -> Verdict {
     let created = l.create_circuit_with(circ, &MARK)?;
     check(
         created[40..50] == MARK,

@@ -9,6 +9,7 @@ mod flow2;
 mod link;
 mod stream;
 mod tls;
+mod vegas;
 
 use crate::case::{Case, Role};
 use std::time::Duration;
@@ -177,7 +178,10 @@ pub fn all() -> Vec<Case> {
         ),
         exit_case!(stream::an_unreachable_network_gets_end_noroute, ["R5.10"]),
         exit_case!(stream::a_begin_past_the_stream_limit_gets_end_resourcelimit, ["R5.11"], needs "stream-limit"),
-        exit_case!(stream::a_connect_that_fails_otherwise_gets_end_misc, ["R5.12"]),
+        exit_case!(
+            stream::a_connect_that_fails_otherwise_gets_end_misc,
+            ["R5.12"]
+        ),
         exit_case!(
             stream::a_begin_on_an_open_stream_id_is_a_violation,
             ["R5.13"]
@@ -289,6 +293,7 @@ pub fn all() -> Vec<Case> {
         exit_case!(flow2::circuit_sendmes_every_31_cells_and_no_stream_sendmes, ["R14.4", "R14.8"], needs "flow-v2"),
         exit_case!(flow2::the_exit_sends_within_its_congestion_window, ["R14.5"], needs "flow-v2"),
         exit_case!(flow2::sendmes_for_cells_never_sent_and_stream_sendmes_are_violations, ["R14.6", "R14.8"], needs "flow-v2"),
+        exit_case!(vegas::the_exits_window_follows_vegas, ["R14.7"], needs "flow-v2", Duration::from_secs(60)),
         exit_case!(flow2::xoff_when_cells_pile_up_and_xon_when_they_drain, ["R14.9", "R14.10"], needs "flow-v2"),
         exit_case!(flow2::xoff_stops_the_exits_sender_until_xon, ["R14.11"], needs "flow-v2"),
         exit_case!(flow2::xon_and_xoff_take_no_window_and_change_no_state, ["R14.12"], needs "flow-v2"),
@@ -338,13 +343,15 @@ pub fn all() -> Vec<Case> {
         ),
         client_case!(
             client::a_circuit_outlives_its_stream_ids,
-            ["R9.2"],
+            ["R9.2", "R5.1"],
             None,
             Duration::from_secs(90)
         ),
         client_case!(
             client::a_stream_that_cannot_have_a_thread_is_ended_with_resourcelimit,
-            ["R8.4"]
+            ["R8.4"],
+            None,
+            Duration::from_secs(60)
         ),
         client_case!(
             client::without_a_link_socks_fails_at_once_and_the_client_links_again,
