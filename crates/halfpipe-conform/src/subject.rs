@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// The exit policy the kit's exits run with: the kit's targets listen on
 /// 127.0.0.1 (and ::1, for a name that resolves to both), and 127.0.0.2
-/// stays outside it for the refusal cases. 224.0.0.1:9 and [fe80::1]:9
+/// stays outside it for the refusal cases. `224.0.0.1:9` and `[fe80::1]:9`
 /// are for the connect failures of R5.10 and R5.12, which this host's
 /// kernel gives before any packet leaves.
 pub const POLICY: &str = "accept 127.0.0.1:*,accept [::1]:*,accept 224.0.0.1:9,accept [fe80::1]:9";
