@@ -364,7 +364,13 @@ impl ClientRig {
 
     /// Answers CREATE_FASTs (rightly) until a BEGIN comes, and returns it.
     pub fn await_begin(&mut self) -> Result<Begin, CaseError> {
-        let deadline = std::time::Instant::now() + ANSWER;
+        self.begin_within(ANSWER)?
+            .ok_or_else(|| fail("BEGIN from the client", "nothing"))
+    }
+
+    /// As `await_begin`, but `None` if no BEGIN comes within `wait`.
+    pub fn begin_within(&mut self, wait: Duration) -> Result<Option<Begin>, CaseError> {
+        let deadline = std::time::Instant::now() + wait;
         loop {
             match self
                 .link
@@ -375,17 +381,17 @@ impl ClientRig {
                 }
                 Got::Cell(c) => match c.relay() {
                     Some((relay_cmd::BEGIN, stream, body)) => {
-                        return Ok(Begin {
+                        return Ok(Some(Begin {
                             circ: c.circ,
                             stream,
                             payload: body.to_vec(),
-                        })
+                        }))
                     }
                     _ if crate::link::is_padding(&c) => {}
                     Some((relay_cmd::SENDME | relay_cmd::DROP, _, _)) => {}
                     _ => return Err(fail("BEGIN from the client", describe(&c))),
                 },
-                Got::Nothing => return Err(fail("BEGIN from the client", "nothing")),
+                Got::Nothing => return Ok(None),
                 Got::Closed(why) => {
                     return Err(fail(
                         "BEGIN from the client",

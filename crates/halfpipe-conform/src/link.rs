@@ -254,7 +254,7 @@ impl RawLink {
     }
 
     /// `send_relay` without a trace line: for the thousands of cells of a
-    /// bulk send.
+    /// bulk send, or of a case that answers each of them.
     pub fn send_relay_quiet(
         &mut self,
         circ: u32,
@@ -264,8 +264,12 @@ impl RawLink {
     ) -> Result<(), CaseError> {
         let mut out = Vec::with_capacity(cell::CELL_LEN);
         relay::encode(&mut out, circ, command, stream, body);
-        self.write_bytes(&out)
-            .map_err(|e| fail("to send DATA", e.to_string()))
+        self.write_bytes(&out).map_err(|e| {
+            fail(
+                format!("to send RELAY {}", relay_cmd::name(command)),
+                e.to_string(),
+            )
+        })
     }
 
     pub fn send_relay(
@@ -275,14 +279,15 @@ impl RawLink {
         stream: u16,
         body: &[u8],
     ) -> Result<(), CaseError> {
-        let mut out = Vec::new();
-        relay::encode(&mut out, circ, command, stream, body);
-        let what = format!(
-            "RELAY {}({command}) circ {circ:#x} stream {stream} len {}",
-            relay_cmd::name(command),
-            body.len()
+        self.note(
+            "->",
+            format!(
+                "RELAY {}({command}) circ {circ:#x} stream {stream} len {}",
+                relay_cmd::name(command),
+                body.len()
+            ),
         );
-        self.send_raw(&out, &what)
+        self.send_relay_quiet(circ, command, stream, body)
     }
 
     /// The next cell within `wait`.

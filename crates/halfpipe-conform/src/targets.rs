@@ -15,7 +15,11 @@ pub struct Target {
 
 impl Target {
     pub fn new() -> Target {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        Target::on(TcpListener::bind("127.0.0.1:0").expect("a loopback port"))
+    }
+
+    /// A target accepting on `listener` (127.0.0.1 only).
+    fn on(listener: TcpListener) -> Target {
         listener.set_nonblocking(true).expect("non-blocking accept");
         let addr = listener.local_addr().expect("its address");
         Target {
@@ -50,14 +54,7 @@ impl Target {
         s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
             .expect("a loopback port");
         s.listen(16).expect("listen");
-        let listener: TcpListener = s.into();
-        listener.set_nonblocking(true).expect("non-blocking accept");
-        let addr = listener.local_addr().expect("its address");
-        Target {
-            listener,
-            v6: None,
-            addr,
-        }
+        Target::on(s.into())
     }
 
     /// A BEGIN payload for this target (R5.2): `127.0.0.1:PORT` NUL.

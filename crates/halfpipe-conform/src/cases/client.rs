@@ -6,9 +6,9 @@ use super::common::*;
 use crate::case::{check, fail, Begin, ClientRig, Ctx, Verdict};
 use crate::link::{describe, Got, ANSWER, QUIET};
 use crate::socks::{self, Dest};
-use crate::targets::{ending, read_n, write_all, Ending};
+use crate::targets::{ending, write_all, Ending};
 use halfpipe_proto::cell::{cmd, destroy_reason};
-use halfpipe_proto::relay::{end_reason, relay_cmd};
+use halfpipe_proto::relay::{self, end_reason, relay_cmd};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -436,7 +436,6 @@ pub fn socks4_and_4a_connect_and_fail_with_5b(cx: &mut Ctx) -> Verdict {
         "SOCKS4 0x5B for a failure (R11.14)",
         format!("{code:#04x}"),
     )?;
-    let _ = read_n;
     Ok(())
 }
 
@@ -472,38 +471,17 @@ fn squeezed_request(rig: &mut ClientRig) -> Result<Squeezed, crate::case::CaseEr
     if asked.is_err() {
         return Ok(Squeezed::NoStream);
     }
-    let deadline = Instant::now() + QUIET * 3;
-    let begin = loop {
-        match rig
-            .link
-            .recv(deadline.saturating_duration_since(Instant::now()))
-        {
-            Got::Cell(c) if matches!(c.relay(), Some((relay_cmd::BEGIN, _, _))) => break c,
-            Got::Cell(c) if c.command == cmd::CREATE_FAST => {
-                rig.link.answer_create_fast(&c, true)?
-            }
-            Got::Cell(_) => {}
-            Got::Nothing => return Ok(Squeezed::NoStream),
-            Got::Closed(why) => return Err(fail("the link to stay up", why)),
-        }
+    let Some(b) = rig.begin_within(QUIET * 3)? else {
+        return Ok(Squeezed::NoStream);
     };
-    let (circ, stream) = (begin.circ, begin.relay().map(|r| r.1).unwrap_or(0));
-    let b = Begin {
-        circ,
-        stream,
-        payload: Vec::new(),
-    };
+    let (circ, stream) = (b.circ, b.stream);
     // The client's END, at once or once CONNECTED has come.
     let ended = |rig: &mut ClientRig, wait| -> Option<u8> {
         let (cells, _) = rig.link.collect(wait);
         cells
             .iter()
             .find(|c| c.is_relay(circ, relay_cmd::END, stream))
-            .map(|c| {
-                c.relay()
-                    .and_then(|r| r.2.first().copied())
-                    .unwrap_or(end_reason::MISC)
-            })
+            .map(|c| relay::parse_end(c.relay().map_or(&[][..], |r| r.2)))
     };
     if let Some(reason) = ended(rig, QUIET * 2) {
         return Ok(Squeezed::Ended(
@@ -658,7 +636,9 @@ pub fn a_circuit_outlives_its_stream_ids(cx: &mut Ctx) -> Verdict {
         }
     }
     for app in apps {
-        let _ = app.join();
+        if app.join().is_err() {
+            return Err(fail("the applications to end", "one panicked"));
+        }
     }
     let (circ, id, closes) = outcome?;
     if let Some(f) = failures.lock().ok().and_then(|f| f.first().cloned()) {

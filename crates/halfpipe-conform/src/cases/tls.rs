@@ -24,6 +24,22 @@ fn tls_link(
     Ok((RawLink::connect_tls(addr, config, &cx.trace)?, seen))
 }
 
+/// A TLS link with ALPN halfpipe/1, `identity` shown if asked, its VERSIONS
+/// handshake done and circuit CIRC made; `served` is what a failed TLS
+/// handshake fails.
+fn tls_linked(
+    cx: &Ctx,
+    addr: SocketAddr,
+    identity: Option<&KitIdentity>,
+    served: &str,
+) -> Result<RawLink, CaseError> {
+    let (l, _) = tls_link(cx, addr, &[ALPN], identity)?;
+    let mut l = l.map_err(|why| fail(served, why))?;
+    l.handshake()?;
+    l.create_circuit(CIRC)?;
+    Ok(l)
+}
+
 /// After a TLS handshake the exit did not mean to serve: our VERSIONS
 /// must get no VERSIONS, only the end of the connection.
 fn refused_after_handshake(l: &mut RawLink, why: &str) -> Verdict {
@@ -91,10 +107,12 @@ pub fn an_exit_serves_any_client_or_only_the_listed_ones(cx: &mut Ctx) -> Verdic
     // certificate has an odd name and expired long ago, which must not
     // matter.
     let (addr, _) = cx.tls_exit(&[])?;
-    let (l, _) = tls_link(cx, addr, &[ALPN], None)?;
-    let mut l = l.map_err(|why| fail("a client without a certificate served (R13.7)", why))?;
-    l.handshake()?;
-    l.create_circuit(CIRC)?;
+    let _any = tls_linked(
+        cx,
+        addr,
+        None,
+        "a client without a certificate served (R13.7)",
+    )?;
     let listed = KitIdentity::new(true);
     let unlisted = KitIdentity::new(false);
     let list = cx.dir.join("authorized-clients");
@@ -105,10 +123,12 @@ pub fn an_exit_serves_any_client_or_only_the_listed_ones(cx: &mut Ctx) -> Verdic
     .map_err(|e| fail("the client list", e.to_string()))?;
     let list = list.display().to_string();
     let (addr, _) = cx.tls_exit(&["--authorized-clients", &list])?;
-    let (l, _) = tls_link(cx, addr, &[ALPN], Some(&listed))?;
-    let mut l = l.map_err(|why| fail("the listed client served (R13.7, R13.6)", why))?;
-    l.handshake()?;
-    l.create_circuit(CIRC)?;
+    let _listed = tls_linked(
+        cx,
+        addr,
+        Some(&listed),
+        "the listed client served (R13.7, R13.6)",
+    )?;
     for (who, id) in [
         ("an unlisted client", Some(&unlisted)),
         ("a client without a certificate", None),
@@ -125,10 +145,7 @@ pub fn a_tampered_record_ends_the_link_and_reaches_no_stream(cx: &mut Ctx) -> Ve
     // R13.9: the link is lost (R3.13: the stream reset), and none of the
     // record's bytes reach the target.
     let (addr, _) = cx.tls_exit(&[])?;
-    let (l, _) = tls_link(cx, addr, &[ALPN], None)?;
-    let mut l = l.map_err(|why| fail("a TLS link", why))?;
-    l.handshake()?;
-    l.create_circuit(CIRC)?;
+    let mut l = tls_linked(cx, addr, None, "a TLS link")?;
     let t = Target::new();
     let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
     let mut cell = Vec::new();
@@ -154,10 +171,7 @@ pub fn close_notify_ends_a_link_cleanly_and_a_bare_fin_loses_it(cx: &mut Ctx) ->
     // R3.13), the stream is reset.
     let (addr, _) = cx.tls_exit(&[])?;
     for clean in [true, false] {
-        let (l, _) = tls_link(cx, addr, &[ALPN], None)?;
-        let mut l = l.map_err(|why| fail("a TLS link", why))?;
-        l.handshake()?;
-        l.create_circuit(CIRC)?;
+        let mut l = tls_linked(cx, addr, None, "a TLS link")?;
         let t = Target::new();
         let mut conn = open_stream(&mut l, CIRC, 1, &t)?;
         if clean {

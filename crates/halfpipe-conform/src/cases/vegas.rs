@@ -136,10 +136,12 @@ pub fn the_exits_window_follows_vegas(cx: &mut Ctx) -> Verdict {
     let mut conn = super::common::open_stream(&mut l, CIRC, 1, &t)?;
     // An endless source: the exit always has DATA to send.
     let stop = Arc::new(AtomicBool::new(false));
+    // Writes time out, so that the source sees `stop` even if the exit
+    // stops reading.
+    conn.set_write_timeout(Some(Duration::from_millis(200)))
+        .map_err(|e| fail("a write timeout on the target", e.to_string()))?;
     let source = {
         let stop = stop.clone();
-        conn.set_write_timeout(Some(Duration::from_millis(200)))
-            .ok();
         std::thread::spawn(move || {
             let chunk = vec![b'v'; 64 * 1024];
             while !stop.load(Ordering::Relaxed) {
@@ -147,6 +149,8 @@ pub fn the_exits_window_follows_vegas(cx: &mut Ctx) -> Verdict {
                     Ok(_) => {}
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    // The exit reset or closed the stream: `follow` says
+                    // what went wrong on the link.
                     Err(_) => return,
                 }
             }
@@ -154,8 +158,9 @@ pub fn the_exits_window_follows_vegas(cx: &mut Ctx) -> Verdict {
     };
     let verdict = follow(&mut l, &cx.trace);
     stop.store(true, Ordering::Relaxed);
-    let _ = source.join();
-    verdict
+    let joined = source.join();
+    verdict?;
+    check(joined.is_ok(), "the source to end", "it panicked")
 }
 
 fn follow(l: &mut RawLink, trace: &crate::link::Trace) -> Verdict {
